@@ -1,0 +1,136 @@
+"""KV block bookkeeping for one replica: reference counts, an LRU free list and prefix hashing.
+
+Pure Python. The worker owns the tensors; this owns which sequence uses which block. A block
+whose tokens are all known and computed is hashed (chained with its parent's hash), so a later
+request with the same prefix reuses it. Freed blocks keep their hash until they are reused.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kvray.cluster.request import Request
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()  # the block's tokens, kept to rule out hash collisions
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (front first). Cached blocks stay here while unused.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self.num_prefix_queries = 0  # prompt tokens looked up
+        self.num_prefix_hits = 0  # of which served from the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by sequences (0..1)."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_needed(self, req: Request, num_tokens: int) -> int:
+        """New blocks `req` needs so that its first `num_tokens` tokens have slots."""
+        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
+
+    def can_allocate(self, req: Request, num_tokens: int) -> bool:
+        return self.blocks_needed(req, num_tokens) <= len(self._free)
+
+    def allocate(self, req: Request, num_tokens: int) -> list[int]:
+        """Append blocks to `req` to cover `num_tokens` tokens; returns the new block ids."""
+        need = self.blocks_needed(req, num_tokens)
+        assert need <= len(self._free), "allocate() without can_allocate()"
+        new_ids = [self._take_free() for _ in range(need)]
+        req.block_ids.extend(new_ids)
+        return new_ids
+
+    def free(self, req: Request) -> None:
+        """Release every block of `req`. Idempotent."""
+        # NOTE: reversed, so a sequence's tail blocks (the least shared) are evicted first.
+        for block_id in reversed(req.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        req.block_ids = []
+        req.block_hashes = []
+
+    def _take_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self._cached.get(block.hash) == block_id:
+            del self._cached[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the longest full-block prefix of `token_ids`.
+
+        NOTE: the last token is never matched: its logits are needed, so it must be computed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        matched: list[int] = []
+        parent: int | None = None
+        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
+            chunk = tuple(token_ids[start : start + bs])
+            parent = hash((parent, chunk))
+            block_id = self._cached.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
+                break
+            matched.append(block_id)
+        return matched
+
+    def num_free_after_acquiring(self, block_ids: list[int]) -> int:
+        return len(self._free) - sum(1 for b in block_ids if self.blocks[b].ref_count == 0)
+
+    def acquire_prefix(self, req: Request, block_ids: list[int]) -> None:
+        """Give `req` (which holds no blocks yet) the cached prefix blocks `block_ids`."""
+        assert not req.block_ids
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            req.block_ids.append(block_id)
+            req.block_hashes.append(block.hash)  # type: ignore[arg-type]
+        self.num_prefix_queries += req.num_prompt_tokens
+        self.num_prefix_hits += len(block_ids) * self.block_size
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Hash and publish `req`'s blocks that are full of known, computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(req.num_computed_tokens, req.num_known_tokens) // bs
+        if num_full <= len(req.block_hashes):
+            return
+        tokens = req.all_token_ids
+        parent = req.block_hashes[-1] if req.block_hashes else None
+        for i in range(len(req.block_hashes), num_full):
+            chunk = tuple(tokens[i * bs : (i + 1) * bs])
+            parent = hash((parent, chunk))
+            req.block_hashes.append(parent)
+            block = self.blocks[req.block_ids[i]]
+            if block.hash is None:
+                block.hash, block.token_ids = parent, chunk
+                self._cached.setdefault(parent, block.block_id)

@@ -1,0 +1,226 @@
+"""EngineCore: the router-side half of one replica, with no knowledge of where the worker runs.
+
+It validates and tokenizes requests, owns the replica's scheduler and block manager, and turns
+each step's output into text chunks (detokenized, stop strings applied). The offline `LLM`
+drives it with an in-process worker; the cluster's step loop drives it over Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kvray.cluster.block_manager import BlockManager
+from kvray.cluster.detokenizer import Detokenizer
+from kvray.cluster.request import FinishReason, Request
+from kvray.cluster.scheduler import Scheduler, SchedulerConfig, TokenEvent
+from kvray.workers.protocol import Logprobs, SamplingParams, StepInput, StepOutput, WorkerInfo
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class CompletionChunk:
+    """What one sequence produced in one step: new tokens, their text, and the end if reached."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    text: str  # text delta; may be empty while a multi-byte character or a stop string is pending
+    logprobs: list[Logprobs | None] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative, for usage
+
+
+@dataclass
+class _Group:
+    """The n sequences of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Request] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(
+        self, info: WorkerInfo, scheduler_config: SchedulerConfig, tokenizer: Any | None
+    ) -> None:
+        self.info = info
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(
+            info.num_kv_blocks,
+            info.block_size,
+            enable_prefix_caching=scheduler_config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            scheduler_config,
+            self.block_manager,
+            max_model_len=info.max_model_len,
+            eos_token_ids=info.eos_token_ids,
+        )
+        self._groups: dict[str, _Group] = {}
+        self._detokenizers: dict[int, Detokenizer] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt, validated. Raises ValueError for a prompt the model cannot take."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            token_ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            token_ids = list(prompt)
+            for t in token_ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.info.vocab_size:
+                    raise ValueError(
+                        f"prompt token ids must be integers in [0, {self.info.vocab_size}), got {t!r}"
+                    )
+        if not token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(token_ids) >= self.info.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but the model's context (max_model_len) is "
+                f"{self.info.max_model_len}; shorten it to at most {self.info.max_model_len - 1}"
+            )
+        return token_ids
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        for t in params.stop_token_ids:
+            if t >= self.info.vocab_size:
+                raise ValueError(f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}")
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
+    ) -> str:
+        """Validate and queue a request (n sequences). Returns its id. Raises ValueError."""
+        token_ids = self.tokenize(prompt)
+        self.check_params(params)
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        group = _Group(request_id, token_ids)
+        now = time.monotonic()
+        for index in range(params.n):
+            seq_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                seq_params = replace(params, n=1, seed=seed)
+            req = Request(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                prompt_token_ids=token_ids,
+                sampling=seq_params,
+                index=index,
+                arrival_time=now,
+            )
+            group.seqs.append(req)
+            if self.tokenizer is not None:
+                self._detokenizers[req.seq_id] = Detokenizer(
+                    self.tokenizer,
+                    token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            self.scheduler.add(req)
+        self._groups[request_id] = group
+        return request_id
+
+    def abort(self, request_id: str) -> list[CompletionChunk]:
+        """End every sequence of a request now; returns their final (ABORT) chunks."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return []
+        chunks = []
+        for req in group.seqs:
+            if not req.is_finished:
+                self.scheduler.finish(req.seq_id, FinishReason.ABORT)
+                chunks.append(self._final_chunk(req, [], None))
+        return chunks
+
+    def abort_all(self) -> list[CompletionChunk]:
+        return [c for request_id in list(self._groups) for c in self.abort(request_id)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ steps
+
+    def schedule(self) -> StepInput:
+        return self.scheduler.schedule()
+
+    def process(self, step_output: StepOutput) -> list[CompletionChunk]:
+        """Apply one step's output: record tokens, stop rules, and one chunk per sequence."""
+        by_seq: dict[int, list[TokenEvent]] = {}
+        for event in self.scheduler.update(step_output):
+            by_seq.setdefault(event.request.seq_id, []).append(event)
+        chunks = []
+        now = time.monotonic()
+        for events in by_seq.values():
+            req = events[0].request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            chunks.append(self._chunk(req, events))
+        return chunks
+
+    def _chunk(self, req: Request, events: list[TokenEvent]) -> CompletionChunk:
+        token_ids = [e.token_id for e in events]
+        logprobs = [e.logprobs for e in events] if req.sampling.logprobs is not None else None
+        detok = self._detokenizers.get(req.seq_id)
+        if detok is not None:
+            for token_id in token_ids:
+                stop = detok.add_token(token_id)
+                if stop is None:
+                    continue
+                if req.is_finished:  # a token rule ended it too; the stop string wins
+                    req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+                else:
+                    self.scheduler.finish(req.seq_id, FinishReason.STOP, stop)
+                break
+        if req.is_finished:
+            return self._final_chunk(req, token_ids, logprobs)
+        text = detok.release(finished=False) if detok is not None else ""
+        return CompletionChunk(
+            req.request_id,
+            req.index,
+            token_ids,
+            text,
+            logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+        )
+
+    def _final_chunk(
+        self, req: Request, token_ids: list[int], logprobs: list[Logprobs | None] | None
+    ) -> CompletionChunk:
+        detok = self._detokenizers.pop(req.seq_id, None)
+        text = ""
+        if detok is not None:
+            if req.finish_reason is not FinishReason.STOP or not isinstance(req.stop_reason, str):
+                detok.flush()
+            text = detok.release(finished=True)
+        group = self._groups.get(req.request_id)
+        if group is not None and all(s.is_finished for s in group.seqs):
+            del self._groups[req.request_id]
+        return CompletionChunk(
+            req.request_id,
+            req.index,
+            token_ids,
+            text,
+            logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+        )

@@ -1,0 +1,163 @@
+"""The offline API: `LLM(model).generate(prompts, params)`, one replica in this process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from kvray.cluster.config import EngineConfig
+from kvray.cluster.engine import CompletionChunk, EngineCore, Prompt
+from kvray.cluster.tokenizer import load_tokenizer
+from kvray.workers.protocol import Logprobs, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n samples."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprobs | None] | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+
+
+@dataclass
+class RequestOutput:
+    """A finished request. `.text`, `.token_ids` and `.finish_reason` are those of sample 0."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    """A model replica and its engine in this process.
+
+    Keyword arguments are engine options (see `WorkerConfig` and `SchedulerConfig`), e.g.
+    `LLM("tiny", num_kv_blocks=64, max_num_batched_tokens=512, prefill_chunk_size=128)`.
+    """
+
+    def __init__(self, model: str = "tiny", **options: object) -> None:
+        from kvray.workers.worker import ModelWorker
+
+        self.config = EngineConfig.from_kwargs(model=model, **options)
+        self.worker = ModelWorker(self.config.worker, cache_dir=self.config.cache_dir)
+        info = self.worker.warmup()
+        self.tokenizer = load_tokenizer(
+            info.model,
+            revision=self.config.worker.revision,
+            trust_remote_code=self.config.worker.trust_remote_code,
+        )
+        self.engine = EngineCore(info, self.config.scheduler, self.tokenizer)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        A prompt is a string or a list of token ids. Raises ValueError for an invalid prompt or
+        parameters (nothing is run then).
+        """
+        request_ids, prompt_ids = self._add_all(prompts, sampling_params)
+        results = {
+            rid: RequestOutput(rid, ids, []) for rid, ids in zip(request_ids, prompt_ids)
+        }
+        for chunk in self._run():
+            outputs = results[chunk.request_id].outputs
+            while len(outputs) <= chunk.index:
+                outputs.append(CompletionOutput(index=len(outputs)))
+            _accumulate(outputs[chunk.index], chunk)
+        return [results[rid] for rid in request_ids]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[CompletionChunk]:
+        """Like `generate`, but yields each sequence's new tokens and text after every step."""
+        self._add_all(prompts, sampling_params)
+        yield from self._run()
+
+    def _run(self) -> Iterator[CompletionChunk]:
+        try:
+            while self.engine.has_unfinished():
+                yield from self.step()
+        finally:
+            # A caller that stops iterating early (or an error) must not leave requests behind.
+            self.engine.abort_all()
+
+    def step(self) -> list[CompletionChunk]:
+        """One scheduler step through the in-process worker."""
+        step_input = self.engine.schedule()
+        step_output = self.worker.step(step_input)
+        return self.engine.process(step_output)
+
+    def _add_all(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> tuple[list[str], list[list[int]]]:
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        # Validate everything first so that one bad prompt queues nothing.
+        token_ids = [self.engine.tokenize(p) for p in prompt_list]
+        for params in params_list:
+            self.engine.check_params(params)
+        request_ids = [self.engine.add_request(t, p) for t, p in zip(token_ids, params_list)]
+        return request_ids, token_ids
+
+
+def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:
+    out.text += chunk.text
+    out.token_ids.extend(chunk.token_ids)
+    if chunk.logprobs is not None:
+        out.logprobs = (out.logprobs or []) + chunk.logprobs
+    if chunk.finish_reason is not None:
+        out.finish_reason = chunk.finish_reason.value
+        out.stop_reason = chunk.stop_reason
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return prompts
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    params = list(params)
+    if len(params) != num_prompts:
+        raise ValueError(
+            f"sampling_params has {len(params)} entries for {num_prompts} prompts; "
+            "give one SamplingParams or one per prompt"
+        )
+    return params

@@ -1,0 +1,250 @@
+"""The per-replica scheduler: FCFS continuous batching over a paged KV cache.
+
+One rule: each step gives every request up to `num_tokens - num_computed_tokens` tokens within
+the step's token budget. A decode is the case where that difference is 1; a long prompt is
+computed in chunks. When blocks run out, the newest running request is preempted: its blocks
+are freed and it is recomputed later from its prompt and the tokens it already produced.
+
+`schedule()` may run again before the previous step's `update()`: a sequence that is still
+waiting for its sampled token counts it as pending and decodes it anyway (the worker holds it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvray.cluster.block_manager import BlockManager
+from kvray.cluster.request import FinishReason, Request, RequestStatus
+from kvray.workers.protocol import Logprobs, NewRequest, StepInput, StepOutput
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128  # running sequences per replica
+    max_num_batched_tokens: int = 2048  # tokens per step (the budget)
+    prefill_chunk_size: int | None = None  # most prompt tokens one sequence computes per step
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
+
+
+@dataclass
+class TokenEvent:
+    """One token a sequence received in `update()`, and whether it ended the sequence."""
+
+    request: Request
+    token_id: int
+    logprobs: Logprobs | None
+    finish_reason: FinishReason | None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        *,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}  # unfinished, by seq_id
+        self._dropped_seq_ids: list[int] = []  # to tell the worker in the next step
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ admission
+
+    def add(self, req: Request) -> None:
+        """Queue a new sequence (FCFS). The caller validated it against max_model_len."""
+        assert req.seq_id not in self.requests
+        self.requests[req.seq_id] = req
+        self.waiting.append(req)
+
+    def finish(self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        """End a sequence now (stop string, abort): free its blocks; the worker drops it next step."""
+        req = self.requests.pop(seq_id, None)
+        if req is None:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._dropped_seq_ids.append(seq_id)
+        else:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> StepInput:
+        """Build the next step. Mutates requests (computed counts, blocks, pending tokens).
+
+        Returns a StepInput; it may schedule nothing (then only carries drops).
+        """
+        step = StepInput(step_id=self._step_id, finished_seq_ids=self._dropped_seq_ids)
+        self._step_id += 1
+        self._dropped_seq_ids = []
+        budget = self.config.max_num_batched_tokens
+        budget, preempted = self._schedule_running(step, budget)
+        if not preempted:
+            self._admit_waiting(step, budget)
+        return step
+
+    def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._num_new_tokens(req, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            target = req.num_computed_tokens + num_new
+            while not self.block_manager.can_allocate(req, target):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                new_blocks = self.block_manager.allocate(req, target)
+                if new_blocks:
+                    step.new_block_ids[req.seq_id] = new_blocks
+                self._add_to_step(step, req, num_new)
+                budget -= num_new
+                i += 1
+        return budget, preempted
+
+    def _admit_waiting(self, step: StepInput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # preempted while a step was in flight; its last token is not back yet
+            prefix = self.block_manager.match_prefix(req.all_token_ids)
+            num_cached = len(prefix) * self.block_manager.block_size
+            num_new = min(req.num_known_tokens - num_cached, self._chunk_limit(budget))
+            need = -(-(num_cached + num_new) // self.block_manager.block_size) - len(prefix)
+            if need > self.block_manager.num_free_after_acquiring(prefix):
+                break
+            self.waiting.popleft()
+            self.block_manager.acquire_prefix(req, prefix)
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            self.block_manager.allocate(req, num_cached + num_new)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            step.new_requests.append(
+                NewRequest(
+                    seq_id=req.seq_id,
+                    token_ids=req.all_token_ids,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    sampling=req.sampling,
+                    block_ids=list(req.block_ids),
+                    num_computed_tokens=num_cached,
+                )
+            )
+            req.is_known_to_worker = True
+            self._add_to_step(step, req, num_new)
+            budget -= num_new
+
+    def _chunk_limit(self, budget: int) -> int:
+        chunk = self.config.prefill_chunk_size
+        return budget if chunk is None else min(budget, chunk)
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        remaining = req.num_tokens - req.num_computed_tokens
+        if remaining == 1 and not self._may_sample(req):
+            return 0  # its last sample already reaches a limit; it finishes on update
+        return min(remaining, self._chunk_limit(budget))
+
+    def _may_sample(self, req: Request) -> bool:
+        """Whether computing the last token would yield a token the sequence may still emit."""
+        max_tokens = req.sampling.max_tokens
+        if max_tokens is not None and req.num_output_tokens >= max_tokens:
+            return False
+        return req.num_tokens < self.max_model_len
+
+    def _add_to_step(self, step: StepInput, req: Request, num_new: int) -> None:
+        step.seq_ids.append(req.seq_id)
+        step.num_scheduled_tokens.append(num_new)
+        step.num_computed_tokens.append(req.num_computed_tokens)
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens:
+            req.num_pending_tokens += 1  # this step samples the next token
+
+    def _preempt(self, req: Request) -> None:
+        """Free `req`'s blocks and put it at the front of the queue for recompute."""
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.is_known_to_worker = False
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._dropped_seq_ids.append(req.seq_id)
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, step_output: StepOutput) -> list[TokenEvent]:
+        """Record sampled tokens and apply token-level finish rules.
+
+        Sequences that finish here release their blocks. Tokens for sequences that already
+        finished (a step that was in flight when they stopped) are ignored.
+        """
+        events = []
+        logprobs = step_output.logprobs or [None] * len(step_output.seq_ids)
+        for seq_id, token_id, lp in zip(step_output.seq_ids, step_output.sampled_token_ids, logprobs):
+            req = self.requests.get(seq_id)
+            if req is None:
+                continue
+            req.num_pending_tokens -= 1
+            req.output_token_ids.append(token_id)
+            req.output_logprobs.append(lp)
+            reason, stop_reason = self._check_finish(req, token_id)
+            events.append(TokenEvent(req, token_id, lp, reason))
+            if reason is not None:
+                self.finish(seq_id, reason, stop_reason)
+            else:
+                self.block_manager.cache_full_blocks(req)
+        return events
+
+    def _check_finish(self, req: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
+        params = req.sampling
+        num_output = len(req.output_token_ids)
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.STOP, None
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP, token_id
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if req.num_known_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None

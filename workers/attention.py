@@ -1,0 +1,181 @@
+"""Paged attention plugged into transformers' attention interface.
+
+The model runner flattens a step's sequences into one row of tokens and sets an
+`AttentionMetadata` for the duration of the forward; every attention layer then writes its new
+keys/values into the paged KV cache and attends over each sequence's blocks. Model code stays
+transformers'; only the attention function is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "kvray_paged"
+
+
+@dataclass
+class PrefillSeq:
+    """A sequence computing more than one token this step (a prompt chunk)."""
+
+    start: int  # first row of its tokens in the flattened batch
+    num_tokens: int  # query length
+    num_computed: int  # tokens already in the cache before this step
+    slots: torch.Tensor | None  # [num_computed + num_tokens] cache slots; None if num_computed == 0
+
+    @property
+    def context_len(self) -> int:
+        return self.num_computed + self.num_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of one step's flattened batch. Built once per step, read by every layer.
+
+    NOTE: sequences computing a single token (decodes, and one-token prompt chunks) come first
+    in the batch, rows [0, num_decodes); prompt chunks follow, each a contiguous run of rows.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot that each new token's K/V goes to
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots to gather (padded)
+    decode_positions: torch.Tensor | None  # [num_decodes] position of each decode token
+    prefills: list[PrefillSeq]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([num_slots, kv_heads, dim],) * 2
+    _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_context] bool: which gathered slots each decode may attend."""
+        key = ("decode", 0, sliding_window)
+        if key not in self._masks:
+            assert self.decode_slots is not None and self.decode_positions is not None
+            kv_pos = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)
+            q_pos = self.decode_positions[:, None]
+            mask = kv_pos[None, :] <= q_pos
+            if sliding_window is not None:
+                mask &= kv_pos[None, :] > q_pos - sliding_window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, sliding_window: int | None) -> torch.Tensor | None:
+        """[num_tokens, context_len] bool for a chunk with cached context; None means plain causal."""
+        seq = self.prefills[index]
+        if seq.num_computed == 0 and sliding_window is None:
+            return None
+        key = ("prefill", index, sliding_window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(seq.num_computed, seq.context_len, device=device)[:, None]
+            kv_pos = torch.arange(seq.context_len, device=device)[None, :]
+            mask = kv_pos <= q_pos
+            if sliding_window is not None:
+                mask &= kv_pos > q_pos - sliding_window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def attention_context(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make `metadata` visible to every attention layer for the duration of one forward."""
+    global _current
+    previous, _current = _current, metadata
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, num_heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    value: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. Returns [1, num_tokens, num_heads, head_dim]."""
+    meta = _current
+    if meta is None:
+        raise RuntimeError(
+            f"{ATTN_IMPLEMENTATION} attention runs only inside kvray's model runner"
+        )
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx; kvray cannot page its KV")
+    k_cache, v_cache = meta.kv_caches[layer_idx]
+    q = query[0].transpose(0, 1)  # [num_tokens, num_heads, head_dim]
+    k = key[0].transpose(0, 1)  # [num_tokens, num_kv_heads, head_dim]
+    v = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode_attention(
+            q[: meta.num_decodes], k_cache, v_cache, meta, scaling, sliding_window
+        )
+    for i, seq in enumerate(meta.prefills):
+        rows = slice(seq.start, seq.start + seq.num_tokens)
+        if seq.slots is None:
+            seq_k, seq_v = k[rows], v[rows]
+        else:
+            seq_k, seq_v = k_cache[seq.slots], v_cache[seq.slots]
+        out[rows] = _sdpa(
+            q[rows].transpose(0, 1),
+            seq_k.transpose(0, 1),
+            seq_v.transpose(0, 1),
+            meta.prefill_mask(i, sliding_window),
+            scaling,
+        ).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    assert meta.decode_slots is not None
+    k = k_cache[meta.decode_slots].transpose(1, 2)  # [num_decodes, num_kv_heads, max_ctx, dim]
+    v = v_cache[meta.decode_slots].transpose(1, 2)
+    out = _sdpa(q[:, :, None, :], k, v, meta.decode_mask(sliding_window), scaling)
+    return out[:, :, 0, :]
+
+
+def _sdpa(
+    q: torch.Tensor,  # [..., num_heads, q_len, dim]
+    k: torch.Tensor,  # [..., num_kv_heads, kv_len, dim]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # bool, broadcastable to [..., q_len, kv_len]; None = causal
+    scaling: float | None,
+) -> torch.Tensor:  # [..., num_heads, q_len, dim]
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scaling,
+        enable_gqa=q.shape[-3] != k.shape[-3],
+    )
+
+
+def register() -> str:
+    """Register the paged attention with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    return ATTN_IMPLEMENTATION

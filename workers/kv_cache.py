@@ -1,0 +1,58 @@
+"""The paged KV cache: fixed-size blocks of key/value slots per layer, owned by the worker.
+
+The router's block manager decides which blocks a sequence uses; this module only holds the
+tensors and knows their geometry. Slot `b * block_size + i` is token `i` of block `b`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Geometry of one model's KV cache, read from its config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_model_config(cls, config: object, dtype: torch.dtype) -> KVCacheSpec:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+        return cls(text.num_hidden_layers, num_kv_heads, head_dim, dtype)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+
+
+class KVCache:
+    """Per-layer key and value tensors, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self, spec: KVCacheSpec, *, num_blocks: int, block_size: int, device: torch.device
+    ) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        # NOTE: zero-filled, not empty: padded gathers read slots that are masked out, and
+        # uninitialised memory may hold NaN/inf, which a masked softmax still multiplies by 0.
+        self.layers = [
+            (
+                torch.zeros(shape, dtype=spec.dtype, device=device),
+                torch.zeros(shape, dtype=spec.dtype, device=device),
+            )
+            for _ in range(spec.num_layers)
+        ]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.spec.bytes_per_block(self.block_size)

@@ -1,0 +1,179 @@
+"""The router <-> worker contract: sampling parameters and the per-step messages.
+
+Standard library only: the router imports this without torch, and every message is plain
+lists, ints and small dataclasses so that it pickles cheaply across a Ray actor boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_MAX_LOGPROBS = 20
+_MAX_N = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled and when it stops. Validated on construction.
+
+    Defaults follow vLLM's `SamplingParams`: temperature 1.0 (set 0 for greedy), 16 new
+    tokens. Penalties follow their usual meanings: `repetition_penalty` (HF/CTRL style, over
+    prompt and output, 1.0 = off) divides positive and multiplies negative logits of seen
+    tokens; `presence_penalty` and `frequency_penalty` (OpenAI style, output only, 0 = off)
+    subtract a flat amount once / per occurrence.
+
+    Raises:
+        ValueError: a field is out of range; the message names the field and the range.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0 (or -1) keeps every token
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: until the model's context is full
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top-k alternatives'
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept lists (and a single stop string) for convenience; store tuples so the
+        # object stays hashable and immutable.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_int("n", self.n, 1, _MAX_N)
+        _check_float("temperature", self.temperature, 0.0, 100.0)
+        _check_int("top_k", self.top_k, 0, 2**31 - 1, hint="0 or -1 disables it")
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_float("min_p", self.min_p, 0.0, 1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(2**63), 2**63 - 1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, 2**31 - 1, hint="or None for no limit")
+        _check_int("min_tokens", self.min_tokens, 0, 2**31 - 1)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
+                f"and max_tokens={self.max_tokens}"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids[]", t, 0, 2**31 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS)
+        if self.n > 1 and self.temperature == 0.0:
+            raise ValueError("n > 1 needs temperature > 0: greedy samples would all be equal")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _check_int(name: str, value: object, low: int, high: int, *, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"{name} must be in [{low}, {high}]{extra}, got {value}")
+
+
+def _check_float(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    bracket = "(" if low_open else "["
+    if value > high or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker reports after `warmup()`: the model's limits and its KV cache's size."""
+
+    model: str  # the path or hub id that was loaded
+    device: str  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
+    dtype: str  # e.g. "torch.float32"
+    vocab_size: int  # logits width; valid token ids are [0, vocab_size)
+    max_model_len: int  # prompt + output tokens one sequence may hold
+    eos_token_ids: tuple[int, ...]  # end-of-sequence ids from the model's generation config
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # blocks in the KV cache
+    kv_cache_bytes: int  # bytes held by the KV cache
+    weights_bytes: int  # bytes held by the model's parameters
+
+
+@dataclass
+class NewRequest:
+    """A sequence the worker has not seen (or dropped after a preemption): sent once, in full."""
+
+    seq_id: int
+    token_ids: list[int]  # prompt, then any tokens generated before a preemption
+    num_prompt_tokens: int  # how many of token_ids are prompt (penalties and min_tokens need it)
+    sampling: SamplingParams
+    block_ids: list[int]  # KV blocks, in order; more arrive in StepInput.new_block_ids
+    num_computed_tokens: int = 0  # > 0 when a cached prefix already holds these tokens' KV
+
+
+@dataclass
+class StepInput:
+    """One forward pass for one replica: which sequences compute how many tokens.
+
+    Every scheduled sequence computes `num_scheduled_tokens` tokens starting at
+    `num_computed_tokens` (the same rule for prompt chunks and decodes). A sequence whose
+    computed tokens then cover every token the worker knows samples one new token, which the
+    worker appends to its own copy, so a later step can compute it before the router has seen it.
+    """
+
+    step_id: int
+    new_requests: list[NewRequest] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)  # scheduled sequences, in batch order
+    num_scheduled_tokens: list[int] = field(default_factory=list)  # parallel to seq_ids
+    num_computed_tokens: list[int] = field(default_factory=list)  # parallel; before this step
+    new_block_ids: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> appended blocks
+    finished_seq_ids: list[int] = field(default_factory=list)  # drop before running this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities from the model's own distribution (before temperature and filters)."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: one sampled token per sequence that finished its known tokens."""
+
+    step_id: int
+    seq_ids: list[int] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)  # parallel to seq_ids
+    logprobs: list[Logprobs | None] | None = None  # parallel to seq_ids when any asked for them
+    forward_s: float = 0.0  # seconds the worker spent in this step (forward + sampling)

@@ -1,0 +1,249 @@
+"""The sampler: one next token per sequence from a batch of logits, vectorised over the batch.
+
+Order of operations (as in transformers' logits processors): min_tokens stop masking,
+penalties, greedy argmax; for sampled rows temperature, top-k, top-p, min-p, then one draw.
+Draws use the exponential-race trick (argmax of probs / Exp(1) noise), so a seeded row only
+needs its own noise vector: its tokens never depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvray.workers.protocol import Logprobs, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence this step."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors; a field is None when no row uses it."""
+
+    temperature: torch.Tensor  # [batch] float, 0 for greedy rows
+    is_all_greedy: bool
+    top_k: torch.Tensor | None  # [batch] long, vocab size where disabled
+    top_p: torch.Tensor | None  # [batch] float
+    min_p: torch.Tensor | None  # [batch] float
+    penalties: _Penalties | None
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    generators: dict[int, torch.Generator]  # row -> generator seeded for this token
+    max_num_logprobs: int | None
+    num_logprobs: list[int | None]  # per row: None, or how many alternatives to return
+
+
+@dataclass
+class _Penalties:
+    repetition: torch.Tensor  # [batch, 1]
+    presence: torch.Tensor  # [batch, 1]
+    frequency: torch.Tensor  # [batch, 1]
+    prompt_ids: torch.Tensor  # [batch, max_prompt] padded with vocab_size
+    output_ids: torch.Tensor  # [batch, max_output] padded with vocab_size
+
+
+def token_seed(seed: int, output_index: int) -> int:
+    """A generator seed for the `output_index`-th token of a request seeded with `seed`.
+
+    NOTE: derived from the token's index, not carried as generator state, so that a request
+    that is preempted and recomputed (or moved to another replica) draws the same tokens.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + output_index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def prepare_sampling_batch(
+    rows: list[SamplingRow], *, vocab_size: int, device: torch.device
+) -> SamplingBatch:
+    params = [r.params for r in rows]
+    temperature = [0.0 if p.is_greedy else p.temperature for p in params]
+    sampled = [t > 0.0 for t in temperature]
+
+    def column(values: list[float], neutral: float, dtype: torch.dtype) -> torch.Tensor | None:
+        if all(v == neutral for v, s in zip(values, sampled) if s):
+            return None
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    generators = {}
+    for i, row in enumerate(rows):
+        if sampled[i] and row.params.seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(token_seed(row.params.seed, row.num_output_tokens))
+            generators[i] = g
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingBatch(
+        temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+        is_all_greedy=not any(sampled),
+        top_k=column([p.top_k or vocab_size for p in params], vocab_size, torch.long),
+        top_p=column([p.top_p for p in params], 1.0, torch.float32),
+        min_p=column([p.min_p for p in params], 0.0, torch.float32),
+        penalties=_prepare_penalties(rows, vocab_size, device),
+        min_tokens_mask=_prepare_min_tokens_mask(rows, device),
+        generators=generators,
+        max_num_logprobs=max(asked) if asked else None,
+        num_logprobs=[p.logprobs for p in params],
+    )
+
+
+def _prepare_penalties(
+    rows: list[SamplingRow], vocab_size: int, device: torch.device
+) -> _Penalties | None:
+    def active(p: SamplingParams) -> bool:
+        return (
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        )
+
+    if not any(active(r.params) for r in rows):
+        return None
+    prompts = [r.token_ids[: r.num_prompt_tokens] if active(r.params) else [] for r in rows]
+    outputs = [r.token_ids[r.num_prompt_tokens :] if active(r.params) else [] for r in rows]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+    return _Penalties(
+        repetition=column([r.params.repetition_penalty for r in rows]),
+        presence=column([r.params.presence_penalty for r in rows]),
+        frequency=column([r.params.frequency_penalty for r in rows]),
+        prompt_ids=_pad(prompts, vocab_size, device),
+        output_ids=_pad(outputs, vocab_size, device),
+    )
+
+
+def _pad(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(s) for s in seqs))
+    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+
+
+def _prepare_min_tokens_mask(
+    rows: list[SamplingRow], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    row_idx: list[int] = []
+    token_idx: list[int] = []
+    for i, row in enumerate(rows):
+        if row.num_output_tokens < row.params.min_tokens:
+            stop_ids = set(row.params.stop_token_ids)
+            if not row.params.ignore_eos:
+                stop_ids.update(row.eos_token_ids)
+            row_idx.extend([i] * len(stop_ids))
+            token_idx.extend(sorted(stop_ids))
+    if not row_idx:
+        return None
+    return torch.tensor(row_idx, device=device), torch.tensor(token_idx, device=device)
+
+
+class Sampler:
+    """Stateless: `sample(logits, batch)` -> (token ids, logprobs per row or None)."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,  # [batch, vocab]
+        batch: SamplingBatch,
+    ) -> tuple[list[int], list[Logprobs | None] | None]:
+        logits = logits.float()
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
+        )
+        if batch.min_tokens_mask is not None or batch.penalties is not None:
+            logits = logits.clone()
+        if batch.min_tokens_mask is not None:
+            rows, token_ids = batch.min_tokens_mask
+            logits[rows, token_ids] = float("-inf")
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+        tokens = logits.argmax(dim=-1)
+        if not batch.is_all_greedy:
+            sampled = self._sample_random(logits, batch)
+            tokens = torch.where(batch.temperature > 0, sampled, tokens)
+        token_ids = tokens.tolist()
+        if raw_logprobs is None:
+            return token_ids, None
+        return token_ids, _gather_logprobs(raw_logprobs, tokens, batch)
+
+    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+        logits = logits / temperature[:, None]
+        if batch.top_k is not None or batch.top_p is not None:
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if batch.min_p is not None:
+            probs = apply_min_p(probs, batch.min_p)
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in batch.generators.items():
+            noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output only) penalties."""
+    batch, vocab = logits.shape
+    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, p.prompt_ids, True)
+    seen = seen[:, :vocab] | (counts > 0)
+    penalised = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
+    logits = torch.where(seen, penalised, logits)
+    return logits - p.frequency * counts - p.presence * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [batch, vocab]
+    top_k: torch.Tensor | None,  # [batch] long
+    top_p: torch.Tensor | None,  # [batch] float
+) -> torch.Tensor:
+    """Keep each row's top_k tokens, then the smallest set whose probability reaches top_p."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # NOTE: the first token always stays (mass before it is 0 < top_p).
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens whose probability is below min_p times the row's top probability."""
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor,  # [batch, vocab]
+    tokens: torch.Tensor,  # [batch]
+    batch: SamplingBatch,
+) -> list[Logprobs | None]:
+    assert batch.max_num_logprobs is not None
+    chosen = raw_logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    top_values, top_ids = raw_logprobs.topk(max(batch.max_num_logprobs, 1), dim=-1)
+    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    token_list = tokens.tolist()
+    out: list[Logprobs | None] = []
+    for i, k in enumerate(batch.num_logprobs):
+        if k is None:
+            out.append(None)
+        else:
+            out.append(
+                Logprobs(token_list[i], chosen[i], top_ids_list[i][:k], top_values_list[i][:k])
+            )
+    return out

@@ -1,0 +1,241 @@
+"""ModelWorker: one model replica and its paged KV cache, executing steps the router schedules.
+
+A plain class: the cluster makes it a Ray actor in one place; tests and the offline engine
+call it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvray.workers import device as devices
+from kvray.workers.attention import register as register_attention
+from kvray.workers.config import WorkerConfig
+from kvray.workers.kv_cache import KVCache, KVCacheSpec
+from kvray.workers.model_runner import ModelRunner, ScheduledSeq
+from kvray.workers.protocol import SamplingParams, StepInput, StepOutput, WorkerInfo
+from kvray.workers.sampler import Sampler, SamplingRow, prepare_sampling_batch
+from kvray.workers.tiny_model import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    token_ids: list[int]  # prompt + every token sampled so far (including unseen by the router)
+    num_prompt_tokens: int
+    block_ids: list[int]
+    sampling: SamplingParams
+    num_computed_tokens: int = 0
+
+
+class ModelWorker:
+    def __init__(self, config: WorkerConfig, *, cache_dir: str | None = None) -> None:
+        """Load the model (weights only; the KV cache is sized and allocated by `warmup`)."""
+        self.config = config
+        self.device = devices.resolve_device(config.device)
+        self.dtype = devices.resolve_dtype(config.dtype, self.device)
+        self.model_path = resolve_model(config.model, cache_dir=cache_dir)
+        torch.manual_seed(config.seed)
+        self.model = self._load_model()
+        text_config = self.model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_model_len = self._max_model_len(text_config)
+        self.eos_token_ids = self._eos_token_ids()
+        self.kv_spec = KVCacheSpec.from_model_config(self.model.config, self.dtype)
+        self.sampler = Sampler()
+        self.kv_cache: KVCache | None = None
+        self.runner: ModelRunner | None = None
+        self.seqs: dict[int, _Sequence] = {}
+        self.info: WorkerInfo | None = None
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        logger.info("loading %s on %s as %s", self.model_path, self.device, self.dtype)
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path,
+            dtype=self.dtype,
+            attn_implementation=register_attention(),
+            revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code,
+        )
+        model.to(self.device).eval()
+        logger.info("loaded in %.1fs", time.perf_counter() - start)
+        return model
+
+    def _max_model_len(self, text_config: object) -> int:
+        native = getattr(text_config, "max_position_embeddings", None) or 2048
+        if self.config.max_model_len is None:
+            return int(native)
+        if self.config.max_model_len > native:
+            raise ValueError(
+                f"max_model_len={self.config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={native}"
+            )
+        return self.config.max_model_len
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def warmup(self) -> WorkerInfo:
+        """Size and allocate the KV cache, run one forward to warm kernels, report limits.
+
+        On a GPU the cache takes `gpu_memory_utilization` of the device minus the weights and
+        the peak of a profiled forward of `max_num_batched_tokens`; on CPU `cpu_kv_cache_gib`.
+        An explicit `num_kv_blocks` or `kv_cache_bytes` overrides both. Idempotent.
+        """
+        if self.info is not None:
+            return self.info
+        block_bytes = self.kv_spec.bytes_per_block(self.config.block_size)
+        num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
+        min_blocks = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks but one full-length sequence needs "
+                f"{min_blocks}; lower max_model_len or give the cache more memory"
+            )
+        self.kv_cache = KVCache(
+            self.kv_spec, num_blocks=num_blocks, block_size=self.config.block_size, device=self.device
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self._run_dummy_forward(min(self.config.max_num_batched_tokens, self.max_model_len))
+        self.info = WorkerInfo(
+            model=self.model_path,
+            device=devices.device_name(self.device),
+            dtype=str(self.dtype),
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.config.block_size,
+            num_kv_blocks=num_blocks,
+            kv_cache_bytes=self.kv_cache.num_bytes,
+            weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            self.config.block_size,
+            self.kv_cache.num_bytes / 2**20,
+        )
+        return self.info
+
+    def _budget_bytes(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        if self.device.type != "cuda":
+            return int(self.config.cpu_kv_cache_gib * 2**30)
+        # Profile the largest step with a throwaway cache to learn the activation peak.
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-num_tokens // self.config.block_size)
+        self.kv_cache = KVCache(
+            self.kv_spec, num_blocks=blocks, block_size=self.config.block_size, device=self.device
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        devices.reset_peak_memory(self.device)
+        self._run_dummy_forward(num_tokens)
+        peak = devices.peak_memory_bytes(self.device)
+        self.kv_cache = self.runner = None
+        devices.empty_cache(self.device)
+        total = devices.total_memory_bytes(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"no memory left for the KV cache: peak use {peak / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB; raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens"
+            )
+        return budget
+
+    def _run_dummy_forward(self, num_tokens: int) -> None:
+        assert self.runner is not None
+        seq = ScheduledSeq(
+            token_ids=[0] * num_tokens,
+            block_ids=list(range(-(-num_tokens // self.config.block_size))),
+            num_computed=0,
+            num_tokens=num_tokens,
+        )
+        self.runner.execute(self.runner.prepare([seq]))
+        devices.synchronize(self.device)
+
+    def health(self) -> bool:
+        return self.info is not None
+
+    # ------------------------------------------------------------------ steps
+
+    def step(self, step_input: StepInput) -> StepOutput:
+        """Run one forward over the scheduled sequences and sample their next tokens.
+
+        Mutates the worker's sequence table: drops `finished_seq_ids`, adds `new_requests`,
+        appends `new_block_ids`, advances computed counts and appends each sampled token.
+
+        Raises:
+            RuntimeError: `warmup()` has not run.
+            KeyError / AssertionError: the step disagrees with the worker's state (a router bug).
+        """
+        if self.runner is None:
+            raise RuntimeError("ModelWorker.step before warmup()")
+        start = time.perf_counter()
+        self._apply_diffs(step_input)
+        out = StepOutput(step_id=step_input.step_id)
+        if not step_input.seq_ids:
+            return out
+        seqs = [self.seqs[seq_id] for seq_id in step_input.seq_ids]
+        scheduled = []
+        for seq, n, computed in zip(
+            seqs, step_input.num_scheduled_tokens, step_input.num_computed_tokens
+        ):
+            assert seq.num_computed_tokens == computed, "router and worker disagree"
+            scheduled.append(ScheduledSeq(seq.token_ids, seq.block_ids, computed, n))
+        model_input = self.runner.prepare(scheduled)
+        logits = self.runner.execute(model_input)  # [num_samples, vocab], batch order
+        sampling_idx = [i for i in model_input.order if scheduled[i].samples]
+        if sampling_idx:
+            rows = [
+                SamplingRow(
+                    seqs[i].sampling, seqs[i].token_ids, seqs[i].num_prompt_tokens, self.eos_token_ids
+                )
+                for i in sampling_idx
+            ]
+            batch = prepare_sampling_batch(rows, vocab_size=self.vocab_size, device=self.device)
+            token_ids, logprobs = self.sampler.sample(logits, batch)
+            for i, token_id in zip(sampling_idx, token_ids):
+                seqs[i].token_ids.append(token_id)
+            out.seq_ids = [step_input.seq_ids[i] for i in sampling_idx]
+            out.sampled_token_ids = token_ids
+            out.logprobs = logprobs
+        for seq, n in zip(seqs, step_input.num_scheduled_tokens):
+            seq.num_computed_tokens += n
+        out.forward_s = time.perf_counter() - start
+        return out
+
+    def _apply_diffs(self, step_input: StepInput) -> None:
+        for seq_id in step_input.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for req in step_input.new_requests:
+            self.seqs[req.seq_id] = _Sequence(
+                token_ids=list(req.token_ids),
+                num_prompt_tokens=req.num_prompt_tokens,
+                block_ids=list(req.block_ids),
+                sampling=req.sampling,
+                num_computed_tokens=req.num_computed_tokens,
+            )
+        for seq_id, block_ids in step_input.new_block_ids.items():
+            self.seqs[seq_id].block_ids.extend(block_ids)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seqs)
