@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kvray.cluster.scheduler import SchedulerConfig
 from kvray.workers.config import WorkerConfig
 
+
 @dataclass(frozen=True)
 class EngineConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -29,7 +30,9 @@ class EngineConfig:
         unknown = set(kwargs) - worker_keys - scheduler_keys - {"cache_dir"}
         if unknown:
             valid = ", ".join(sorted(worker_keys | scheduler_keys | {"cache_dir"}))
-            raise TypeError(f"unknown engine option(s) {', '.join(sorted(unknown))}; valid: {valid}")
+            raise TypeError(
+                f"unknown engine option(s) {', '.join(sorted(unknown))}; valid: {valid}"
+            )
         worker = WorkerConfig(**{k: v for k, v in kwargs.items() if k in worker_keys})  # type: ignore[arg-type]
         scheduler = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in scheduler_keys})  # type: ignore[arg-type]
         cache_dir = kwargs.get("cache_dir")

@@ -51,7 +51,9 @@ class Detokenizer:
 
     def release(self, *, finished: bool) -> str:
         """The text not released yet that can no longer change (all of it once finished)."""
-        end = len(self.text) if finished else max(self._num_released, len(self.text) - self._holdback)
+        end = (
+            len(self.text) if finished else max(self._num_released, len(self.text) - self._holdback)
+        )
         delta = self.text[self._num_released : end]
         self._num_released = end
         return delta

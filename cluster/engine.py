@@ -79,7 +79,11 @@ class EngineCore:
         else:
             token_ids = list(prompt)
             for t in token_ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.info.vocab_size:
+                if (
+                    isinstance(t, bool)
+                    or not isinstance(t, int)
+                    or not 0 <= t < self.info.vocab_size
+                ):
                     raise ValueError(
                         f"prompt token ids must be integers in [0, {self.info.vocab_size}), got {t!r}"
                     )
@@ -95,10 +99,14 @@ class EngineCore:
     def check_params(self, params: SamplingParams) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+            raise ValueError(
+                "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
         for t in params.stop_token_ids:
             if t >= self.info.vocab_size:
-                raise ValueError(f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}")
+                raise ValueError(
+                    f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}"
+                )
 
     def add_request(
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None

@@ -28,7 +28,7 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A finished request. `.text`, `.token_ids` and `.finish_reason` are those of sample 0."""
+    """A finished request. `.text`, `.token_ids`, `.finish_reason` and `.stop_reason` are sample 0's."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -45,6 +45,10 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.outputs[0].stop_reason
 
 
 class LLM:
@@ -78,9 +82,7 @@ class LLM:
         parameters (nothing is run then).
         """
         request_ids, prompt_ids = self._add_all(prompts, sampling_params)
-        results = {
-            rid: RequestOutput(rid, ids, []) for rid, ids in zip(request_ids, prompt_ids)
-        }
+        results = {rid: RequestOutput(rid, ids, []) for rid, ids in zip(request_ids, prompt_ids)}
         for chunk in self._run():
             outputs = results[chunk.request_id].outputs
             while len(outputs) <= chunk.index:

@@ -75,7 +75,9 @@ class Scheduler:
         self.requests[req.seq_id] = req
         self.waiting.append(req)
 
-    def finish(self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+    def finish(
+        self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None
+    ) -> None:
         """End a sequence now (stop string, abort): free its blocks; the worker drops it next step."""
         req = self.requests.pop(seq_id, None)
         if req is None:
@@ -220,7 +222,9 @@ class Scheduler:
         """
         events = []
         logprobs = step_output.logprobs or [None] * len(step_output.seq_ids)
-        for seq_id, token_id, lp in zip(step_output.seq_ids, step_output.sampled_token_ids, logprobs):
+        for seq_id, token_id, lp in zip(
+            step_output.seq_ids, step_output.sampled_token_ids, logprobs
+        ):
             req = self.requests.get(seq_id)
             if req is None:
                 continue

@@ -8,7 +8,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(model_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any | None:
+def load_tokenizer(
+    model_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any | None:
     """The model's tokenizer, or None when the model ships without one (token-id prompts only)."""
     from transformers import AutoTokenizer
 

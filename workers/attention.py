@@ -45,7 +45,9 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots to gather (padded)
     decode_positions: torch.Tensor | None  # [num_decodes] position of each decode token
     prefills: list[PrefillSeq]
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer ([num_slots, kv_heads, dim],) * 2
+    kv_caches: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer ([num_slots, kv_heads, dim],) * 2
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -106,9 +108,7 @@ def paged_attention_forward(
     """transformers attention-interface function. Returns [1, num_tokens, num_heads, head_dim]."""
     meta = _current
     if meta is None:
-        raise RuntimeError(
-            f"{ATTN_IMPLEMENTATION} attention runs only inside kvray's model runner"
-        )
+        raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention runs only inside kvray's model runner")
     layer_idx = getattr(module, "layer_idx", None)
     if layer_idx is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx; kvray cannot page its KV")

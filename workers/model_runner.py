@@ -69,14 +69,16 @@ class ModelRunner:
         starts = torch.tensor([s.num_computed for s in ordered], device=dev)
         seq_of_token = torch.repeat_interleave(torch.arange(len(ordered), device=dev), lens)
         first_row = torch.cumsum(lens, 0) - lens
-        positions = starts[seq_of_token] + torch.arange(len(input_ids), device=dev) - first_row[
-            seq_of_token
-        ]
+        positions = (
+            starts[seq_of_token]
+            + torch.arange(len(input_ids), device=dev)
+            - first_row[seq_of_token]
+        )
         slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
         # [num_seqs, width * bs]: every slot of every block each sequence touches, in order.
-        context_slots = (
-            block_table[:, :, None] * bs + torch.arange(bs, device=dev)
-        ).reshape(len(ordered), -1)
+        context_slots = (block_table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(
+            len(ordered), -1
+        )
 
         prefills = []
         for k in range(num_decodes, len(ordered)):

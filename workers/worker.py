@@ -95,21 +95,28 @@ class ModelWorker:
         """Size and allocate the KV cache, run one forward to warm kernels, report limits.
 
         On a GPU the cache takes `gpu_memory_utilization` of the device minus the weights and
-        the peak of a profiled forward of `max_num_batched_tokens`; on CPU `cpu_kv_cache_gib`.
-        An explicit `num_kv_blocks` or `kv_cache_bytes` overrides both. Idempotent.
+        the peak of a profiled forward of `max_num_batched_tokens`; on CPU `cpu_kv_cache_gib`,
+        capped at what `max_num_seqs` full-length sequences need. An explicit `num_kv_blocks`
+        or `kv_cache_bytes` overrides both. Idempotent.
         """
         if self.info is not None:
             return self.info
         block_bytes = self.kv_spec.bytes_per_block(self.config.block_size)
-        num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
         min_blocks = -(-self.max_model_len // self.config.block_size)
+        num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
+        is_default_size = self.config.num_kv_blocks is None and self.config.kv_cache_bytes is None
+        if is_default_size and self.device.type != "cuda":
+            num_blocks = min(num_blocks, self.config.max_num_seqs * min_blocks)
         if num_blocks < min_blocks:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks but one full-length sequence needs "
                 f"{min_blocks}; lower max_model_len or give the cache more memory"
             )
         self.kv_cache = KVCache(
-            self.kv_spec, num_blocks=num_blocks, block_size=self.config.block_size, device=self.device
+            self.kv_spec,
+            num_blocks=num_blocks,
+            block_size=self.config.block_size,
+            device=self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self._run_dummy_forward(min(self.config.max_num_batched_tokens, self.max_model_len))
@@ -206,7 +213,10 @@ class ModelWorker:
         if sampling_idx:
             rows = [
                 SamplingRow(
-                    seqs[i].sampling, seqs[i].token_ids, seqs[i].num_prompt_tokens, self.eos_token_ids
+                    seqs[i].sampling,
+                    seqs[i].token_ids,
+                    seqs[i].num_prompt_tokens,
+                    self.eos_token_ids,
                 )
                 for i in sampling_idx
             ]
