@@ -169,41 +169,32 @@ class EngineCore:
         return self.scheduler.schedule()
 
     def process(self, step_output: StepOutput) -> list[CompletionChunk]:
-        """Apply one step's output: record tokens, stop rules, and one chunk per sequence."""
-        by_seq: dict[int, list[TokenEvent]] = {}
-        for event in self.scheduler.update(step_output):
-            by_seq.setdefault(event.request.seq_id, []).append(event)
+        """Apply one step's output: record tokens, stop rules, one chunk per sequence."""
         chunks = []
         now = time.monotonic()
-        for events in by_seq.values():
-            req = events[0].request
-            if req.first_token_time is None:
-                req.first_token_time = now
-            chunks.append(self._chunk(req, events))
+        for event in self.scheduler.update(step_output):
+            if event.request.first_token_time is None:
+                event.request.first_token_time = now
+            chunks.append(self._chunk(event))
         return chunks
 
-    def _chunk(self, req: Request, events: list[TokenEvent]) -> CompletionChunk:
-        token_ids = [e.token_id for e in events]
-        logprobs = [e.logprobs for e in events] if req.sampling.logprobs is not None else None
+    def _chunk(self, event: TokenEvent) -> CompletionChunk:
+        req = event.request
+        logprobs = [event.logprobs] if req.sampling.logprobs is not None else None
         detok = self._detokenizers.get(req.seq_id)
-        if detok is not None:
-            for token_id in token_ids:
-                stop = detok.add_token(token_id)
-                if stop is None:
-                    continue
-                if req.is_finished:  # a token rule ended it too; the stop string wins
-                    req.finish_reason, req.stop_reason = FinishReason.STOP, stop
-                else:
-                    self.scheduler.finish(req.seq_id, FinishReason.STOP, stop)
-                break
+        stop = detok.add_token(event.token_id) if detok is not None else None
+        if stop is not None:
+            if req.is_finished:  # a token rule ended it too; the stop string wins
+                req.finish_reason, req.stop_reason = FinishReason.STOP, stop
+            else:
+                self.scheduler.finish(req.seq_id, FinishReason.STOP, stop)
         if req.is_finished:
-            return self._final_chunk(req, token_ids, logprobs)
-        text = detok.release(finished=False) if detok is not None else ""
+            return self._final_chunk(req, [event.token_id], logprobs)
         return CompletionChunk(
             req.request_id,
             req.index,
-            token_ids,
-            text,
+            [event.token_id],
+            detok.release(finished=False) if detok is not None else "",
             logprobs,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),

@@ -58,51 +58,65 @@ class ModelRunner:
         bs, dev = self.block_size, self.device
 
         input_ids: list[int] = []
+        first_rows: list[int] = []
         for s in ordered:
+            first_rows.append(len(input_ids))
             input_ids.extend(s.token_ids[s.num_computed : s.context_len])
         num_blocks = [-(-s.context_len // bs) for s in ordered]
         width = max(num_blocks)
         block_table = torch.tensor(
             [s.block_ids[:n] + [0] * (width - n) for s, n in zip(ordered, num_blocks)], device=dev
         )  # [num_seqs, width]
-        lens = torch.tensor([s.num_tokens for s in ordered], device=dev)
-        starts = torch.tensor([s.num_computed for s in ordered], device=dev)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(ordered), device=dev), lens)
-        first_row = torch.cumsum(lens, 0) - lens
-        positions = (
-            starts[seq_of_token]
-            + torch.arange(len(input_ids), device=dev)
-            - first_row[seq_of_token]
-        )
-        slot_mapping = block_table[seq_of_token, positions // bs] * bs + positions % bs
-        # [num_seqs, width * bs]: every slot of every block each sequence touches, in order.
-        context_slots = (block_table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(
-            len(ordered), -1
-        )
+        positions, slot_mapping = self._positions_and_slots(ordered, first_rows, block_table)
 
-        prefills = []
-        for k in range(num_decodes, len(ordered)):
-            s = ordered[k]
-            slots = context_slots[k, : s.context_len] if s.num_computed else None
-            prefills.append(PrefillSeq(int(first_row[k]), s.num_tokens, s.num_computed, slots))
-        decode_width = max(num_blocks[:num_decodes], default=0) * bs
+        prefills = [
+            PrefillSeq(first_rows[k], s.num_tokens, s.num_computed, self._context_slots(s))
+            for k, s in enumerate(ordered[num_decodes:], start=num_decodes)
+        ]
+        decode_width = max(num_blocks[:num_decodes], default=0)
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping,
+            block_size=bs,
             num_decodes=num_decodes,
-            decode_slots=context_slots[:num_decodes, :decode_width] if num_decodes else None,
+            decode_block_ids=block_table[:num_decodes, :decode_width].flatten()
+            if num_decodes
+            else None,
             decode_positions=positions[:num_decodes] if num_decodes else None,
             prefills=prefills,
             kv_caches=self.kv_cache.layers,
         )
-        last_rows = first_row + lens - 1
-        sample_rows = last_rows[torch.tensor([s.samples for s in ordered], device=dev)]
+        sample_rows = [first_rows[k] + s.num_tokens - 1 for k, s in enumerate(ordered) if s.samples]
         return ModelInput(
             input_ids=torch.tensor([input_ids], device=dev),
             positions=positions[None, :],
-            sample_rows=sample_rows,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             metadata=metadata,
             order=order,
         )
+
+    def _positions_and_slots(
+        self, ordered: list[ScheduledSeq], first_rows: list[int], block_table: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position and cache slot of every token in the flat batch: ([num_tokens], [num_tokens])."""
+        dev, bs = self.device, self.block_size
+        lens = torch.tensor([s.num_tokens for s in ordered], device=dev)
+        offsets = torch.tensor(
+            [s.num_computed - row for s, row in zip(ordered, first_rows)], device=dev
+        )
+        seq_of_token = torch.repeat_interleave(torch.arange(len(ordered), device=dev), lens)
+        positions = torch.arange(seq_of_token.numel(), device=dev) + offsets[seq_of_token]
+        slots = block_table[seq_of_token, positions // bs] * bs + positions % bs
+        return positions, slots
+
+    def _context_slots(self, s: ScheduledSeq) -> torch.Tensor | None:
+        """[context_len] slots of a prompt chunk's whole context; None when nothing is cached."""
+        if s.num_computed == 0:
+            return None
+        bs = self.block_size
+        blocks = torch.tensor(s.block_ids[: -(-s.context_len // bs)], device=self.device)
+        return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[
+            : s.context_len
+        ]
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:

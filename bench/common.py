@@ -1,0 +1,121 @@
+"""Shared benchmark helpers: the SmolLM2-135M-shaped random model, workloads, timing and memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_CACHE = Path(os.path.expanduser("~/.cache/kvray/bench"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_135m_shaped(out_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """A random-weight Llama with SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3), built once."""
+    out = out_dir or BENCH_CACHE / "smollm2-135m-shape-random"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    log(f"building a random SmolLM2-135M-shaped model into {out} (once)")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=None,  # benchmarks run every request to its length
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+def make_workload(
+    name: str, num_requests: int, *, seed: int = 0, vocab_size: int = 49152
+) -> list[BenchRequest]:
+    """`uniform`: 128 prompt + 128 output tokens; `mixed`: prompts 16-512, outputs 16-256 (seeded)."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(num_requests):
+        if name == "uniform":
+            prompt_len, out_len = 128, 128
+        elif name == "mixed":
+            prompt_len, out_len = rng.randint(16, 512), rng.randint(16, 256)
+        else:
+            raise ValueError(f"workload must be uniform or mixed, got {name!r}")
+        prompt = [rng.randrange(2, vocab_size) for _ in range(prompt_len)]
+        reqs.append(BenchRequest(prompt, out_len))
+    return reqs
+
+
+class PeakMemory:
+    """Peak resident memory of this process (sampled) and, on CUDA, peak allocated GPU memory."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self.rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        from kvray.workers import device
+
+        self._device = None
+        import torch
+
+        if torch.cuda.is_available():
+            self._device = torch.device("cuda")
+            device.reset_peak_memory(self._device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self.rss_bytes())
+        from kvray.workers import device
+
+        self.peak_gpu = device.peak_memory_bytes(self._device) if self._device is not None else 0
+
+
+@contextmanager
+def timed() -> object:
+    box = {"s": 0.0}
+    start = time.perf_counter()
+    yield box
+    box["s"] = time.perf_counter() - start

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a lent GPU machine whose python3 already has torch and
+# transformers (it cannot download). About 5 minutes on one H100:
+#   1. install kvray without dependencies (editable, no network);
+#   2. the CUDA tests (fp32 greedy parity for three architectures, bf16 defaults, KV sizing);
+#   3. the quick engine benchmark on CUDA (bf16), kvray against the Hugging Face baselines.
+# Usage (from the repository root): bench/gpu_check.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/results}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
+python3 bench/engine_throughput.py --quick --device cuda --json "$out/gpu_engine.json" 2>&1 \
+  | grep -v "Loading weights" | tee "$out/gpu_engine.txt"

@@ -1,0 +1,45 @@
+"""On a CUDA GPU: greedy parity in fp32, a bf16 run, and a KV cache sized from device memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvray import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-qwen2", "tiny-gpt2"])
+def test_cuda_fp32_greedy_matches_hf_generate(arch, model_cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(arch, cache_dir=model_cache_dir, device="cuda", dtype="float32", max_model_len=512)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (1, 9, 33, 120, 200)]
+    outputs = llm.generate(prompts, GREEDY)
+    model = AutoModelForCausalLM.from_pretrained(llm.engine.info.model, dtype=torch.float32).cuda()
+    model.generation_config.eos_token_id = None
+    for p, out in zip(prompts, outputs):
+        ids = torch.tensor([p], device="cuda")
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        assert out.token_ids == ref, f"{len(p)} tokens:\n kvray: {out.token_ids}\n    hf: {ref}"
+
+
+def test_cuda_bf16_defaults_and_memory_sized_cache(model_cache_dir):
+    llm = LLM("tiny", cache_dir=model_cache_dir)
+    info = llm.engine.info
+    assert info.dtype == "torch.bfloat16"
+    # Sized from free device memory, far beyond the CPU cap of max_num_seqs full sequences.
+    assert info.num_kv_blocks > 128 * (info.max_model_len // info.block_size)
+    outputs = llm.generate(["Hello"] * 8, SamplingParams(temperature=0.8, seed=1, max_tokens=16))
+    assert all(len(o.token_ids) == 16 or o.finish_reason == "stop" for o in outputs)
+    assert llm.engine.block_manager.num_free_blocks == info.num_kv_blocks
