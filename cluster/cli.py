@@ -23,8 +23,8 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Stream completions from the offline engine (one replica in this process)."""
+def _offline(args: argparse.Namespace) -> int:
+    """Stream completions from the offline engine (one replica in this process, no Ray)."""
     from kvray import LLM, SamplingParams
 
     print(f"==> loading {args.model}", file=sys.stderr)
@@ -32,23 +32,82 @@ def _demo(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens
     )
-    print(f"==> streaming {len(DEMO_PROMPTS)} prompts in one continuous batch", file=sys.stderr)
-    texts = {i: "" for i in range(len(DEMO_PROMPTS))}
     start, num_tokens = time.perf_counter(), 0
-    for chunk in llm.stream(DEMO_PROMPTS, params):
-        i = int(chunk.request_id.rsplit("-", 1)[1]) % len(DEMO_PROMPTS)
-        texts[i] += chunk.text
+    for chunk in llm.stream(args.prompt, params):
+        print(chunk.text, end="", flush=True)
         num_tokens += len(chunk.token_ids)
-        if i == 0:  # show the first prompt's stream live
-            print(chunk.text, end="", flush=True)
-    print()
     elapsed = time.perf_counter() - start
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        print(f"\n[{i}] {prompt!r} -> {texts[i]!r}")
-    print(
-        f"\n{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.0f} tokens/s)",
-        file=sys.stderr,
-    )
+    print(f"\n[{num_tokens} tokens in {elapsed:.2f}s]", file=sys.stderr)
+    return 0
+
+
+_SERVE_FLAGS = {  # flag -> (type, help); unset flags leave the config file / env / default
+    "model": (str, "built-in name (tiny, tiny-qwen2, tiny-gpt2), local directory or hub id"),
+    "replicas": (int, "worker actors to start (default 1)"),
+    "host": (str, "gRPC listen address (default 0.0.0.0)"),
+    "port": (int, "gRPC port (default 50051)"),
+    "ray_address": (str, "join this Ray cluster instead of starting a local one"),
+    "max_queued_requests": (int, "queued requests before RESOURCE_EXHAUSTED (default 256)"),
+    "cpus_per_replica": (float, "Ray CPUs per worker actor (default 1)"),
+    "gpus_per_replica": (float, "Ray GPUs per worker actor (default: 1 if the cluster has GPUs)"),
+    "device": (str, "auto, cpu or cuda"),
+    "dtype": (str, "auto, float32, bfloat16 or float16"),
+    "max_model_len": (int, "tokens per sequence (default: the model's)"),
+    "max_num_seqs": (int, "running sequences per replica (default 128)"),
+    "max_num_batched_tokens": (int, "tokens per step (default 2048)"),
+    "num_kv_blocks": (int, "KV blocks per replica (default: from memory)"),
+    "block_size": (int, "tokens per KV block (default 16)"),
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start a cluster and serve gRPC until SIGTERM/SIGINT."""
+    import asyncio
+
+    from kvray.cluster import config as cluster_config
+    from kvray.cluster.serve import serve
+
+    flags = {name: getattr(args, name) for name in _SERVE_FLAGS}
+    config = cluster_config.load(flags, config_file=args.config)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Start a local cluster on the tiny model, stream one answer through the gRPC client, stop."""
+    import signal
+    import socket
+    import subprocess
+
+    from kvray.client import KvrayClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kvray.cluster.cli", "serve", "--model", args.model,
+           "--replicas", str(args.replicas), "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+    print(f"==> starting a local cluster: {' '.join(cmd[2:])}", file=sys.stderr)
+    server = subprocess.Popen(cmd)
+    try:
+        with KvrayClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(timeout=300)
+            print(
+                f"==> serving on 127.0.0.1:{port}; streaming through the gRPC client:",
+                file=sys.stderr,
+            )
+            for prompt in DEMO_PROMPTS:
+                print(f"\n>>> {prompt}")
+                for chunk in client.stream(prompt, max_tokens=args.max_tokens,
+                                           temperature=args.temperature, seed=args.seed):  # fmt: skip
+                    print(chunk.text, end="", flush=True)
+                print()
+            status = client.status()
+            print(f"\n==> {len(status.replicas)} replica(s): "
+                  + ", ".join(f"{r.replica_id} {r.state} KV {r.kv_blocks_used}/{r.kv_blocks_total}"
+                              for r in status.replicas), file=sys.stderr)  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
     return 0
 
 
@@ -63,12 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)
 
-    p = sub.add_parser("demo", help="stream a few completions from the offline engine")
+    p = sub.add_parser("serve", help="start a cluster and serve gRPC")
+    p.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    for name, (kind, text) in _SERVE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="start a local cluster and stream answers through gRPC")
     p.add_argument("--model", default="tiny", help="built-in name, local directory or hub id")
+    p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("offline", help="stream one completion from the in-process engine (no Ray)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="tiny", help="built-in name, local directory or hub id")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_offline)
+
+    from kvray.client.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -38,12 +38,20 @@ class CompletionChunk:
 
 
 @dataclass
-class _Group:
+class RequestGroup:
     """The n sequences of one request."""
 
     request_id: str
     prompt_token_ids: list[int]
     seqs: list[Request] = field(default_factory=list)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+# NOTE: process-wide, so a request moved to another replica's engine keeps a unique seq_id.
+_seq_ids = itertools.count()
 
 
 class EngineCore:
@@ -63,9 +71,7 @@ class EngineCore:
             max_model_len=info.max_model_len,
             eos_token_ids=info.eos_token_ids,
         )
-        self._groups: dict[str, _Group] = {}
-        self._detokenizers: dict[int, Detokenizer] = {}
-        self._seq_ids = itertools.count()
+        self._groups: dict[str, RequestGroup] = {}
         self._request_ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
@@ -117,7 +123,7 @@ class EngineCore:
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        group = _Group(request_id, token_ids)
+        group = RequestGroup(request_id, token_ids)
         now = time.monotonic()
         for index in range(params.n):
             seq_params = params
@@ -125,7 +131,7 @@ class EngineCore:
                 seed = None if params.seed is None else params.seed + index
                 seq_params = replace(params, n=1, seed=seed)
             req = Request(
-                seq_id=next(self._seq_ids),
+                seq_id=next(_seq_ids),
                 request_id=request_id,
                 prompt_token_ids=token_ids,
                 sampling=seq_params,
@@ -134,7 +140,7 @@ class EngineCore:
             )
             group.seqs.append(req)
             if self.tokenizer is not None:
-                self._detokenizers[req.seq_id] = Detokenizer(
+                req.detokenizer = Detokenizer(
                     self.tokenizer,
                     token_ids,
                     skip_special_tokens=params.skip_special_tokens,
@@ -156,6 +162,27 @@ class EngineCore:
                 self.scheduler.finish(req.seq_id, FinishReason.ABORT)
                 chunks.append(self._final_chunk(req, [], None))
         return chunks
+
+    def take_unfinished(self) -> list[RequestGroup]:
+        """Remove every unfinished request, for another replica to continue (failover, drain).
+
+        Their sequences keep their prompt, streamed tokens and text state; KV state is dropped.
+        """
+        groups = list(self._groups.values())
+        self._groups.clear()
+        for group in groups:
+            for req in group.seqs:
+                if not req.is_finished:
+                    self.scheduler.remove(req.seq_id)
+        return groups
+
+    def adopt(self, group: RequestGroup) -> None:
+        """Continue a request taken from another replica: each unfinished sequence is recomputed
+        from its prompt and the tokens it already streamed, then goes on where it stopped."""
+        self._groups[group.request_id] = group
+        for req in group.seqs:
+            if not req.is_finished:
+                self.scheduler.add(req)
 
     def abort_all(self) -> list[CompletionChunk]:
         return [c for request_id in list(self._groups) for c in self.abort(request_id)]
@@ -181,7 +208,7 @@ class EngineCore:
     def _chunk(self, event: TokenEvent) -> CompletionChunk:
         req = event.request
         logprobs = [event.logprobs] if req.sampling.logprobs is not None else None
-        detok = self._detokenizers.get(req.seq_id)
+        detok = req.detokenizer
         stop = detok.add_token(event.token_id) if detok is not None else None
         if stop is not None:
             if req.is_finished:  # a token rule ended it too; the stop string wins
@@ -203,14 +230,14 @@ class EngineCore:
     def _final_chunk(
         self, req: Request, token_ids: list[int], logprobs: list[Logprobs | None] | None
     ) -> CompletionChunk:
-        detok = self._detokenizers.pop(req.seq_id, None)
+        detok = req.detokenizer
         text = ""
         if detok is not None:
             if req.finish_reason is not FinishReason.STOP or not isinstance(req.stop_reason, str):
                 detok.flush()
             text = detok.release(finished=True)
         group = self._groups.get(req.request_id)
-        if group is not None and all(s.is_finished for s in group.seqs):
+        if group is not None and group.is_finished:
             del self._groups[req.request_id]
         return CompletionChunk(
             req.request_id,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvray.workers.protocol import Logprobs, SamplingParams
+
+if TYPE_CHECKING:
+    from kvray.cluster.detokenizer import Detokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +48,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     first_token_time: float | None = None
+    detokenizer: Detokenizer | None = None  # None when the model has no tokenizer
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -92,6 +92,18 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
 
+    def remove(self, seq_id: int) -> Request:
+        """Take a sequence out (to move it elsewhere): blocks freed, ready to be recomputed."""
+        req = self.requests.pop(seq_id)
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._dropped_seq_ids.append(seq_id)
+        else:
+            self.waiting.remove(req)
+        self._reset_for_recompute(req)
+        req.num_pending_tokens = 0  # sampled by a worker whose output will never be read
+        return req
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -203,14 +215,17 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Free `req`'s blocks and put it at the front of the queue for recompute."""
         self.running.remove(req)
+        self._dropped_seq_ids.append(req.seq_id)
+        self._reset_for_recompute(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _reset_for_recompute(self, req: Request) -> None:
         self.block_manager.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.is_known_to_worker = False
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self._dropped_seq_ids.append(req.seq_id)
-        self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ update
 

@@ -58,9 +58,10 @@ def test_admission_is_first_come_first_served():
     engine, worker = make(max_num_seqs=1)
     for p in PROMPTS:
         engine.add_request(p, GREEDY)
+    added = [r.seq_id for r in engine.scheduler.waiting]
     drive(engine, worker)
     admitted = [r.seq_id for s in worker.steps for r in s.new_requests]
-    assert admitted == sorted(admitted) == list(range(len(PROMPTS)))
+    assert admitted == added
 
 
 def test_long_prompt_is_prefilled_in_chunks():
@@ -140,7 +141,7 @@ def test_abort_frees_all_blocks_at_once():
     assert engine.block_manager.num_free_blocks == 64
     assert not engine.has_unfinished()
     step = engine.schedule()
-    assert sorted(step.finished_seq_ids) == [0, 1] and not step.seq_ids
+    assert len(step.finished_seq_ids) == 2 and not step.seq_ids
 
 
 def test_abort_of_waiting_request_never_reaches_worker():
@@ -148,9 +149,10 @@ def test_abort_of_waiting_request_never_reaches_worker():
     engine.add_request([1, 2, 3], GREEDY)
     engine.add_request([4, 5, 6], GREEDY)
     engine.process(worker.step(engine.schedule()))
+    aborted = engine.scheduler.waiting[0].seq_id
     engine.abort("req-1")
     drive(engine, worker)
-    assert all(r.seq_id != 1 for s in worker.steps for r in s.new_requests)
+    assert all(r.seq_id != aborted for s in worker.steps for r in s.new_requests)
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_outputs():
@@ -161,7 +163,7 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs():
     engine.add_request(prompt, GREEDY)
     second = drive(engine, worker)[("req-1", 0)]
     assert tokens_of(second) == tokens_of(first)
-    new = next(r for s in worker.steps for r in s.new_requests if r.seq_id == 1)
+    new = [r for s in worker.steps for r in s.new_requests][-1]
     assert new.num_computed_tokens == 40  # only the last prompt token is computed again
     assert engine.block_manager.num_prefix_hits == 40
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

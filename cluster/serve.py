@@ -1,0 +1,178 @@
+"""Running a cluster: Ray, the router, the gRPC server, and graceful shutdown.
+
+`serve(config)` is what `kvray serve` runs; `BackgroundCluster` runs the same thing in a thread
+of the current process (tests, notebooks, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kvray.cluster.config import ClusterConfig
+from kvray.cluster.replica import actor_options, make_worker_actor_class
+from kvray.cluster.router import Router
+from kvray.cluster.server import start_server
+from kvray.cluster.tokenizer import load_tokenizer
+from kvray.workers.protocol import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(config: ClusterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.ray_address:
+        logger.info("joining the Ray cluster at %s", config.ray_address)
+    else:
+        logger.info("starting a local Ray cluster")
+    ray.init(
+        address=config.ray_address,
+        namespace="kvray",
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+def model_worker_spawner(config: ClusterConfig) -> Callable[[str], Any]:
+    """`spawn(replica_id)` -> a ModelWorker actor with the config's resources."""
+    import ray
+
+    actor_cls = make_worker_actor_class()
+    options = actor_options(config, cluster_gpus=ray.cluster_resources().get("GPU", 0.0))
+    suffix = uuid.uuid4().hex[:6]
+
+    def spawn(replica_id: str) -> Any:
+        return actor_cls.options(name=f"kvray-{replica_id}-{suffix}", **options).remote(
+            config.engine.worker, cache_dir=config.engine.cache_dir
+        )
+
+    return spawn
+
+
+def _tokenizer_loader(config: ClusterConfig) -> Callable[[WorkerInfo], Any]:
+    worker = config.engine.worker
+
+    def load(info: WorkerInfo) -> Any:
+        return load_tokenizer(
+            info.model, revision=worker.revision, trust_remote_code=worker.trust_remote_code
+        )
+
+    return load
+
+
+class Cluster:
+    """A router with its gRPC server, in the running event loop."""
+
+    def __init__(self, config: ClusterConfig, spawn_actor: Callable[[str], Any] | None = None):
+        self.config = config
+        self._spawn_actor = spawn_actor
+        self.router: Router | None = None
+        self.server: Any = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        init_ray(self.config)
+        spawn = self._spawn_actor or model_worker_spawner(self.config)
+        self.router = Router(self.config, spawn, load_tokenizer=_tokenizer_loader(self.config))
+        self.server, self.port = await start_server(
+            self.router, host=self.config.host, port=self.config.port
+        )
+        logger.info(
+            "gRPC listening on %s:%d (NOT_SERVING until a replica is ready)",
+            self.config.host,
+            self.port,
+        )
+        await self.router.start()
+        logger.info(
+            "serving %s on port %d with %d replica(s)",
+            self.config.model,
+            self.port,
+            len(self.router.ready_replicas()),
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests, give running streams `shutdown_timeout_s`, then stop."""
+        if self.router is None:
+            return
+        timeout = self.config.shutdown_timeout_s
+        self.router.on_ready_change(False)
+        logger.info("shutting down: running streams have %.0fs to finish", timeout)
+        drain = asyncio.get_running_loop().create_task(self.router.drain(timeout))
+        await self.server.stop(grace=timeout)
+        await drain
+        await self.router.shutdown()
+
+
+async def serve(config: ClusterConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    cluster = Cluster(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    start = loop.create_task(cluster.start())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if start.done() and start.exception() is not None:
+        raise start.exception()  # type: ignore[misc]
+    await stopped
+    start.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await start
+    await cluster.stop()
+
+
+class BackgroundCluster:
+    """A Cluster running in its own thread and event loop. `with BackgroundCluster(cfg) as c:`."""
+
+    def __init__(self, config: ClusterConfig, spawn_actor: Callable[[str], Any] | None = None):
+        self.cluster = Cluster(config, spawn_actor)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="kvray-cluster", daemon=True
+        )
+
+    def __enter__(self) -> BackgroundCluster:
+        init_ray(
+            self.cluster.config
+        )  # NOTE: from the calling thread; Ray must not start in a worker thread
+        self._thread.start()
+        self.call(self.cluster.start(), timeout=600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.cluster.stop(), timeout=120)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine in the cluster's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], Any], timeout: float = 60) -> Any:
+        """Run a plain function in the cluster's loop (to read router state safely)."""
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return self.call(wrapper(), timeout)
+
+    @property
+    def router(self) -> Router:
+        assert self.cluster.router is not None
+        return self.cluster.router
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.cluster.port}"

@@ -1,0 +1,209 @@
+"""The gRPC server: kvray.v1.Generation, grpc.health.v1 and server reflection.
+
+Translates protobuf to kvray types at the edge; every error leaves through `errors.status_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.errors import status_for
+from kvray.cluster.request import FinishReason
+from kvray.cluster.router import Router
+from kvray.protos.kvray.v1 import generation_pb2 as pb
+from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
+from kvray.workers.protocol import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_FINISH = {
+    FinishReason.STOP: pb.GenerateResponse.STOP,
+    FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
+    FinishReason.ABORT: pb.GenerateResponse.ABORT,
+}
+
+
+def sampling_params_from_proto(req: pb.GenerateRequest) -> SamplingParams:
+    """SamplingParams from a request; unset optional fields take SamplingParams' defaults.
+
+    Raises:
+        ValueError: a field out of range (the message names it).
+    """
+    kwargs: dict[str, Any] = {}
+    for name in (
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "n",
+    ):
+        if req.sampling.HasField(name):
+            kwargs[name] = getattr(req.sampling, name)
+    stopping = req.stopping
+    if stopping.HasField("max_tokens"):
+        kwargs["max_tokens"] = stopping.max_tokens
+    kwargs.update(
+        min_tokens=stopping.min_tokens,
+        stop=tuple(stopping.stop),
+        stop_token_ids=tuple(stopping.stop_token_ids),
+        ignore_eos=stopping.ignore_eos,
+        include_stop_str_in_output=stopping.include_stop_str_in_output,
+    )
+    if req.HasField("logprobs"):
+        kwargs["logprobs"] = req.logprobs
+    # float32 on the wire: round so that 0.9 arrives as 0.9, not 0.8999999761581421.
+    for name in (
+        "temperature",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        if name in kwargs:
+            kwargs[name] = round(kwargs[name], 6)
+    return SamplingParams(**kwargs)
+
+
+def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
+    kind = req.WhichOneof("prompt")
+    if kind == "text":
+        return req.text
+    if kind == "token_ids":
+        return list(req.token_ids.ids)
+    raise ValueError("prompt is missing: set text or token_ids")
+
+
+def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        request_id=chunk.request_id, index=chunk.index, token_ids=chunk.token_ids, text=chunk.text
+    )
+    for lp in chunk.logprobs or ():
+        if lp is not None:
+            response.logprobs.add(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top_token_ids=lp.top_token_ids,
+                top_logprobs=lp.top_logprobs,
+            )
+    if chunk.finish_reason is not None:
+        response.finish_reason = _FINISH[chunk.finish_reason]
+        response.usage.prompt_tokens = chunk.num_prompt_tokens
+        response.usage.completion_tokens = chunk.num_output_tokens
+        if isinstance(chunk.stop_reason, str):
+            response.stop_string = chunk.stop_reason
+        elif isinstance(chunk.stop_reason, int):
+            response.stop_token_id = chunk.stop_reason
+    return response
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            params = sampling_params_from_proto(request)
+            prompt = prompt_from_proto(request)
+            chunks = self.router.generate(
+                prompt,
+                params,
+                request_id=request.request_id or None,
+                session_id=request.session_id or None,
+            )
+            async for chunk in chunks:
+                yield chunk_to_proto(chunk)
+        except asyncio.CancelledError:
+            raise  # client gone or deadline passed; router.generate aborted the request
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        try:
+            if self.router.tokenizer is None:
+                raise ValueError("this model has no tokenizer")
+            return pb.TokenizeResponse(
+                token_ids=self.router.validate(request.text, SamplingParams())
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        info = self.router.info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready yet")
+        assert info is not None
+        return pb.ModelInfo(
+            model=self.router.config.model,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            has_tokenizer=self.router.tokenizer is not None,
+            dtype=info.dtype,
+        )
+
+    async def GetClusterStatus(
+        self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClusterStatus:
+        status = self.router.status()
+        return pb.ClusterStatus(
+            replicas=[pb.ReplicaStatus(**r) for r in status["replicas"]],
+            queue_depth=status["queue_depth"],
+            num_running=status["num_running"],
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("internal error", exc_info=exc)
+    await context.abort(code, message)
+
+
+async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start serving; health reports SERVING only while a replica is ready. Returns (server, port)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+
+    async def set_ready(ready: bool) -> None:
+        state = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, state)
+
+    loop = asyncio.get_running_loop()
+    router.on_ready_change = lambda ready: loop.create_task(set_ready(ready)) and None
+    await set_ready(bool(router.ready_replicas()))
+    await server.start()
+    return server, bound
