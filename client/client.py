@@ -104,6 +104,7 @@ class ReplicaStatus:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    num_finished_requests: int
 
 
 @dataclass
@@ -208,6 +209,7 @@ def _status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:
                 r.kv_blocks_used,
                 r.kv_blocks_total,
                 r.num_preemptions,
+                r.num_finished_requests,
             )
             for r in resp.replicas
         ],

@@ -73,6 +73,7 @@ class EngineCore:
         )
         self._groups: dict[str, RequestGroup] = {}
         self._request_ids = itertools.count()
+        self.num_finished_requests = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -239,6 +240,7 @@ class EngineCore:
         group = self._groups.get(req.request_id)
         if group is not None and group.is_finished:
             del self._groups[req.request_id]
+            self.num_finished_requests += 1
         return CompletionChunk(
             req.request_id,
             req.index,

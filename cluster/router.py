@@ -69,6 +69,8 @@ class Router:
         self._replica_ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._first_ready = asyncio.Lock()
+        self.num_moved_requests = 0  # requests continued on another replica after a failure
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
 
     # ------------------------------------------------------------------ replicas
@@ -95,11 +97,12 @@ class Router:
         logger.info("%s: starting", replica_id)
         try:
             info = await handle.actor.warmup.remote()
-            if self.info is None:
-                self.info = info
-                self.tokenizer = await asyncio.get_running_loop().run_in_executor(
-                    None, self._load_tokenizer, info
-                )
+            async with self._first_ready:  # the first ready replica loads the tokenizer
+                if self.info is None:
+                    self.tokenizer = await asyncio.get_running_loop().run_in_executor(
+                        None, self._load_tokenizer, info
+                    )
+                    self.info = info
         except Exception:
             handle.state = ReplicaState.DEAD
             logger.exception("%s: failed to start", replica_id)
@@ -171,6 +174,7 @@ class Router:
                 continue
             assert replica.engine is not None
             replica.engine.adopt(group)
+            self.num_moved_requests += 1
             stream.replica_id = replica.replica_id
             replica.wake()
             logger.info("%s continues on %s", group.request_id, replica.replica_id)
@@ -322,6 +326,7 @@ class Router:
                     ),
                     "kv_blocks_total": engine.block_manager.num_blocks if engine else 0,
                     "num_preemptions": engine.scheduler.num_preemptions if engine else 0,
+                    "num_finished_requests": engine.num_finished_requests if engine else 0,
                 }
             )
         return {

@@ -255,6 +255,7 @@ class ReplicaStatus(_message.Message):
         "device",
         "kv_blocks_total",
         "kv_blocks_used",
+        "num_finished_requests",
         "num_preemptions",
         "num_running",
         "num_waiting",
@@ -269,6 +270,7 @@ class ReplicaStatus(_message.Message):
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: str
     device: str
@@ -277,6 +279,7 @@ class ReplicaStatus(_message.Message):
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    num_finished_requests: int
     def __init__(
         self,
         replica_id: str | None = ...,
@@ -287,6 +290,7 @@ class ReplicaStatus(_message.Message):
         kv_blocks_used: int | None = ...,
         kv_blocks_total: int | None = ...,
         num_preemptions: int | None = ...,
+        num_finished_requests: int | None = ...,
     ) -> None: ...
 
 class ClusterStatus(_message.Message):

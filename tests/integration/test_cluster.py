@@ -1,0 +1,199 @@
+"""The serving cluster end to end: two Ray worker actors, the router, gRPC over loopback."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from kvray.client import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    KvrayClient,
+    OverloadedError,
+)
+from tests.integration.conftest import start_cluster, wait_for
+
+pytestmark = pytest.mark.ray
+
+PROMPT_LENS = [1, 9, 33, 120, 200]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, model_cache_dir):
+    with start_cluster(
+        model_cache_dir, replicas=2, max_num_seqs=4, max_queued_requests=6
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with KvrayClient(cluster.target, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_health_reports_serving(client):
+    assert client.is_serving()
+
+
+def test_concurrent_greedy_matches_hf_and_uses_both_replicas(cluster, client, hf_model):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    before = {r.replica_id: r.num_finished_requests for r in client.status().replicas}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [
+            pool.submit(client.generate, p, temperature=0, max_tokens=32, ignore_eos=True)
+            for p in prompts
+        ]
+        results = [f.result(timeout=120) for f in futures]
+    for p, r in zip(prompts, results):
+        ref = hf_greedy(hf_model, p, 32)
+        assert r.token_ids == ref, f"{len(p)} tokens:\n kvray: {r.token_ids}\n    hf: {ref}"
+        assert r.finish_reason == "length"
+    after = {r.replica_id: r.num_finished_requests for r in client.status().replicas}
+    served = [rid for rid in after if after[rid] > before.get(rid, 0)]
+    assert len(served) == 2, after
+
+
+def test_seeded_streams_reproduce_across_runs(client):
+    params = [
+        {"temperature": 0.7, "seed": 1, "max_tokens": 24},
+        {"temperature": 1.2, "top_k": 20, "seed": 2, "max_tokens": 24},
+        {"temperature": 0.9, "top_p": 0.8, "seed": 3, "max_tokens": 24, "repetition_penalty": 1.3},
+        {"temperature": 1.0, "min_p": 0.1, "seed": 4, "max_tokens": 24, "presence_penalty": 0.5},
+    ]
+
+    def run_all():
+        with ThreadPoolExecutor(len(params)) as pool:
+            futures = [pool.submit(client.generate, "Once upon a time", **p) for p in params]
+            return [f.result(timeout=120).token_ids for f in futures]
+
+    first, second = run_all(), run_all()
+    assert first == second
+    assert len({tuple(t) for t in first}) == len(params)  # different params, different draws
+
+
+def test_stream_text_deltas_join_to_full_decode(client, tiny_tokenizer):
+    prompt = "日本語のテキスト 🚀 Café"
+    chunks = list(client.stream(prompt, temperature=0.9, seed=5, max_tokens=40, ignore_eos=True))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert "".join(c.text for c in chunks) == tiny_tokenizer.decode(ids)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 40
+
+
+def test_stop_string_is_cut_and_never_streamed(client):
+    full = client.generate("The quick brown fox", temperature=0, max_tokens=30, ignore_eos=True)
+    stop = full.text[10:14]
+    chunks = list(
+        client.stream(
+            "The quick brown fox", temperature=0, max_tokens=30, stop=[stop], ignore_eos=True
+        )
+    )
+    text = "".join(c.text for c in chunks)
+    assert text == full.text[: full.text.index(stop)]
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].stop_reason == stop
+
+
+def test_n_samples_stream_with_their_index(client):
+    result = client.generate("Hello", n=3, temperature=1.0, seed=9, max_tokens=8, ignore_eos=True)
+    assert [c.index for c in result.choices] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in result.choices)
+
+
+def test_cancel_mid_stream_frees_blocks(client):
+    stream = client.stream("Hello", temperature=0, max_tokens=200, ignore_eos=True)
+    for _ in range(3):
+        next(stream)
+    assert sum(r.kv_blocks_used for r in client.status().replicas) > 0
+    stream.close()  # cancels the RPC
+    wait_for(lambda: sum(r.kv_blocks_used for r in client.status().replicas) == 0)
+    wait_for(lambda: client.status().num_running == 0)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2, "temperature": 0.0}, "n > 1"),
+        ({"logprobs": 50}, "logprobs"),
+    ],
+)
+def test_bad_params_are_invalid_argument_naming_the_field(client, params, field):
+    with pytest.raises(InvalidRequestError) as err:
+        client.generate("Hello", **params)
+    assert field in str(err.value)
+
+
+def test_bad_prompts_are_invalid_argument(client):
+    with pytest.raises(InvalidRequestError, match="prompt token ids must be integers"):
+        client.generate([1, 2, 10**6])
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        client.generate([1] * 400)
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        client.generate("")
+
+
+def test_queue_overflow_is_resource_exhausted_and_fails_fast(client):
+    # At most 6 requests may wait (not yet running) at any moment; 24 at once must overflow.
+    errors, done = [], []
+    lock = threading.Lock()
+
+    def one():
+        try:
+            r = client.generate("Hello", temperature=0, max_tokens=120, ignore_eos=True)
+            with lock:
+                done.append(r)
+        except OverloadedError as exc:
+            with lock:
+                errors.append(exc)
+
+    with ThreadPoolExecutor(24) as pool:
+        for f in [pool.submit(one) for _ in range(24)]:
+            f.result(timeout=300)
+    assert errors, "no request was refused"
+    assert "max_queued_requests=6" in str(errors[0])
+    assert len(done) >= 6 and all(len(r.token_ids) == 120 for r in done)
+    assert len(done) + len(errors) == 24  # every request either completed or was refused
+    assert client.generate("Hello", max_tokens=4).finish_reason in ("length", "stop")
+
+
+def test_deadline_is_deadline_exceeded_and_request_is_aborted(client):
+    with pytest.raises(DeadlineExceededError):
+        client.generate("Hello", temperature=0, max_tokens=250, ignore_eos=True, timeout=0.3)
+    wait_for(lambda: client.status().num_running == 0)
+    wait_for(lambda: sum(r.kv_blocks_used for r in client.status().replicas) == 0)
+    assert client.generate("Hello", max_tokens=4).choices
+
+
+def test_tokenize_and_model_info(client, tiny_tokenizer):
+    assert client.tokenize("Hello, world!") == tiny_tokenizer("Hello, world!")["input_ids"]
+    info = client.model_info()
+    assert info.model == "tiny" and info.max_model_len == 256 and info.has_tokenizer
+    assert info.vocab_size == len(tiny_tokenizer)
