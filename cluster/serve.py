@@ -118,6 +118,7 @@ async def serve(config: ClusterConfig) -> None:
     cluster = Cluster(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    init_ray(config)  # NOTE: before our handlers: ray.init installs its own SIGTERM handler
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     start = loop.create_task(cluster.start())

@@ -1,26 +1,14 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = (
-        "frequency_penalty",
-        "min_p",
-        "n",
-        "presence_penalty",
-        "repetition_penalty",
-        "seed",
-        "temperature",
-        "top_k",
-        "top_p",
-    )
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -39,28 +27,10 @@ class SamplingParams(_message.Message):
     frequency_penalty: float
     seed: int
     n: int
-    def __init__(
-        self,
-        temperature: float | None = ...,
-        top_k: int | None = ...,
-        top_p: float | None = ...,
-        min_p: float | None = ...,
-        repetition_penalty: float | None = ...,
-        presence_penalty: float | None = ...,
-        frequency_penalty: float | None = ...,
-        seed: int | None = ...,
-        n: int | None = ...,
-    ) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class StoppingCriteria(_message.Message):
-    __slots__ = (
-        "ignore_eos",
-        "include_stop_str_in_output",
-        "max_tokens",
-        "min_tokens",
-        "stop",
-        "stop_token_ids",
-    )
+    __slots__ = ("max_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
@@ -73,32 +43,16 @@ class StoppingCriteria(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     include_stop_str_in_output: bool
-    def __init__(
-        self,
-        max_tokens: int | None = ...,
-        min_tokens: int | None = ...,
-        stop: _Iterable[str] | None = ...,
-        stop_token_ids: _Iterable[int] | None = ...,
-        ignore_eos: bool | None = ...,
-        include_stop_str_in_output: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = (
-        "logprobs",
-        "request_id",
-        "sampling",
-        "session_id",
-        "stopping",
-        "text",
-        "token_ids",
-    )
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "stopping", "logprobs", "session_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -113,19 +67,10 @@ class GenerateRequest(_message.Message):
     stopping: StoppingCriteria
     logprobs: int
     session_id: str
-    def __init__(
-        self,
-        request_id: str | None = ...,
-        text: str | None = ...,
-        token_ids: TokenIds | _Mapping | None = ...,
-        sampling: SamplingParams | _Mapping | None = ...,
-        stopping: StoppingCriteria | _Mapping | None = ...,
-        logprobs: int | None = ...,
-        session_id: str | None = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., logprobs: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
-    __slots__ = ("logprob", "token_id", "top_logprobs", "top_token_ids")
+    __slots__ = ("token_id", "logprob", "top_token_ids", "top_logprobs")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -134,43 +79,24 @@ class TokenLogprob(_message.Message):
     logprob: float
     top_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(
-        self,
-        token_id: int | None = ...,
-        logprob: float | None = ...,
-        top_token_ids: _Iterable[int] | None = ...,
-        top_logprobs: _Iterable[float] | None = ...,
-    ) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("completion_tokens", "prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(
-        self, prompt_tokens: int | None = ..., completion_tokens: int | None = ...
-    ) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = (
-        "finish_reason",
-        "index",
-        "logprobs",
-        "request_id",
-        "stop_string",
-        "stop_token_id",
-        "text",
-        "token_ids",
-        "usage",
-    )
+    __slots__ = ("request_id", "index", "token_ids", "text", "logprobs", "finish_reason", "usage", "stop_string", "stop_token_id")
     class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FINISH_REASON_UNSPECIFIED: _ClassVar[GenerateResponse.FinishReason]
         STOP: _ClassVar[GenerateResponse.FinishReason]
         LENGTH: _ClassVar[GenerateResponse.FinishReason]
         ABORT: _ClassVar[GenerateResponse.FinishReason]
-
     FINISH_REASON_UNSPECIFIED: GenerateResponse.FinishReason
     STOP: GenerateResponse.FinishReason
     LENGTH: GenerateResponse.FinishReason
@@ -193,37 +119,26 @@ class GenerateResponse(_message.Message):
     usage: Usage
     stop_string: str
     stop_token_id: int
-    def __init__(
-        self,
-        request_id: str | None = ...,
-        index: int | None = ...,
-        token_ids: _Iterable[int] | None = ...,
-        text: str | None = ...,
-        logprobs: _Iterable[TokenLogprob | _Mapping] | None = ...,
-        finish_reason: GenerateResponse.FinishReason | str | None = ...,
-        usage: Usage | _Mapping | None = ...,
-        stop_string: str | None = ...,
-        stop_token_id: int | None = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[GenerateResponse.FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: str | None = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids",)
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("dtype", "eos_token_ids", "has_tokenizer", "max_model_len", "model", "vocab_size")
+    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "has_tokenizer", "dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -236,32 +151,14 @@ class ModelInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     has_tokenizer: bool
     dtype: str
-    def __init__(
-        self,
-        model: str | None = ...,
-        max_model_len: int | None = ...,
-        vocab_size: int | None = ...,
-        eos_token_ids: _Iterable[int] | None = ...,
-        has_tokenizer: bool | None = ...,
-        dtype: str | None = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = (
-        "device",
-        "kv_blocks_total",
-        "kv_blocks_used",
-        "num_finished_requests",
-        "num_preemptions",
-        "num_running",
-        "num_waiting",
-        "replica_id",
-        "state",
-    )
+    __slots__ = ("replica_id", "state", "device", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "num_finished_requests")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -280,30 +177,14 @@ class ReplicaStatus(_message.Message):
     kv_blocks_total: int
     num_preemptions: int
     num_finished_requests: int
-    def __init__(
-        self,
-        replica_id: str | None = ...,
-        state: str | None = ...,
-        device: str | None = ...,
-        num_waiting: int | None = ...,
-        num_running: int | None = ...,
-        kv_blocks_used: int | None = ...,
-        kv_blocks_total: int | None = ...,
-        num_preemptions: int | None = ...,
-        num_finished_requests: int | None = ...,
-    ) -> None: ...
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("num_running", "queue_depth", "replicas")
+    __slots__ = ("replicas", "queue_depth", "num_running")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     queue_depth: int
     num_running: int
-    def __init__(
-        self,
-        replicas: _Iterable[ReplicaStatus | _Mapping] | None = ...,
-        queue_depth: int | None = ...,
-        num_running: int | None = ...,
-    ) -> None: ...
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,80 @@
+"""The command line end to end: `kvray serve` in its own process, SIGTERM, and `kvray demo`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from kvray.client import KvrayClient
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kvray(*args: str, env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kvray.cluster.cli", *args], env=env, **kwargs)
+
+
+@pytest.fixture
+def env(model_cache_dir):
+    return {**os.environ, "KVRAY_CACHE_DIR": model_cache_dir, "KVRAY_MAX_MODEL_LEN": "256"}
+
+
+def test_sigterm_lets_running_streams_finish(env):
+    port = free_port()
+    server = kvray(
+        "serve",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        env={**env, "KVRAY_SHUTDOWN_TIMEOUT_S": "60"},
+    )
+    try:
+        with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
+            client.wait_until_serving(timeout=120)
+            stream = client.stream("Hello", temperature=0, max_tokens=200, ignore_eos=True)
+            tokens = list(next(stream).token_ids)
+            server.send_signal(signal.SIGTERM)
+            for chunk in stream:
+                tokens.extend(chunk.token_ids)
+        assert len(tokens) == 200
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_demo_streams_through_a_local_cluster(env):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvray.cluster.cli", "demo", "--replicas", "1", "--max-tokens", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(">>> ") == 3
+    assert "1 replica(s): replica-0 READY" in result.stderr
+
+
+def test_serve_rejects_unknown_setting_clearly(env):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvray.cluster.cli", "serve"],
+        env={**env, "KVRAY_REPLICAZ": "2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "unknown setting KVRAY_REPLICAZ" in result.stderr

@@ -1,0 +1,57 @@
+"""The config loader: precedence (defaults < YAML < KVRAY_* env < flags) and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvray.cluster.config import ClusterConfig, load
+
+
+def test_defaults():
+    config = load({}, environ={})
+    assert config == ClusterConfig()
+    assert config.model == "tiny" and config.port == 50051
+
+
+def test_yaml_then_env_then_flags(tmp_path):
+    path = tmp_path / "kvray.yaml"
+    path.write_text("model: tiny-qwen2\nreplicas: 3\nmax-num-seqs: 8\nport: 6000\n")
+    env = {"KVRAY_REPLICAS": "4", "KVRAY_DTYPE": "float32", "KVRAY_ENABLE_PREFIX_CACHING": "false"}
+    config = load({"port": 7000, "model": None}, config_file=path, environ=env)
+    assert config.model == "tiny-qwen2"  # YAML (the None flag is "not given")
+    assert config.replicas == 4  # env over YAML
+    assert config.port == 7000  # flag over YAML
+    assert config.engine.scheduler.max_num_seqs == 8 and config.engine.worker.max_num_seqs == 8
+    assert config.engine.worker.dtype == "float32"
+    assert config.engine.scheduler.enable_prefix_caching is False
+
+
+def test_config_file_from_environment(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("replicas: 2\n")
+    assert load({}, environ={"KVRAY_CONFIG": str(path)}).replicas == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"flags": {"replica": 2}}, "unknown config key(s) replica"),
+        ({"environ": {"KVRAY_REPLICAZ": "2"}}, "unknown setting KVRAY_REPLICAZ"),
+        ({"environ": {"KVRAY_REPLICAS": "two"}}, "KVRAY_REPLICAS='two' is not a valid int"),
+        ({"environ": {"KVRAY_IGNORE": "1"}}, "unknown setting KVRAY_IGNORE"),
+        ({"flags": {"replicas": 0}}, "replicas must be >= 1"),
+        ({"flags": {"block_size": 3}}, "block_size must be a power of two"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ValueError) as err:
+        load(kwargs.pop("flags", {}), **kwargs)
+    assert message in str(err.value)
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping of settings"):
+        load({}, config_file=path, environ={})
