@@ -67,6 +67,7 @@ class ClusterConfig:
     gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     health_check_period_s: float = 5.0  # how often idle replicas are pinged
     shutdown_timeout_s: float = 30.0  # SIGTERM: running streams get this long to finish
+    fake_step_ms: float = 20.0  # model "fake" only: how long each scripted step takes
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

@@ -30,18 +30,29 @@ class ReplicaState(str, enum.Enum):
 
 
 def make_worker_actor_class() -> Any:
-    """The Ray actor class for ModelWorker (built lazily so importing this module needs no Ray)."""
-    import ray
+    """The Ray actor that hosts a worker (built lazily, so importing this module needs no Ray).
 
-    from kvray.workers.worker import ModelWorker
+    It is created with a picklable factory (`functools.partial(ModelWorker, config, ...)`, or
+    the fake worker's) and forwards `warmup`, `step` and `health` to the worker it builds.
+    """
+    import ray
 
     # NOTE: health checks get their own concurrency group (their own thread), so a long
     # prefill in `step` never makes a replica look dead.
     @ray.remote(concurrency_groups={"health": 1})
-    class WorkerActor(ModelWorker):  # type: ignore[misc]
+    class WorkerActor:
+        def __init__(self, factory: Callable[[], Any]) -> None:
+            self.worker = factory()
+
+        def warmup(self) -> WorkerInfo:
+            return self.worker.warmup()
+
+        def step(self, step_input: StepInput) -> Any:
+            return self.worker.step(step_input)
+
         @ray.method(concurrency_group="health")
         def health(self) -> bool:
-            return super().health()
+            return self.worker.health()
 
     return WorkerActor
 

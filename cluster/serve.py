@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -23,6 +24,8 @@ from kvray.cluster.tokenizer import load_tokenizer
 from kvray.workers.protocol import WorkerInfo
 
 logger = logging.getLogger(__name__)
+
+FAKE_MODEL = "fake"  # scripted tokens, no model: load-tests the router, gRPC and Ray
 
 
 def init_ray(config: ClusterConfig) -> None:
@@ -49,12 +52,25 @@ def model_worker_spawner(config: ClusterConfig) -> Callable[[str], Any]:
 
     actor_cls = make_worker_actor_class()
     options = actor_options(config, cluster_gpus=ray.cluster_resources().get("GPU", 0.0))
+    worker, cache_dir = config.engine.worker, config.engine.cache_dir
+    if config.model == FAKE_MODEL:
+        from kvray.workers.fake import FakeWorker
+
+        options["num_gpus"] = 0
+        factory: Callable[[], Any] = functools.partial(
+            FakeWorker.from_config,
+            worker,
+            cache_dir=cache_dir,
+            step_delay_s=config.fake_step_ms / 1000,
+        )
+    else:
+        from kvray.workers.worker import ModelWorker
+
+        factory = functools.partial(ModelWorker, worker, cache_dir=cache_dir)
     suffix = uuid.uuid4().hex[:6]
 
     def spawn(replica_id: str) -> Any:
-        return actor_cls.options(name=f"kvray-{replica_id}-{suffix}", **options).remote(
-            config.engine.worker, cache_dir=config.engine.cache_dir
-        )
+        return actor_cls.options(name=f"kvray-{replica_id}-{suffix}", **options).remote(factory)
 
     return spawn
 

@@ -1,8 +1,9 @@
-"""FakeWorker: the ModelWorker interface with no model, for scheduler tests and router benchmarks.
+"""FakeWorker: the ModelWorker interface with no model, for scheduler tests and router load tests.
 
-Standard library only. It checks every step against its own copy of each sequence (as the real
-worker does) and "samples" a scripted token: `(last token * 31 + position) % vocab_size`, so
-outputs depend only on a sequence's own tokens, like greedy decoding of a real model.
+No torch. It checks every step against its own copy of each sequence (as the real worker does)
+and "samples" a scripted token: `(last token * 31 + position) % vocab_size`, so outputs depend
+only on a sequence's own tokens, like greedy decoding of a real model. `kvray serve --model
+fake` runs it in every replica, with the built-in tokenizer, to load-test the router.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from kvray.workers.config import WorkerConfig
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
 
 
@@ -30,9 +32,10 @@ class FakeWorker:
         vocab_size: int = 1000,
         eos_token_ids: tuple[int, ...] = (),
         step_delay_s: float = 0.0,
+        model_path: str = "fake",
     ) -> None:
         self.info = WorkerInfo(
-            model="fake",
+            model=model_path,
             device="cpu",
             dtype="none",
             vocab_size=vocab_size,
@@ -46,6 +49,24 @@ class FakeWorker:
         self.step_delay_s = step_delay_s
         self.seqs: dict[int, _FakeSeq] = {}
         self.steps: list[StepInput] = []  # every step received, for tests to inspect
+
+    @classmethod
+    def from_config(
+        cls, config: WorkerConfig, *, cache_dir: str | None = None, step_delay_s: float = 0.02
+    ) -> FakeWorker:
+        """A fake replica shaped by a WorkerConfig, speaking the built-in tokenizer's vocabulary."""
+        from kvray.workers.tiny_model import resolve_tokenizer_only
+
+        max_model_len = config.max_model_len or 2048
+        return cls(
+            num_kv_blocks=config.num_kv_blocks
+            or config.max_num_seqs * -(-max_model_len // config.block_size),
+            block_size=config.block_size,
+            max_model_len=max_model_len,
+            vocab_size=512,
+            step_delay_s=step_delay_s,
+            model_path=resolve_tokenizer_only(cache_dir=cache_dir),
+        )
 
     def warmup(self) -> WorkerInfo:
         return self.info

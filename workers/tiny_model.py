@@ -109,6 +109,15 @@ def make_tiny_model(out_dir: str | os.PathLike[str], *, arch: str = "llama", see
     return out
 
 
+def resolve_tokenizer_only(*, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A folder holding only the built-in tokenizer (for the `fake` model); built once."""
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    target = root / "models" / f"tokenizer-{TINY_VERSION}"
+    if not (target / "tokenizer.json").exists():
+        make_tokenizer().save_pretrained(target)
+    return str(target)
+
+
 def resolve_model(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str:
     """Map a built-in name to its directory (building it once); return other names unchanged."""
     if name not in TINY_MODELS:
