@@ -2,7 +2,9 @@
 
 Two parts, one run:
 
-1. engine-vs-cluster: the same seeded requests (mixed prompt/output lengths) against
+1. engine-vs-cluster (run twice by default: added latency with the tiny model at 10 req/s, and
+   throughput with a SmolLM2-135M-shaped model, closed loop at 32 streams): the same seeded
+   requests (mixed prompt/output lengths) against
    (a) the in-process engine (EngineCore + ModelWorker in this process, no Ray, no gRPC) and
    (b) a `kvray serve` cluster with one replica, over gRPC; prints request throughput, output
    tokens/s, TTFT, inter-token latency (ITL) and end-to-end latency (p50/p90/p99) for both and
@@ -12,8 +14,8 @@ Two parts, one run:
    and tokens/s one router process sustains with p99 ITL under 50 ms. The load generator runs
    in its own processes so it does not share the router's GIL.
 
-    python bench/serving.py                       # both parts
-    python bench/serving.py --part engine --rate 8 --num-requests 200
+    python bench/serving.py                       # latency, throughput and router parts
+    python bench/serving.py --part engine --model tiny --rate 8 --num-requests 200
     python bench/serving.py --part router --concurrency 250,500,1000
 """
 
@@ -120,10 +122,13 @@ async def drive(
 
     async def one(spec: RequestSpec) -> RequestResult:
         if gate is None:
-            await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
+            # NOTE: open loop: latency counts from the scheduled arrival, so a sender that is
+            # late (its loop was busy) does not hide queueing time (coordinated omission).
+            sent = start + spec.arrival_s
+            await asyncio.sleep(max(0.0, sent - time.perf_counter()))
         else:
             await gate.acquire()
-        sent = time.perf_counter()
+            sent = time.perf_counter()
         result = RequestResult(ok=False)
         last = sent
         try:
@@ -170,7 +175,7 @@ async def run_in_process(
             if not engine.has_unfinished():
                 wake.clear()
                 await wake.wait()
-            out = worker.step(engine.schedule())  # blocks the loop for one step, as a server would
+            out = worker.step(engine.schedule())  # blocks the loop for one step, as LLM does
             for chunk in engine.process(out):
                 queues[chunk.request_id].put_nowait(chunk)
             await asyncio.sleep(0)
@@ -260,6 +265,10 @@ class ServerProcess:
 
 
 def engine_vs_cluster(args: argparse.Namespace) -> dict:
+    if args.model == "smollm2-shape":
+        from common import smollm2_135m_shaped
+
+        args.model = str(smollm2_135m_shaped())
     specs = make_requests(
         args.num_requests,
         rate=args.rate,
@@ -270,6 +279,10 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
     )
     concurrency = None if args.rate != float("inf") else args.max_concurrency
     options = {"max_model_len": 512, "max_num_seqs": 128, "max_num_batched_tokens": 2048}
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     log(f"in-process engine: {len(specs)} requests, rate {args.rate}/s, model {args.model}")
     results, elapsed = asyncio.run(
         run_in_process(args.model, specs, concurrency=concurrency, options=options)
@@ -358,7 +371,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=["all", "engine", "router"], default="all")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument(
+        "--model", default="tiny", help="tiny, smollm2-shape (random SmolLM2-135M shape) or a path"
+    )
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument(
         "--rate", type=float, default=10.0, help="Poisson arrivals per second (inf: all at once)"
@@ -366,7 +381,19 @@ def main() -> int:
     parser.add_argument(
         "--max-concurrency", type=int, default=64, help="closed loop when --rate inf"
     )
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="Ray CPUs (and torch threads) of the cluster's worker; default: as many as in-process",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="in-process engine's torch threads (default: torch's); match --cpus-per-replica "
+        "to compare the serving layer alone",
+    )
     parser.add_argument("--concurrency", default="100,250,500,1000", help="router part: streams")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--fake-step-ms", type=float, default=20.0)
@@ -375,8 +402,20 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     report = {}
-    if args.part in ("all", "engine"):
+    if args.part == "engine":
         report["engine_vs_cluster"] = engine_vs_cluster(args)
+    if args.part == "all":
+        # Added latency: the tiny model (3 ms steps) at a light open-loop load.
+        latency = argparse.Namespace(
+            **{**vars(args), "model": "tiny", "rate": 10.0, "num_requests": 200}
+        )
+        report["latency"] = engine_vs_cluster(latency)
+        # Throughput: a model whose steps dominate (SmolLM2-135M shape), closed loop.
+        throughput = argparse.Namespace(
+            **{**vars(args), "model": "smollm2-shape", "rate": float("inf"), "num_requests": 64,
+               "max_concurrency": 32}
+        )  # fmt: skip
+        report["throughput"] = engine_vs_cluster(throughput)
     if args.part in ("all", "router"):
         report["router_capacity"] = router_capacity(args)
     if args.json:

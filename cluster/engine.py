@@ -36,6 +36,18 @@ class CompletionChunk:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative, for usage
 
+    def merge(self, later: CompletionChunk) -> CompletionChunk:
+        """This chunk followed by a later one of the same sample, as one chunk."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return replace(
+            later,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            logprobs=logprobs,
+        )
+
 
 @dataclass
 class RequestGroup:

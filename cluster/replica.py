@@ -17,9 +17,11 @@ from typing import Any
 
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.engine import CompletionChunk, EngineCore
-from kvray.workers.protocol import StepInput, WorkerInfo
+from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
 
 logger = logging.getLogger(__name__)
+
+PIPELINE_MAX_STEP_S = 0.025  # keep a step in flight only while steps are shorter than this
 
 
 class ReplicaState(str, enum.Enum):
@@ -79,6 +81,7 @@ class ReplicaHandle:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
+        self.step_seconds = 0.0  # moving average of the worker's time per step
 
     def start_loop(self, engine: EngineCore) -> None:
         self.engine = engine
@@ -106,12 +109,14 @@ class ReplicaHandle:
                 if in_flight is None and not engine.has_unfinished():
                     self._wake.clear()
                     await self._wake.wait()
+                if in_flight is not None and not self.is_pipelined:
+                    self._apply(await in_flight)  # long steps: schedule with the newest state
+                    in_flight = None
+                    continue
                 step = engine.schedule() if engine.has_unfinished() else None
                 ref = self.actor.step.remote(step) if step is not None and _has_work(step) else None
                 if in_flight is not None:
-                    output = await in_flight
-                    self.num_steps += 1
-                    self._publish(self, engine.process(output))
+                    self._apply(await in_flight)
                 elif ref is None:
                     # Requests are queued but none can run now: wait for a change, briefly.
                     self._wake.clear()
@@ -123,6 +128,23 @@ class ReplicaHandle:
         except Exception as exc:  # the actor died or a step failed: the router fails over
             self.state = ReplicaState.DEAD
             self._on_failure(self, exc)
+
+    @property
+    def is_pipelined(self) -> bool:
+        """Whether to keep the next step in flight while the last one's output is applied.
+
+        NOTE: pipelining hides the Ray round trip (~1-2 ms) but a request that arrives while
+        two steps are queued waits for both. With short steps the round trip is a large share
+        of each step; with long ones (a big model on CPU) it is not, and the extra step of
+        time-to-first-token is not worth it.
+        """
+        return self.step_seconds < PIPELINE_MAX_STEP_S
+
+    def _apply(self, output: StepOutput) -> None:
+        assert self.engine is not None
+        self.num_steps += 1
+        self.step_seconds += 0.2 * (output.forward_s - self.step_seconds)
+        self._publish(self, self.engine.process(output))
 
     @property
     def load(self) -> tuple[float, float]:

@@ -48,6 +48,23 @@ class RequestStream:
         return self.num_finished == self.num_samples
 
 
+def _coalesce(items: list[CompletionChunk | BaseException]) -> list[CompletionChunk | BaseException]:
+    """Merge consecutive chunks of the same sample (a slow consumer then gets fewer messages)."""
+    merged: list[CompletionChunk | BaseException] = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if (
+            isinstance(item, CompletionChunk)
+            and isinstance(last, CompletionChunk)
+            and last.index == item.index
+            and last.finish_reason is None
+        ):
+            merged[-1] = last.merge(item)
+        else:
+            merged.append(item)
+    return merged
+
+
 class Router:
     def __init__(
         self,
@@ -250,10 +267,13 @@ class Router:
         stream = self.submit(prompt, params, request_id=request_id, session_id=session_id)
         try:
             while not stream.is_finished or not stream.queue.empty():
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                items = [await stream.queue.get()]
+                while not stream.queue.empty():  # fell behind: send what piled up as one chunk
+                    items.append(stream.queue.get_nowait())
+                for item in _coalesce(items):
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
         finally:
             self.abort(stream.request_id)
 
