@@ -95,6 +95,11 @@ class ReplicaHandle:
         """Tell the loop there is work (a new or aborted request)."""
         self._wake.set()
 
+    def cancel(self) -> None:
+        """Stop the step loop (without waiting for it)."""
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -48,7 +48,9 @@ class RequestStream:
         return self.num_finished == self.num_samples
 
 
-def _coalesce(items: list[CompletionChunk | BaseException]) -> list[CompletionChunk | BaseException]:
+def _coalesce(
+    items: list[CompletionChunk | BaseException],
+) -> list[CompletionChunk | BaseException]:
     """Merge consecutive chunks of the same sample (a slow consumer then gets fewer messages)."""
     merged: list[CompletionChunk | BaseException] = []
     for item in items:
@@ -122,6 +124,8 @@ class Router:
                     self.info = info
         except Exception:
             handle.state = ReplicaState.DEAD
+            self.replicas.pop(replica_id, None)
+            self._kill(handle)
             logger.exception("%s: failed to start", replica_id)
             raise
         handle.start_loop(EngineCore(info, self.config.engine.scheduler, self.tokenizer))
@@ -142,12 +146,15 @@ class Router:
 
     def _on_replica_failure(self, replica: ReplicaHandle, exc: BaseException) -> None:
         """A replica's actor died or a step failed: move its requests, then replace it."""
-        if self._closing or replica.engine is None:
+        if self._closing or self.replicas.get(replica.replica_id) is not replica:
+            return  # shutting down, or already handled (the step loop and a health check both saw it)
+        if replica.engine is None:
             return
         logger.error(
             "%s failed (%s: %s); moving its requests", replica.replica_id, type(exc).__name__, exc
         )
         replica.state = ReplicaState.DEAD
+        replica.cancel()
         self._kill(replica)
         moved = replica.engine.take_unfinished()
         for group in moved:

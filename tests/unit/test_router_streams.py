@@ -1,0 +1,41 @@
+"""Router stream helpers: chunks that pile up for a slow consumer merge without losing anything."""
+
+from __future__ import annotations
+
+from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.request import FinishReason
+from kvray.cluster.router import _coalesce
+from kvray.workers.protocol import Logprobs
+
+
+def chunk(index, tokens, text, *, finish=None, lp=False):
+    logprobs = [Logprobs(t, -1.0, [t], [-1.0]) for t in tokens] if lp else None
+    return CompletionChunk(
+        "r", index, tokens, text, logprobs, finish_reason=finish, num_output_tokens=len(tokens)
+    )
+
+
+def test_consecutive_chunks_of_one_sample_merge_in_order():
+    merged = _coalesce(
+        [
+            chunk(0, [1], "a", lp=True),
+            chunk(0, [2], "b", lp=True),
+            chunk(0, [3], "c", finish=FinishReason.LENGTH, lp=True),
+        ]
+    )
+    assert len(merged) == 1
+    (m,) = merged
+    assert m.token_ids == [1, 2, 3] and m.text == "abc" and m.finish_reason is FinishReason.LENGTH
+    assert [lp.token_id for lp in m.logprobs] == [1, 2, 3]
+
+
+def test_samples_and_errors_are_not_merged_across():
+    err = RuntimeError("boom")
+    items = [chunk(0, [1], "a"), chunk(1, [7], "x"), chunk(0, [2], "b"), err]
+    assert _coalesce(items) == items
+
+
+def test_nothing_merges_after_a_finished_chunk():
+    done = chunk(0, [1], "a", finish=FinishReason.STOP)
+    later = chunk(0, [2], "b")
+    assert _coalesce([done, later]) == [done, later]
