@@ -34,7 +34,7 @@ def _offline(args: argparse.Namespace) -> int:
     )
     start, num_tokens = time.perf_counter(), 0
     for chunk in llm.stream(args.prompt, params):
-        print(chunk.text, end="", flush=True)
+        print(_printable(chunk.text), end="", flush=True)
         num_tokens += len(chunk.token_ids)
     elapsed = time.perf_counter() - start
     print(f"\n[{num_tokens} tokens in {elapsed:.2f}s]", file=sys.stderr)
@@ -58,6 +58,11 @@ _SERVE_FLAGS = {  # flag -> (type, help); unset flags leave the config file / en
     "num_kv_blocks": (int, "KV blocks per replica (default: from memory)"),
     "block_size": (int, "tokens per KV block (default 16)"),
 }
+
+
+def _printable(text: str) -> str:
+    """Control characters (random models emit them) shown as U+FFFD, not sent to the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -99,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"\n>>> {prompt}")
                 for chunk in client.stream(prompt, max_tokens=args.max_tokens,
                                            temperature=args.temperature, seed=args.seed):  # fmt: skip
-                    print(chunk.text, end="", flush=True)
+                    print(_printable(chunk.text), end="", flush=True)
                 print()
             status = client.status()
             print(f"\n==> {len(status.replicas)} replica(s): "

@@ -41,7 +41,7 @@ def make_worker_actor_class() -> Any:
 
     # NOTE: health checks get their own concurrency group (their own thread), so a long
     # prefill in `step` never makes a replica look dead.
-    @ray.remote(concurrency_groups={"health": 1})
+    @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]
     class WorkerActor:
         def __init__(self, factory: Callable[[], Any]) -> None:
             self.worker = factory()
@@ -81,6 +81,7 @@ class ReplicaHandle:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
+        self.has_failed = False  # set once by the router when it handles this replica's failure
         self.step_seconds = 0.0  # moving average of the worker's time per step
 
     def start_loop(self, engine: EngineCore) -> None:

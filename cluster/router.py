@@ -146,10 +146,9 @@ class Router:
 
     def _on_replica_failure(self, replica: ReplicaHandle, exc: BaseException) -> None:
         """A replica's actor died or a step failed: move its requests, then replace it."""
-        if self._closing or self.replicas.get(replica.replica_id) is not replica:
+        if self._closing or replica.has_failed or replica.engine is None:
             return  # shutting down, or already handled (the step loop and a health check both saw it)
-        if replica.engine is None:
-            return
+        replica.has_failed = True
         logger.error(
             "%s failed (%s: %s); moving its requests", replica.replica_id, type(exc).__name__, exc
         )
@@ -319,8 +318,11 @@ class Router:
         if session_id is None:
             return best
         current = self.replicas.get(self._sessions.get(session_id, ""))
-        is_usable = current is not None and current.state is ReplicaState.READY
-        if is_usable and current.load[0] - best.load[0] <= SESSION_IMBALANCE:
+        if (
+            current is not None
+            and current.state is ReplicaState.READY
+            and current.load[0] - best.load[0] <= SESSION_IMBALANCE
+        ):
             best = current
         self._sessions[session_id] = best.replica_id
         self._sessions.move_to_end(session_id)
