@@ -405,10 +405,13 @@ def main() -> int:
     if args.part == "engine":
         report["engine_vs_cluster"] = engine_vs_cluster(args)
     if args.part == "all":
-        # Added latency: the tiny model (3 ms steps) at a light open-loop load.
+        # Added latency: the tiny model (3 ms steps) at a light open-loop load. The worker gets one
+        # of the machine's CPUs so that the router and the load generator have the other, as a
+        # router would have its own CPU in a deployment (on 2 cores they otherwise contend).
         latency = argparse.Namespace(
-            **{**vars(args), "model": "tiny", "rate": 10.0, "num_requests": 200}
-        )
+            **{**vars(args), "model": "tiny", "rate": 10.0, "num_requests": 200,
+               "cpus_per_replica": 1.0}
+        )  # fmt: skip
         report["latency"] = engine_vs_cluster(latency)
         # Throughput: a model whose steps dominate (SmolLM2-135M shape), closed loop.
         throughput = argparse.Namespace(

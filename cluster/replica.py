@@ -154,12 +154,16 @@ class ReplicaHandle:
 
     @property
     def load(self) -> tuple[float, float]:
-        """Lower is less loaded: (queued + running sequences per slot, KV cache use)."""
+        """Lower is less loaded: (steps of queued + running work, KV cache use).
+
+        Queued prompt tokens plus one decode token per running sequence, over the step budget:
+        roughly how many full steps the replica has to run before a new request's prefill.
+        """
         if self.engine is None:
             return (float("inf"), 1.0)
         sched = self.engine.scheduler
-        slots = sched.config.max_num_seqs
-        return ((sched.num_waiting + sched.num_running) / slots, self.engine.block_manager.usage)
+        work = (sched.num_queued_tokens + sched.num_running) / sched.config.max_num_batched_tokens
+        return (work, self.engine.block_manager.usage)
 
 
 def _has_work(step: StepInput) -> bool:

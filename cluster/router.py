@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 3  # a request moved this many times fails instead (a worker bug, not bad luck)
 MAX_SESSIONS = 100_000  # session -> replica entries kept (least recently used dropped)
-SESSION_IMBALANCE = 0.5  # leave a session's replica when its load exceeds the least by this
+SESSION_IMBALANCE = 1.0  # leave a session's replica when it has a full step more queued work
 
 
 @dataclass(eq=False)

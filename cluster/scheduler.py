@@ -66,6 +66,7 @@ class Scheduler:
         self._dropped_seq_ids: list[int] = []  # to tell the worker in the next step
         self._step_id = 0
         self.num_preemptions = 0
+        self.num_queued_tokens = 0  # known tokens of waiting sequences (the router's load signal)
 
     # ------------------------------------------------------------------ admission
 
@@ -74,6 +75,7 @@ class Scheduler:
         assert req.seq_id not in self.requests
         self.requests[req.seq_id] = req
         self.waiting.append(req)
+        self.num_queued_tokens += req.num_known_tokens
 
     def finish(
         self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None
@@ -82,11 +84,7 @@ class Scheduler:
         req = self.requests.pop(seq_id, None)
         if req is None:
             return
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-            self._dropped_seq_ids.append(seq_id)
-        else:
-            self.waiting.remove(req)
+        self._unlist(req)
         self.block_manager.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
@@ -95,14 +93,19 @@ class Scheduler:
     def remove(self, seq_id: int) -> Request:
         """Take a sequence out (to move it elsewhere): blocks freed, ready to be recomputed."""
         req = self.requests.pop(seq_id)
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-            self._dropped_seq_ids.append(seq_id)
-        else:
-            self.waiting.remove(req)
+        self._unlist(req)
         self._reset_for_recompute(req)
         req.num_pending_tokens = 0  # sampled by a worker whose output will never be read
         return req
+
+    def _unlist(self, req: Request) -> None:
+        """Take `req` out of the running list (telling the worker) or out of the queue."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._dropped_seq_ids.append(req.seq_id)
+        else:
+            self.waiting.remove(req)
+            self.num_queued_tokens -= req.num_known_tokens
 
     @property
     def num_waiting(self) -> int:
@@ -168,6 +171,7 @@ class Scheduler:
             if need > self.block_manager.num_free_after_acquiring(prefix):
                 break
             self.waiting.popleft()
+            self.num_queued_tokens -= req.num_known_tokens
             self.block_manager.acquire_prefix(req, prefix)
             req.num_computed_tokens = req.num_cached_tokens = num_cached
             self.block_manager.allocate(req, num_cached + num_new)
@@ -220,6 +224,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+        self.num_queued_tokens += req.num_known_tokens
 
     def _reset_for_recompute(self, req: Request) -> None:
         self.block_manager.free(req)

@@ -43,6 +43,20 @@ def test_sigterm_lets_running_streams_finish(env):
     try:
         with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
             client.wait_until_serving(timeout=120)
+            target = ["--target", f"127.0.0.1:{port}"]
+            generate = subprocess.run(
+                [sys.executable, "-m", "kvray.cluster.cli", "generate", "Hello", "--max-tokens", "5",
+                 "--temperature", "0", *target], env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert generate.returncode == 0, generate.stderr
+            assert "[length; 3 prompt + 5 completion tokens]" in generate.stderr
+            status = subprocess.run(
+                [sys.executable, "-m", "kvray.cluster.cli", "status", *target],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert (
+                status.returncode == 0 and "replica-0" in status.stdout and "READY" in status.stdout
+            )
             stream = client.stream("Hello", temperature=0, max_tokens=200, ignore_eos=True)
             tokens = list(next(stream).token_ids)
             server.send_signal(signal.SIGTERM)

@@ -86,6 +86,22 @@ def test_preemption_recomputes_exactly(pipelined):
     assert engine.block_manager.num_free_blocks == 24
 
 
+def test_queued_token_count_follows_the_queue_through_preemption_and_abort():
+    engine, worker = make(num_kv_blocks=24, max_model_len=96)
+    for p in PROMPTS:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    sched = engine.scheduler
+    for step in range(200):
+        assert sched.num_queued_tokens == sum(r.num_known_tokens for r in sched.waiting)
+        if not engine.has_unfinished():
+            break
+        engine.process(worker.step(engine.schedule()))
+        if step == 5:
+            engine.abort("req-4")
+    assert sched.num_preemptions > 0
+    assert sched.num_queued_tokens == 0
+
+
 def test_max_tokens_finishes_with_length():
     engine, worker = make()
     engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
