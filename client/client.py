@@ -17,25 +17,8 @@ from kvray.client.errors import KvrayError, from_rpc_error
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 
-_SAMPLING = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "n",
-)
-_STOPPING = (
-    "max_tokens",
-    "min_tokens",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "include_stop_str_in_output",
-)
+_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+_STOPPING = tuple(f.name for f in pb.StoppingCriteria.DESCRIPTOR.fields)
 _FINISH = {1: "stop", 2: "length", 3: "abort"}
 
 

@@ -39,19 +39,9 @@ def sampling_params_from_proto(req: pb.GenerateRequest) -> SamplingParams:
         ValueError: a field out of range (the message names it).
     """
     kwargs: dict[str, Any] = {}
-    for name in (
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "n",
-    ):
-        if req.sampling.HasField(name):
-            kwargs[name] = getattr(req.sampling, name)
+    for field in pb.SamplingParams.DESCRIPTOR.fields:  # all optional: unset takes the default
+        if req.sampling.HasField(field.name):
+            kwargs[field.name] = getattr(req.sampling, field.name)
     stopping = req.stopping
     if stopping.HasField("max_tokens"):
         kwargs["max_tokens"] = stopping.max_tokens

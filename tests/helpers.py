@@ -7,6 +7,23 @@ from collections import defaultdict
 from kvray.cluster.engine import CompletionChunk, EngineCore
 
 
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Hugging Face `generate(do_sample=False)` on one prompt: the reference for greedy parity."""
+    import torch
+
+    ids = torch.tensor([prompt], device=model.device)
+    with torch.no_grad():
+        # NOTE: an explicit mask, or generate() treats prompt tokens equal to pad as padding.
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def drive(engine: EngineCore, worker, *, pipelined: bool = False, max_steps: int = 10_000):
     """Run until every request finishes. Returns {(request_id, index): [chunks]}.
 

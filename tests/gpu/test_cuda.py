@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvray import LLM, SamplingParams
+from tests.helpers import hf_greedy
 
 pytestmark = pytest.mark.gpu
 
@@ -23,14 +24,7 @@ def test_cuda_fp32_greedy_matches_hf_generate(arch, model_cache_dir):
     model = AutoModelForCausalLM.from_pretrained(llm.engine.info.model, dtype=torch.float32).cuda()
     model.generation_config.eos_token_id = None
     for p, out in zip(prompts, outputs):
-        ids = torch.tensor([p], device="cuda")
-        ref = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=32,
-            do_sample=False,
-            pad_token_id=0,
-        )[0, len(p) :].tolist()
+        ref = hf_greedy(model, p, 32)
         assert out.token_ids == ref, f"{len(p)} tokens:\n kvray: {out.token_ids}\n    hf: {ref}"
 
 

@@ -14,6 +14,7 @@ from kvray.client import (
     KvrayClient,
     OverloadedError,
 )
+from tests.helpers import hf_greedy
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
@@ -42,19 +43,6 @@ def hf_model(tiny_model_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def test_health_reports_serving(client):

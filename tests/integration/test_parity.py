@@ -8,6 +8,7 @@ import torch
 
 from kvray import LLM, SamplingParams
 from tests.conftest import ARCH_NAMES
+from tests.helpers import hf_greedy
 
 PROMPT_LENS = [1, 9, 33, 120, 200]
 MAX_NEW = 32
@@ -27,19 +28,7 @@ def case(request, model_cache_dir):
     g = torch.Generator().manual_seed(len(request.param))
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    refs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            # NOTE: an explicit mask, or generate() treats prompt tokens equal to pad as padding.
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            refs.append(out[0, len(p) :].tolist())
+    refs = [hf_greedy(model, p, MAX_NEW) for p in prompts]
     return request.param, prompts, refs
 
 
