@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from kvray.client.client import KvrayClient
 from kvray.client.errors import KvrayError
@@ -78,4 +79,11 @@ def status(args: argparse.Namespace) -> int:
             f"{r.num_preemptions:>7}  {r.device}"
         )
     print(f"queue depth {st.queue_depth}, running {st.num_running}")
+    if st.min_replicas != st.max_replicas:
+        print(
+            f"autoscaling: [{st.min_replicas}, {st.max_replicas}] replicas, target {st.target_replicas}"
+        )
+        for d in st.recent_decisions[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(d.time_unix))
+            print(f"  {when} {d.from_replicas} -> {d.to_replicas}: {d.reason}")
     return 0

@@ -91,10 +91,22 @@ class ReplicaStatus:
 
 
 @dataclass
+class ScalingDecision:
+    time_unix: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+@dataclass
 class ClusterStatus:
     replicas: list[ReplicaStatus]
     queue_depth: int
     num_running: int
+    min_replicas: int = 0
+    max_replicas: int = 0
+    target_replicas: int = 0
+    recent_decisions: list[ScalingDecision] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +210,13 @@ def _status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:
         ],
         queue_depth=resp.queue_depth,
         num_running=resp.num_running,
+        min_replicas=resp.min_replicas,
+        max_replicas=resp.max_replicas,
+        target_replicas=resp.target_replicas,
+        recent_decisions=[
+            ScalingDecision(d.time_unix, d.from_replicas, d.to_replicas, d.reason)
+            for d in resp.recent_decisions
+        ],
     )
 
 

@@ -57,6 +57,13 @@ _SERVE_FLAGS = {  # flag -> (type, help); unset flags leave the config file / en
     "max_num_batched_tokens": (int, "tokens per step (default 2048)"),
     "num_kv_blocks": (int, "KV blocks per replica (default: from memory)"),
     "block_size": (int, "tokens per KV block (default 16)"),
+    "min_replicas": (int, "autoscaling lower bound (default: --replicas; 0 allows scale to zero)"),
+    "max_replicas": (int, "autoscaling upper bound (default: --replicas, no autoscaling)"),
+    "target_ongoing_requests": (float, "running + queued requests per replica to aim for (16)"),
+    "target_kv_cache_usage": (float, "KV-cache use per replica to aim for (0.8)"),
+    "target_ttft_s": (float, "p90 time to first token to aim for (default: not used)"),
+    "upscale_delay_s": (float, "seconds above target before adding replicas (5)"),
+    "downscale_delay_s": (float, "seconds below target before draining replicas (60)"),
 }
 
 

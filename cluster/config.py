@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvray.cluster.autoscaler import AutoscalingConfig
 from kvray.cluster.scheduler import SchedulerConfig
 from kvray.workers.config import WorkerConfig
 
@@ -55,10 +56,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """The serving cluster. Every engine option is also accepted (flat) by `load`."""
+    """The serving cluster. `load` takes every field of the nested configs as a flat key."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    replicas: int = 1  # worker actors started at launch
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    replicas: int = 1  # worker actors started at launch (min/max_replicas bound them later)
     host: str = "0.0.0.0"  # gRPC listen address
     port: int = 50051  # gRPC port; 0 picks a free one
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
@@ -78,6 +80,11 @@ class ClusterConfig:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.cpus_per_replica < 0 or (self.gpus_per_replica or 0) < 0:
             raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
+        low, high = self.autoscaling.bounds(self.replicas)
+        if not low <= self.replicas <= high:
+            raise ValueError(
+                f"replicas={self.replicas} must be within [min_replicas, max_replicas] = [{low}, {high}]"
+            )
 
     @property
     def model(self) -> str:
@@ -116,9 +123,17 @@ def load(
         raise ValueError(
             f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(types_by_key))}"
         )
-    cluster_keys = _field_names(ClusterConfig) - {"engine"}
-    engine = EngineConfig.from_kwargs(**{k: v for k, v in merged.items() if k not in cluster_keys})
-    return ClusterConfig(engine=engine, **{k: v for k, v in merged.items() if k in cluster_keys})
+    cluster_keys = _field_names(ClusterConfig) - {"engine", "autoscaling"}
+    scaling_keys = _field_names(AutoscalingConfig)
+    engine = EngineConfig.from_kwargs(
+        **{k: v for k, v in merged.items() if k not in cluster_keys | scaling_keys}
+    )
+    autoscaling = AutoscalingConfig(**{k: v for k, v in merged.items() if k in scaling_keys})
+    return ClusterConfig(
+        engine=engine,
+        autoscaling=autoscaling,
+        **{k: v for k, v in merged.items() if k in cluster_keys},
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -132,9 +147,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _key_types() -> dict[str, Any]:
     hints: dict[str, Any] = {}
-    for cls in (WorkerConfig, SchedulerConfig, ClusterConfig):
+    for cls in (WorkerConfig, SchedulerConfig, AutoscalingConfig, ClusterConfig):
         hints.update(typing.get_type_hints(cls))
     hints.pop("engine")
+    hints.pop("autoscaling")
     hints["cache_dir"] = str | None
     return hints
 

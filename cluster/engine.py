@@ -131,11 +131,20 @@ class EngineCore:
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> str:
         """Validate and queue a request (n sequences). Returns its id. Raises ValueError."""
-        token_ids = self.tokenize(prompt)
-        self.check_params(params)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.adopt(self.make_group(prompt, params, request_id))
+        return request_id
+
+    def make_group(self, prompt: Prompt, params: SamplingParams, request_id: str) -> RequestGroup:
+        """A validated request's sequences, not queued anywhere (see `adopt`). Raises ValueError.
+
+        Needs only the model's limits and tokenizer, so the router can build a request before
+        any replica can take it (scale from zero).
+        """
+        token_ids = self.tokenize(prompt)
+        self.check_params(params)
         group = RequestGroup(request_id, token_ids)
         now = time.monotonic()
         for index in range(params.n):
@@ -151,7 +160,6 @@ class EngineCore:
                 index=index,
                 arrival_time=now,
             )
-            group.seqs.append(req)
             if self.tokenizer is not None:
                 req.detokenizer = Detokenizer(
                     self.tokenizer,
@@ -160,9 +168,8 @@ class EngineCore:
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
                 )
-            self.scheduler.add(req)
-        self._groups[request_id] = group
-        return request_id
+            group.seqs.append(req)
+        return group
 
     def abort(self, request_id: str) -> list[CompletionChunk]:
         """End every sequence of a request now; returns their final (ABORT) chunks."""
@@ -190,8 +197,8 @@ class EngineCore:
         return groups
 
     def adopt(self, group: RequestGroup) -> None:
-        """Continue a request taken from another replica: each unfinished sequence is recomputed
-        from its prompt and the tokens it already streamed, then goes on where it stopped."""
+        """Queue a request group: a new one (`make_group`), or one taken from another replica,
+        whose unfinished sequences are recomputed from prompt + streamed tokens and go on."""
         self._groups[group.request_id] = group
         for req in group.seqs:
             if not req.is_finished:

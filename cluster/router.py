@@ -2,7 +2,8 @@
 
 Runs in one asyncio loop in the router process. Each replica has its own EngineCore (scheduler,
 block manager, detokenizers) and step loop (`replica.py`); the router decides which replica a
-request goes to and moves requests when a replica dies.
+request goes to, moves requests when a replica dies or drains, and (with `scaling.py`) how many
+replicas run.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.engine import CompletionChunk, EngineCore, Prompt, RequestGroup
 from kvray.cluster.errors import OverloadedError, RequestFailedError, UnavailableError
 from kvray.cluster.replica import ReplicaHandle, ReplicaState
+from kvray.cluster.scaling import ScalingController
+from kvray.cluster.streams import RequestStream, coalesce
 from kvray.workers.protocol import SamplingParams, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -29,42 +31,6 @@ logger = logging.getLogger(__name__)
 MAX_FAILOVERS = 3  # a request moved this many times fails instead (a worker bug, not bad luck)
 MAX_SESSIONS = 100_000  # session -> replica entries kept (least recently used dropped)
 SESSION_IMBALANCE = 1.0  # leave a session's replica when it has a full step more queued work
-
-
-@dataclass(eq=False)
-class RequestStream:
-    """The router's end of one client stream: chunks of the request's n samples, in order."""
-
-    request_id: str
-    num_samples: int
-    replica_id: str | None = None
-    queue: asyncio.Queue[CompletionChunk | BaseException] = field(default_factory=asyncio.Queue)
-    num_finished: int = 0
-    num_failovers: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.num_finished == self.num_samples
-
-
-def _coalesce(
-    items: list[CompletionChunk | BaseException],
-) -> list[CompletionChunk | BaseException]:
-    """Merge consecutive chunks of the same sample (a slow consumer then gets fewer messages)."""
-    merged: list[CompletionChunk | BaseException] = []
-    for item in items:
-        last = merged[-1] if merged else None
-        if (
-            isinstance(item, CompletionChunk)
-            and isinstance(last, CompletionChunk)
-            and last.index == item.index
-            and last.finish_reason is None
-        ):
-            merged[-1] = last.merge(item)
-        else:
-            merged.append(item)
-    return merged
 
 
 class Router:
@@ -82,14 +48,17 @@ class Router:
         self.replicas: dict[str, ReplicaHandle] = {}
         self.info: WorkerInfo | None = None
         self.tokenizer: Any | None = None
+        # Validates and builds requests when no replica is ready (scale from zero).
+        self._template: EngineCore | None = None
         self._streams: dict[str, RequestStream] = {}
-        self._unassigned: deque[RequestGroup] = deque()  # moved requests waiting for a replica
+        self._unassigned: deque[RequestGroup] = deque()  # requests waiting for a replica
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._replica_ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._first_ready = asyncio.Lock()
-        self.num_moved_requests = 0  # requests continued on another replica after a failure
+        self.num_moved_requests = 0  # requests continued on another replica
+        self.scaling = ScalingController(self)
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
 
     # ------------------------------------------------------------------ replicas
@@ -102,6 +71,8 @@ class Router:
         if len(failures) == len(results):
             raise failures[0]
         self._background(self._health_loop())
+        if self.scaling.is_enabled:
+            self._background(self.scaling.run())
 
     async def launch_replica(self) -> ReplicaHandle:
         """Create a worker actor, wait for its warmup, then let it take requests."""
@@ -122,12 +93,16 @@ class Router:
                         None, self._load_tokenizer, info
                     )
                     self.info = info
+                    self._template = EngineCore(info, self.config.engine.scheduler, self.tokenizer)
         except Exception:
             handle.state = ReplicaState.DEAD
             self.replicas.pop(replica_id, None)
             self._kill(handle)
             logger.exception("%s: failed to start", replica_id)
             raise
+        if self._closing or replica_id not in self.replicas:
+            self._kill(handle)  # shut down (or given up on) while it was starting
+            raise UnavailableError(f"{replica_id} is no longer wanted")
         handle.start_loop(EngineCore(info, self.config.engine.scheduler, self.tokenizer))
         logger.info(
             "%s: ready on %s, %d KV blocks of %d tokens, started in %.1fs",
@@ -138,53 +113,82 @@ class Router:
             time.monotonic() - handle.started_at,
         )
         self._assign_unassigned()
-        self.on_ready_change(True)
+        self._update_ready()
         return handle
 
     def ready_replicas(self) -> list[ReplicaHandle]:
         return [r for r in self.replicas.values() if r.state is ReplicaState.READY]
+
+    @property
+    def is_serving(self) -> bool:
+        """Whether a request can be taken now: a replica is ready, or one can be started for it."""
+        if self.ready_replicas():
+            return True
+        return self._template is not None and self.scaling.can_scale_from_zero
+
+    def _update_ready(self) -> None:
+        self.on_ready_change(self.is_serving)
 
     def _on_replica_failure(self, replica: ReplicaHandle, exc: BaseException) -> None:
         """A replica's actor died or a step failed: move its requests, then replace it."""
         if self._closing or replica.has_failed or replica.engine is None:
             return  # shutting down, or already handled (the step loop and a health check both saw it)
         replica.has_failed = True
+        was_draining = replica.state is ReplicaState.DRAINING
         logger.error(
             "%s failed (%s: %s); moving its requests", replica.replica_id, type(exc).__name__, exc
         )
         replica.state = ReplicaState.DEAD
         replica.cancel()
         self._kill(replica)
-        moved = replica.engine.take_unfinished()
-        for group in moved:
+        self.replicas.pop(replica.replica_id, None)
+        self._requeue(replica.engine.take_unfinished(), count_failover=True)
+        self._update_ready()
+        if not was_draining:
+            self._background(self._replace())
+
+    async def _replace(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.launch_replica()
+        if not self.ready_replicas() and not self.scaling.can_scale_from_zero:
+            # Nothing came back: the moved requests cannot continue anywhere.
+            self.fail_unassigned(lambda stream: True, "no healthy replica to continue the request")
+
+    async def drain_replica(self, replica: ReplicaHandle, timeout_s: float) -> None:
+        """Take no new requests, let running ones finish (up to `timeout_s`), move the rest
+        to other replicas (recomputed from prompt + streamed tokens), then stop the actor."""
+        replica.state = ReplicaState.DRAINING
+        logger.info("%s: draining", replica.replica_id)
+        deadline = time.monotonic() + timeout_s
+        engine = replica.engine
+        while engine is not None and engine.has_unfinished() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if replica.has_failed:
+            return  # its failure handling already moved its requests
+        if engine is not None and engine.has_unfinished():
+            logger.info("%s: drain timeout; moving its requests", replica.replica_id)
+            self._requeue(engine.take_unfinished(), count_failover=False)
+        self.replicas.pop(replica.replica_id, None)
+        await replica.stop()
+        self._kill(replica)
+        logger.info("%s: stopped", replica.replica_id)
+        self._update_ready()
+
+    def _requeue(self, groups: list[RequestGroup], *, count_failover: bool) -> None:
+        for group in groups:
             stream = self._streams.get(group.request_id)
             if stream is None:
                 continue
-            stream.num_failovers += 1
+            stream.replica_id = None
+            stream.num_failovers += count_failover
             if stream.num_failovers > MAX_FAILOVERS:
                 self._fail(
                     stream, RequestFailedError(f"request failed on {MAX_FAILOVERS} replicas")
                 )
             else:
                 self._unassigned.append(group)
-        self.replicas.pop(replica.replica_id, None)
+                self.num_moved_requests += 1
         self._assign_unassigned()
-        if not self.ready_replicas():
-            self.on_ready_change(False)
-        self._background(self._replace(replica))
-
-    async def _replace(self, dead: ReplicaHandle) -> None:
-        with contextlib.suppress(Exception):
-            await self.launch_replica()
-        if not self.ready_replicas():
-            # Nothing came back: the moved requests cannot continue anywhere.
-            while self._unassigned:
-                group = self._unassigned.popleft()
-                stream = self._streams.get(group.request_id)
-                if stream is not None:
-                    self._fail(
-                        stream, UnavailableError("no healthy replica to continue the request")
-                    )
 
     def _assign_unassigned(self) -> None:
         while self._unassigned:
@@ -197,10 +201,19 @@ class Router:
                 continue
             assert replica.engine is not None
             replica.engine.adopt(group)
-            self.num_moved_requests += 1
             stream.replica_id = replica.replica_id
             replica.wake()
-            logger.info("%s continues on %s", group.request_id, replica.replica_id)
+
+    def fail_unassigned(self, should_fail: Callable[[RequestStream], bool], message: str) -> None:
+        """End waiting-for-a-replica requests whose stream `should_fail` selects (UNAVAILABLE)."""
+        keep: deque[RequestGroup] = deque()
+        for group in self._unassigned:
+            stream = self._streams.get(group.request_id)
+            if stream is not None and should_fail(stream):
+                self._fail(stream, UnavailableError(message))
+            elif stream is not None:
+                keep.append(group)
+        self._unassigned = keep
 
     def _kill(self, replica: ReplicaHandle) -> None:
         import ray
@@ -221,11 +234,10 @@ class Router:
 
     def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Token ids of a valid prompt. Raises ValueError (bad input) or UnavailableError."""
-        engine = next((r.engine for r in self.ready_replicas() if r.engine is not None), None)
-        if engine is None:
-            raise UnavailableError("no replica is ready; retry shortly")
-        token_ids = engine.tokenize(prompt)
-        engine.check_params(params)
+        if self._template is None:
+            raise UnavailableError("no replica has started yet; retry shortly")
+        token_ids = self._template.tokenize(prompt)
+        self._template.check_params(params)
         return token_ids
 
     def submit(
@@ -236,12 +248,14 @@ class Router:
         request_id: str | None = None,
         session_id: str | None = None,
     ) -> RequestStream:
-        """Validate and queue a request on a replica. Nothing is queued when this raises.
+        """Validate and queue a request on a replica (or, with none ready, until one is).
+
+        Nothing is queued when this raises.
 
         Raises:
             ValueError: invalid prompt or parameters.
             OverloadedError: the queue is full.
-            UnavailableError: no replica is ready.
+            UnavailableError: no replica is ready and none can be started.
         """
         token_ids = self.validate(prompt, params)
         if self.num_waiting >= self.config.max_queued_requests:
@@ -253,13 +267,23 @@ class Router:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         replica = self._pick(session_id)
-        if replica is None or replica.engine is None:
+        if replica is None and not self.scaling.can_scale_from_zero and not self._is_starting():
             raise UnavailableError("no replica is ready; retry shortly")
-        stream = RequestStream(request_id, params.n, replica.replica_id)
-        replica.engine.add_request(token_ids, params, request_id=request_id)
+        assert self._template is not None
+        group = self._template.make_group(token_ids, params, request_id)
+        stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
-        replica.wake()
+        if replica is None:
+            self._unassigned.append(group)  # a replica is starting, or scaling starts one
+        else:
+            assert replica.engine is not None
+            replica.engine.adopt(group)
+            stream.replica_id = replica.replica_id
+            replica.wake()
         return stream
+
+    def _is_starting(self) -> bool:
+        return any(r.state is ReplicaState.STARTING for r in self.replicas.values())
 
     async def generate(
         self,
@@ -276,7 +300,7 @@ class Router:
                 items = [await stream.queue.get()]
                 while not stream.queue.empty():  # fell behind: send what piled up as one chunk
                     items.append(stream.queue.get_nowait())
-                for item in _coalesce(items):
+                for item in coalesce(items):
                     if isinstance(item, BaseException):
                         raise item
                     yield item
@@ -295,10 +319,14 @@ class Router:
         self._unassigned = deque(g for g in self._unassigned if g.request_id != request_id)
 
     def _publish(self, replica: ReplicaHandle, chunks: list[CompletionChunk]) -> None:
+        now = time.monotonic()
         for chunk in chunks:
             stream = self._streams.get(chunk.request_id)
             if stream is None:
                 continue
+            if stream.first_token_time is None:
+                stream.first_token_time = now
+                self.scaling.record_ttft(now, now - stream.arrival_time)
             stream.queue.put_nowait(chunk)
             if chunk.finish_reason is not None:
                 stream.num_finished += 1
@@ -334,34 +362,22 @@ class Router:
 
     @property
     def num_waiting(self) -> int:
-        waiting = sum(r.engine.scheduler.num_waiting for r in self.ready_replicas() if r.engine)
+        """Requests not running yet: queued on a replica or waiting for one."""
+        waiting = sum(r.engine.scheduler.num_waiting for r in self.replicas.values() if r.engine)
         return waiting + len(self._unassigned)
 
+    @property
+    def num_unassigned(self) -> int:
+        """Requests waiting for a replica (none ready, or moved from a failed/drained one)."""
+        return len(self._unassigned)
+
     def status(self) -> dict[str, Any]:
-        replicas = []
-        for r in self.replicas.values():
-            engine = r.engine
-            replicas.append(
-                {
-                    "replica_id": r.replica_id,
-                    "state": r.state.value,
-                    "device": r.info.device if r.info else "",
-                    "num_waiting": engine.scheduler.num_waiting if engine else 0,
-                    "num_running": engine.scheduler.num_running if engine else 0,
-                    "kv_blocks_used": (
-                        engine.block_manager.num_blocks - engine.block_manager.num_free_blocks
-                        if engine
-                        else 0
-                    ),
-                    "kv_blocks_total": engine.block_manager.num_blocks if engine else 0,
-                    "num_preemptions": engine.scheduler.num_preemptions if engine else 0,
-                    "num_finished_requests": engine.num_finished_requests if engine else 0,
-                }
-            )
+        replicas = [_replica_status(r) for r in self.replicas.values()]
         return {
             "replicas": replicas,
             "queue_depth": len(self._unassigned),
-            "num_running": sum(r["num_running"] for r in replicas),
+            "num_running": sum(r.get("num_running", 0) for r in replicas),
+            **self.scaling.status(),
         }
 
     # ------------------------------------------------------------------ shutdown
@@ -385,7 +401,29 @@ class Router:
             self._kill(replica)
         self.replicas.clear()
 
+    def background(self, coro: Any) -> None:
+        """Run `coro` as a task the router owns (cancelled at shutdown)."""
+        self._background(coro)
+
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _replica_status(r: ReplicaHandle) -> dict[str, Any]:
+    engine = r.engine
+    if engine is None:
+        return {"replica_id": r.replica_id, "state": r.state.value, "device": ""}
+    blocks = engine.block_manager
+    return {
+        "replica_id": r.replica_id,
+        "state": r.state.value,
+        "device": r.info.device if r.info else "",
+        "num_waiting": engine.scheduler.num_waiting,
+        "num_running": engine.scheduler.num_running,
+        "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
+        "kv_blocks_total": blocks.num_blocks,
+        "num_preemptions": engine.scheduler.num_preemptions,
+        "num_finished_requests": engine.num_finished_requests,
+    }

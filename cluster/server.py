@@ -158,8 +158,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         status = self.router.status()
         return pb.ClusterStatus(
             replicas=[pb.ReplicaStatus(**r) for r in status["replicas"]],
-            queue_depth=status["queue_depth"],
-            num_running=status["num_running"],
+            recent_decisions=[pb.ScalingDecision(**d) for d in status["recent_decisions"]],
+            **{k: v for k, v in status.items() if k not in ("replicas", "recent_decisions")},
         )
 
 
@@ -194,6 +194,6 @@ async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.ai
 
     loop = asyncio.get_running_loop()
     router.on_ready_change = lambda ready: loop.create_task(set_ready(ready)) and None
-    await set_ready(bool(router.ready_replicas()))
+    await set_ready(router.is_serving)
     await server.start()
     return server, bound

@@ -179,12 +179,32 @@ class ReplicaStatus(_message.Message):
     num_finished_requests: int
     def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ...) -> None: ...
 
+class ScalingDecision(_message.Message):
+    __slots__ = ("time_unix", "from_replicas", "to_replicas", "reason")
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FROM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TO_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time_unix: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    def __init__(self, time_unix: _Optional[float] = ..., from_replicas: _Optional[int] = ..., to_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ClusterStatus(_message.Message):
-    __slots__ = ("replicas", "queue_depth", "num_running")
+    __slots__ = ("replicas", "queue_depth", "num_running", "min_replicas", "max_replicas", "target_replicas", "recent_decisions")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     queue_depth: int
     num_running: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ...) -> None: ...
+    min_replicas: int
+    max_replicas: int
+    target_replicas: int
+    recent_decisions: _containers.RepeatedCompositeFieldContainer[ScalingDecision]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., recent_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ...) -> None: ...
