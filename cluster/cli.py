@@ -80,8 +80,26 @@ def _serve(args: argparse.Namespace) -> int:
     from kvray.cluster.serve import serve
 
     flags = {name: getattr(args, name) for name in _SERVE_FLAGS}
+    if args.ray_serve:
+        return _serve_with_ray_serve(flags, args.config)
     config = cluster_config.load(flags, config_file=args.config)
     asyncio.run(serve(config))
+    return 0
+
+
+def _serve_with_ray_serve(flags: dict, config_file: str | None) -> int:
+    """Deploy `kvray.cluster.app:app` through Ray Serve, as a RayService does, and block."""
+    from ray import serve
+
+    from kvray.cluster import config as cluster_config
+    from kvray.cluster.app import app
+    from kvray.cluster.serve import init_ray
+
+    args = {k: v for k, v in flags.items() if v is not None}
+    if config_file:
+        args["config"] = config_file
+    init_ray(cluster_config.load(flags, config_file=config_file))
+    serve.run(app(args), name="kvray", route_prefix="/kvray", blocking=True)
     return 0
 
 
@@ -136,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="start a cluster and serve gRPC")
     p.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    p.add_argument(
+        "--ray-serve",
+        action="store_true",
+        help="run the router as the Ray Serve application kvray.cluster.app:app (as on KubeRay)",
+    )
     for name, (kind, text) in _SERVE_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
     p.set_defaults(func=_serve)

@@ -25,6 +25,7 @@ from kvray.workers.protocol import SamplingParams
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+LIVENESS_SERVICE = "kvray.liveness"  # grpc.health.v1 service name for liveness probes
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,
     FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
@@ -182,6 +183,10 @@ async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.ai
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+
+    # Liveness: SERVING while this server runs, whatever the replicas do (a probe on it must not
+    # restart a router that is only waiting for workers).
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def set_ready(ready: bool) -> None:
         state = (

@@ -1,0 +1,63 @@
+"""kvray as a Ray Serve application, for KubeRay's RayService (`import_path: kvray.cluster.app:app`).
+
+One Serve replica hosts the whole router: its gRPC server listens on `port` inside that replica
+(no Ray hop per token), and it creates the worker actors itself. Serve deploys it, restarts it
+when `check_health` fails, and upgrades it. Its HTTP route answers with the cluster status.
+
+`app` is an application builder: Serve calls it with the config's `args`, which are kvray
+settings (the same keys as the YAML file, `KVRAY_*` and `kvray serve` flags), plus `config`
+for a YAML file path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from kvray.cluster.config import ClusterConfig, load
+from kvray.cluster.serve import Cluster
+
+ROUTER_RESOURCE = "kvray-router"  # a custom resource on the pod whose Service exposes gRPC
+
+
+@serve.deployment(
+    num_replicas=1,
+    max_ongoing_requests=100,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=60,
+)
+class KvrayRouter:
+    async def __init__(self, config: ClusterConfig) -> None:
+        self.cluster = Cluster(config)
+        await self.cluster.start()
+
+    async def check_health(self) -> None:
+        router = self.cluster.router
+        if router is None or not router.is_serving:
+            raise RuntimeError("no kvray replica is ready")
+
+    async def __call__(self, request: Any) -> dict[str, Any]:
+        assert self.cluster.router is not None
+        return self.cluster.router.status()
+
+    async def __del__(self) -> None:
+        await self.cluster.stop()
+
+
+def app(args: dict[str, Any] | None = None) -> Any:
+    """Build the application from Serve `args` (kvray settings). Raises ValueError on bad ones."""
+    settings = dict(args or {})
+    config_file = settings.pop("config", None)
+    config = load(settings, config_file=config_file)
+    options: dict[str, Any] = {"num_cpus": 0}
+    if _has_router_resource():  # pin the router to the pod that its Service selects
+        options["resources"] = {ROUTER_RESOURCE: 1}
+    return KvrayRouter.options(ray_actor_options=options).bind(config)
+
+
+def _has_router_resource() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get(ROUTER_RESOURCE, 0) >= 1

@@ -1,0 +1,161 @@
+"""Offline checks of k8s/: every overlay renders and validates; deliberately broken manifests
+fail with a message that names the field."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.k8s import validate as v
+
+OVERLAYS = ["cpu-dev", "gpu"]
+K8S = v.ROOT / "k8s"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is a dev dependency"
+)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request):
+    return v.render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def cpu_dev():
+    return v.render(K8S / "overlays" / "cpu-dev")
+
+
+def test_crds_are_beside_the_project():
+    assert (v.CRD_DIR / "ray.io_rayservices.yaml").exists(), v.CRD_DIR
+
+
+def test_overlay_is_valid(rendered):
+    assert v.validate(rendered) == []
+    kinds = sorted(d["kind"] for d in rendered)
+    assert {"ConfigMap", "RayService", "Service"} <= set(kinds)
+
+
+def test_gpu_overlay_asks_for_gpus_and_mounts_the_models(request):
+    docs = v.render(K8S / "overlays" / "gpu")
+    group = v.ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert v.find(docs, "PersistentVolumeClaim", "kvray-models") is not None
+
+
+def head_container(docs):
+    return v.ray_head(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"
+    ][0]
+
+
+def worker_group(docs):
+    return v.ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+
+
+def set_config(docs, **settings):
+    cm = v.find(docs, "ConfigMap", "kvray-config")
+    data = yaml.safe_load(cm["data"]["config.yaml"])
+    data.update(settings)
+    cm["data"]["config.yaml"] = yaml.safe_dump(data)
+
+
+def set_serve(docs, mutate):
+    service = v.ray_head(docs)
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    mutate(config)
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+
+BROKEN = {
+    "unknown RayService field": (
+        lambda d: v.ray_head(d)["spec"]["rayClusterConfig"].update(enableAutoscaling=True),
+        "Additional properties are not allowed ('enableAutoscaling'",
+    ),
+    "int-or-string of the wrong type": (
+        lambda d: head_container(d).update(readinessProbe={"httpGet": {"port": 1.5, "path": "/"}}),
+        "readinessProbe",
+    ),
+    "GPU request differs from limit": (
+        lambda d: worker_group(d)["template"]["spec"]["containers"][0]["resources"].update(
+            requests={"nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "2"}
+        ),
+        "nvidia.com/gpu requests (1) must equal limits (2)",
+    ),
+    "bad quantity": (
+        lambda d: head_container(d)["resources"]["requests"].update(memory="4 GiB"),
+        "resources.requests.memory: '4 GiB' is not a quantity",
+    ),
+    "replicas above maxReplicas": (
+        lambda d: worker_group(d).update(replicas=5, maxReplicas=2),
+        "need minReplicas <= replicas <= maxReplicas, got 1 <= 5 <= 2",
+    ),
+    "name not DNS-1035": (
+        lambda d: v.find(d, "Service", "kvray-grpc")["metadata"].update(name="kvray_grpc"),
+        "metadata.name: 'kvray_grpc' is not a DNS-1035 label",
+    ),
+    "selector misses the head pod": (
+        lambda d: v.find(d, "Service", "kvray-grpc")["spec"].update(selector={"app": "nope"}),
+        "spec.selector {'app': 'nope'} does not match the head pod labels",
+    ),
+    "Service port not the router's": (
+        lambda d: set_config(d, port=50052),
+        "the router listens on 50052",
+    ),
+    "rayVersion differs from the pin": (
+        lambda d: v.ray_head(d)["spec"]["rayClusterConfig"].update(rayVersion="2.59.0"),
+        "rayClusterConfig.rayVersion: '2.59.0' differs from the ray[serve]==",
+    ),
+    "import path does not import": (
+        lambda d: set_serve(
+            d, lambda c: c["applications"][0].update(import_path="kvray.cluster.nope:app")
+        ),
+        "import_path: 'kvray.cluster.nope:app' does not import",
+    ),
+    "unknown kvray setting in the ConfigMap": (
+        lambda d: set_config(d, max_replica=3),
+        "unknown config key(s) max_replica",
+    ),
+    "unknown Serve application key": (
+        lambda d: set_serve(d, lambda c: c["applications"][0].update(replicas=2)),
+        "unknown key 'replicas'",
+    ),
+    "unknown Service field (strict core validation)": (
+        lambda d: v.find(d, "Service", "kvray-grpc")["spec"].update(clusterIPz="None"),
+        "clusterIPz",
+    ),
+    "liveness probe not gRPC": (
+        lambda d: head_container(d).update(livenessProbe={"tcpSocket": {"port": 6379}}),
+        "livenessProbe: must be a grpc.health.v1 probe",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_manifest_fails_naming_the_field(cpu_dev, case):
+    mutate, expected = BROKEN[case]
+    docs = copy.deepcopy(cpu_dev)
+    mutate(docs)
+    errors = v.validate(docs)
+    assert any(expected in e for e in errors), errors
+
+
+def test_dockerfile_is_hadolint_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is a dev dependency")
+    import subprocess
+
+    result = subprocess.run([hadolint, str(K8S / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_takes_a_base_image_argument():
+    text = Path(K8S / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in text and "FROM ${BASE_IMAGE}" in text
