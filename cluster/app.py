@@ -29,7 +29,7 @@ ROUTER_RESOURCE = "kvray-router"  # a custom resource on the pod whose Service e
     graceful_shutdown_timeout_s=60,
 )
 class KvrayRouter:
-    async def __init__(self, config: ClusterConfig) -> None:
+    async def __init__(self, config: ClusterConfig) -> None:  # type: ignore[misc]  # Serve awaits it
         self.cluster = Cluster(config)
         await self.cluster.start()
 
@@ -54,7 +54,7 @@ def app(args: dict[str, Any] | None = None) -> Any:
     options: dict[str, Any] = {"num_cpus": 0}
     if _has_router_resource():  # pin the router to the pod that its Service selects
         options["resources"] = {ROUTER_RESOURCE: 1}
-    return KvrayRouter.options(ray_actor_options=options).bind(config)
+    return KvrayRouter.options(ray_actor_options=options).bind(config)  # type: ignore[attr-defined]
 
 
 def _has_router_resource() -> bool:
