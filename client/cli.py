@@ -78,7 +78,10 @@ def status(args: argparse.Namespace) -> int:
             f"{r.replica_id:<12} {r.state:<9} {r.num_waiting:>7} {r.num_running:>7} {kv:>15} "
             f"{r.num_preemptions:>7}  {r.device}"
         )
-    print(f"queue depth {st.queue_depth}, running {st.num_running}")
+    print(
+        f"queue depth {st.queue_depth}, running {st.num_running}; requests moved after a failure"
+        f" or drain {st.num_moved_requests}, queued requests rebalanced {st.num_rebalanced_requests}"
+    )
     if st.min_replicas != st.max_replicas:
         print(
             f"autoscaling: [{st.min_replicas}, {st.max_replicas}] replicas, target {st.target_replicas}"

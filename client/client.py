@@ -107,6 +107,8 @@ class ClusterStatus:
     max_replicas: int = 0
     target_replicas: int = 0
     recent_decisions: list[ScalingDecision] = field(default_factory=list)
+    num_moved_requests: int = 0  # continued elsewhere after a failure or drain timeout
+    num_rebalanced_requests: int = 0  # queued ones moved to a less busy replica
 
 
 @dataclass
@@ -217,6 +219,8 @@ def _status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:
             ScalingDecision(d.time_unix, d.from_replicas, d.to_replicas, d.reason)
             for d in resp.recent_decisions
         ],
+        num_moved_requests=resp.num_moved_requests,
+        num_rebalanced_requests=resp.num_rebalanced_requests,
     )
 
 

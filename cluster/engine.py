@@ -15,7 +15,7 @@ from typing import Any
 
 from kvray.cluster.block_manager import BlockManager
 from kvray.cluster.detokenizer import Detokenizer
-from kvray.cluster.request import FinishReason, Request
+from kvray.cluster.request import FinishReason, Request, RequestStatus
 from kvray.cluster.scheduler import Scheduler, SchedulerConfig, TokenEvent
 from kvray.workers.protocol import Logprobs, SamplingParams, StepInput, StepOutput, WorkerInfo
 
@@ -188,13 +188,32 @@ class EngineCore:
 
         Their sequences keep their prompt, streamed tokens and text state; KV state is dropped.
         """
-        groups = list(self._groups.values())
-        self._groups.clear()
-        for group in groups:
-            for req in group.seqs:
-                if not req.is_finished:
-                    self.scheduler.remove(req.seq_id)
+        return [self.release(group) for group in list(self._groups.values())]
+
+    def queued_groups(self) -> list[RequestGroup]:
+        """Queued requests that hold nothing on this replica (no KV blocks, no token in flight),
+        in queue order: moving one to another replica costs nothing."""
+        seen: set[str] = set()
+        groups = []
+        for req in self.scheduler.waiting:
+            group = self._groups.get(req.request_id)
+            if group is None or group.request_id in seen:
+                continue
+            seen.add(group.request_id)
+            if all(
+                s.is_finished or (s.status is RequestStatus.WAITING and s.num_pending_tokens == 0)
+                for s in group.seqs
+            ):
+                groups.append(group)
         return groups
+
+    def release(self, group: RequestGroup) -> RequestGroup:
+        """Remove one request for another replica to `adopt`; its KV state here is dropped."""
+        del self._groups[group.request_id]
+        for req in group.seqs:
+            if not req.is_finished:
+                self.scheduler.remove(req.seq_id)
+        return group
 
     def adopt(self, group: RequestGroup) -> None:
         """Queue a request group: a new one (`make_group`), or one taken from another replica,

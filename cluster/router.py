@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 MAX_FAILOVERS = 3  # a request moved this many times fails instead (a worker bug, not bad luck)
 MAX_SESSIONS = 100_000  # session -> replica entries kept (least recently used dropped)
 SESSION_IMBALANCE = 1.0  # leave a session's replica when it has a full step more queued work
+REBALANCE_PERIOD_S = 0.25  # how often queued requests are spread over the ready replicas
 
 
 class Router:
@@ -58,6 +59,7 @@ class Router:
         self._closing = False
         self._first_ready = asyncio.Lock()
         self.num_moved_requests = 0  # requests continued on another replica
+        self.num_rebalanced_requests = 0  # queued requests moved to a less busy replica
         self.scaling = ScalingController(self)
         self.on_ready_change: Callable[[bool], None] = lambda ready: None
 
@@ -71,6 +73,7 @@ class Router:
         if len(failures) == len(results):
             raise failures[0]
         self._background(self._health_loop())
+        self._background(self._rebalance_loop())
         if self.scaling.is_enabled:
             self._background(self.scaling.run())
 
@@ -113,6 +116,7 @@ class Router:
             time.monotonic() - handle.started_at,
         )
         self._assign_unassigned()
+        self.rebalance()
         self._update_ready()
         return handle
 
@@ -159,6 +163,7 @@ class Router:
         to other replicas (recomputed from prompt + streamed tokens), then stop the actor."""
         replica.state = ReplicaState.DRAINING
         logger.info("%s: draining", replica.replica_id)
+        self.rebalance()  # its queued requests go now; only running ones have to finish
         deadline = time.monotonic() + timeout_s
         engine = replica.engine
         while engine is not None and engine.has_unfinished() and time.monotonic() < deadline:
@@ -203,6 +208,68 @@ class Router:
             replica.engine.adopt(group)
             stream.replica_id = replica.replica_id
             replica.wake()
+
+    def rebalance(self) -> int:
+        """Spread queued requests over the ready replicas; returns how many moved.
+
+        Only requests that hold nothing on their replica move (see `EngineCore.queued_groups`),
+        so a move costs nothing. They are dealt oldest first to the replica with the fewest
+        sequences, staying put unless another replica has fewer: after a burst, a replica
+        that becomes ready takes its share of the queue instead of only new arrivals, and a
+        draining replica hands its queue over at once.
+        """
+        ready = self.ready_replicas()
+        if not ready:
+            return 0
+        depth: dict[str, int] = {}  # sequences per ready replica, not counting movable ones
+        movable: list[tuple[RequestGroup, ReplicaHandle]] = []
+        for replica in self.replicas.values():
+            if replica.engine is None or replica.state not in (
+                ReplicaState.READY,
+                ReplicaState.DRAINING,
+            ):
+                continue
+            groups = replica.engine.queued_groups()
+            movable += [(group, replica) for group in groups]
+            if replica.state is ReplicaState.READY:
+                sched = replica.engine.scheduler
+                depth[replica.replica_id] = (
+                    sched.num_running + sched.num_waiting - sum(_num_unfinished(g) for g in groups)
+                )
+        if len(ready) < 2 and all(source in ready for _, source in movable):
+            return 0  # nowhere else to go
+        movable.sort(key=lambda item: item[0].seqs[0].arrival_time)
+        moved: set[ReplicaHandle] = set()
+        num_moved = 0
+        for group, source in movable:
+            size = _num_unfinished(group)
+            dest = min(ready, key=lambda r: depth[r.replica_id])
+            if (
+                source.state is ReplicaState.READY
+                and depth[source.replica_id] <= depth[dest.replica_id]
+            ):
+                depth[source.replica_id] += size  # no better place: it stays
+                continue
+            stream = self._streams.get(group.request_id)
+            if stream is None:
+                continue
+            assert source.engine is not None and dest.engine is not None
+            dest.engine.adopt(source.engine.release(group))
+            stream.replica_id = dest.replica_id
+            depth[dest.replica_id] += size
+            moved.add(dest)
+            num_moved += 1
+        for replica in moved:
+            replica.wake()
+        if num_moved:
+            self.num_rebalanced_requests += num_moved
+            logger.debug("rebalanced %d queued requests", num_moved)
+        return num_moved
+
+    async def _rebalance_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(REBALANCE_PERIOD_S)
+            self.rebalance()
 
     def fail_unassigned(self, should_fail: Callable[[RequestStream], bool], message: str) -> None:
         """End waiting-for-a-replica requests whose stream `should_fail` selects (UNAVAILABLE)."""
@@ -377,6 +444,8 @@ class Router:
             "replicas": replicas,
             "queue_depth": len(self._unassigned),
             "num_running": sum(r.get("num_running", 0) for r in replicas),
+            "num_moved_requests": self.num_moved_requests,
+            "num_rebalanced_requests": self.num_rebalanced_requests,
             **self.scaling.status(),
         }
 
@@ -409,6 +478,10 @@ class Router:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _num_unfinished(group: RequestGroup) -> int:
+    return sum(not s.is_finished for s in group.seqs)
 
 
 def _replica_status(r: ReplicaHandle) -> dict[str, Any]:

@@ -31,7 +31,10 @@ def cpu_dev():
 
 
 def test_crds_are_beside_the_project():
-    assert (v.CRD_DIR / "ray.io_rayservices.yaml").exists(), v.CRD_DIR
+    assert (v.CRD_DIR / "ray.io_rayservices.yaml").exists(), (
+        f"KubeRay CRDs not found in {v.CRD_DIR}: put ray.io_rayservices.yaml and "
+        "ray.io_rayclusters.yaml (KubeRay v1.7.0) there or set KVRAY_KUBERAY_CRDS"
+    )
 
 
 def test_overlay_is_valid(rendered):

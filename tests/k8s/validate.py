@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT.parent / "shared" / "k8s" / "kuberay-crds-v1.7.0"
+# KubeRay v1.7.0's CRDs, unchanged: beside the project (as CI has them), or where the variable says.
+CRD_DIR = Path(
+    os.environ.get("KVRAY_KUBERAY_CRDS", ROOT.parent / "shared" / "k8s" / "kuberay-crds-v1.7.0")
+)
 K8S_VERSION = "1.33.0"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")

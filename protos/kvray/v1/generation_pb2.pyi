@@ -192,7 +192,7 @@ class ScalingDecision(_message.Message):
     def __init__(self, time_unix: _Optional[float] = ..., from_replicas: _Optional[int] = ..., to_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("replicas", "queue_depth", "num_running", "min_replicas", "max_replicas", "target_replicas", "recent_decisions")
+    __slots__ = ("replicas", "queue_depth", "num_running", "min_replicas", "max_replicas", "target_replicas", "recent_decisions", "num_moved_requests", "num_rebalanced_requests")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class ClusterStatus(_message.Message):
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     RECENT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_MOVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REBALANCED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     queue_depth: int
     num_running: int
@@ -207,4 +209,6 @@ class ClusterStatus(_message.Message):
     max_replicas: int
     target_replicas: int
     recent_decisions: _containers.RepeatedCompositeFieldContainer[ScalingDecision]
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., recent_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ...) -> None: ...
+    num_moved_requests: int
+    num_rebalanced_requests: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., recent_decisions: _Optional[_Iterable[_Union[ScalingDecision, _Mapping]]] = ..., num_moved_requests: _Optional[int] = ..., num_rebalanced_requests: _Optional[int] = ...) -> None: ...

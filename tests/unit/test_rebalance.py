@@ -1,0 +1,159 @@
+"""Rebalancing queued requests between replicas: the router with in-process fake actors (no Ray).
+
+Each fake actor's steps wait on a gate, so a test decides when replicas make progress and can
+look at the queues in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kvray.cluster.config import ClusterConfig, EngineConfig
+from kvray.cluster.replica import ReplicaState
+from kvray.cluster.router import Router
+from kvray.cluster.scheduler import SchedulerConfig
+from kvray.workers.fake import FakeWorker
+from kvray.workers.protocol import SamplingParams
+
+MAX_TOKENS = 6
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+class _Remote:
+    def __init__(self, fn: Any, gate: asyncio.Event | None = None) -> None:
+        self.fn, self.gate = fn, gate
+
+    def remote(self, *args: Any) -> asyncio.Task[Any]:
+        async def call() -> Any:
+            if self.gate is not None:
+                await self.gate.wait()
+            return self.fn(*args)
+
+        return asyncio.ensure_future(call())
+
+
+class LocalActor:
+    """A FakeWorker behind the `.remote()` calls the router makes; steps wait for `gate`."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.worker = FakeWorker(num_kv_blocks=64, block_size=4)
+        self.warmup = _Remote(self.worker.warmup)
+        self.step = _Remote(self.worker.step, gate)
+        self.health = _Remote(self.worker.health)
+
+
+def expected(prompt: list[int]) -> list[int]:
+    ids = list(prompt)
+    for _ in range(MAX_TOKENS):
+        ids.append(FakeWorker.next_token(ids, 1000))
+    return ids[len(prompt) :]
+
+
+def make_router(gate: asyncio.Event, max_num_seqs: int = 2) -> Router:
+    config = ClusterConfig(
+        engine=EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)),
+        max_queued_requests=100,
+    )
+    return Router(config, lambda replica_id: LocalActor(gate))
+
+
+async def collect(router: Router, stream: Any) -> list[int]:
+    tokens: list[int] = []
+    while not stream.is_finished or not stream.queue.empty():
+        item = await stream.queue.get()
+        assert not isinstance(item, BaseException), item
+        tokens += item.token_ids
+    router.abort(stream.request_id)
+    return tokens
+
+
+def queue_of(replica: Any) -> list[str]:
+    return [req.request_id for req in replica.engine.scheduler.waiting]
+
+
+def test_a_replica_that_becomes_ready_takes_a_share_of_the_queue_in_arrival_order():
+    async def main() -> None:
+        gate = asyncio.Event()
+        router = make_router(gate)
+        first = await router.launch_replica()
+        prompts = [[i + 1, i + 2, i + 3] for i in range(20)]
+        streams = [router.submit(p, GREEDY, request_id=f"r{i:02d}") for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.1)  # the first step (2 sequences) is in flight, 18 are queued
+        assert first.engine.scheduler.num_running == 2
+        assert len(queue_of(first)) == 18
+
+        second = await router.launch_replica()  # ready: takes its share of the queue
+
+        kept, taken = queue_of(first), queue_of(second)
+        assert sorted(kept + taken) == [f"r{i:02d}" for i in range(2, 20)]
+        assert abs((2 + len(kept)) - len(taken)) <= 1  # the running two count for the first
+        # Dealt oldest first: the second replica's queue starts near the head of the old one,
+        # not only with the newest requests, and each queue stays in arrival order.
+        assert taken[0] < "r05" and taken == sorted(taken) and kept == sorted(kept)
+        assert router.num_rebalanced_requests == len(taken)
+        assert all(router._streams[r].replica_id == second.replica_id for r in taken)
+
+        gate.set()
+        outputs = await asyncio.gather(*(collect(router, s) for s in streams))
+        assert outputs == [expected(p) for p in prompts]
+        for replica in (first, second):
+            assert not replica.engine.has_unfinished()
+            blocks = replica.engine.block_manager
+            assert blocks.num_free_blocks == blocks.num_blocks
+        assert second.engine.num_finished_requests == len(taken)
+        await router.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_draining_replica_hands_its_queue_over_at_once_and_keeps_its_running_requests():
+    async def main() -> None:
+        gate = asyncio.Event()
+        router = make_router(gate)
+        first = await router.launch_replica()
+        second = await router.launch_replica()
+        prompts = [[7, i + 1] for i in range(10)]
+        streams = [router.submit(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.1)
+        running = {r.request_id for r in first.engine.scheduler.running}
+        assert len(running) == 2 and queue_of(first)
+
+        drain = asyncio.ensure_future(router.drain_replica(first, timeout_s=30))
+        await asyncio.sleep(0)  # the drain starts: queued requests leave before any step runs
+        assert first.state is ReplicaState.DRAINING
+        assert queue_of(first) == []
+        assert {r.request_id for r in first.engine.scheduler.running} == running
+        others = {f"r{i}" for i in range(10)} - running
+        assert {router._streams[r].replica_id for r in others} == {second.replica_id}
+
+        gate.set()
+        outputs = await asyncio.gather(*(collect(router, s) for s in streams))
+        assert outputs == [expected(p) for p in prompts]
+        await drain
+        assert first.replica_id not in router.replicas
+        assert first.engine.num_finished_requests == len(running)  # they finished where they ran
+        assert router.num_moved_requests == 0  # nothing needed a recompute
+        await router.shutdown()
+
+    asyncio.run(main())
+
+
+def test_balanced_replicas_keep_their_queues():
+    async def main() -> None:
+        gate = asyncio.Event()
+        router = make_router(gate)
+        replicas = [await router.launch_replica() for _ in range(2)]
+        for i in range(12):
+            router.submit([3, i + 1], GREEDY, request_id=f"r{i:02d}")
+        await asyncio.sleep(0.1)
+        before = [queue_of(r) for r in replicas]
+        assert all(before)
+        assert router.rebalance() == 0
+        assert [queue_of(r) for r in replicas] == before
+        aborted = before[1][0]
+        router.abort(aborted)  # requests stay abortable where they are
+        assert aborted not in queue_of(replicas[1])
+        await router.shutdown()
+
+    asyncio.run(main())
