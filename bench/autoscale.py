@@ -4,6 +4,7 @@ a PNG plot; then how fast capacity followed the burst and what draining cost.
 
     python bench/autoscale.py                       # tiny model, ~2 minutes
     python bench/autoscale.py --plot autoscale.png --max-replicas 3
+    python bench/autoscale.py --compare             # vs rebalancing off, in ABBA order: ~7 minutes
 
 The trace: `--base-rate` req/s, then a burst of `--burst-rate` req/s for `--burst-s`, then the
 base rate again until the cluster has drained back to its minimum (or `--tail-s` passes).
@@ -39,6 +40,7 @@ class Sample:
 class Outcome:
     arrival: float
     ttft: float | None = None
+    done: float | None = None  # seconds since the start, when the last token came
     ok: bool = False
     error: str = ""
 
@@ -103,6 +105,7 @@ async def replay(target: str, arrivals: list[float], args, run: Run, start: floa
                     if outcome.ttft is None and chunk.token_ids:
                         outcome.ttft = time.monotonic() - start - at
                 outcome.ok = True
+                outcome.done = time.monotonic() - start
             except Exception as exc:
                 outcome.error = f"{type(exc).__name__}: {exc}"
 
@@ -186,6 +189,48 @@ def plot(run: Run, args, arrivals: list[float], path: Path) -> None:
     log(f"plot written to {path}")
 
 
+def burst_summary(run: Run, args) -> dict[str, float]:
+    """What the burst cost: refusals, TTFT of requests that arrived during it, backlog drain."""
+    burst_start, burst_end = args.lead_s, args.lead_s + args.burst_s
+    during = [
+        o.ttft for o in run.outcomes if o.ttft is not None and burst_start <= o.arrival < burst_end
+    ]
+    empty = next(
+        (s.t for s in run.samples if s.t >= burst_end and s.queued == 0 and s.running <= 2),
+        float("nan"),
+    )
+    finished = [o for o in run.outcomes if o.done is not None and burst_start <= o.done < burst_end]
+    return {
+        "finished in the burst (req/s)": len(finished) / args.burst_s,
+        "failed requests": sum(not o.ok for o in run.outcomes),
+        "burst TTFT p50 (ms)": percentile(during, 50) * 1000,
+        "burst TTFT p90 (ms)": percentile(during, 90) * 1000,
+        "burst TTFT max (ms)": max(during) * 1000,
+        "backlog gone after burst (s)": empty - burst_end,
+    }
+
+
+def run_trace(args, arrivals: list[float], extra_env: dict[str, str]) -> Run:
+    flags = ["--model", args.model, "--replicas", "1", "--min-replicas", "1", "--max-replicas", str(args.max_replicas),
+             "--target-ongoing-requests", str(args.target_ongoing_requests), "--upscale-delay-s", "2",
+             "--downscale-delay-s", "10",
+             "--max-num-seqs", "16", "--cpus-per-replica", "1"]  # fmt: skip
+    run = Run()
+    with ServerProcess(flags, env={"KVRAY_METRICS_INTERVAL_S": "0.5", **extra_env}) as server:
+        stop = threading.Event()
+        start = time.monotonic()
+        watcher = threading.Thread(
+            target=monitor, args=(server.target, run, start, stop), daemon=True
+        )
+        watcher.start()
+        asyncio.run(replay(server.target, arrivals, args, run, start))
+        while time.monotonic() - start < args.lead_s + args.burst_s + args.tail_s:
+            time.sleep(0.5)
+        stop.set()
+        watcher.join()
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,29 +247,41 @@ def main() -> int:
     parser.add_argument("--bucket-s", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("bench/results/autoscale.png"))
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="replay the trace again with rebalancing off (rebalance_period_s=0) as the baseline",
+    )
     args = parser.parse_args()
-    flags = ["--model", args.model, "--replicas", "1", "--min-replicas", "1", "--max-replicas", str(args.max_replicas),
-             "--target-ongoing-requests", str(args.target_ongoing_requests), "--upscale-delay-s", "2",
-             "--downscale-delay-s", "10",
-             "--max-num-seqs", "16", "--cpus-per-replica", "1"]  # fmt: skip
     arrivals = make_trace(args)
     log(f"{len(arrivals)} requests over {args.lead_s + args.burst_s + args.tail_s:.0f}s")
-    run = Run()
-    with ServerProcess(flags, env={"KVRAY_METRICS_INTERVAL_S": "0.5"}) as server:
-        stop = threading.Event()
-        start = time.monotonic()
-        watcher = threading.Thread(
-            target=monitor, args=(server.target, run, start, stop), daemon=True
-        )
-        watcher.start()
-        asyncio.run(replay(server.target, arrivals, args, run, start))
-        while time.monotonic() - start < args.lead_s + args.burst_s + args.tail_s:
-            time.sleep(0.5)
-        stop.set()
-        watcher.join()
+    run = run_trace(args, arrivals, {})
     report(run, args, arrivals)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(run, args, arrivals, args.plot)
+    if args.compare:
+        # ABBA order (on, off, off, on), so drift in the machine's speed hits both alike.
+        log("the same trace with rebalancing off (the baseline), twice, then on again")
+        off = {"KVRAY_REBALANCE_PERIOD_S": "0"}
+        runs = {"rebalancing": [run], "off": []}
+        runs["off"] += [run_trace(args, arrivals, off), run_trace(args, arrivals, off)]
+        runs["rebalancing"].append(run_trace(args, arrivals, {}))
+        summaries = {name: [burst_summary(r, args) for r in pair] for name, pair in runs.items()}
+        for name, pair in runs.items():
+            for r in pair:
+                grown = next((s.t for s in r.samples if s.ready > 1), float("nan"))
+                print(
+                    f"{name}: second replica READY {grown - args.lead_s:.1f}s into the burst, "
+                    f"queue peak {max(s.queued for s in r.samples)}"
+                )
+        print(f"\n{'':<30} {'rebalancing (2 runs)':>22} {'off (2 runs)':>18} {'ratio':>7}")
+        for key in summaries["rebalancing"][0]:
+            ours = [s[key] for s in summaries["rebalancing"]]
+            theirs = [s[key] for s in summaries["off"]]
+            ratio = sum(ours) / sum(theirs) if sum(theirs) else float("nan")
+            print(
+                f"{key:<30} {ours[0]:>10.1f} {ours[1]:>10.1f}  {theirs[0]:>8.1f} {theirs[1]:>8.1f} {ratio:>7.2f}"
+            )
     return 0
 
 

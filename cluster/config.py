@@ -68,6 +68,7 @@ class ClusterConfig:
     cpus_per_replica: float = 1.0  # Ray CPUs each worker actor asks for (CPU clusters)
     gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     health_check_period_s: float = 5.0  # how often idle replicas are pinged
+    rebalance_period_s: float = 0.25  # queued requests move to less busy replicas; 0: never
     shutdown_timeout_s: float = 30.0  # SIGTERM: running streams get this long to finish
     fake_step_ms: float = 20.0  # model "fake" only: how long each scripted step takes
 
@@ -78,6 +79,10 @@ class ClusterConfig:
             raise ValueError(f"port must be in [0, 65535] (0: any free port), got {self.port}")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        if self.rebalance_period_s < 0:
+            raise ValueError(
+                f"rebalance_period_s must be >= 0 (0: off), got {self.rebalance_period_s}"
+            )
         if self.cpus_per_replica < 0 or (self.gpus_per_replica or 0) < 0:
             raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
         low, high = self.autoscaling.bounds(self.replicas)

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 MAX_FAILOVERS = 3  # a request moved this many times fails instead (a worker bug, not bad luck)
 MAX_SESSIONS = 100_000  # session -> replica entries kept (least recently used dropped)
 SESSION_IMBALANCE = 1.0  # leave a session's replica when it has a full step more queued work
-REBALANCE_PERIOD_S = 0.25  # how often queued requests are spread over the ready replicas
 
 
 class Router:
@@ -73,7 +72,8 @@ class Router:
         if len(failures) == len(results):
             raise failures[0]
         self._background(self._health_loop())
-        self._background(self._rebalance_loop())
+        if self.config.rebalance_period_s > 0:
+            self._background(self._rebalance_loop())
         if self.scaling.is_enabled:
             self._background(self.scaling.run())
 
@@ -219,7 +219,7 @@ class Router:
         draining replica hands its queue over at once.
         """
         ready = self.ready_replicas()
-        if not ready:
+        if not ready or self.config.rebalance_period_s == 0:
             return 0
         depth: dict[str, int] = {}  # sequences per ready replica, not counting movable ones
         movable: list[tuple[RequestGroup, ReplicaHandle]] = []
@@ -268,7 +268,7 @@ class Router:
 
     async def _rebalance_loop(self) -> None:
         while not self._closing:
-            await asyncio.sleep(REBALANCE_PERIOD_S)
+            await asyncio.sleep(self.config.rebalance_period_s)
             self.rebalance()
 
     def fail_unassigned(self, should_fail: Callable[[RequestStream], bool], message: str) -> None:
@@ -285,6 +285,8 @@ class Router:
     def _kill(self, replica: ReplicaHandle) -> None:
         import ray
 
+        if not ray.is_initialized():  # in-process actors (tests): ray.kill would start Ray
+            return
         with contextlib.suppress(Exception):
             ray.kill(replica.actor, no_restart=True)
 

@@ -71,10 +71,14 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
 
     def add(self, req: Request) -> None:
-        """Queue a new sequence (FCFS). The caller validated it against max_model_len."""
+        """Queue a sequence in arrival order (FCFS): a new one at the back, one moved here from
+        another replica where it would have been. The caller validated it against max_model_len."""
         assert req.seq_id not in self.requests
         self.requests[req.seq_id] = req
-        self.waiting.append(req)
+        position = len(self.waiting)
+        while position > 0 and self.waiting[position - 1].arrival_time > req.arrival_time:
+            position -= 1
+        self.waiting.insert(position, req)
         self.num_queued_tokens += req.num_known_tokens
 
     def finish(

@@ -64,6 +64,18 @@ def test_admission_is_first_come_first_served():
     assert admitted == added
 
 
+def test_a_request_moved_from_another_replica_queues_in_arrival_order():
+    engine, worker = make(max_num_seqs=1)
+    other, _ = make()
+    older = other.make_group([4, 5, 6], GREEDY, "older")  # arrived first, queued elsewhere
+    for i, p in enumerate(PROMPTS[:3]):
+        engine.add_request(p, GREEDY, request_id=f"new{i}")
+    engine.adopt(older)
+    assert [r.request_id for r in engine.scheduler.waiting] == ["older", "new0", "new1", "new2"]
+    chunks = drive(engine, worker)
+    assert tokens_of(chunks[("older", 0)]) == expected_tokens([4, 5, 6], GREEDY.max_tokens)
+
+
 def test_long_prompt_is_prefilled_in_chunks():
     engine, worker = make(max_num_batched_tokens=64, prefill_chunk_size=16)
     engine.add_request(list(range(1, 71)), GREEDY)
