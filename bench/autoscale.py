@@ -50,6 +50,8 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     decisions: list = field(default_factory=list)
+    num_moved: int = 0  # continued elsewhere (recomputed) after a failure or drain timeout
+    num_rebalanced: int = 0  # queued requests moved before they started
 
 
 def make_trace(args: argparse.Namespace) -> list[float]:
@@ -84,6 +86,7 @@ def monitor(target: str, run: Run, start: float, stop: threading.Event) -> None:
                 Sample(time.monotonic() - start, ready, len(st.replicas), queued, st.num_running)
             )
             run.decisions = st.recent_decisions
+            run.num_moved, run.num_rebalanced = st.num_moved_requests, st.num_rebalanced_requests
             stop.wait(0.5)
 
 
@@ -157,6 +160,10 @@ def report(run: Run, args, arrivals: list[float]) -> None:
     after = [o.ttft for o in run.outcomes if o.ttft is not None and o.arrival >= burst_end]
     print(
         f"TTFT p90 during the burst {percentile(during, 90) * 1000:.0f} ms, after it {percentile(after, 90) * 1000:.0f} ms"
+    )
+    print(
+        f"queued requests rebalanced: {run.num_rebalanced}; requests recomputed elsewhere after a "
+        f"drain timeout or failure: {run.num_moved}"
     )
     for d in run.decisions:
         print(f"  decision {d.from_replicas} -> {d.to_replicas}: {d.reason}")

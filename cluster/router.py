@@ -213,15 +213,16 @@ class Router:
         """Spread queued requests over the ready replicas; returns how many moved.
 
         Only requests that hold nothing on their replica move (see `EngineCore.queued_groups`),
-        so a move costs nothing. They are dealt oldest first to the replica with the fewest
-        sequences, staying put unless another replica has fewer: after a burst, a replica
-        that becomes ready takes its share of the queue instead of only new arrivals, and a
-        draining replica hands its queue over at once.
+        so a move costs nothing. They are dealt oldest first to the replica with the least
+        work (queued prompt tokens + running sequences, as placement counts it), and move only
+        when their replica, without them, would still have more work than that one with them
+        (no back and forth between near-equal replicas). After a burst, a replica that becomes ready takes its share of the queue instead of
+        only new arrivals, and a draining replica hands its queue over at once.
         """
         ready = self.ready_replicas()
         if not ready or self.config.rebalance_period_s == 0:
             return 0
-        depth: dict[str, int] = {}  # sequences per ready replica, not counting movable ones
+        work: dict[str, int] = {}  # per ready replica, not counting what may move
         movable: list[tuple[RequestGroup, ReplicaHandle]] = []
         for replica in self.replicas.values():
             if replica.engine is None or replica.state not in (
@@ -233,8 +234,8 @@ class Router:
             movable += [(group, replica) for group in groups]
             if replica.state is ReplicaState.READY:
                 sched = replica.engine.scheduler
-                depth[replica.replica_id] = (
-                    sched.num_running + sched.num_waiting - sum(_num_unfinished(g) for g in groups)
+                work[replica.replica_id] = (
+                    sched.num_queued_tokens + sched.num_running - sum(map(_queued_tokens, groups))
                 )
         if len(ready) < 2 and all(source in ready for _, source in movable):
             return 0  # nowhere else to go
@@ -242,13 +243,13 @@ class Router:
         moved: set[ReplicaHandle] = set()
         num_moved = 0
         for group, source in movable:
-            size = _num_unfinished(group)
-            dest = min(ready, key=lambda r: depth[r.replica_id])
+            tokens = _queued_tokens(group)
+            dest = min(ready, key=lambda r: work[r.replica_id])
             if (
                 source.state is ReplicaState.READY
-                and depth[source.replica_id] <= depth[dest.replica_id]
+                and work[source.replica_id] - work[dest.replica_id] <= tokens
             ):
-                depth[source.replica_id] += size  # no better place: it stays
+                work[source.replica_id] += tokens  # no better place: it stays
                 continue
             stream = self._streams.get(group.request_id)
             if stream is None:
@@ -256,7 +257,7 @@ class Router:
             assert source.engine is not None and dest.engine is not None
             dest.engine.adopt(source.engine.release(group))
             stream.replica_id = dest.replica_id
-            depth[dest.replica_id] += size
+            work[dest.replica_id] += tokens
             moved.add(dest)
             num_moved += 1
         for replica in moved:
@@ -482,8 +483,9 @@ class Router:
         task.add_done_callback(self._tasks.discard)
 
 
-def _num_unfinished(group: RequestGroup) -> int:
-    return sum(not s.is_finished for s in group.seqs)
+def _queued_tokens(group: RequestGroup) -> int:
+    """The group's share of its scheduler's `num_queued_tokens`."""
+    return sum(s.num_known_tokens for s in group.seqs if not s.is_finished)
 
 
 def _replica_status(r: ReplicaHandle) -> dict[str, Any]:

@@ -78,6 +78,10 @@ def test_step_load_scales_up_and_back_down_without_losing_tokens(ray_session, mo
         assert sum(r.kv_blocks_used for r in status.replicas) == 0
         # 24 requests were queued on the first replica when the second became ready: some moved.
         assert status.num_rebalanced_requests > 0
+        print(
+            f"{len(results)} requests, peak {peak[0]} replicas, {status.num_rebalanced_requests} "
+            f"rebalanced, decisions: {[(d.from_replicas, d.to_replicas) for d in status.recent_decisions]}"
+        )
 
 
 def test_drain_past_its_timeout_moves_requests_exactly(ray_session, model_cache_dir):

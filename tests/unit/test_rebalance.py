@@ -87,7 +87,9 @@ def test_a_replica_that_becomes_ready_takes_a_share_of_the_queue_in_arrival_orde
 
         kept, taken = queue_of(first), queue_of(second)
         assert sorted(kept + taken) == [f"r{i:02d}" for i in range(2, 20)]
-        assert abs((2 + len(kept)) - len(taken)) <= 1  # the running two count for the first
+        assert 8 <= len(taken) <= 10  # about half, as the router counts work (see `load`)
+        budget = first.engine.scheduler.config.max_num_batched_tokens
+        assert abs(first.load[0] - second.load[0]) * budget <= 3  # within one 3-token prompt
         # Dealt oldest first: the second replica's queue starts near the head of the old one,
         # not only with the newest requests, and each queue stays in arrival order.
         assert taken[0] < "r05" and taken == sorted(taken) and kept == sorted(kept)
