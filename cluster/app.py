@@ -34,9 +34,13 @@ class KvrayRouter:
         await self.cluster.start()
 
     async def check_health(self) -> None:
+        """Liveness only. A router waiting for worker replicas (a GPU pod being provisioned, a
+        failover) is healthy: Serve would restart it after a few failed checks, killing its
+        workers and every stream. Whether it can take requests is its gRPC health status,
+        which the readiness probe reads."""
         router = self.cluster.router
-        if router is None or not router.is_serving:
-            raise RuntimeError("no kvray replica is ready")
+        if router is None or router.is_closing:
+            raise RuntimeError("the kvray router is not running")
 
     async def __call__(self, request: Any) -> dict[str, Any]:
         assert self.cluster.router is not None

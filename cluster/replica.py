@@ -80,7 +80,6 @@ class ReplicaHandle:
         self._on_failure = on_failure
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.num_steps = 0
         self.has_failed = False  # set once by the router when it handles this replica's failure
         self.step_seconds = 0.0  # moving average of the worker's time per step
 
@@ -132,8 +131,7 @@ class ReplicaHandle:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the actor died or a step failed: the router fails over
-            self.state = ReplicaState.DEAD
-            self._on_failure(self, exc)
+            self._on_failure(self, exc)  # (and marks it DEAD, knowing whether it was draining)
 
     @property
     def is_pipelined(self) -> bool:
@@ -148,7 +146,6 @@ class ReplicaHandle:
 
     def _apply(self, output: StepOutput) -> None:
         assert self.engine is not None
-        self.num_steps += 1
         self.step_seconds += 0.2 * (output.forward_s - self.step_seconds)
         self._publish(self, self.engine.process(output))
 

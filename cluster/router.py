@@ -40,10 +40,13 @@ class Router:
         spawn_actor: Callable[[str], Any],
         *,
         load_tokenizer: Callable[[WorkerInfo], Any | None] = lambda info: None,
+        kill_actor: Callable[[Any], None] | None = None,
     ) -> None:
-        """`spawn_actor(replica_id)` creates a worker actor (with .warmup/.step/.health remotes)."""
+        """`spawn_actor(replica_id)` creates a worker actor (with .warmup/.step/.health remotes);
+        `kill_actor(actor)` stops one (default: `ray.kill`)."""
         self.config = config
         self._spawn_actor = spawn_actor
+        self._kill_actor = kill_actor or _ray_kill
         self._load_tokenizer = load_tokenizer
         self.replicas: dict[str, ReplicaHandle] = {}
         self.info: WorkerInfo | None = None
@@ -98,6 +101,8 @@ class Router:
                     self.info = info
                     self._template = EngineCore(info, self.config.engine.scheduler, self.tokenizer)
         except Exception:
+            if replica_id not in self.replicas:  # cancelled while starting (scale-down)
+                raise UnavailableError(f"{replica_id} was cancelled while starting") from None
             handle.state = ReplicaState.DEAD
             self.replicas.pop(replica_id, None)
             self._kill(handle)
@@ -120,8 +125,19 @@ class Router:
         self._update_ready()
         return handle
 
+    def cancel_start(self, replica: ReplicaHandle) -> None:
+        """Give up on a replica that is still starting (its actor may wait for a node)."""
+        self.replicas.pop(replica.replica_id, None)
+        replica.state = ReplicaState.DEAD
+        self._kill(replica)
+        logger.info("%s: start cancelled", replica.replica_id)
+
     def ready_replicas(self) -> list[ReplicaHandle]:
         return [r for r in self.replicas.values() if r.state is ReplicaState.READY]
+
+    @property
+    def is_closing(self) -> bool:
+        return self._closing
 
     @property
     def is_serving(self) -> bool:
@@ -154,7 +170,11 @@ class Router:
     async def _replace(self) -> None:
         with contextlib.suppress(Exception):
             await self.launch_replica()
-        if not self.ready_replicas() and not self.scaling.can_scale_from_zero:
+        if (
+            not self.ready_replicas()
+            and not self._is_starting()
+            and not self.scaling.can_scale_from_zero
+        ):
             # Nothing came back: the moved requests cannot continue anywhere.
             self.fail_unassigned(lambda stream: True, "no healthy replica to continue the request")
 
@@ -191,9 +211,13 @@ class Router:
                     stream, RequestFailedError(f"request failed on {MAX_FAILOVERS} replicas")
                 )
             else:
-                self._unassigned.append(group)
+                self._wait_for_replica(group, stream)
                 self.num_moved_requests += 1
         self._assign_unassigned()
+
+    def _wait_for_replica(self, group: RequestGroup, stream: RequestStream) -> None:
+        stream.unassigned_since = time.monotonic()
+        self._unassigned.append(group)
 
     def _assign_unassigned(self) -> None:
         while self._unassigned:
@@ -207,6 +231,7 @@ class Router:
             assert replica.engine is not None
             replica.engine.adopt(group)
             stream.replica_id = replica.replica_id
+            stream.unassigned_since = None
             replica.wake()
 
     def rebalance(self) -> int:
@@ -272,6 +297,14 @@ class Router:
             await asyncio.sleep(self.config.rebalance_period_s)
             self.rebalance()
 
+    def expire_unassigned(self, now: float) -> None:
+        """Fail requests that have waited for a replica longer than `cold_start_timeout_s`."""
+        timeout = self.config.autoscaling.cold_start_timeout_s
+        self.fail_unassigned(
+            lambda stream: now - (stream.unassigned_since or now) > timeout,
+            f"no replica became ready within {timeout:.0f}s",
+        )
+
     def fail_unassigned(self, should_fail: Callable[[RequestStream], bool], message: str) -> None:
         """End waiting-for-a-replica requests whose stream `should_fail` selects (UNAVAILABLE)."""
         keep: deque[RequestGroup] = deque()
@@ -284,16 +317,13 @@ class Router:
         self._unassigned = keep
 
     def _kill(self, replica: ReplicaHandle) -> None:
-        import ray
-
-        if not ray.is_initialized():  # in-process actors (tests): ray.kill would start Ray
-            return
         with contextlib.suppress(Exception):
-            ray.kill(replica.actor, no_restart=True)
+            self._kill_actor(replica.actor)
 
     async def _health_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.config.health_check_period_s)
+            self.expire_unassigned(time.monotonic())
             for replica in self.ready_replicas():
                 try:
                     await asyncio.wait_for(replica.actor.health.remote(), timeout=30)
@@ -344,7 +374,7 @@ class Router:
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
         if replica is None:
-            self._unassigned.append(group)  # a replica is starting, or scaling starts one
+            self._wait_for_replica(group, stream)  # a replica is starting, or scaling starts one
         else:
             assert replica.engine is not None
             replica.engine.adopt(group)
@@ -481,6 +511,12 @@ class Router:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _ray_kill(actor: Any) -> None:
+    import ray
+
+    ray.kill(actor, no_restart=True)
 
 
 def _queued_tokens(group: RequestGroup) -> int:

@@ -44,7 +44,8 @@ class ScalingController:
         return self.is_enabled and self.policy.min_replicas == 0
 
     def record_ttft(self, now: float, seconds: float) -> None:
-        self._ttfts.append((now, seconds))
+        if self.is_enabled:  # trimmed by `sample`, which runs only then
+            self._ttfts.append((now, seconds))
 
     def sample(self, now: float) -> LoadSample:
         replicas = self.router.replicas.values()
@@ -67,11 +68,7 @@ class ScalingController:
 
     def tick(self, now: float) -> ScalingDecision | None:
         """One measurement and decision; acts on it. Returns the decision taken, if any."""
-        timeout = self.config.cold_start_timeout_s
-        self.router.fail_unassigned(
-            lambda stream: now - stream.arrival_time > timeout,
-            f"no replica became ready within {timeout:.0f}s",
-        )
+        self.router.expire_unassigned(now)
         decision = self.policy.decide(now, self.sample(now))
         if decision is not None:
             self.apply(decision)
@@ -88,9 +85,16 @@ class ScalingController:
         self.target_replicas = decision.to_replicas
         for _ in range(decision.to_replicas - decision.from_replicas):
             self.router.background(self._launch())
-        if decision.to_replicas < decision.from_replicas:
+        surplus = decision.from_replicas - decision.to_replicas
+        if surplus > 0:  # replicas still starting go first (nothing to drain), newest first
+            starting = [
+                r for r in self.router.replicas.values() if r.state is ReplicaState.STARTING
+            ]
+            for replica in starting[::-1][:surplus]:
+                self.router.cancel_start(replica)
+                surplus -= 1
             ready = sorted(self.router.ready_replicas(), key=lambda r: r.load)
-            for replica in ready[: decision.from_replicas - decision.to_replicas]:
+            for replica in ready[:surplus]:
                 self.router.background(
                     self.router.drain_replica(replica, self.config.drain_timeout_s)
                 )

@@ -255,6 +255,8 @@ class Scheduler:
             req.num_pending_tokens -= 1
             req.output_token_ids.append(token_id)
             req.output_logprobs.append(lp)
+            if req.status is RequestStatus.WAITING:  # preempted while this token was in flight
+                self.num_queued_tokens += 1
             reason, stop_reason = self._check_finish(req, token_id)
             events.append(TokenEvent(req, token_id, lp, reason))
             if reason is not None:

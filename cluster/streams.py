@@ -20,6 +20,7 @@ class RequestStream:
     num_finished: int = 0
     num_failovers: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    unassigned_since: float | None = None  # when it last started waiting for a replica
     first_token_time: float | None = None
 
     @property

@@ -1,81 +1,20 @@
-"""Rebalancing queued requests between replicas: the router with in-process fake actors (no Ray).
+"""Rebalancing queued requests between replicas (router with in-process fake actors, no Ray).
 
-Each fake actor's steps wait on a gate, so a test decides when replicas make progress and can
-look at the queues in between.
+The actors' steps wait on a gate, so a test can look at the queues before anything runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from kvray.cluster.config import ClusterConfig, EngineConfig
 from kvray.cluster.replica import ReplicaState
-from kvray.cluster.router import Router
-from kvray.cluster.scheduler import SchedulerConfig
-from kvray.workers.fake import FakeWorker
-from kvray.workers.protocol import SamplingParams
-
-MAX_TOKENS = 6
-GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-
-class _Remote:
-    def __init__(self, fn: Any, gate: asyncio.Event | None = None) -> None:
-        self.fn, self.gate = fn, gate
-
-    def remote(self, *args: Any) -> asyncio.Task[Any]:
-        async def call() -> Any:
-            if self.gate is not None:
-                await self.gate.wait()
-            return self.fn(*args)
-
-        return asyncio.ensure_future(call())
-
-
-class LocalActor:
-    """A FakeWorker behind the `.remote()` calls the router makes; steps wait for `gate`."""
-
-    def __init__(self, gate: asyncio.Event) -> None:
-        self.worker = FakeWorker(num_kv_blocks=64, block_size=4)
-        self.warmup = _Remote(self.worker.warmup)
-        self.step = _Remote(self.worker.step, gate)
-        self.health = _Remote(self.worker.health)
-
-
-def expected(prompt: list[int]) -> list[int]:
-    ids = list(prompt)
-    for _ in range(MAX_TOKENS):
-        ids.append(FakeWorker.next_token(ids, 1000))
-    return ids[len(prompt) :]
-
-
-def make_router(gate: asyncio.Event, max_num_seqs: int = 2) -> Router:
-    config = ClusterConfig(
-        engine=EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)),
-        max_queued_requests=100,
-    )
-    return Router(config, lambda replica_id: LocalActor(gate))
-
-
-async def collect(router: Router, stream: Any) -> list[int]:
-    tokens: list[int] = []
-    while not stream.is_finished or not stream.queue.empty():
-        item = await stream.queue.get()
-        assert not isinstance(item, BaseException), item
-        tokens += item.token_ids
-    router.abort(stream.request_id)
-    return tokens
-
-
-def queue_of(replica: Any) -> list[str]:
-    return [req.request_id for req in replica.engine.scheduler.waiting]
+from tests.local_router import GREEDY, LocalRouter, collect, expected, queue_of
 
 
 def test_a_replica_that_becomes_ready_takes_a_share_of_the_queue_in_arrival_order():
     async def main() -> None:
-        gate = asyncio.Event()
-        router = make_router(gate)
+        local = LocalRouter()
+        router, gate = local.router, local.step_gate
         first = await router.launch_replica()
         prompts = [[i + 1, i + 2, i + 3] for i in range(20)]
         streams = [router.submit(p, GREEDY, request_id=f"r{i:02d}") for i, p in enumerate(prompts)]
@@ -111,8 +50,8 @@ def test_a_replica_that_becomes_ready_takes_a_share_of_the_queue_in_arrival_orde
 
 def test_a_draining_replica_hands_its_queue_over_at_once_and_keeps_its_running_requests():
     async def main() -> None:
-        gate = asyncio.Event()
-        router = make_router(gate)
+        local = LocalRouter()
+        router, gate = local.router, local.step_gate
         first = await router.launch_replica()
         second = await router.launch_replica()
         prompts = [[7, i + 1] for i in range(10)]
@@ -143,8 +82,8 @@ def test_a_draining_replica_hands_its_queue_over_at_once_and_keeps_its_running_r
 
 def test_balanced_replicas_keep_their_queues():
     async def main() -> None:
-        gate = asyncio.Event()
-        router = make_router(gate)
+        local = LocalRouter()
+        router = local.router
         replicas = [await router.launch_replica() for _ in range(2)]
         for i in range(12):
             router.submit([3, i + 1], GREEDY, request_id=f"r{i:02d}")
