@@ -5,6 +5,9 @@ a PNG plot; then how fast capacity followed the burst and what draining cost.
     python bench/autoscale.py                       # tiny model, ~2 minutes
     python bench/autoscale.py --plot autoscale.png --max-replicas 3
     python bench/autoscale.py --compare             # vs rebalancing off, in ABBA order: ~7 minutes
+    # replicas that do not share the CPU (fake steps sleep 20 ms), a 3 s burst: docs/adr/0003
+    python bench/autoscale.py --model fake --compare --base-rate 1 \
+        --target-ongoing-requests 8 --burst-rate 40 --burst-s 3
 
 The trace: `--base-rate` req/s, then a burst of `--burst-rate` req/s for `--burst-s`, then the
 base rate again until the cluster has drained back to its minimum (or `--tail-s` passes).
