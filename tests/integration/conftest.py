@@ -33,3 +33,14 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within timeout")
         time.sleep(interval)
+
+
+def stream_tokens(client, prompt, started, **params) -> list[int]:
+    """Stream one request's tokens, waiting at the barrier `started` after its first chunk, so
+    a test can act (kill, drain) while every stream is running."""
+    chunks = client.stream(prompt, **params)
+    tokens = list(next(chunks).token_ids)
+    started.wait(timeout=60)
+    for chunk in chunks:
+        tokens.extend(chunk.token_ids)
+    return tokens

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kvray.client import KvrayClient
-from tests.integration.conftest import start_cluster, wait_for
+from tests.integration.conftest import start_cluster, stream_tokens, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -94,12 +94,7 @@ def test_drain_past_its_timeout_moves_requests_exactly(ray_session, model_cache_
         started = threading.Barrier(len(PROMPTS) + 1)
 
         def stream(prompt):
-            chunks = client.stream(prompt, **params)
-            tokens = list(next(chunks).token_ids)
-            started.wait(timeout=60)
-            for chunk in chunks:
-                tokens.extend(chunk.token_ids)
-            return tokens
+            return stream_tokens(client, prompt, started, **params)
 
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             futures = [pool.submit(stream, p) for p in PROMPTS]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kvray.client import KvrayClient
-from tests.integration.conftest import start_cluster, wait_for
+from tests.integration.conftest import start_cluster, stream_tokens, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -36,12 +36,7 @@ def test_killed_worker_streams_continue_exactly(ray_session, model_cache_dir):
         started = threading.Barrier(len(PROMPTS) + 2)
 
         def stream(prompt, kwargs):
-            chunks = client.stream(prompt, **kwargs)
-            tokens = list(next(chunks).token_ids)
-            started.wait(timeout=60)
-            for chunk in chunks:
-                tokens.extend(chunk.token_ids)
-            return tokens
+            return stream_tokens(client, prompt, started, **kwargs)
 
         with ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
             futures = [pool.submit(stream, p, params) for p in PROMPTS]
