@@ -257,7 +257,8 @@ class KvrayClient:
         self.backoff_s = backoff_s
         self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # NOTE: Any: typeshed's HealthStub declares no methods.
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()

@@ -111,8 +111,9 @@ class BlockManager:
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
+            assert block.hash is not None  # only hashed (full, computed) blocks are cached
             req.block_ids.append(block_id)
-            req.block_hashes.append(block.hash)  # type: ignore[arg-type]
+            req.block_hashes.append(block.hash)
         self.num_prefix_queries += req.num_prompt_tokens
         self.num_prefix_hits += len(block_ids) * self.block_size
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from kvray.cluster.config import EngineConfig
 from kvray.cluster.engine import CompletionChunk, EngineCore, Prompt
@@ -139,14 +140,20 @@ def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or token ids) or a list of them, as a list. Raises ValueError."""
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
-    if not prompts:
+    items: list[object] = list(prompts)
+    if not items:
         raise ValueError("prompts is empty")
-    return prompts
+    if all(isinstance(t, int) for t in items):
+        return [cast(list[int], items)]  # one prompt of token ids
+    for p in items:
+        if not isinstance(p, str | Sequence):
+            raise ValueError(
+                f"each prompt must be a string or a list of token ids, got {type(p).__name__}"
+            )
+    return cast(list[Prompt], items)
 
 
 def _as_params_list(

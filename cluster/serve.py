@@ -145,8 +145,9 @@ async def serve(config: ClusterConfig) -> None:
     start = loop.create_task(cluster.start())
     stopped = loop.create_task(stop.wait())
     await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if start.done() and start.exception() is not None:
-        raise start.exception()  # type: ignore[misc]
+    error = start.exception() if start.done() else None
+    if error is not None:
+        raise error
     await stopped
     start.cancel()
     with contextlib.suppress(asyncio.CancelledError):

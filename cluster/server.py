@@ -198,7 +198,14 @@ async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.ai
             await health_servicer.set(name, state)
 
     loop = asyncio.get_running_loop()
-    router.on_ready_change = lambda ready: loop.create_task(set_ready(ready)) and None
+    pending: set[asyncio.Task[None]] = set()  # NOTE: the loop holds tasks weakly; keep them
+
+    def on_ready_change(ready: bool) -> None:
+        task = loop.create_task(set_ready(ready))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    router.on_ready_change = on_ready_change
     await set_ready(router.is_serving)
     await server.start()
     return server, bound

@@ -7,8 +7,12 @@ tensors and knows their geometry. Slot `b * block_size + i` is token `i` of bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,8 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_config(cls, config: object, dtype: torch.dtype) -> KVCacheSpec:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    def from_model_config(cls, config: PretrainedConfig, dtype: torch.dtype) -> KVCacheSpec:
+        text = config.get_text_config()
         num_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads

@@ -163,15 +163,15 @@ class Sampler:
         if batch.min_tokens_mask is not None or batch.penalties is not None:
             logits = logits.clone()
         if batch.min_tokens_mask is not None:
-            rows, token_ids = batch.min_tokens_mask
-            logits[rows, token_ids] = float("-inf")
+            mask_rows, mask_ids = batch.min_tokens_mask
+            logits[mask_rows, mask_ids] = float("-inf")
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         tokens = logits.argmax(dim=-1)
         if not batch.is_all_greedy:
             sampled = self._sample_random(logits, batch)
             tokens = torch.where(batch.temperature > 0, sampled, tokens)
-        token_ids = tokens.tolist()
+        token_ids: list[int] = tokens.tolist()
         if raw_logprobs is None:
             return token_ids, None
         return token_ids, _gather_logprobs(raw_logprobs, tokens, batch)

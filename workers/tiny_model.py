@@ -14,6 +14,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +47,11 @@ Emoji: 🚀 ✨ 🙂 — and symbols: ∑ ∞ ≤ ≥ → ← € £ ¥.
 """
 
 
-def _arch_config(arch: str, vocab_size: int, eos_id: int) -> object:
+def _arch_config(arch: str, vocab_size: int, eos_id: int) -> PretrainedConfig:
     import transformers
 
-    common = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id)
-    builders: dict[str, Callable[[], object]] = {
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=eos_id, eos_token_id=eos_id)
+    builders: dict[str, Callable[[], PretrainedConfig]] = {
         "llama": lambda: transformers.LlamaConfig(
             hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
@@ -67,7 +71,7 @@ def _arch_config(arch: str, vocab_size: int, eos_id: int) -> object:
     return builders[arch]()
 
 
-def make_tokenizer(vocab_size: int = 512) -> object:
+def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the built-in corpus (deterministic, offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -99,6 +103,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], *, arch: str = "llama", see
     out = Path(out_dir)
     tokenizer = make_tokenizer()
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert isinstance(eos_id, int)
     config = _arch_config(arch, vocab_size=len(tokenizer), eos_id=eos_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
@@ -53,7 +57,7 @@ class ModelWorker:
         self.seqs: dict[int, _Sequence] = {}
         self.info: WorkerInfo | None = None
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
         logger.info("loading %s on %s as %s", self.model_path, self.device, self.dtype)
@@ -65,7 +69,8 @@ class ModelWorker:
             revision=self.config.revision,
             trust_remote_code=self.config.trust_remote_code,
         )
-        model.to(self.device).eval()
+        # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
+        cast(torch.nn.Module, model).to(self.device).eval()
         logger.info("loaded in %.1fs", time.perf_counter() - start)
         return model
 
