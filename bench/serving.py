@@ -15,6 +15,7 @@ Two parts, one run:
    in its own processes so it does not share the router's GIL.
 
     python bench/serving.py                       # latency, throughput and router parts
+    python bench/serving.py --quick               # the same parts, smaller (about 3 minutes)
     python bench/serving.py --part engine --model tiny --rate 8 --num-requests 200
     python bench/serving.py --part router --concurrency 250,500,1000
 """
@@ -23,176 +24,64 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import os
-import random
 import signal
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log
-
-
-@dataclass
-class RequestSpec:
-    prompt: list[int]
-    max_tokens: int
-    arrival_s: float  # offset from the start (open loop); 0 in closed loop
-
-
-@dataclass
-class RequestResult:
-    ok: bool
-    num_tokens: int = 0
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    itls_s: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-def make_requests(n: int, *, rate: float, seed: int, prompt_range, output_range, vocab: int):
-    rng = random.Random(seed)
-    t = 0.0
-    specs = []
-    for _ in range(n):
-        if rate != float("inf"):
-            t += rng.expovariate(rate)
-        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(*prompt_range))]
-        specs.append(RequestSpec(prompt, rng.randint(*output_range), t))
-    return specs
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def summarize(name: str, results: list[RequestResult], elapsed: float) -> dict:
-    ok = [r for r in results if r.ok]
-    itls = [x for r in ok for x in r.itls_s]
-    tokens = sum(r.num_tokens for r in ok)
-    summary = {
-        "system": name,
-        "requests_ok": len(ok),
-        "requests_failed": len(results) - len(ok),
-        "seconds": elapsed,
-        "request_throughput": len(ok) / elapsed,
-        "output_tokens_per_s": tokens / elapsed,
-    }
-    for label, values in (
-        ("ttft_ms", [r.ttft_s for r in ok]),
-        ("itl_ms", itls),
-        ("e2e_ms", [r.e2e_s for r in ok]),
-    ):
-        for p in (50, 90, 99):
-            summary[f"{label}_p{p}"] = percentile(values, p) * 1000
-    return summary
-
-
-def print_summary(s: dict) -> None:
-    print(
-        f"{s['system']:<12} ok {s['requests_ok']:>5} fail {s['requests_failed']:>3}  "
-        f"{s['request_throughput']:7.2f} req/s {s['output_tokens_per_s']:9.1f} tok/s  "
-        f"TTFT p50/p90/p99 {s['ttft_ms_p50']:7.1f} {s['ttft_ms_p90']:7.1f} {s['ttft_ms_p99']:7.1f} ms  "
-        f"ITL {s['itl_ms_p50']:6.1f} {s['itl_ms_p90']:6.1f} {s['itl_ms_p99']:6.1f} ms  "
-        f"E2E {s['e2e_ms_p50']:7.0f} {s['e2e_ms_p90']:7.0f} {s['e2e_ms_p99']:7.0f} ms"
-    )
-
-
-# ---------------------------------------------------------------------- load generation
-
-
-async def drive(
-    specs: list[RequestSpec], send, *, concurrency: int | None
-) -> tuple[list[RequestResult], float]:
-    """Run every request through `send(spec) -> async iterator of token counts`."""
-    start = time.perf_counter()
-    gate = asyncio.Semaphore(concurrency) if concurrency else None
-
-    async def one(spec: RequestSpec) -> RequestResult:
-        if gate is None:
-            # NOTE: open loop: latency counts from the scheduled arrival, so a sender that is
-            # late (its loop was busy) does not hide queueing time (coordinated omission).
-            sent = start + spec.arrival_s
-            await asyncio.sleep(max(0.0, sent - time.perf_counter()))
-        else:
-            await gate.acquire()
-            sent = time.perf_counter()
-        result = RequestResult(ok=False)
-        last = sent
-        try:
-            async for num_tokens in send(spec):
-                now = time.perf_counter()
-                if result.num_tokens == 0:
-                    result.ttft_s = now - sent
-                else:
-                    result.itls_s.append(now - last)
-                last = now
-                result.num_tokens += num_tokens
-            result.ok = True
-        except Exception as exc:
-            result.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if gate is not None:
-                gate.release()
-        result.e2e_s = time.perf_counter() - sent
-        return result
-
-    results = await asyncio.gather(*(one(s) for s in specs))
-    return list(results), time.perf_counter() - start
+from load import RequestResult, RequestSpec, drive, make_requests, print_summary, summarize
 
 
 async def run_in_process(
     model: str, specs, *, concurrency, options
 ) -> tuple[list[RequestResult], float]:
-    """The engine in this process: one step loop, requests added as they arrive."""
-    from kvray.cluster.config import EngineConfig
+    """The engine in this process: a replica's StepLoop with the worker called in-process (no
+    Ray, no gRPC), requests added as they arrive."""
     from kvray.cluster.engine import EngineCore
+    from kvray.cluster.input_processor import InputProcessor
+    from kvray.cluster.step_loop import StepLoop, in_process
     from kvray.cluster.tokenizer import load_tokenizer
+    from kvray.workers.config import EngineConfig
     from kvray.workers.protocol import SamplingParams
     from kvray.workers.worker import ModelWorker
 
     config = EngineConfig.from_kwargs(model=model, **options)
-    worker = ModelWorker(config.worker)
+    worker = ModelWorker(config)
     info = worker.warmup()
-    engine = EngineCore(info, config.scheduler, load_tokenizer(info.model))
+    processor = InputProcessor(info, load_tokenizer(info.model))
+    engine = EngineCore(info, config.scheduler)
     queues: dict[str, asyncio.Queue] = {}
-    wake = asyncio.Event()
 
-    async def step_loop() -> None:
-        while True:
-            if not engine.has_unfinished():
-                wake.clear()
-                await wake.wait()
-            out = worker.step(engine.schedule())  # blocks the loop for one step, as LLM does
-            for chunk in engine.process(out):
-                queues[chunk.request_id].put_nowait(chunk)
-            await asyncio.sleep(0)
+    def publish(chunks) -> None:
+        for chunk in chunks:
+            queues[chunk.request_id].put_nowait(chunk)
+
+    loop = StepLoop(engine, in_process(worker.step), on_chunks=publish)
+    ids = itertools.count()
 
     async def send(spec: RequestSpec):
         params = SamplingParams(temperature=0, max_tokens=spec.max_tokens, ignore_eos=True)
-        request_id = engine.add_request(spec.prompt, params)
-        queue = queues[request_id] = asyncio.Queue()
-        wake.set()
+        request = processor.process(spec.prompt, params, f"req-{next(ids)}")
+        queue = queues[request.request_id] = asyncio.Queue()
+        engine.add(request)
+        loop.wake()
         while True:
             chunk = await queue.get()
             yield len(chunk.token_ids)
             if chunk.finish_reason is not None:
-                del queues[request_id]
+                del queues[request.request_id]
                 return
 
-    loop_task = asyncio.create_task(step_loop())
+    loop_task = asyncio.create_task(loop.run())
     try:
         return await drive(specs, send, concurrency=concurrency)
     finally:
@@ -400,7 +289,13 @@ def main() -> int:
     parser.add_argument("--fake-output-tokens", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests and streams in every part"
+    )
     args = parser.parse_args()
+    scale = 0.5 if args.quick else 1.0
+    if args.quick:
+        args.concurrency, args.fake_output_tokens = "100,250", 60
     report = {}
     if args.part == "engine":
         report["engine_vs_cluster"] = engine_vs_cluster(args)
@@ -409,14 +304,14 @@ def main() -> int:
         # of the machine's CPUs so that the router and the load generator have the other, as a
         # router would have its own CPU in a deployment (on 2 cores they otherwise contend).
         latency = argparse.Namespace(
-            **{**vars(args), "model": "tiny", "rate": 10.0, "num_requests": 200,
+            **{**vars(args), "model": "tiny", "rate": 10.0, "num_requests": int(200 * scale),
                "cpus_per_replica": 1.0}
         )  # fmt: skip
         report["latency"] = engine_vs_cluster(latency)
         # Throughput: a model whose steps dominate (SmolLM2-135M shape), closed loop.
         throughput = argparse.Namespace(
-            **{**vars(args), "model": "smollm2-shape", "rate": float("inf"), "num_requests": 64,
-               "max_concurrency": 32}
+            **{**vars(args), "model": "smollm2-shape", "rate": float("inf"),
+               "num_requests": int(64 * scale), "max_concurrency": 32}
         )  # fmt: skip
         report["throughput"] = engine_vs_cluster(throughput)
     if args.part in ("all", "router"):

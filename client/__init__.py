@@ -3,15 +3,7 @@
 Users see kvray's own types and typed errors, never protobuf messages or `grpc.RpcError`.
 """
 
-from kvray.client.client import (
-    AsyncKvrayClient,
-    ClusterStatus,
-    Completion,
-    GenerationChunk,
-    KvrayClient,
-    ModelInfo,
-    ReplicaStatus,
-)
+from kvray.client.client import AsyncKvrayClient, KvrayClient
 from kvray.client.errors import (
     DeadlineExceededError,
     InternalServerError,
@@ -21,9 +13,20 @@ from kvray.client.errors import (
     RequestCancelledError,
     UnavailableError,
 )
+from kvray.client.types import (
+    Choice,
+    ClusterStatus,
+    Completion,
+    GenerationChunk,
+    ModelInfo,
+    ReplicaStatus,
+    ScalingDecision,
+    TokenLogprob,
+)
 
 __all__ = [
     "AsyncKvrayClient",
+    "Choice",
     "ClusterStatus",
     "Completion",
     "DeadlineExceededError",
@@ -36,5 +39,7 @@ __all__ = [
     "OverloadedError",
     "ReplicaStatus",
     "RequestCancelledError",
+    "ScalingDecision",
+    "TokenLogprob",
     "UnavailableError",
 ]

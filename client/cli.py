@@ -6,26 +6,35 @@ import argparse
 import sys
 import time
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from kvray.client.client import KvrayClient
 from kvray.client.errors import KvrayError
+from kvray.wire import param_fields
 
 DEFAULT_TARGET = "localhost:50051"
+_TYPES = {
+    FieldDescriptor.TYPE_FLOAT: float,
+    FieldDescriptor.TYPE_INT32: int,
+    FieldDescriptor.TYPE_INT64: int,
+    FieldDescriptor.TYPE_STRING: str,
+}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a completion from a kvray server")
     p.add_argument("prompt")
     p.add_argument("--target", default=DEFAULT_TARGET, help="server address (host:port)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.set_defaults(func=generate)
+    for name, f in param_fields().items():  # one flag per wire parameter
+        flag = "--" + name.replace("_", "-")
+        if f.is_repeated:
+            p.add_argument(flag, dest=name, action="append", type=_TYPES[f.type], help="repeatable")
+        elif f.type == FieldDescriptor.TYPE_BOOL:
+            p.add_argument(flag, dest=name, action="store_true", default=None)
+        else:
+            p.add_argument(flag, dest=name, type=_TYPES[f.type], default=None)
+    p.set_defaults(func=generate, max_tokens=64)
 
     p = sub.add_parser("status", help="print a kvray cluster's replicas and load")
     p.add_argument("--target", default=DEFAULT_TARGET, help="server address (host:port)")
@@ -33,16 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    params = {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "seed": args.seed,
-        "stop": args.stop,
-        "ignore_eos": args.ignore_eos or None,
-    }
+    params = {name: getattr(args, name) for name in param_fields()}
     try:
         with KvrayClient(args.target) as client:
             last = None

@@ -1,133 +1,109 @@
-"""The replica autoscaler's policy: how many replicas the measured load needs, with delays
-against flapping. Pure Python and clock-free (the caller passes `now`); the router acts on it.
+"""The autoscaler: every `metrics_interval_s` it measures the load from the replicas' stats,
+asks the policy for a replica count, and has the pool add or remove replicas.
 
-Names follow Ray Serve's `autoscaling_config` where they mean the same thing
-(`min_replicas`, `max_replicas`, `target_ongoing_requests`, `upscale_delay_s`,
-`downscale_delay_s`, `metrics_interval_s`, `look_back_period_s`); the KV-cache and TTFT
-targets are kvray's own.
+Every decision is logged with the numbers behind it and kept for the cluster's status.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from kvray.cluster.autoscaling_policy import (
+    AutoscalingConfig,
+    AutoscalingPolicy,
+    LoadSample,
+    ScalingDecision,
+)
+from kvray.cluster.stats import ReplicaState, ScalingEvent
 
-@dataclass(frozen=True)
-class AutoscalingConfig:
-    min_replicas: int | None = None  # None: the `replicas` setting (no autoscaling)
-    max_replicas: int | None = None  # None: the `replicas` setting (no autoscaling)
-    target_ongoing_requests: float = 16.0  # running + queued requests per replica
-    target_kv_cache_usage: float = 0.8  # fraction of a replica's KV blocks in use
-    target_ttft_s: float | None = None  # p90 time to first token; None: not a signal
-    upscale_delay_s: float = 5.0  # load must stay above target this long before adding
-    downscale_delay_s: float = 60.0  # ... and below target this long before removing
-    metrics_interval_s: float = 1.0  # how often the router measures and decides
-    look_back_period_s: float = 10.0  # window of the TTFT percentile
-    drain_timeout_s: float = 60.0  # a draining replica's requests move elsewhere after this
-    cold_start_timeout_s: float = 300.0  # with no replica, a request waits this long at most
+if TYPE_CHECKING:
+    from kvray.cluster.replica_pool import ReplicaPool
 
-    def __post_init__(self) -> None:
-        for name in ("target_ongoing_requests", "metrics_interval_s", "look_back_period_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.target_kv_cache_usage <= 1:
-            raise ValueError(
-                f"target_kv_cache_usage must be in (0, 1], got {self.target_kv_cache_usage}"
-            )
-        if self.target_ttft_s is not None and self.target_ttft_s <= 0:
-            raise ValueError(f"target_ttft_s must be > 0, got {self.target_ttft_s}")
-        for name in (
-            "upscale_delay_s",
-            "downscale_delay_s",
-            "drain_timeout_s",
-            "cold_start_timeout_s",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+logger = logging.getLogger(__name__)
 
-    def bounds(self, replicas: int) -> tuple[int, int]:
-        """(min, max) replicas, defaulting both to `replicas`."""
-        low = replicas if self.min_replicas is None else self.min_replicas
-        high = replicas if self.max_replicas is None else self.max_replicas
-        if low < 0 or high < max(low, 1):
-            raise ValueError(
-                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
-                f"min_replicas={low}, max_replicas={high}"
-            )
-        return low, high
-
-
-@dataclass(frozen=True)
-class LoadSample:
-    """The cluster's load at one moment, as the router measures it."""
-
-    num_replicas: int  # ready + starting (what capacity will be without new decisions)
-    ongoing_requests: int  # running + queued on replicas + waiting for a replica
-    kv_cache_usage: float  # sum over ready replicas of the fraction of blocks in use
-    ttft_p90_s: float | None  # over the look-back window; None when nothing finished
-
-
-@dataclass(frozen=True)
-class ScalingDecision:
-    time: float  # the caller's clock (monotonic seconds)
-    from_replicas: int
-    to_replicas: int
-    reason: str  # the numbers behind it
+MAX_DECISIONS_KEPT = 20
 
 
 class Autoscaler:
-    """Turns load samples into replica counts: above target for `upscale_delay_s` adds replicas,
-    below for `downscale_delay_s` removes them; from zero, any demand starts one at once."""
-
-    def __init__(self, config: AutoscalingConfig, *, min_replicas: int, max_replicas: int) -> None:
+    def __init__(
+        self,
+        config: AutoscalingConfig,
+        pool: ReplicaPool,
+        *,
+        replicas: int,
+        num_unassigned: Callable[[], int],
+    ) -> None:
+        """`replicas` is the count started at launch; `num_unassigned()` the requests waiting
+        for a replica (they count as demand)."""
         self.config = config
-        self.min_replicas = min_replicas
-        self.max_replicas = max_replicas
-        self._above_since: float | None = None
-        self._below_since: float | None = None
+        self.pool = pool
+        low, high = config.bounds(replicas)
+        self.policy = AutoscalingPolicy(config, min_replicas=low, max_replicas=high)
+        self.target_replicas = replicas
+        self.decisions: deque[ScalingEvent] = deque(maxlen=MAX_DECISIONS_KEPT)
+        self._num_unassigned = num_unassigned
+        self._ttfts: deque[tuple[float, float]] = deque()  # (when, seconds)
 
-    def desired(self, load: LoadSample) -> tuple[int, str]:
-        """Replicas the load needs now (within bounds), and why."""
-        cfg = self.config
-        by_requests = load.ongoing_requests / cfg.target_ongoing_requests
-        by_kv = load.kv_cache_usage / cfg.target_kv_cache_usage
-        by_ttft = 0.0  # slow first tokens are only ever a reason to add replicas
-        slow = cfg.target_ttft_s is not None and (load.ttft_p90_s or 0.0) > cfg.target_ttft_s
-        if slow and load.ttft_p90_s is not None and cfg.target_ttft_s is not None:
-            by_ttft = load.num_replicas * load.ttft_p90_s / cfg.target_ttft_s
-        need = math.ceil(max(by_requests, by_kv, by_ttft) - 1e-9)
-        if load.ongoing_requests and need == 0:
-            need = 1
-        target = min(max(need, self.min_replicas), self.max_replicas)
-        ttft = "n/a" if load.ttft_p90_s is None else f"{load.ttft_p90_s * 1000:.0f}ms"
-        reason = (
-            f"ongoing={load.ongoing_requests} (/{cfg.target_ongoing_requests:g} -> {by_requests:.2f}), "
-            f"kv={load.kv_cache_usage:.2f} (/{cfg.target_kv_cache_usage:g} -> {by_kv:.2f}), "
-            f"ttft_p90={ttft} -> {by_ttft:.2f}; bounds [{self.min_replicas}, {self.max_replicas}]"
+    @property
+    def is_enabled(self) -> bool:
+        return self.policy.min_replicas != self.policy.max_replicas
+
+    @property
+    def can_scale_from_zero(self) -> bool:
+        """With no replica running, a request waits while one starts (instead of UNAVAILABLE)."""
+        return self.is_enabled and self.policy.min_replicas == 0
+
+    def record_ttft(self, now: float, seconds: float) -> None:
+        if self.is_enabled:  # trimmed by `sample`, which runs only then
+            self._ttfts.append((now, seconds))
+
+    def sample(self, now: float) -> LoadSample:
+        live = [
+            r for r in self.pool.stats() if r.state in (ReplicaState.READY, ReplicaState.STARTING)
+        ]
+        ongoing = self._num_unassigned() + sum(r.num_waiting + r.num_running for r in live)
+        while self._ttfts and self._ttfts[0][0] < now - self.config.look_back_period_s:
+            self._ttfts.popleft()
+        ttft = _percentile([s for _, s in self._ttfts], 90)
+        return LoadSample(len(live), ongoing, sum(r.kv_cache_usage for r in live), ttft)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metrics_interval_s)
+            self.tick(self.pool.clock())
+
+    def tick(self, now: float) -> ScalingDecision | None:
+        """One measurement and decision; acts on it. Returns the decision taken, if any."""
+        decision = self.policy.decide(now, self.sample(now))
+        if decision is not None:
+            self.apply(decision)
+        return decision
+
+    def apply(self, decision: ScalingDecision) -> None:
+        logger.info(
+            "scaling %d -> %d replicas: %s",
+            decision.from_replicas,
+            decision.to_replicas,
+            decision.reason,
         )
-        return target, reason
+        self.decisions.append(
+            ScalingEvent(time.time(), decision.from_replicas, decision.to_replicas, decision.reason)
+        )
+        self.target_replicas = decision.to_replicas
+        change = decision.to_replicas - decision.from_replicas
+        if change > 0:
+            self.pool.add(change)
+        elif change < 0:
+            self.pool.remove(-change, drain_timeout_s=self.config.drain_timeout_s)
 
-    def decide(self, now: float, load: LoadSample) -> ScalingDecision | None:
-        """A decision to change the replica count, or None to keep it."""
-        target, reason = self.desired(load)
-        current = load.num_replicas
-        if target > current:
-            self._below_since = None
-            if current == 0:  # cold start: a waiting request should not also wait for a delay
-                return self._decision(now, current, target, "scale from zero: " + reason)
-            self._above_since = self._above_since if self._above_since is not None else now
-            if now - self._above_since >= self.config.upscale_delay_s:
-                return self._decision(now, current, target, reason)
-        elif target < current:
-            self._above_since = None
-            self._below_since = self._below_since if self._below_since is not None else now
-            if now - self._below_since >= self.config.downscale_delay_s:
-                return self._decision(now, current, target, reason)
-        else:
-            self._above_since = self._below_since = None
+
+def _percentile(values: list[float], p: float) -> float | None:
+    if not values:
         return None
-
-    def _decision(self, now: float, current: int, target: int, reason: str) -> ScalingDecision:
-        self._above_since = self._below_since = None
-        return ScalingDecision(now, current, target, reason)
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]

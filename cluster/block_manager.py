@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvray.cluster.request import Request
+from kvray.cluster.sequence import Sequence
 
 
 @dataclass(eq=False)
@@ -44,32 +44,32 @@ class BlockManager:
         """Fraction of blocks held by sequences (0..1)."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def blocks_needed(self, req: Request, num_tokens: int) -> int:
-        """New blocks `req` needs so that its first `num_tokens` tokens have slots."""
-        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs so that its first `num_tokens` tokens have slots."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
 
-    def can_allocate(self, req: Request, num_tokens: int) -> bool:
-        return self.blocks_needed(req, num_tokens) <= len(self._free)
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self._free)
 
-    def allocate(self, req: Request, num_tokens: int) -> list[int]:
-        """Append blocks to `req` to cover `num_tokens` tokens; returns the new block ids."""
-        need = self.blocks_needed(req, num_tokens)
+    def allocate(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Append blocks to `seq` to cover `num_tokens` tokens; returns the new block ids."""
+        need = self.blocks_needed(seq, num_tokens)
         assert need <= len(self._free), "allocate() without can_allocate()"
         new_ids = [self._take_free() for _ in range(need)]
-        req.block_ids.extend(new_ids)
+        seq.block_ids.extend(new_ids)
         return new_ids
 
-    def free(self, req: Request) -> None:
-        """Release every block of `req`. Idempotent."""
+    def free(self, seq: Sequence) -> None:
+        """Release every block of `seq`. Idempotent."""
         # NOTE: reversed, so a sequence's tail blocks (the least shared) are evicted first.
-        for block_id in reversed(req.block_ids):
+        for block_id in reversed(seq.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0
             if block.ref_count == 0:
                 self._free[block_id] = None
-        req.block_ids = []
-        req.block_hashes = []
+        seq.block_ids = []
+        seq.block_hashes = []
 
     def _take_free(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -103,35 +103,35 @@ class BlockManager:
     def num_free_after_acquiring(self, block_ids: list[int]) -> int:
         return len(self._free) - sum(1 for b in block_ids if self.blocks[b].ref_count == 0)
 
-    def acquire_prefix(self, req: Request, block_ids: list[int]) -> None:
-        """Give `req` (which holds no blocks yet) the cached prefix blocks `block_ids`."""
-        assert not req.block_ids
+    def acquire_prefix(self, seq: Sequence, block_ids: list[int]) -> None:
+        """Give `seq` (which holds no blocks yet) the cached prefix blocks `block_ids`."""
+        assert not seq.block_ids
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
             assert block.hash is not None  # only hashed (full, computed) blocks are cached
-            req.block_ids.append(block_id)
-            req.block_hashes.append(block.hash)
-        self.num_prefix_queries += req.num_prompt_tokens
+            seq.block_ids.append(block_id)
+            seq.block_hashes.append(block.hash)
+        self.num_prefix_queries += seq.num_prompt_tokens
         self.num_prefix_hits += len(block_ids) * self.block_size
 
-    def cache_full_blocks(self, req: Request) -> None:
-        """Hash and publish `req`'s blocks that are full of known, computed tokens."""
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Hash and publish `seq`'s blocks that are full of known, computed tokens."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(req.num_computed_tokens, req.num_known_tokens) // bs
-        if num_full <= len(req.block_hashes):
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // bs
+        if num_full <= len(seq.block_hashes):
             return
-        tokens = req.all_token_ids
-        parent = req.block_hashes[-1] if req.block_hashes else None
-        for i in range(len(req.block_hashes), num_full):
+        tokens = seq.all_token_ids
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), num_full):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
             parent = hash((parent, chunk))
-            req.block_hashes.append(parent)
-            block = self.blocks[req.block_ids[i]]
+            seq.block_hashes.append(parent)
+            block = self.blocks[seq.block_ids[i]]
             if block.hash is None:
                 block.hash, block.token_ids = parent, chunk
                 self._cached.setdefault(parent, block.block_id)

@@ -41,32 +41,6 @@ def _offline(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_FLAGS = {  # flag -> (type, help); unset flags leave the config file / env / default
-    "model": (str, "built-in name (tiny, tiny-qwen2, tiny-gpt2), local directory or hub id"),
-    "replicas": (int, "worker actors to start (default 1)"),
-    "host": (str, "gRPC listen address (default 0.0.0.0)"),
-    "port": (int, "gRPC port (default 50051)"),
-    "ray_address": (str, "join this Ray cluster instead of starting a local one"),
-    "max_queued_requests": (int, "queued requests before RESOURCE_EXHAUSTED (default 256)"),
-    "cpus_per_replica": (float, "Ray CPUs per worker actor (default 1)"),
-    "gpus_per_replica": (float, "Ray GPUs per worker actor (default: 1 if the cluster has GPUs)"),
-    "device": (str, "auto, cpu or cuda"),
-    "dtype": (str, "auto, float32, bfloat16 or float16"),
-    "max_model_len": (int, "tokens per sequence (default: the model's)"),
-    "max_num_seqs": (int, "running sequences per replica (default 128)"),
-    "max_num_batched_tokens": (int, "tokens per step (default 2048)"),
-    "num_kv_blocks": (int, "KV blocks per replica (default: from memory)"),
-    "block_size": (int, "tokens per KV block (default 16)"),
-    "min_replicas": (int, "autoscaling lower bound (default: --replicas; 0 allows scale to zero)"),
-    "max_replicas": (int, "autoscaling upper bound (default: --replicas, no autoscaling)"),
-    "target_ongoing_requests": (float, "running + queued requests per replica to aim for (16)"),
-    "target_kv_cache_usage": (float, "KV-cache use per replica to aim for (0.8)"),
-    "target_ttft_s": (float, "p90 time to first token to aim for (default: not used)"),
-    "upscale_delay_s": (float, "seconds above target before adding replicas (5)"),
-    "downscale_delay_s": (float, "seconds below target before draining replicas (60)"),
-}
-
-
 def _printable(text: str) -> str:
     """Control characters (random models emit them) shown as U+FFFD, not sent to the terminal."""
     return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
@@ -77,9 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from kvray.cluster import config as cluster_config
-    from kvray.cluster.serve import serve
+    from kvray.cluster.launcher import serve
 
-    flags = {name: getattr(args, name) for name in _SERVE_FLAGS}
+    flags = {name: getattr(args, name) for name in cluster_config.settings()}
     if args.ray_serve:
         return _serve_with_ray_serve(flags, args.config)
     config = cluster_config.load(flags, config_file=args.config)
@@ -88,12 +62,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_with_ray_serve(flags: dict, config_file: str | None) -> int:
-    """Deploy `kvray.cluster.app:app` through Ray Serve, as a RayService does, and block."""
+    """Deploy `kvray.cluster.serve_app:app` through Ray Serve, as a RayService does, and block."""
     from ray import serve
 
     from kvray.cluster import config as cluster_config
-    from kvray.cluster.app import app
-    from kvray.cluster.serve import init_ray
+    from kvray.cluster.launcher import init_ray
+    from kvray.cluster.serve_app import app
 
     args = {k: v for k, v in flags.items() if v is not None}
     if config_file:
@@ -141,6 +115,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key (`--max-num-seqs` for `max_num_seqs`), with the field's help.
+
+    Values stay text: the config loader parses them as it parses `KVRAY_*` variables.
+    """
+    from kvray.cluster.config import settings
+
+    for s in settings().values():
+        default = "" if s.default is None else f" (default {s.default})"
+        parser.add_argument(
+            "--" + s.name.replace("_", "-"), dest=s.name, default=None, help=s.help + default
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -157,10 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ray-serve",
         action="store_true",
-        help="run the router as the Ray Serve application kvray.cluster.app:app (as on KubeRay)",
+        help="run the router as the Ray Serve application kvray.cluster.serve_app:app (as on KubeRay)",
     )
-    for name, (kind, text) in _SERVE_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    add_setting_flags(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="start a local cluster and stream answers through gRPC")

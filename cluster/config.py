@@ -1,7 +1,9 @@
-"""Configuration: the engine's (worker + scheduler) and the cluster's, and the one loader that
-merges defaults, a YAML file, `KVRAY_*` environment variables and command-line flags.
+"""The cluster's settings, and the one loader that merges defaults, a YAML file, `KVRAY_*`
+environment variables and command-line flags into a `ClusterConfig`.
 
-Nothing else in kvray reads `os.environ`.
+Every key is a field of `ClusterConfig`, `AutoscalingConfig`, `WorkerConfig` or
+`SchedulerConfig` (or `cache_dir`), taken flat; `settings()` lists them with their types and
+help, for the CLI and the docs. Nothing else in kvray reads `os.environ`.
 """
 
 from __future__ import annotations
@@ -15,43 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvray.cluster.autoscaler import AutoscalingConfig
-from kvray.cluster.scheduler import SchedulerConfig
-from kvray.workers.config import WorkerConfig
+from kvray.cluster.autoscaling_policy import AutoscalingConfig
+from kvray.workers.config import (
+    EngineConfig,
+    SchedulerConfig,
+    WorkerConfig,
+    field_names,
+    pick,
+    setting,
+)
 
 ENV_PREFIX = "KVRAY_"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    cache_dir: str | None = None  # where built-in tiny models are built (default ~/.cache/kvray)
-
-    @classmethod
-    def keys(cls) -> set[str]:
-        return _field_names(WorkerConfig) | _field_names(SchedulerConfig) | {"cache_dir"}
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Split flat keyword arguments between WorkerConfig and SchedulerConfig.
-
-        Raises:
-            TypeError: an argument that neither config has (the message lists the valid ones).
-            ValueError: a value out of range (from the configs' own checks).
-        """
-        unknown = set(kwargs) - cls.keys()
-        if unknown:
-            valid = ", ".join(sorted(cls.keys()))
-            raise TypeError(
-                f"unknown engine option(s) {', '.join(sorted(unknown))}; valid: {valid}"
-            )
-        # NOTE: max_num_batched_tokens and max_num_seqs are fields of both: the worker profiles
-        # (and sizes its CPU cache for) the largest step the scheduler may build.
-        worker = WorkerConfig(**_pick(kwargs, WorkerConfig))
-        scheduler = SchedulerConfig(**_pick(kwargs, SchedulerConfig))
-        cache_dir = kwargs.get("cache_dir")
-        return cls(worker, scheduler, None if cache_dir is None else str(cache_dir))
 
 
 @dataclass(frozen=True)
@@ -60,17 +36,27 @@ class ClusterConfig:
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    replicas: int = 1  # worker actors started at launch (min/max_replicas bound them later)
-    host: str = "0.0.0.0"  # gRPC listen address
-    port: int = 50051  # gRPC port; 0 picks a free one
-    ray_address: str | None = None  # join this Ray cluster; None starts a local one
-    max_queued_requests: int = 256  # past this many waiting requests: RESOURCE_EXHAUSTED
-    cpus_per_replica: float = 1.0  # Ray CPUs each worker actor asks for (CPU clusters)
-    gpus_per_replica: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
-    health_check_period_s: float = 5.0  # how often idle replicas are pinged
-    rebalance_period_s: float = 0.25  # queued requests move to less busy replicas; 0: never
-    shutdown_timeout_s: float = 30.0  # SIGTERM: running streams get this long to finish
-    fake_step_ms: float = 20.0  # model "fake" only: how long each scripted step takes
+    replicas: int = setting(
+        1, "worker actors started at launch (min/max_replicas bound them later)"
+    )
+    host: str = setting("0.0.0.0", "gRPC listen address")
+    port: int = setting(50051, "gRPC port (0 picks a free one)")
+    ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one")
+    max_queued_requests: int = setting(
+        256, "waiting sequences (n samples count n) before RESOURCE_EXHAUSTED"
+    )
+    cpus_per_replica: float = setting(1.0, "Ray CPUs (and torch threads) per CPU worker actor")
+    gpus_per_replica: float | None = setting(
+        None, "Ray GPUs per worker actor (default: 1 when the Ray cluster has GPUs, else 0)"
+    )
+    health_check_period_s: float = setting(5.0, "seconds between health pings of ready replicas")
+    rebalance_period_s: float = setting(
+        0.25, "queued requests move to less busy replicas this often, seconds (0: never)"
+    )
+    shutdown_timeout_s: float = setting(30.0, "on SIGTERM, seconds running streams get to finish")
+    fake_step_ms: float = setting(
+        20.0, "model fake only (scripted tokens, no model): milliseconds per step"
+    )
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -96,6 +82,27 @@ class ClusterConfig:
         return self.engine.worker.model
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One flat config key: its type (a type hint), default and help text."""
+
+    name: str
+    hint: Any
+    default: Any
+    help: str
+
+
+def settings() -> dict[str, Setting]:
+    """Every flat key `load` accepts, in a stable order (engine, cluster, autoscaling)."""
+    found: dict[str, Setting] = {}
+    for cls in (WorkerConfig, SchedulerConfig, EngineConfig, ClusterConfig, AutoscalingConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                found[f.name] = Setting(f.name, hints[f.name], f.default, f.metadata["help"])
+    return found
+
+
 def load(
     flags: Mapping[str, Any] | None = None,
     *,
@@ -104,39 +111,41 @@ def load(
 ) -> ClusterConfig:
     """Merge, lowest precedence first: defaults, the YAML file (`config_file`, or the file named by
     `KVRAY_CONFIG`), `KVRAY_<KEY>` environment variables, then `flags` (None values are skipped).
+    Text values (environment, command line) are parsed as the key's type.
 
     Raises:
         ValueError: an unknown key (anywhere), a value of the wrong type, or one out of range.
     """
     environ = os.environ if environ is None else environ
+    known = settings()
     merged: dict[str, Any] = {}
     path = config_file or environ.get(f"{ENV_PREFIX}CONFIG")
     if path:
         merged.update(_read_yaml(Path(path)))
-    types_by_key = _key_types()
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name[len(ENV_PREFIX) :].lower()
-            if key not in types_by_key:
-                raise ValueError(
-                    f"unknown setting {name}; valid keys: {', '.join(sorted(types_by_key))}"
-                )
-            merged[key] = _parse(name, value, types_by_key[key])
-    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
-    unknown = set(merged) - set(types_by_key)
+            if key not in known:
+                raise ValueError(f"unknown setting {name}; valid keys: {', '.join(sorted(known))}")
+            merged[key] = _parse(name, value, known[key].hint)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merged[key] = value
+            if isinstance(value, str) and key in known:
+                merged[key] = _parse(f"--{key.replace('_', '-')}", value, known[key].hint)
+    unknown = set(merged) - set(known)
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(types_by_key))}"
+            f"unknown config key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
         )
-    cluster_keys = _field_names(ClusterConfig) - {"engine", "autoscaling"}
-    scaling_keys = _field_names(AutoscalingConfig)
+    cluster_keys = field_names(ClusterConfig) - {"engine", "autoscaling"}
+    scaling_keys = field_names(AutoscalingConfig)
     engine = EngineConfig.from_kwargs(
         **{k: v for k, v in merged.items() if k not in cluster_keys | scaling_keys}
     )
-    autoscaling = AutoscalingConfig(**{k: v for k, v in merged.items() if k in scaling_keys})
     return ClusterConfig(
         engine=engine,
-        autoscaling=autoscaling,
+        autoscaling=AutoscalingConfig(**pick(merged, AutoscalingConfig)),
         **{k: v for k, v in merged.items() if k in cluster_keys},
     )
 
@@ -150,18 +159,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _key_types() -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for cls in (WorkerConfig, SchedulerConfig, AutoscalingConfig, ClusterConfig):
-        hints.update(typing.get_type_hints(cls))
-    hints.pop("engine")
-    hints.pop("autoscaling")
-    hints["cache_dir"] = str | None
-    return hints
-
-
 def _parse(name: str, value: str, hint: Any) -> Any:
-    """Parse an environment variable's text as the field's type."""
+    """Parse a setting's text (environment variable or flag) as the field's type."""
     args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
     if type(None) in args and value.lower() in ("", "none", "null"):
         return None
@@ -174,12 +173,3 @@ def _parse(name: str, value: str, hint: Any) -> Any:
         return base(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a valid {base.__name__}") from None
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _pick(kwargs: Mapping[str, Any], cls: type) -> dict[str, Any]:
-    names = _field_names(cls)
-    return {k: v for k, v in kwargs.items() if k in names}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from kvray.cluster.config import EngineConfig
-from kvray.cluster.engine import CompletionChunk, EngineCore, Prompt
+from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.input_processor import InputProcessor, Prompt
 from kvray.cluster.tokenizer import load_tokenizer
+from kvray.workers.config import EngineConfig
 from kvray.workers.protocol import Logprobs, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class RequestOutput:
 class LLM:
     """A model replica and its engine in this process.
 
-    Keyword arguments are engine options (see `WorkerConfig` and `SchedulerConfig`), e.g.
+    Keyword arguments are engine options (`EngineConfig.keys()`), e.g.
     `LLM("tiny", num_kv_blocks=64, max_num_batched_tokens=512, prefill_chunk_size=128)`.
     """
 
@@ -63,14 +65,16 @@ class LLM:
         from kvray.workers.worker import ModelWorker
 
         self.config = EngineConfig.from_kwargs(model=model, **options)
-        self.worker = ModelWorker(self.config.worker, cache_dir=self.config.cache_dir)
+        self.worker = ModelWorker(self.config)
         info = self.worker.warmup()
         self.tokenizer = load_tokenizer(
             info.model,
             revision=self.config.worker.revision,
             trust_remote_code=self.config.worker.trust_remote_code,
         )
-        self.engine = EngineCore(info, self.config.scheduler, self.tokenizer)
+        self.processor = InputProcessor(info, self.tokenizer)
+        self.engine = EngineCore(info, self.config.scheduler)
+        self._request_ids = itertools.count()
 
     def generate(
         self,
@@ -110,9 +114,19 @@ class LLM:
 
     def step(self) -> list[CompletionChunk]:
         """One scheduler step through the in-process worker."""
-        step_input = self.engine.schedule()
-        step_output = self.worker.step(step_input)
-        return self.engine.process(step_output)
+        return self.engine.step(self.worker.step)
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
+    ) -> str:
+        """Validate and queue one request (run it with `step`). Returns its id.
+
+        Raises:
+            ValueError: an invalid prompt or parameters, or a request_id already in use.
+        """
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        self.engine.add(self.processor.process(prompt, params, request_id))
+        return request_id
 
     def _add_all(
         self,
@@ -121,12 +135,14 @@ class LLM:
     ) -> tuple[list[str], list[list[int]]]:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        # Validate everything first so that one bad prompt queues nothing.
-        token_ids = [self.engine.tokenize(p) for p in prompt_list]
-        for params in params_list:
-            self.engine.check_params(params)
-        request_ids = [self.engine.add_request(t, p) for t, p in zip(token_ids, params_list)]
-        return request_ids, token_ids
+        # Process everything first so that one bad prompt queues nothing.
+        requests = [
+            self.processor.process(prompt, params, f"req-{next(self._request_ids)}")
+            for prompt, params in zip(prompt_list, params_list)
+        ]
+        for request in requests:
+            self.engine.add(request)
+        return [r.request_id for r in requests], [r.prompt_token_ids for r in requests]
 
 
 def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:

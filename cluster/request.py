@@ -1,77 +1,36 @@
-"""Router-side state of one sequence: its tokens, progress, KV blocks and how it ended."""
+"""A client request as the router holds it: its prompt and its sequences (one per sample).
+
+Built once by the input processor; a replica's engine queues its sequences; on failover,
+drain or rebalance it moves whole to another replica's engine.
+"""
 
 from __future__ import annotations
 
-import enum
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from kvray.workers.protocol import Logprobs, SamplingParams
-
-if TYPE_CHECKING:
-    from kvray.cluster.detokenizer import Detokenizer
-
-
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
-    RUNNING = "running"  # holds KV blocks and is scheduled every step
-    FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens or the model's context length
-    ABORT = "abort"  # cancelled by the caller, or failed
+from kvray.cluster.sequence import Sequence, SequenceStatus
 
 
 @dataclass(eq=False)
 class Request:
-    """One sequence. A request with n > 1 samples is n of these sharing a request_id."""
-
-    seq_id: int
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingParams
-    index: int = 0  # which of the request's n samples
-    arrival_time: float = field(default_factory=time.monotonic)
-    status: RequestStatus = RequestStatus.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[Logprobs | None] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written)
-    num_pending_tokens: int = 0  # sampled by an in-flight step; ids not yet seen
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
-    block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
-    is_known_to_worker: bool = False  # False: send in full (new, or preempted) when scheduled
-    num_preemptions: int = 0
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    first_token_time: float | None = None
-    detokenizer: Detokenizer | None = None  # None when the model has no tokenizer
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        """Every token of the sequence, including sampled ones whose ids are not back yet."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
-
-    @property
-    def num_known_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_output_tokens(self) -> int:
-        """Output tokens generated or in flight."""
-        return len(self.output_token_ids) + self.num_pending_tokens
+    seqs: list[Sequence]
+    arrival_time: float  # the router's clock when it was admitted (moves keep it: FCFS)
 
     @property
     def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        return all(s.is_finished for s in self.seqs)
+
+    @property
+    def is_movable(self) -> bool:
+        """Holds nothing on its replica (no KV blocks, no token in flight): moving it is free."""
+        return all(
+            s.is_finished or (s.status is SequenceStatus.WAITING and s.num_pending_tokens == 0)
+            for s in self.seqs
+        )
+
+    @property
+    def num_unfinished_tokens(self) -> int:
+        """Known tokens of its unfinished sequences: its share of a scheduler's queued tokens."""
+        return sum(s.num_known_tokens for s in self.seqs if not s.is_finished)

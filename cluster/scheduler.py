@@ -1,8 +1,8 @@
 """The per-replica scheduler: FCFS continuous batching over a paged KV cache.
 
-One rule: each step gives every request up to `num_tokens - num_computed_tokens` tokens within
+One rule: each step gives every sequence up to `num_tokens - num_computed_tokens` tokens within
 the step's token budget. A decode is the case where that difference is 1; a long prompt is
-computed in chunks. When blocks run out, the newest running request is preempted: its blocks
+computed in chunks. When blocks run out, the newest running sequence is preempted: its blocks
 are freed and it is recomputed later from its prompt and the tokens it already produced.
 
 `schedule()` may run again before the previous step's `update()`: a sequence that is still
@@ -15,33 +15,16 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvray.cluster.block_manager import BlockManager
-from kvray.cluster.request import FinishReason, Request, RequestStatus
-from kvray.workers.protocol import Logprobs, NewRequest, StepInput, StepOutput
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 128  # running sequences per replica
-    max_num_batched_tokens: int = 2048  # tokens per step (the budget)
-    prefill_chunk_size: int | None = None  # most prompt tokens one sequence computes per step
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
+from kvray.cluster.sequence import FinishReason, Sequence, SequenceStatus
+from kvray.workers.config import SchedulerConfig
+from kvray.workers.protocol import Logprobs, NewSequence, StepInput, StepOutput
 
 
 @dataclass
 class TokenEvent:
     """One token a sequence received in `update()`, and whether it ended the sequence."""
 
-    request: Request
+    seq: Sequence
     token_id: int
     logprobs: Logprobs | None
     finish_reason: FinishReason | None
@@ -60,9 +43,9 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[int, Request] = {}  # unfinished, by seq_id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}  # unfinished, by seq_id
         self._dropped_seq_ids: list[int] = []  # to tell the worker in the next step
         self._step_id = 0
         self.num_preemptions = 0
@@ -70,46 +53,46 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
-    def add(self, req: Request) -> None:
+    def add(self, seq: Sequence) -> None:
         """Queue a sequence in arrival order (FCFS): a new one at the back, one moved here from
         another replica where it would have been. The caller validated it against max_model_len."""
-        assert req.seq_id not in self.requests
-        self.requests[req.seq_id] = req
+        assert seq.seq_id not in self.seqs
+        self.seqs[seq.seq_id] = seq
         position = len(self.waiting)
-        while position > 0 and self.waiting[position - 1].arrival_time > req.arrival_time:
+        while position > 0 and self.waiting[position - 1].arrival_time > seq.arrival_time:
             position -= 1
-        self.waiting.insert(position, req)
-        self.num_queued_tokens += req.num_known_tokens
+        self.waiting.insert(position, seq)
+        self.num_queued_tokens += seq.num_known_tokens
 
     def finish(
         self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None
     ) -> None:
         """End a sequence now (stop string, abort): free its blocks; the worker drops it next step."""
-        req = self.requests.pop(seq_id, None)
-        if req is None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
             return
-        self._unlist(req)
-        self.block_manager.free(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
-        req.stop_reason = stop_reason
+        self._unlist(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
 
-    def remove(self, seq_id: int) -> Request:
+    def remove(self, seq_id: int) -> Sequence:
         """Take a sequence out (to move it elsewhere): blocks freed, ready to be recomputed."""
-        req = self.requests.pop(seq_id)
-        self._unlist(req)
-        self._reset_for_recompute(req)
-        req.num_pending_tokens = 0  # sampled by a worker whose output will never be read
-        return req
+        seq = self.seqs.pop(seq_id)
+        self._unlist(seq)
+        self._reset_for_recompute(seq)
+        seq.num_pending_tokens = 0  # sampled by a worker whose output will never be read
+        return seq
 
-    def _unlist(self, req: Request) -> None:
-        """Take `req` out of the running list (telling the worker) or out of the queue."""
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-            self._dropped_seq_ids.append(req.seq_id)
+    def _unlist(self, seq: Sequence) -> None:
+        """Take `seq` out of the running list (telling the worker) or out of the queue."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._dropped_seq_ids.append(seq.seq_id)
         else:
-            self.waiting.remove(req)
-            self.num_queued_tokens -= req.num_known_tokens
+            self.waiting.remove(seq)
+            self.num_queued_tokens -= seq.num_known_tokens
 
     @property
     def num_waiting(self) -> int:
@@ -120,12 +103,12 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.seqs)
 
     # ------------------------------------------------------------------ schedule
 
     def schedule(self) -> StepInput:
-        """Build the next step. Mutates requests (computed counts, blocks, pending tokens).
+        """Build the next step. Mutates sequences (computed counts, blocks, pending tokens).
 
         Returns a StepInput; it may schedule nothing (then only carries drops).
         """
@@ -142,99 +125,99 @@ class Scheduler:
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = self._num_new_tokens(req, budget)
+            seq = self.running[i]
+            num_new = self._num_new_tokens(seq, budget)
             if num_new == 0:
                 i += 1
                 continue
-            target = req.num_computed_tokens + num_new
-            while not self.block_manager.can_allocate(req, target):
+            target = seq.num_computed_tokens + num_new
+            while not self.block_manager.can_allocate(seq, target):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
-                if victim is req:
+                if victim is seq:
                     break
             else:
-                new_blocks = self.block_manager.allocate(req, target)
+                new_blocks = self.block_manager.allocate(seq, target)
                 if new_blocks:
-                    step.new_block_ids[req.seq_id] = new_blocks
-                self._add_to_step(step, req, num_new)
+                    step.new_block_ids[seq.seq_id] = new_blocks
+                self._add_to_step(step, seq, num_new)
                 budget -= num_new
                 i += 1
         return budget, preempted
 
     def _admit_waiting(self, step: StepInput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if req.num_pending_tokens:
+            seq = self.waiting[0]
+            if seq.num_pending_tokens:
                 break  # preempted while a step was in flight; its last token is not back yet
-            prefix = self.block_manager.match_prefix(req.all_token_ids)
+            prefix = self.block_manager.match_prefix(seq.all_token_ids)
             num_cached = len(prefix) * self.block_manager.block_size
-            num_new = min(req.num_known_tokens - num_cached, self._chunk_limit(budget))
+            num_new = min(seq.num_known_tokens - num_cached, self._chunk_limit(budget))
             need = -(-(num_cached + num_new) // self.block_manager.block_size) - len(prefix)
             if need > self.block_manager.num_free_after_acquiring(prefix):
                 break
             self.waiting.popleft()
-            self.num_queued_tokens -= req.num_known_tokens
-            self.block_manager.acquire_prefix(req, prefix)
-            req.num_computed_tokens = req.num_cached_tokens = num_cached
-            self.block_manager.allocate(req, num_cached + num_new)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            step.new_requests.append(
-                NewRequest(
-                    seq_id=req.seq_id,
-                    token_ids=req.all_token_ids,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    sampling=req.sampling,
-                    block_ids=list(req.block_ids),
+            self.num_queued_tokens -= seq.num_known_tokens
+            self.block_manager.acquire_prefix(seq, prefix)
+            seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+            self.block_manager.allocate(seq, num_cached + num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            step.new_seqs.append(
+                NewSequence(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.all_token_ids,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    sampling=seq.sampling,
+                    block_ids=list(seq.block_ids),
                     num_computed_tokens=num_cached,
                 )
             )
-            req.is_known_to_worker = True
-            self._add_to_step(step, req, num_new)
+            seq.is_known_to_worker = True
+            self._add_to_step(step, seq, num_new)
             budget -= num_new
 
     def _chunk_limit(self, budget: int) -> int:
         chunk = self.config.prefill_chunk_size
         return budget if chunk is None else min(budget, chunk)
 
-    def _num_new_tokens(self, req: Request, budget: int) -> int:
-        remaining = req.num_tokens - req.num_computed_tokens
-        if remaining == 1 and not self._may_sample(req):
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if remaining == 1 and not self._may_sample(seq):
             return 0  # its last sample already reaches a limit; it finishes on update
         return min(remaining, self._chunk_limit(budget))
 
-    def _may_sample(self, req: Request) -> bool:
+    def _may_sample(self, seq: Sequence) -> bool:
         """Whether computing the last token would yield a token the sequence may still emit."""
-        max_tokens = req.sampling.max_tokens
-        if max_tokens is not None and req.num_output_tokens >= max_tokens:
+        max_tokens = seq.sampling.max_tokens
+        if max_tokens is not None and seq.num_output_tokens >= max_tokens:
             return False
-        return req.num_tokens < self.max_model_len
+        return seq.num_tokens < self.max_model_len
 
-    def _add_to_step(self, step: StepInput, req: Request, num_new: int) -> None:
-        step.seq_ids.append(req.seq_id)
+    def _add_to_step(self, step: StepInput, seq: Sequence, num_new: int) -> None:
+        step.seq_ids.append(seq.seq_id)
         step.num_scheduled_tokens.append(num_new)
-        step.num_computed_tokens.append(req.num_computed_tokens)
-        req.num_computed_tokens += num_new
-        if req.num_computed_tokens == req.num_tokens:
-            req.num_pending_tokens += 1  # this step samples the next token
+        step.num_computed_tokens.append(seq.num_computed_tokens)
+        seq.num_computed_tokens += num_new
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.num_pending_tokens += 1  # this step samples the next token
 
-    def _preempt(self, req: Request) -> None:
-        """Free `req`'s blocks and put it at the front of the queue for recompute."""
-        self.running.remove(req)
-        self._dropped_seq_ids.append(req.seq_id)
-        self._reset_for_recompute(req)
-        req.num_preemptions += 1
+    def _preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and put it at the front of the queue for recompute."""
+        self.running.remove(seq)
+        self._dropped_seq_ids.append(seq.seq_id)
+        self._reset_for_recompute(seq)
+        seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
-        self.num_queued_tokens += req.num_known_tokens
+        self.waiting.appendleft(seq)
+        self.num_queued_tokens += seq.num_known_tokens
 
-    def _reset_for_recompute(self, req: Request) -> None:
-        self.block_manager.free(req)
-        req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
-        req.is_known_to_worker = False
+    def _reset_for_recompute(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.is_known_to_worker = False
 
     # ------------------------------------------------------------------ update
 
@@ -249,25 +232,25 @@ class Scheduler:
         for seq_id, token_id, lp in zip(
             step_output.seq_ids, step_output.sampled_token_ids, logprobs
         ):
-            req = self.requests.get(seq_id)
-            if req is None:
+            seq = self.seqs.get(seq_id)
+            if seq is None:
                 continue
-            req.num_pending_tokens -= 1
-            req.output_token_ids.append(token_id)
-            req.output_logprobs.append(lp)
-            if req.status is RequestStatus.WAITING:  # preempted while this token was in flight
+            seq.num_pending_tokens -= 1
+            seq.output_token_ids.append(token_id)
+            seq.output_logprobs.append(lp)
+            if seq.status is SequenceStatus.WAITING:  # preempted while this token was in flight
                 self.num_queued_tokens += 1
-            reason, stop_reason = self._check_finish(req, token_id)
-            events.append(TokenEvent(req, token_id, lp, reason))
+            reason, stop_reason = self._check_finish(seq, token_id)
+            events.append(TokenEvent(seq, token_id, lp, reason))
             if reason is not None:
                 self.finish(seq_id, reason, stop_reason)
             else:
-                self.block_manager.cache_full_blocks(req)
+                self.block_manager.cache_full_blocks(seq)
         return events
 
-    def _check_finish(self, req: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
-        params = req.sampling
-        num_output = len(req.output_token_ids)
+    def _check_finish(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, int | None]:
+        params = seq.sampling
+        num_output = len(seq.output_token_ids)
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return FinishReason.STOP, None
@@ -275,6 +258,6 @@ class Scheduler:
                 return FinishReason.STOP, token_id
         if params.max_tokens is not None and num_output >= params.max_tokens:
             return FinishReason.LENGTH, None
-        if req.num_known_tokens >= self.max_model_len:
+        if seq.num_known_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None

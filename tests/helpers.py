@@ -1,10 +1,36 @@
-"""Test helpers: drive an EngineCore against a worker, synchronously or with a step in flight."""
+"""Test helpers: an engine with its input step in front, driven synchronously or with a step in
+flight (through the cluster's own StepLoop), and the HF greedy reference."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections import defaultdict
+from typing import Any
 
 from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.input_processor import InputProcessor, Prompt
+from kvray.cluster.step_loop import StepLoop, in_process
+from kvray.workers.config import SchedulerConfig
+from kvray.workers.protocol import SamplingParams, WorkerInfo
+
+
+class EngineWithInput(EngineCore):
+    """An EngineCore with an input processor in front, as the offline LLM and the router have."""
+
+    def __init__(
+        self, info: WorkerInfo, config: SchedulerConfig, tokenizer: Any | None = None
+    ) -> None:
+        super().__init__(info, config)
+        self.processor = InputProcessor(info, tokenizer)
+        self._ids = itertools.count()
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
+    ) -> str:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.add(self.processor.process(prompt, params, request_id))
+        return request_id
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -24,30 +50,29 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def drive(engine: EngineCore, worker, *, pipelined: bool = False, max_steps: int = 10_000):
+def drive(engine: EngineCore, worker, *, pipelined: bool = False, on_step=None):
     """Run until every request finishes. Returns {(request_id, index): [chunks]}.
 
-    With `pipelined`, the next step is scheduled before the previous step's output is applied,
-    as the cluster's step loop does.
+    Without `pipelined`, one synchronous `EngineCore.step` at a time; with it, the cluster's
+    StepLoop, which schedules the next step before it applies the previous step's output.
+    `on_step(chunks)` is called after each step's output is applied.
     """
     chunks: dict[tuple[str, int], list[CompletionChunk]] = defaultdict(list)
 
-    def record(out):
-        for c in engine.process(out):
+    def record(step_chunks: list[CompletionChunk]) -> None:
+        for c in step_chunks:
             chunks[(c.request_id, c.index)].append(c)
+        if on_step is not None:
+            on_step(step_chunks)
 
-    in_flight = None
-    for _ in range(max_steps):
-        if in_flight is None and not engine.has_unfinished():
-            return dict(chunks)
-        out = worker.step(engine.schedule()) if engine.has_unfinished() else None
-        if not pipelined:
-            record(out)
-            continue
-        if in_flight is not None:
-            record(in_flight)
-        in_flight = out
-    raise AssertionError(f"requests still unfinished after {max_steps} steps")
+    if pipelined:
+        # NOTE: the fake worker reports steps of 0 s, so the loop always keeps one in flight.
+        loop = StepLoop(engine, in_process(worker.step), on_chunks=record)
+        asyncio.run(asyncio.wait_for(loop.run(until_idle=True), timeout=60))
+    else:
+        while engine.has_unfinished():
+            record(engine.step(worker.step))
+    return dict(chunks)
 
 
 def tokens_of(chunks: list[CompletionChunk]) -> list[int]:

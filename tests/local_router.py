@@ -9,12 +9,13 @@ step raise (a worker crash), and `kill` ends a pending call as Ray's `ray.kill` 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from kvray.cluster.config import ClusterConfig, EngineConfig
+from kvray.cluster.config import ClusterConfig
 from kvray.cluster.router import Router
-from kvray.cluster.scheduler import SchedulerConfig
 from kvray.cluster.streams import RequestStream
+from kvray.workers.config import EngineConfig, SchedulerConfig
 from kvray.workers.fake import FakeWorker
 from kvray.workers.protocol import SamplingParams
 
@@ -78,10 +79,32 @@ class LocalActor:
         return True
 
 
+class ManualClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def settle(rounds: int = 50) -> None:
+    """Let the event loop run everything that is ready (steps, their outputs), without waiting
+    on the wall clock."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
 class LocalRouter:
     """A Router whose replicas are LocalActors; `actors` in launch order."""
 
-    def __init__(self, *, max_num_seqs: int = 2, **settings: Any) -> None:
+    def __init__(
+        self, *, max_num_seqs: int = 2, clock: ManualClock | None = None, **settings: Any
+    ) -> None:
         self.step_gate = asyncio.Event()  # shared by every actor's steps unless a test swaps it
         self.warmup_gate: asyncio.Event | None = None  # set to hold the next launches
         self.actors: list[LocalActor] = []
@@ -89,7 +112,12 @@ class LocalRouter:
             engine=EngineConfig(scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)),
             **{"max_queued_requests": 100, **settings},
         )
-        self.router = Router(config, self._spawn, kill_actor=lambda actor: actor.kill())
+        self.router = Router(
+            config,
+            self._spawn,
+            kill_actor=lambda actor: actor.kill(),
+            clock=clock or time.monotonic,
+        )
 
     def _spawn(self, replica_id: str) -> LocalActor:
         actor = LocalActor(self.step_gate, self.warmup_gate)

@@ -1,29 +1,51 @@
-"""WorkerConfig: everything a ModelWorker needs to load a model and size its KV cache."""
+"""The engine's settings: the model and its KV cache (`WorkerConfig`), the batch limits
+(`SchedulerConfig`), and both together (`EngineConfig`), which the worker and the router's
+scheduler share, so each limit is defined once.
+
+Standard library only. Every field carries its help text (`setting`): `kvray serve` builds its
+flags from it and the README's settings table lists the same keys.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with its help text (the `kvray serve` flag's)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model: str = "tiny"  # a built-in tiny model name, a local directory or a hub id
-    revision: str | None = None
-    trust_remote_code: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    block_size: int = 16  # tokens per KV block
+    """What a ModelWorker loads and how it sizes its KV cache."""
+
+    model: str = setting(
+        "tiny", "built-in name (tiny, tiny-qwen2, tiny-gpt2, fake), local directory or hub id"
+    )
+    revision: str | None = setting(None, "model revision on the hub (branch, tag or commit)")
+    trust_remote_code: bool = setting(False, "run Python code that ships with the model")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    block_size: int = setting(16, "tokens per KV block (a power of two up to 128)")
     # KV cache size: an explicit block count wins; else a byte budget; else (GPU) a fraction
     # of the memory left after weights and a profiled peak forward; (CPU) `cpu_kv_cache_gib`,
     # but no more than `max_num_seqs` full-length sequences need.
-    num_kv_blocks: int | None = None
-    kv_cache_bytes: int | None = None
-    gpu_memory_utilization: float = 0.90
-    cpu_kv_cache_gib: float = 2.0
-    max_model_len: int | None = None  # None: the model's own context length
-    max_num_batched_tokens: int = 2048  # the largest step the worker is profiled for
-    max_num_seqs: int = 128  # the most sequences one step holds (caps the CPU default cache)
-    seed: int = 0
+    num_kv_blocks: int | None = setting(None, "KV blocks per replica (default: from memory)")
+    kv_cache_bytes: int | None = setting(None, "KV cache bytes per replica (default: from memory)")
+    gpu_memory_utilization: float = setting(
+        0.90, "share of GPU memory for weights, activations and KV cache"
+    )
+    cpu_kv_cache_gib: float = setting(
+        2.0, "CPU KV cache budget in GiB (capped at max_num_seqs full-length sequences)"
+    )
+    max_model_len: int | None = setting(
+        None, "tokens per sequence, prompt + output (default: the model's context)"
+    )
+    seed: int = setting(0, "torch seed of each worker")
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -36,7 +58,73 @@ class WorkerConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in [0.05, 1.0], got {self.gpu_memory_utilization}"
             )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How big a step may be. The worker profiles (and on CPU sizes its cache for) the same
+    limits the scheduler builds steps within."""
+
+    max_num_seqs: int = setting(128, "running sequences per replica")
+    max_num_batched_tokens: int = setting(2048, "tokens per step (the scheduler's budget)")
+    prefill_chunk_size: int | None = setting(
+        None, "most prompt tokens one sequence computes per step (default: the budget)"
+    )
+    enable_prefix_caching: bool = setting(True, "reuse KV blocks of identical prompt prefixes")
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One replica's engine: its worker and its scheduler."""
+
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache_dir: str | None = setting(
+        None, "where built-in tiny models are built (default ~/.cache/kvray)"
+    )
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """The flat keys `from_kwargs` takes."""
+        return field_names(WorkerConfig) | field_names(SchedulerConfig) | {"cache_dir"}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Split flat keyword arguments between WorkerConfig and SchedulerConfig.
+
+        Raises:
+            TypeError: an argument that no config has (the message lists the valid ones).
+            ValueError: a value out of range (from the configs' own checks).
+        """
+        unknown = set(kwargs) - cls.keys()
+        if unknown:
+            valid = ", ".join(sorted(cls.keys()))
+            raise TypeError(
+                f"unknown engine option(s) {', '.join(sorted(unknown))}; valid: {valid}"
+            )
+        cache_dir = kwargs.get("cache_dir")
+        return cls(
+            WorkerConfig(**pick(kwargs, WorkerConfig)),
+            SchedulerConfig(**pick(kwargs, SchedulerConfig)),
+            None if cache_dir is None else str(cache_dir),
+        )
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def pick(kwargs: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """The entries of `kwargs` that are fields of the dataclass `cls`."""
+    names = field_names(cls)
+    return {k: v for k, v in kwargs.items() if k in names}

@@ -9,17 +9,10 @@ fake` runs it in every replica, with the built-in tokenizer, to load-test the ro
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from kvray.workers.config import WorkerConfig
+from kvray.workers.config import EngineConfig
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
-
-
-@dataclass
-class _FakeSeq:
-    token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int
+from kvray.workers.sequences import SequenceTable
 
 
 class FakeWorker:
@@ -47,25 +40,24 @@ class FakeWorker:
             weights_bytes=0,
         )
         self.step_delay_s = step_delay_s
-        self.seqs: dict[int, _FakeSeq] = {}
+        self.table = SequenceTable()
         self.steps: list[StepInput] = []  # every step received, for tests to inspect
 
     @classmethod
-    def from_config(
-        cls, config: WorkerConfig, *, cache_dir: str | None = None, step_delay_s: float = 0.02
-    ) -> FakeWorker:
-        """A fake replica shaped by a WorkerConfig, speaking the built-in tokenizer's vocabulary."""
+    def from_config(cls, config: EngineConfig, *, step_delay_s: float = 0.02) -> FakeWorker:
+        """A fake replica shaped by an EngineConfig, speaking the built-in tokenizer's vocabulary."""
         from kvray.workers.tiny_model import resolve_tokenizer_only
 
-        max_model_len = config.max_model_len or 2048
+        worker = config.worker
+        max_model_len = worker.max_model_len or 2048
         return cls(
-            num_kv_blocks=config.num_kv_blocks
-            or config.max_num_seqs * -(-max_model_len // config.block_size),
-            block_size=config.block_size,
+            num_kv_blocks=worker.num_kv_blocks
+            or config.scheduler.max_num_seqs * -(-max_model_len // worker.block_size),
+            block_size=worker.block_size,
             max_model_len=max_model_len,
             vocab_size=512,
             step_delay_s=step_delay_s,
-            model_path=resolve_tokenizer_only(cache_dir=cache_dir),
+            model_path=resolve_tokenizer_only(cache_dir=config.cache_dir),
         )
 
     def warmup(self) -> WorkerInfo:
@@ -76,23 +68,11 @@ class FakeWorker:
 
     def step(self, step_input: StepInput) -> StepOutput:
         self.steps.append(step_input)
-        for seq_id in step_input.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
-        for req in step_input.new_requests:
-            self.seqs[req.seq_id] = _FakeSeq(
-                list(req.token_ids), list(req.block_ids), req.num_computed_tokens
-            )
-        for seq_id, block_ids in step_input.new_block_ids.items():
-            self.seqs[seq_id].block_ids.extend(block_ids)
+        seqs = self.table.apply(step_input)
+        self.table.advance(seqs, step_input)
         out = StepOutput(step_id=step_input.step_id)
         bs = self.info.block_size
-        for seq_id, n, computed in zip(
-            step_input.seq_ids, step_input.num_scheduled_tokens, step_input.num_computed_tokens
-        ):
-            seq = self.seqs[seq_id]
-            assert seq.num_computed_tokens == computed, (seq_id, seq.num_computed_tokens, computed)
-            seq.num_computed_tokens += n
-            assert seq.num_computed_tokens <= len(seq.token_ids), "computing an unknown token"
+        for seq_id, seq in zip(step_input.seq_ids, seqs):
             assert len(seq.block_ids) * bs >= seq.num_computed_tokens, "too few blocks"
             if seq.num_computed_tokens == len(seq.token_ids):
                 token = self.next_token(seq.token_ids, self.info.vocab_size)

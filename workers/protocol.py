@@ -81,11 +81,16 @@ class SamplingParams:
             _check_int("stop_token_ids[]", t, 0, 2**31 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS)
-        if self.n > 1 and self.temperature == 0.0:
-            raise ValueError("n > 1 needs temperature > 0: greedy samples would all be equal")
+        if self.n > 1 and self.is_greedy:
+            raise ValueError(
+                "n > 1 needs random sampling (temperature > 0 and top_k != 1): greedy samples "
+                "would all be equal"
+            )
 
     @property
     def is_greedy(self) -> bool:
+        """Whether the next token is always the most likely one. The one greedy rule: the
+        sampler takes the argmax for these rows, and `n > 1` is refused for them."""
         return self.temperature == 0.0 or self.top_k == 1
 
 
@@ -124,7 +129,7 @@ class WorkerInfo:
 
 
 @dataclass
-class NewRequest:
+class NewSequence:
     """A sequence the worker has not seen (or dropped after a preemption): sent once, in full."""
 
     seq_id: int
@@ -146,7 +151,7 @@ class StepInput:
     """
 
     step_id: int
-    new_requests: list[NewRequest] = field(default_factory=list)
+    new_seqs: list[NewSequence] = field(default_factory=list)
     seq_ids: list[int] = field(default_factory=list)  # scheduled sequences, in batch order
     num_scheduled_tokens: list[int] = field(default_factory=list)  # parallel to seq_ids
     num_computed_tokens: list[int] = field(default_factory=list)  # parallel; before this step

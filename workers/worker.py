@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -18,33 +17,26 @@ if TYPE_CHECKING:
 
 from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
-from kvray.workers.config import WorkerConfig
+from kvray.workers.config import EngineConfig
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
-from kvray.workers.protocol import SamplingParams, StepInput, StepOutput, WorkerInfo
+from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
 from kvray.workers.sampler import Sampler, SamplingRow, prepare_sampling_batch
+from kvray.workers.sequences import SequenceTable
 from kvray.workers.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Sequence:
-    token_ids: list[int]  # prompt + every token sampled so far (including unseen by the router)
-    num_prompt_tokens: int
-    block_ids: list[int]
-    sampling: SamplingParams
-    num_computed_tokens: int = 0
-
-
 class ModelWorker:
-    def __init__(self, config: WorkerConfig, *, cache_dir: str | None = None) -> None:
+    def __init__(self, engine_config: EngineConfig) -> None:
         """Load the model (weights only; the KV cache is sized and allocated by `warmup`)."""
-        self.config = config
-        self.device = devices.resolve_device(config.device)
-        self.dtype = devices.resolve_dtype(config.dtype, self.device)
-        self.model_path = resolve_model(config.model, cache_dir=cache_dir)
-        torch.manual_seed(config.seed)
+        self.config = engine_config.worker
+        self.limits = engine_config.scheduler  # the largest step the scheduler may build
+        self.device = devices.resolve_device(self.config.device)
+        self.dtype = devices.resolve_dtype(self.config.dtype, self.device)
+        self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
+        torch.manual_seed(self.config.seed)
         self.model = self._load_model()
         text_config = self.model.config.get_text_config()
         self.vocab_size = int(text_config.vocab_size)
@@ -54,7 +46,7 @@ class ModelWorker:
         self.sampler = Sampler()
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
-        self.seqs: dict[int, _Sequence] = {}
+        self.table = SequenceTable()
         self.info: WorkerInfo | None = None
 
     def _load_model(self) -> PreTrainedModel:
@@ -111,7 +103,7 @@ class ModelWorker:
         num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
         is_default_size = self.config.num_kv_blocks is None and self.config.kv_cache_bytes is None
         if is_default_size and self.device.type != "cuda":
-            num_blocks = min(num_blocks, self.config.max_num_seqs * min_blocks)
+            num_blocks = min(num_blocks, self.limits.max_num_seqs * min_blocks)
         if num_blocks < min_blocks:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks but one full-length sequence needs "
@@ -124,7 +116,7 @@ class ModelWorker:
             device=self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
-        self._run_dummy_forward(min(self.config.max_num_batched_tokens, self.max_model_len))
+        self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -151,7 +143,7 @@ class ModelWorker:
         if self.device.type != "cuda":
             return int(self.config.cpu_kv_cache_gib * 2**30)
         # Profile the largest step with a throwaway cache to learn the activation peak.
-        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_tokens = min(self.limits.max_num_batched_tokens, self.max_model_len)
         blocks = -(-num_tokens // self.config.block_size)
         self.kv_cache = KVCache(
             self.kv_spec, num_blocks=blocks, block_size=self.config.block_size, device=self.device
@@ -191,8 +183,8 @@ class ModelWorker:
     def step(self, step_input: StepInput) -> StepOutput:
         """Run one forward over the scheduled sequences and sample their next tokens.
 
-        Mutates the worker's sequence table: drops `finished_seq_ids`, adds `new_requests`,
-        appends `new_block_ids`, advances computed counts and appends each sampled token.
+        Mutates the worker's sequence table: applies the step's diffs (`SequenceTable.apply`),
+        advances computed counts and appends each sampled token.
 
         Raises:
             RuntimeError: `warmup()` has not run.
@@ -201,17 +193,16 @@ class ModelWorker:
         if self.runner is None:
             raise RuntimeError("ModelWorker.step before warmup()")
         start = time.perf_counter()
-        self._apply_diffs(step_input)
+        seqs = self.table.apply(step_input)
         out = StepOutput(step_id=step_input.step_id)
-        if not step_input.seq_ids:
+        if not seqs:
             return out
-        seqs = [self.seqs[seq_id] for seq_id in step_input.seq_ids]
-        scheduled = []
-        for seq, n, computed in zip(
-            seqs, step_input.num_scheduled_tokens, step_input.num_computed_tokens
-        ):
-            assert seq.num_computed_tokens == computed, "router and worker disagree"
-            scheduled.append(ScheduledSeq(seq.token_ids, seq.block_ids, computed, n))
+        scheduled = [
+            ScheduledSeq(seq.token_ids, seq.block_ids, computed, n)
+            for seq, n, computed in zip(
+                seqs, step_input.num_scheduled_tokens, step_input.num_computed_tokens
+            )
+        ]
         model_input = self.runner.prepare(scheduled)
         logits = self.runner.execute(model_input)  # [num_samples, vocab], batch order
         sampling_idx = [i for i in model_input.order if scheduled[i].samples]
@@ -232,25 +223,10 @@ class ModelWorker:
             out.seq_ids = [step_input.seq_ids[i] for i in sampling_idx]
             out.sampled_token_ids = token_ids
             out.logprobs = logprobs
-        for seq, n in zip(seqs, step_input.num_scheduled_tokens):
-            seq.num_computed_tokens += n
+        self.table.advance(seqs, step_input)
         out.forward_s = time.perf_counter() - start
         return out
 
-    def _apply_diffs(self, step_input: StepInput) -> None:
-        for seq_id in step_input.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
-        for req in step_input.new_requests:
-            self.seqs[req.seq_id] = _Sequence(
-                token_ids=list(req.token_ids),
-                num_prompt_tokens=req.num_prompt_tokens,
-                block_ids=list(req.block_ids),
-                sampling=req.sampling,
-                num_computed_tokens=req.num_computed_tokens,
-            )
-        for seq_id, block_ids in step_input.new_block_ids.items():
-            self.seqs[seq_id].block_ids.extend(block_ids)
-
     @property
     def num_sequences(self) -> int:
-        return len(self.seqs)
+        return len(self.table)

@@ -17,7 +17,7 @@ def ray_session():
 
 def start_cluster(model_cache_dir: str, **settings):
     from kvray.cluster.config import load
-    from kvray.cluster.serve import BackgroundCluster
+    from kvray.cluster.launcher import BackgroundCluster
 
     flags = {"model": "tiny", "host": "127.0.0.1", "port": 0, "max_model_len": 256}
     flags.update(settings)

@@ -61,7 +61,8 @@ def test_step_load_scales_up_and_back_down_without_losing_tokens(ray_session, mo
             concurrency[0] = 32
             wait_for(lambda: ready_count(client) >= 2, timeout=120, interval=0.2)
             peak[0] = ready_count(client)
-            time.sleep(3.0)  # full load on the grown cluster
+            served = len(results)  # full load on the grown cluster, for 40 more requests
+            wait_for(lambda: len(results) >= served + 40, timeout=120, interval=0.1)
             concurrency[0] = 1
             wait_for(lambda: len(client.status().replicas) == 1, timeout=120, interval=0.2)
             time.sleep(1.0)
@@ -69,7 +70,7 @@ def test_step_load_scales_up_and_back_down_without_losing_tokens(ray_session, mo
 
         status = client.status()
         assert not errors, errors[:3]
-        assert len(results) > 40 and all(results), f"{results.count(False)} altered streams"
+        assert all(results), f"{results.count(False)} altered streams"
         assert peak[0] >= 2
         assert [r.state for r in status.replicas] == ["READY"]
         ups = [d for d in status.recent_decisions if d.to_replicas > d.from_replicas]
@@ -101,11 +102,11 @@ def test_drain_past_its_timeout_moves_requests_exactly(ray_session, model_cache_
             started.wait(timeout=60)
             victim = cluster.run(
                 lambda: max(
-                    cluster.router.ready_replicas(), key=lambda r: r.engine.scheduler.num_running
+                    cluster.router.pool.ready(), key=lambda r: r.engine.scheduler.num_running
                 )
             )
             assert cluster.run(lambda: victim.engine.scheduler.num_running) > 0
-            cluster.call(cluster.router.drain_replica(victim, 0.0))  # time out at once: move them
+            cluster.call(cluster.router.pool.drain(victim, 0.0))  # time out at once: move them
             results = [f.result(timeout=300) for f in futures]
         assert results == expected
         status = client.status()

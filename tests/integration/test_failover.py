@@ -44,7 +44,7 @@ def test_killed_worker_streams_continue_exactly(ray_session, model_cache_dir):
             started.wait(timeout=60)  # every stream has its first tokens
             busiest = cluster.run(
                 lambda: max(
-                    cluster.router.ready_replicas(), key=lambda r: r.engine.scheduler.num_running
+                    cluster.router.pool.ready(), key=lambda r: r.engine.scheduler.num_running
                 )
             )
             victim_id = busiest.replica_id

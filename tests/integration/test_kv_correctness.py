@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvray.workers.config import WorkerConfig
+from kvray.workers.config import EngineConfig
 from kvray.workers.model_runner import ScheduledSeq
 from kvray.workers.worker import ModelWorker
 from tests.conftest import ARCH_NAMES
@@ -18,8 +18,13 @@ NUM_DECODES = 12
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_prefill_plus_decode_logits_match_full_forward(arch, chunk, model_cache_dir):
     worker = ModelWorker(
-        WorkerConfig(model=arch, block_size=4, num_kv_blocks=128, max_model_len=256),
-        cache_dir=model_cache_dir,
+        EngineConfig.from_kwargs(
+            model=arch,
+            block_size=4,
+            num_kv_blocks=128,
+            max_model_len=256,
+            cache_dir=model_cache_dir,
+        )
     )
     worker.warmup()
     g = torch.Generator().manual_seed(0)

@@ -42,31 +42,35 @@ def make_llm(arch, cache_dir, **options):
     return LLM(arch, cache_dir=cache_dir, **options)
 
 
-def test_batch_matches_hf_generate(case, model_cache_dir):
-    arch, prompts, refs = case
-    llm = make_llm(arch, model_cache_dir)
+@pytest.fixture(scope="module")
+def llm(case, model_cache_dir):
+    """One default engine per architecture, shared by the tests that need no special options
+    (each runs its requests to completion, so the next starts from an idle engine)."""
+    return make_llm(case[0], model_cache_dir)
+
+
+def test_batch_matches_hf_generate(case, llm):
+    _, prompts, refs = case
     outputs = llm.generate(prompts, GREEDY)
     assert_same([o.token_ids for o in outputs], refs, prompts)
     assert all(o.finish_reason == "length" for o in outputs)
 
 
-def test_each_prompt_alone_matches_hf_generate(case, model_cache_dir):
-    arch, prompts, refs = case
-    llm = make_llm(arch, model_cache_dir)
+def test_each_prompt_alone_matches_hf_generate(case, llm):
+    _, prompts, refs = case
     outputs = [llm.generate(p, GREEDY)[0].token_ids for p in prompts]
     assert_same(outputs, refs, prompts)
 
 
-def test_staggered_arrivals_match(case, model_cache_dir):
+def test_staggered_arrivals_match(case, llm):
     """Requests join a running batch at different steps (continuous batching)."""
-    arch, prompts, refs = case
-    llm = make_llm(arch, model_cache_dir)
+    _, prompts, refs = case
     tokens: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))[::-1]
     while pending or llm.engine.has_unfinished():
         if pending:
             i, p = pending.pop()
-            llm.engine.add_request(p, GREEDY, request_id=str(i))
+            llm.add_request(p, GREEDY, request_id=str(i))
         for _ in range(3):  # three steps between arrivals
             for chunk in llm.step():
                 tokens.setdefault(chunk.request_id, []).extend(chunk.token_ids)
@@ -90,10 +94,10 @@ def test_chunked_prefill_matches(case, model_cache_dir):
     assert_same([o.token_ids for o in outputs], refs, prompts)
 
 
-def test_prefix_cache_hit_matches(case, model_cache_dir):
-    arch, prompts, refs = case
-    llm = make_llm(arch, model_cache_dir)
+def test_prefix_cache_hit_matches(case, llm):
+    _, prompts, refs = case
     llm.generate(prompts[-1], GREEDY)
+    hits = llm.engine.block_manager.num_prefix_hits
     again = llm.generate(prompts[-1], GREEDY)[0].token_ids
-    assert llm.engine.block_manager.num_prefix_hits > 0
+    assert llm.engine.block_manager.num_prefix_hits > hits  # this run reused cached blocks
     assert_same([again], refs[-1:], prompts[-1:])

@@ -1,4 +1,4 @@
-"""kvray as the Ray Serve application KubeRay deploys (kvray.cluster.app:app): it serves gRPC
+"""kvray as the Ray Serve application KubeRay deploys (kvray.cluster.serve_app:app): it serves gRPC
 from inside its Serve replica and answers Serve's HTTP route and health checks."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def free_port() -> int:
 def test_serve_application_serves_grpc_and_status(ray_session, model_cache_dir, tmp_path):
     from ray import serve
 
-    from kvray.cluster.app import app
+    from kvray.cluster.serve_app import app
 
     port, http_port = free_port(), free_port()
     config = tmp_path / "kvray.yaml"
@@ -52,7 +52,7 @@ def test_serve_application_serves_grpc_and_status(ray_session, model_cache_dir, 
 
 
 def test_bad_settings_fail_the_build_with_the_key_named():
-    from kvray.cluster.app import app
+    from kvray.cluster.serve_app import app
 
     with pytest.raises(ValueError, match="unknown config key"):
         app({"model": "tiny", "replica": 2})

@@ -21,7 +21,7 @@ def test_yaml_then_env_then_flags(tmp_path):
     assert config.model == "tiny-qwen2"  # YAML (the None flag is "not given")
     assert config.replicas == 4  # env over YAML
     assert config.port == 7000  # flag over YAML
-    assert config.engine.scheduler.max_num_seqs == 8 and config.engine.worker.max_num_seqs == 8
+    assert config.engine.scheduler.max_num_seqs == 8  # one field, read by worker and scheduler
     assert config.engine.worker.dtype == "float32"
     assert config.engine.scheduler.enable_prefix_caching is False
 

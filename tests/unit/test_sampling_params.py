@@ -43,9 +43,12 @@ def test_empty_stop_string_is_rejected():
         SamplingParams(stop=["ok", ""])
 
 
-def test_greedy_n_greater_than_one_is_rejected():
-    with pytest.raises(ValueError, match="n > 1 needs temperature > 0"):
-        SamplingParams(n=2, temperature=0)
+@pytest.mark.parametrize("greedy", [{"temperature": 0}, {"temperature": 1.0, "top_k": 1}])
+def test_greedy_n_greater_than_one_is_rejected(greedy):
+    # One greedy rule: top_k=1 is greedy too, so its n samples would all be equal.
+    assert SamplingParams(**greedy).is_greedy
+    with pytest.raises(ValueError, match="n > 1 needs random sampling"):
+        SamplingParams(n=2, **greedy)
 
 
 def test_lists_become_tuples_and_minus_one_disables_top_k():

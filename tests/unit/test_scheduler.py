@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvray.cluster.engine import EngineCore
-from kvray.cluster.request import FinishReason
-from kvray.cluster.scheduler import SchedulerConfig
+from kvray.cluster.sequence import FinishReason
+from kvray.workers.config import SchedulerConfig
 from kvray.workers.fake import FakeWorker
 from kvray.workers.protocol import SamplingParams
-from tests.helpers import drive, tokens_of
+from tests.helpers import EngineWithInput, drive, tokens_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -21,7 +20,7 @@ def make(num_kv_blocks=256, block_size=4, eos=(), max_model_len=512, **scheduler
         eos_token_ids=eos,
         max_model_len=max_model_len,
     )
-    engine = EngineCore(worker.warmup(), SchedulerConfig(**scheduler), tokenizer=None)
+    engine = EngineWithInput(worker.warmup(), SchedulerConfig(**scheduler))
     return engine, worker
 
 
@@ -60,17 +59,17 @@ def test_admission_is_first_come_first_served():
         engine.add_request(p, GREEDY)
     added = [r.seq_id for r in engine.scheduler.waiting]
     drive(engine, worker)
-    admitted = [r.seq_id for s in worker.steps for r in s.new_requests]
+    admitted = [r.seq_id for s in worker.steps for r in s.new_seqs]
     assert admitted == added
 
 
 def test_a_request_moved_from_another_replica_queues_in_arrival_order():
     engine, worker = make(max_num_seqs=1)
     other, _ = make()
-    older = other.make_group([4, 5, 6], GREEDY, "older")  # arrived first, queued elsewhere
+    older = other.processor.process([4, 5, 6], GREEDY, "older")  # arrived first, queued elsewhere
     for i, p in enumerate(PROMPTS[:3]):
         engine.add_request(p, GREEDY, request_id=f"new{i}")
-    engine.adopt(older)
+    engine.add(older)
     assert [r.request_id for r in engine.scheduler.waiting] == ["older", "new0", "new1", "new2"]
     chunks = drive(engine, worker)
     assert tokens_of(chunks[("older", 0)]) == expected_tokens([4, 5, 6], GREEDY.max_tokens)
@@ -104,18 +103,16 @@ def test_queued_token_count_follows_the_queue_through_preemption_and_abort(pipel
     for p in PROMPTS:
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     sched = engine.scheduler
-    in_flight = None
-    for step in range(200):
-        assert sched.num_queued_tokens == sum(r.num_known_tokens for r in sched.waiting)
-        if in_flight is None and not engine.has_unfinished():
-            break
-        out = worker.step(engine.schedule()) if engine.has_unfinished() else None
-        if pipelined:  # a token can come back for a sequence preempted meanwhile
-            out, in_flight = in_flight, out
-        if out is not None:
-            engine.process(out)
-        if step == 5:
+    steps = []
+
+    def check(chunks):
+        # A token can come back for a sequence preempted meanwhile (pipelined).
+        assert sched.num_queued_tokens == sum(s.num_known_tokens for s in sched.waiting)
+        steps.append(chunks)
+        if len(steps) == 5:
             engine.abort("req-4")
+
+    drive(engine, worker, pipelined=pipelined, on_step=check)
     assert sched.num_preemptions > 0
     assert sched.num_queued_tokens == 0
 
@@ -186,7 +183,7 @@ def test_abort_of_waiting_request_never_reaches_worker():
     aborted = engine.scheduler.waiting[0].seq_id
     engine.abort("req-1")
     drive(engine, worker)
-    assert all(r.seq_id != aborted for s in worker.steps for r in s.new_requests)
+    assert all(r.seq_id != aborted for s in worker.steps for r in s.new_seqs)
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_outputs():
@@ -197,7 +194,7 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs():
     engine.add_request(prompt, GREEDY)
     second = drive(engine, worker)[("req-1", 0)]
     assert tokens_of(second) == tokens_of(first)
-    new = [r for s in worker.steps for r in s.new_requests][-1]
+    new = [r for s in worker.steps for r in s.new_seqs][-1]
     assert new.num_computed_tokens == 40  # only the last prompt token is computed again
     assert engine.block_manager.num_prefix_hits == 40
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

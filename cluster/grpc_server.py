@@ -1,11 +1,13 @@
 """The gRPC server: kvray.v1.Generation, grpc.health.v1 and server reflection.
 
-Translates protobuf to kvray types at the edge; every error leaves through `errors.status_for`.
+Translates protobuf to kvray types at the edge (parameters through `kvray.wire`); every error
+leaves through `errors.status_for`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,12 +16,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import status_for
-from kvray.cluster.request import FinishReason
 from kvray.cluster.router import Router
+from kvray.cluster.sequence import FinishReason
+from kvray.cluster.stats import ClusterStats
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
+from kvray.wire import params_from_request
 from kvray.workers.protocol import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,34 +44,7 @@ def sampling_params_from_proto(req: pb.GenerateRequest) -> SamplingParams:
     Raises:
         ValueError: a field out of range (the message names it).
     """
-    kwargs: dict[str, Any] = {}
-    for field in pb.SamplingParams.DESCRIPTOR.fields:  # all optional: unset takes the default
-        if req.sampling.HasField(field.name):
-            kwargs[field.name] = getattr(req.sampling, field.name)
-    stopping = req.stopping
-    if stopping.HasField("max_tokens"):
-        kwargs["max_tokens"] = stopping.max_tokens
-    kwargs.update(
-        min_tokens=stopping.min_tokens,
-        stop=tuple(stopping.stop),
-        stop_token_ids=tuple(stopping.stop_token_ids),
-        ignore_eos=stopping.ignore_eos,
-        include_stop_str_in_output=stopping.include_stop_str_in_output,
-    )
-    if req.HasField("logprobs"):
-        kwargs["logprobs"] = req.logprobs
-    # float32 on the wire: round so that 0.9 arrives as 0.9, not 0.8999999761581421.
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
-        if name in kwargs:
-            kwargs[name] = round(kwargs[name], 6)
-    return SamplingParams(**kwargs)
+    return SamplingParams(**params_from_request(req))
 
 
 def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
@@ -128,11 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
         try:
-            if self.router.tokenizer is None:
-                raise ValueError("this model has no tokenizer")
-            return pb.TokenizeResponse(
-                token_ids=self.router.validate(request.text, SamplingParams())
-            )
+            return pb.TokenizeResponse(token_ids=self.router.tokenize(request.text))
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -156,12 +130,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        status = self.router.status()
-        return pb.ClusterStatus(
-            replicas=[pb.ReplicaStatus(**r) for r in status["replicas"]],
-            recent_decisions=[pb.ScalingDecision(**d) for d in status["recent_decisions"]],
-            **{k: v for k, v in status.items() if k not in ("replicas", "recent_decisions")},
-        )
+        return status_to_proto(self.router.status())
+
+
+def status_to_proto(status: ClusterStats) -> pb.ClusterStatus:
+    """The proto's fields, read by name from the stats objects (a test keeps names in step)."""
+
+    def fill(message: Any, source: object) -> Any:
+        for f in message.DESCRIPTOR.fields:
+            if f.message_type is None:
+                value = getattr(source, f.name)
+                setattr(message, f.name, value.value if isinstance(value, enum.Enum) else value)
+        return message
+
+    proto = fill(pb.ClusterStatus(), status)
+    for replica in status.replicas:
+        fill(proto.replicas.add(), replica)
+    for decision in status.recent_decisions:
+        fill(proto.recent_decisions.add(), decision)
+    return proto
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -197,15 +184,12 @@ async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.ai
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, state)
 
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()  # NOTE: the loop holds tasks weakly; keep them
+    health_updates = BackgroundTasks()
 
-    def on_ready_change(ready: bool) -> None:
-        task = loop.create_task(set_ready(ready))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+    def on_serving_change(ready: bool) -> None:
+        health_updates.spawn(set_ready(ready))
 
-    router.on_ready_change = on_ready_change
+    router.on_serving_change = on_serving_change
     await set_ready(router.is_serving)
     await server.start()
     return server, bound

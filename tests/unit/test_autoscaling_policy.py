@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvray.cluster.autoscaler import Autoscaler, AutoscalingConfig, LoadSample
+from kvray.cluster.autoscaling_policy import AutoscalingConfig, AutoscalingPolicy, LoadSample
 
 
 def sample(replicas, ongoing=0, kv=0.0, ttft=None):
@@ -15,7 +15,7 @@ def scaler(**overrides):
     config = AutoscalingConfig(
         **{"target_ongoing_requests": 8, "upscale_delay_s": 2, "downscale_delay_s": 5, **overrides}
     )
-    return Autoscaler(config, min_replicas=1, max_replicas=4)
+    return AutoscalingPolicy(config, min_replicas=1, max_replicas=4)
 
 
 def test_desired_follows_the_strongest_signal():
@@ -51,7 +51,7 @@ def test_downscale_waits_longer():
 
 
 def test_scale_from_zero_is_immediate_and_idle_goes_to_zero():
-    s = Autoscaler(AutoscalingConfig(downscale_delay_s=3), min_replicas=0, max_replicas=2)
+    s = AutoscalingPolicy(AutoscalingConfig(downscale_delay_s=3), min_replicas=0, max_replicas=2)
     decision = s.decide(0.0, sample(0, ongoing=1))
     assert decision is not None and decision.to_replicas == 1
     assert s.decide(1.0, sample(1, ongoing=0)) is None

@@ -1,32 +1,29 @@
-"""Running a cluster: Ray, the router, the gRPC server, and graceful shutdown.
+"""Launching a cluster: Ray, the router, the gRPC server, and graceful shutdown.
 
 `serve(config)` is what `kvray serve` runs; `BackgroundCluster` runs the same thing in a thread
-of the current process (tests, notebooks, benchmarks).
+of the current process (tests, notebooks, benchmarks); `serve_app.py` wraps `Cluster` for Ray
+Serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import signal
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from kvray.cluster.config import ClusterConfig
-from kvray.cluster.replica import actor_options, make_worker_actor_class
+from kvray.cluster.grpc_server import start_server
 from kvray.cluster.router import Router
-from kvray.cluster.server import start_server
 from kvray.cluster.tokenizer import load_tokenizer
+from kvray.cluster.worker_actor import ray_spawner
 from kvray.workers.protocol import WorkerInfo
 
 logger = logging.getLogger(__name__)
-
-FAKE_MODEL = "fake"  # scripted tokens, no model: load-tests the router, gRPC and Ray
 
 
 def init_ray(config: ClusterConfig) -> None:
@@ -45,35 +42,6 @@ def init_ray(config: ClusterConfig) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
-
-
-def model_worker_spawner(config: ClusterConfig) -> Callable[[str], Any]:
-    """`spawn(replica_id)` -> a ModelWorker actor with the config's resources."""
-    import ray
-
-    actor_cls = make_worker_actor_class()
-    options = actor_options(config, cluster_gpus=ray.cluster_resources().get("GPU", 0.0))
-    worker, cache_dir = config.engine.worker, config.engine.cache_dir
-    if config.model == FAKE_MODEL:
-        from kvray.workers.fake import FakeWorker
-
-        options["num_gpus"] = 0
-        factory: Callable[[], Any] = functools.partial(
-            FakeWorker.from_config,
-            worker,
-            cache_dir=cache_dir,
-            step_delay_s=config.fake_step_ms / 1000,
-        )
-    else:
-        from kvray.workers.worker import ModelWorker
-
-        factory = functools.partial(ModelWorker, worker, cache_dir=cache_dir)
-    suffix = uuid.uuid4().hex[:6]
-
-    def spawn(replica_id: str) -> Any:
-        return actor_cls.options(name=f"kvray-{replica_id}-{suffix}", **options).remote(factory)
-
-    return spawn
 
 
 def _tokenizer_loader(config: ClusterConfig) -> Callable[[WorkerInfo], Any]:
@@ -99,7 +67,7 @@ class Cluster:
 
     async def start(self) -> None:
         init_ray(self.config)
-        spawn = self._spawn_actor or model_worker_spawner(self.config)
+        spawn = self._spawn_actor or ray_spawner(self.config)
         self.router = Router(self.config, spawn, load_tokenizer=_tokenizer_loader(self.config))
         self.server, self.port = await start_server(
             self.router, host=self.config.host, port=self.config.port
@@ -118,7 +86,7 @@ class Cluster:
             "serving %s on port %d with %d replica(s)",
             self.config.model,
             self.port,
-            len(self.router.ready_replicas()),
+            len(self.router.pool.ready()),
         )
 
     async def stop(self) -> None:
@@ -126,11 +94,11 @@ class Cluster:
         if self.router is None:
             return
         timeout = self.config.shutdown_timeout_s
-        self.router.on_ready_change(False)
+        self.router.on_serving_change(False)
         logger.info("shutting down: running streams have %.0fs to finish", timeout)
-        drain = asyncio.get_running_loop().create_task(self.router.drain(timeout))
+        closing = asyncio.get_running_loop().create_task(self.router.close_streams(timeout))
         await self.server.stop(grace=timeout)
-        await drain
+        await closing
         await self.router.shutdown()
 
 

@@ -1,4 +1,4 @@
-"""kvray as a Ray Serve application, for KubeRay's RayService (`import_path: kvray.cluster.app:app`).
+"""kvray as a Ray Serve application, for KubeRay's RayService (`import_path: kvray.cluster.serve_app:app`).
 
 One Serve replica hosts the whole router: its gRPC server listens on `port` inside that replica
 (no Ray hop per token), and it creates the worker actors itself. Serve deploys it, restarts it
@@ -11,12 +11,13 @@ for a YAML file path.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray import serve
 
 from kvray.cluster.config import ClusterConfig, load
-from kvray.cluster.serve import Cluster
+from kvray.cluster.launcher import Cluster
 
 ROUTER_RESOURCE = "kvray-router"  # a custom resource on the pod whose Service exposes gRPC
 
@@ -44,7 +45,7 @@ class KvrayRouter:
 
     async def __call__(self, request: Any) -> dict[str, Any]:
         assert self.cluster.router is not None
-        return self.cluster.router.status()
+        return dataclasses.asdict(self.cluster.router.status())
 
     async def __del__(self) -> None:
         await self.cluster.stop()

@@ -1,0 +1,182 @@
+"""The client's own types: what `KvrayClient` returns instead of protobuf messages, and the
+conversions from the `kvray.v1` messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvray.client.errors import KvrayError
+from kvray.protos.kvray.v1 import generation_pb2 as pb
+
+_FINISH = {1: "stop", 2: "length", 3: "abort"}
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class GenerationChunk:
+    """New tokens of one sample since its previous chunk."""
+
+    request_id: str
+    index: int  # which of the n samples
+    text: str  # text delta
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort" on a sample's last chunk
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    prompt_tokens: int | None = None  # on the last chunk
+    completion_tokens: int | None = None  # on the last chunk
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request. `.text`, `.token_ids` and `.finish_reason` are sample 0's."""
+
+    request_id: str
+    choices: list[Choice]
+    prompt_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+
+@dataclass
+class ReplicaStatus:
+    replica_id: str
+    state: str
+    device: str
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    num_finished_requests: int
+
+
+@dataclass
+class ScalingDecision:
+    time_unix: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+@dataclass
+class ClusterStatus:
+    replicas: list[ReplicaStatus]
+    queue_depth: int
+    num_running: int
+    min_replicas: int = 0
+    max_replicas: int = 0
+    target_replicas: int = 0
+    recent_decisions: list[ScalingDecision] = field(default_factory=list)
+    num_moved_requests: int = 0  # continued elsewhere after a failure or drain timeout
+    num_rebalanced_requests: int = 0  # queued ones moved to a less busy replica
+
+
+@dataclass
+class ModelInfo:
+    model: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    has_tokenizer: bool
+    dtype: str
+
+
+def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
+    chunk = GenerationChunk(
+        request_id=resp.request_id,
+        index=resp.index,
+        text=resp.text,
+        token_ids=list(resp.token_ids),
+        logprobs=[
+            TokenLogprob(lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs))
+            for lp in resp.logprobs
+        ],
+    )
+    if resp.HasField("finish_reason"):
+        chunk.finish_reason = _FINISH.get(resp.finish_reason, "abort")
+        chunk.prompt_tokens = resp.usage.prompt_tokens
+        chunk.completion_tokens = resp.usage.completion_tokens
+        kind = resp.WhichOneof("stop_reason")
+        chunk.stop_reason = getattr(resp, kind) if kind else None
+    return chunk
+
+
+class Accumulator:
+    """Joins a request's chunks into its Completion."""
+
+    def __init__(self) -> None:
+        self.completion: Completion | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        if self.completion is None:
+            self.completion = Completion(chunk.request_id, [])
+        choices = self.completion.choices
+        while len(choices) <= chunk.index:
+            choices.append(Choice(index=len(choices)))
+        choice = choices[chunk.index]
+        choice.text += chunk.text
+        choice.token_ids.extend(chunk.token_ids)
+        choice.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason = chunk.finish_reason, chunk.stop_reason
+            choice.completion_tokens = chunk.completion_tokens or 0
+            self.completion.prompt_tokens = chunk.prompt_tokens or 0
+
+    def result(self) -> Completion:
+        """The completion. Raises KvrayError if the stream ended without a chunk."""
+        if self.completion is None:
+            raise KvrayError("the server ended the stream without a response")
+        return self.completion
+
+
+def status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:
+    """Field by field, by name: the dataclasses mirror the proto messages (a test checks)."""
+    return ClusterStatus(
+        replicas=[ReplicaStatus(**_scalars(r)) for r in resp.replicas],
+        recent_decisions=[ScalingDecision(**_scalars(d)) for d in resp.recent_decisions],
+        **_scalars(resp),
+    )
+
+
+def info_from_proto(resp: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(**_scalars(resp))
+
+
+def _scalars(message: Any) -> dict[str, Any]:
+    """A message's non-message fields by name (repeated scalars as lists)."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        if f.message_type is None:
+            value = getattr(message, f.name)
+            out[f.name] = list(value) if f.is_repeated else value
+    return out

@@ -1,0 +1,62 @@
+"""The worker's copy of every sequence the router has scheduled, kept in step by StepInput diffs.
+
+Standard library only: `ModelWorker` and `FakeWorker` share it, so both apply a step's diffs
+and check it against their state the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvray.workers.protocol import SamplingParams, StepInput
+
+
+@dataclass
+class WorkerSequence:
+    token_ids: list[int]  # prompt + every token sampled so far (including unseen by the router)
+    num_prompt_tokens: int
+    block_ids: list[int]
+    sampling: SamplingParams
+    num_computed_tokens: int = 0
+
+
+class SequenceTable:
+    def __init__(self) -> None:
+        self.seqs: dict[int, WorkerSequence] = {}
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def apply(self, step: StepInput) -> list[WorkerSequence]:
+        """Apply a step's diffs and return its scheduled sequences, in `step.seq_ids` order.
+
+        Drops `finished_seq_ids`, adds `new_seqs`, appends `new_block_ids`.
+
+        Raises:
+            KeyError / AssertionError: the step disagrees with this table (a router bug).
+        """
+        for seq_id in step.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in step.new_seqs:
+            self.seqs[new.seq_id] = WorkerSequence(
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                block_ids=list(new.block_ids),
+                sampling=new.sampling,
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for seq_id, block_ids in step.new_block_ids.items():
+            self.seqs[seq_id].block_ids.extend(block_ids)
+        scheduled = [self.seqs[seq_id] for seq_id in step.seq_ids]
+        for seq, num_tokens, computed in zip(
+            scheduled, step.num_scheduled_tokens, step.num_computed_tokens
+        ):
+            assert seq.num_computed_tokens == computed, "router and worker disagree"
+            assert computed + num_tokens <= len(seq.token_ids), "computing an unknown token"
+        return scheduled
+
+    @staticmethod
+    def advance(scheduled: list[WorkerSequence], step: StepInput) -> None:
+        """After the forward: the scheduled tokens are computed."""
+        for seq, num_tokens in zip(scheduled, step.num_scheduled_tokens):
+            seq.num_computed_tokens += num_tokens
