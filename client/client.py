@@ -56,8 +56,16 @@ def build_request(
     return req
 
 
-def _backoff(attempt: int, base_s: float) -> float:
-    return base_s * (2**attempt) * (0.5 + random.random() / 2)
+def _retry_delay(
+    err: grpc.RpcError, attempt: int, client: KvrayClient | AsyncKvrayClient, *, received: bool
+) -> float:
+    """Seconds to wait before retrying a failed Generate call. Raises its typed error instead
+    when the call must not be retried: tokens already arrived, the status is not transient
+    (only UNAVAILABLE and RESOURCE_EXHAUSTED are), or the retries are spent."""
+    error = from_rpc_error(err)
+    if received or not error.retryable or attempt >= client.max_retries:
+        raise error from None
+    return client.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
 
 
 def _is_serving(resp: Any) -> bool:
@@ -108,12 +116,10 @@ class KvrayClient:
                     yield chunk_from_proto(resp)
                 return
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
-                if received or not error.retryable or attempt >= self.max_retries:
-                    raise error from None
+                delay = _retry_delay(err, attempt, self, received=received)
             finally:
                 call.cancel()
-            time.sleep(_backoff(attempt, self.backoff_s))
+            time.sleep(delay)
 
     def generate(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
@@ -197,12 +203,10 @@ class AsyncKvrayClient:
                     yield chunk_from_proto(resp)
                 return
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
-                if received or not error.retryable or attempt >= self.max_retries:
-                    raise error from None
+                delay = _retry_delay(err, attempt, self, received=received)
             finally:
                 call.cancel()
-            await asyncio.sleep(_backoff(attempt, self.backoff_s))
+            await asyncio.sleep(delay)
 
     async def generate(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any

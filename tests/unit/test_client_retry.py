@@ -1,14 +1,23 @@
-"""Client retries: UNAVAILABLE / RESOURCE_EXHAUSTED are retried before the first token, never after,
-and other errors are not retried. Against a scripted in-process gRPC server (no Ray, no model)."""
+"""The clients against a scripted in-process gRPC server (no Ray, no model): UNAVAILABLE /
+RESOURCE_EXHAUSTED are retried before the first token, never after, other errors are not
+retried, and the async client's unary calls and health checks work as the sync client's do."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvray.client import InvalidRequestError, KvrayClient, OverloadedError, UnavailableError
+from kvray.client import (
+    AsyncKvrayClient,
+    InvalidRequestError,
+    KvrayClient,
+    OverloadedError,
+    UnavailableError,
+)
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 
@@ -34,6 +43,17 @@ class ScriptedServicer(pb_grpc.GenerationServicer):
         last.usage.completion_tokens = 3
         yield last
 
+    def Tokenize(self, request, context):
+        return pb.TokenizeResponse(token_ids=[ord(c) for c in request.text])
+
+    def GetModelInfo(self, request, context):
+        return pb.ModelInfo(model="scripted", max_model_len=64, eos_token_ids=[2])
+
+    def GetClusterStatus(self, request, context):
+        status = pb.ClusterStatus(queue_depth=4, min_replicas=1, max_replicas=2)
+        status.replicas.add(replica_id="replica-0", state="READY", kv_blocks_total=8)
+        return status
+
 
 @pytest.fixture
 def serve():
@@ -42,6 +62,9 @@ def serve():
     def start(servicer):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_GenerationServicer_to_server(servicer, server)
+        health_servicer = health.HealthServicer()
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -88,3 +111,45 @@ def test_failure_after_the_first_token_is_not_retried(serve):
         with pytest.raises(UnavailableError):
             next(chunks)
     assert servicer.calls == 1
+
+
+def test_the_async_client_answers_as_the_sync_one(serve):
+    target = serve(ScriptedServicer([grpc.StatusCode.UNAVAILABLE]))
+
+    async def calls(client):
+        await client.wait_until_serving(timeout=10)
+        return (
+            await client.is_serving(),
+            await client.tokenize("hi"),
+            await client.model_info(),
+            await client.status(),
+            (await client.generate("hi")).text,
+        )
+
+    async def run_async():
+        async with AsyncKvrayClient(target, backoff_s=0.01) as client:
+            return await calls(client)
+
+    got = asyncio.run(run_async())
+    with KvrayClient(target, backoff_s=0.01) as client:
+        client.wait_until_serving(timeout=10)
+        want = (
+            client.is_serving(),
+            client.tokenize("hi"),
+            client.model_info(),
+            client.status(),
+            client.generate("hi").text,
+        )
+    assert got == want
+    serving, token_ids, info, status, text = got
+    assert serving and token_ids == [104, 105] and text == "abc"
+    assert info.model == "scripted" and info.eos_token_ids == [2]
+    assert status.queue_depth == 4 and status.replicas[0].state == "READY"
+
+
+def test_an_unreachable_server_is_not_serving():
+    async def check():
+        async with AsyncKvrayClient("127.0.0.1:9") as client:
+            return await client.is_serving(timeout=0.5)
+
+    assert asyncio.run(check()) is False

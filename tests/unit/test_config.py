@@ -55,3 +55,31 @@ def test_yaml_must_be_a_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="expected a mapping of settings"):
         load({}, config_file=path, environ={})
+
+
+def test_every_setting_is_a_serve_flag_and_a_readme_row():
+    import re
+    from pathlib import Path
+
+    from kvray.cluster.cli import build_parser
+    from kvray.cluster.config import settings
+
+    keys = set(settings())
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {a.dest for a in serve._actions if a.option_strings} - {"help", "config", "ray_serve"}
+    assert flags == keys
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("| key | default | meaning |") :].split("\n\n")[0]
+    rows = {
+        k for line in table.splitlines()[2:] for k in re.findall(r"`(\w+)`", line.split("|")[1])
+    }
+    assert rows == keys, f"missing from README: {keys - rows}; not settings: {rows - keys}"
+
+
+def test_flags_are_parsed_like_environment_variables():
+    config = load({"max_num_seqs": "8", "enable_prefix_caching": "false", "target_ttft_s": "none"})
+    assert config.engine.scheduler.max_num_seqs == 8
+    assert config.engine.scheduler.enable_prefix_caching is False
+    assert config.autoscaling.target_ttft_s is None
+    with pytest.raises(ValueError, match="--max-num-seqs='eight' is not a valid int"):
+        load({"max_num_seqs": "eight"})
