@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log
-from serving import ServerProcess, percentile
+from load import percentile
+from serving import ServerProcess
 
 
 @dataclass

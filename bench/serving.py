@@ -65,7 +65,8 @@ async def run_in_process(
         for chunk in chunks:
             queues[chunk.request_id].put_nowait(chunk)
 
-    loop = StepLoop(engine, in_process(worker.step), on_chunks=publish)
+    # NOTE: no step in flight: in this process there is no round trip to hide.
+    loop = StepLoop(engine, in_process(worker.step), on_chunks=publish, max_pipelined_step_s=0)
     ids = itertools.count()
 
     async def send(spec: RequestSpec):

@@ -30,11 +30,15 @@ class StepLoop:
         execute: Execute,
         *,
         on_chunks: Callable[[list[CompletionChunk]], None],
+        max_pipelined_step_s: float = PIPELINE_MAX_STEP_S,
     ) -> None:
+        """`max_pipelined_step_s`: keep a step in flight only while steps take less than this
+        (0: never, for an executor with no round trip to hide)."""
         self.engine = engine
         self._execute = execute
         self._on_chunks = on_chunks
         self._wake = asyncio.Event()
+        self.max_pipelined_step_s = max_pipelined_step_s
         self.step_seconds = 0.0  # moving average of the worker's time per step
 
     def wake(self) -> None:
@@ -50,7 +54,7 @@ class StepLoop:
         with long ones (a big model on CPU) it is not, and the extra step of time to first token
         is not worth it.
         """
-        return self.step_seconds < PIPELINE_MAX_STEP_S
+        return self.step_seconds < self.max_pipelined_step_s
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Step while there is work; with `until_idle`, return once every request has finished,
