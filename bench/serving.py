@@ -1,6 +1,6 @@
 """Serving benchmark, in the style of `vllm bench serve`.
 
-Two parts, one run:
+Three parts, one run:
 
 1. engine-vs-cluster (run twice by default: added latency with the tiny model at 10 req/s, and
    throughput with a SmolLM2-135M-shaped model, closed loop at 32 streams): the same seeded
@@ -9,7 +9,9 @@ Two parts, one run:
    (b) a `kvray serve` cluster with one replica, over gRPC; prints request throughput, output
    tokens/s, TTFT, inter-token latency (ITL) and end-to-end latency (p50/p90/p99) for both and
    the ratios: cluster throughput / in-process, and the TTFT the cluster adds (p50).
-2. router-capacity: a cluster whose worker is a FakeWorker actor (no model, scripted tokens,
+2. http-vs-grpc: the same requests through the OpenAI-compatible HTTP API and through gRPC on
+   one cluster, alternating; prints the HTTP path's throughput ratio and added TTFT.
+3. router-capacity: a cluster whose worker is a FakeWorker actor (no model, scripted tokens,
    a fixed step time) and closed-loop streams at rising concurrency, to find the most streams
    and tokens/s one router process sustains with p99 ITL under 50 ms. The load generator runs
    in its own processes so it does not share the router's GIL.
@@ -17,6 +19,7 @@ Two parts, one run:
     python bench/serving.py                       # latency, throughput and router parts
     python bench/serving.py --quick               # the same parts, smaller (about 3 minutes)
     python bench/serving.py --part engine --model tiny --rate 8 --num-requests 200
+    python bench/serving.py --part http --model tiny --rate 10 --num-requests 200
     python bench/serving.py --part router --concurrency 250,500,1000
 """
 
@@ -108,6 +111,34 @@ async def run_against_server(
         return await drive(specs, send, concurrency=concurrency)
 
 
+async def run_against_openai(
+    base_url: str, model: str, specs, *, concurrency
+) -> tuple[list[RequestResult], float]:
+    """The same requests through the OpenAI-compatible HTTP API (streamed completions)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+
+    async def send(spec: RequestSpec):
+        stream = await client.completions.create(
+            model=model, prompt=spec.prompt, max_tokens=spec.max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        seen = 0
+        async for event in stream:
+            if event.choices and event.choices[0].text:
+                seen += 1  # one event per step's tokens; usage settles the exact count
+                yield 1
+            elif event.usage is not None and event.usage.completion_tokens > seen:
+                yield event.usage.completion_tokens - seen
+
+    try:
+        await client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2)  # warm up
+        return await drive(specs, send, concurrency=concurrency)
+    finally:
+        await client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,23 +149,15 @@ class ServerProcess:
     """`kvray serve` in a subprocess (its own Ray), stopped with SIGTERM."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvray.cluster.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *args,
-        ]
+        self.port, self.http_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "kvray.cluster.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--http-port", str(self.http_port), *args]  # fmt: skip
         log(f"starting: {' '.join(cmd[2:])}")
         self.proc = subprocess.Popen(
             cmd, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL
         )
         self.target = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}/v1"
 
     def __enter__(self) -> ServerProcess:
         from kvray.client import KvrayClient
@@ -205,6 +228,41 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
     }
 
 
+def http_vs_grpc(args: argparse.Namespace) -> dict:
+    """The same seeded requests through gRPC and through the OpenAI HTTP API of one cluster,
+    alternating (gRPC, HTTP, HTTP, gRPC) so that drift on a noisy machine cancels out."""
+    specs = make_requests(
+        args.num_requests, rate=args.rate, seed=args.seed, prompt_range=(16, 256),
+        output_range=(16, 128), vocab=500,
+    )  # fmt: skip
+    concurrency = None if args.rate != float("inf") else args.max_concurrency
+    flags = ["--model", args.model, "--replicas", "1", "--max-model-len", "512",
+             "--cpus-per-replica", str(args.cpus_per_replica)]  # fmt: skip
+    runs: dict[str, list[dict]] = {"gRPC": [], "HTTP": []}
+    with ServerProcess(flags) as server:
+        for path in ("gRPC", "HTTP", "HTTP", "gRPC"):
+            log(f"{path}: {len(specs)} requests, rate {args.rate}/s")
+            if path == "gRPC":
+                run = run_against_server(server.target, specs, concurrency=concurrency)
+            else:
+                run = run_against_openai(
+                    server.http_url, args.model, specs, concurrency=concurrency
+                )
+            results, elapsed = asyncio.run(run)
+            runs[path].append(summarize(path, results, elapsed))
+    print(f"\n## HTTP (OpenAI API) vs gRPC, one cluster, model {args.model}")
+    for summary in runs["gRPC"] + runs["HTTP"]:
+        print_summary(summary)
+
+    def mean(path: str, key: str) -> float:
+        return sum(s[key] for s in runs[path]) / len(runs[path])
+
+    ratio = mean("HTTP", "output_tokens_per_s") / mean("gRPC", "output_tokens_per_s")
+    added = mean("HTTP", "ttft_ms_p50") - mean("gRPC", "ttft_ms_p50")
+    print(f"HTTP/gRPC throughput: {ratio:.2f}x; TTFT p50 added by HTTP: {added:+.1f} ms")
+    return {"runs": runs, "throughput_ratio": ratio, "added_ttft_p50_ms": added}
+
+
 # ---------------------------------------------------------------------- part 2
 
 
@@ -260,7 +318,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["all", "engine", "router"], default="all")
+    parser.add_argument("--part", choices=["all", "engine", "http", "router"], default="all")
     parser.add_argument(
         "--model", default="tiny", help="tiny, smollm2-shape (random SmolLM2-135M shape) or a path"
     )
@@ -300,6 +358,8 @@ def main() -> int:
     report = {}
     if args.part == "engine":
         report["engine_vs_cluster"] = engine_vs_cluster(args)
+    if args.part == "http":
+        report["http_vs_grpc"] = http_vs_grpc(args)
     if args.part == "all":
         # Added latency: the tiny model (3 ms steps) at a light open-loop load. The worker gets one
         # of the machine's CPUs so that the router and the load generator have the other, as a
@@ -315,6 +375,8 @@ def main() -> int:
                "num_requests": int(64 * scale), "max_concurrency": 32}
         )  # fmt: skip
         report["throughput"] = engine_vs_cluster(throughput)
+        # The OpenAI HTTP path against gRPC on one cluster: the tiny model at a light load.
+        report["http_vs_grpc"] = http_vs_grpc(latency)
     if args.part in ("all", "router"):
         report["router_capacity"] = router_capacity(args)
     if args.json:

@@ -10,8 +10,8 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,14 +35,22 @@ DEFAULT_TARGET = "localhost:50051"
 _HEALTH_CHECK = health_pb2.HealthCheckRequest(service="")  # overall: a replica can take requests
 
 
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     request_id: str = "",
     session_id: str = "",
+    add_generation_prompt: bool | None = None,
     **params: Any,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt and SamplingParams-style keyword arguments.
+
+    A prompt is text, token ids, or a conversation: a list of {"role", "content"} messages that
+    the server renders with the model's chat template (`add_generation_prompt`, default true,
+    ends it with the opening of an assistant turn).
 
     Raises:
         TypeError: an unknown parameter (the message lists the valid ones).
@@ -50,8 +58,13 @@ def build_request(
     req = pb.GenerateRequest(request_id=request_id, session_id=session_id)
     if isinstance(prompt, str):
         req.text = prompt
+    elif prompt and isinstance(prompt[0], Mapping):
+        for message in cast(Sequence[Mapping[str, str]], prompt):
+            req.messages.messages.add(role=message["role"], content=message["content"])
+        if add_generation_prompt is not None:
+            req.messages.add_generation_prompt = add_generation_prompt
     else:
-        req.token_ids.ids.extend(prompt)
+        req.token_ids.ids.extend(cast(Sequence[int], prompt))
     set_request_params(req, params)
     return req
 
@@ -103,7 +116,7 @@ class KvrayClient:
         self.close()
 
     def stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, *, timeout: float | None = None, **params: Any
     ) -> Iterator[GenerationChunk]:
         """Yield chunks as the server produces them. Closing the iterator cancels the request."""
         request = build_request(prompt, **params)
@@ -122,7 +135,7 @@ class KvrayClient:
             time.sleep(delay)
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, *, timeout: float | None = None, **params: Any
     ) -> Completion:
         """Run a request to completion."""
         acc = Accumulator()
@@ -190,7 +203,7 @@ class AsyncKvrayClient:
         await self.close()
 
     async def stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, *, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[GenerationChunk]:
         """Yield chunks as the server produces them. Leaving early cancels the request."""
         request = build_request(prompt, **params)
@@ -209,7 +222,7 @@ class AsyncKvrayClient:
             await asyncio.sleep(delay)
 
     async def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, *, timeout: float | None = None, **params: Any
     ) -> Completion:
         """Run a request to completion."""
         acc = Accumulator()

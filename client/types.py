@@ -33,6 +33,7 @@ class GenerationChunk:
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     prompt_tokens: int | None = None  # on the last chunk
     completion_tokens: int | None = None  # on the last chunk
+    cached_tokens: int | None = None  # on the last chunk: prompt tokens from the prefix cache
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Completion:
     request_id: str
     choices: list[Choice]
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, how many came from the prefix cache
 
     @property
     def text(self) -> str:
@@ -109,6 +111,7 @@ class ModelInfo:
     eos_token_ids: list[int]
     has_tokenizer: bool
     dtype: str
+    has_chat_template: bool = False
 
 
 def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
@@ -126,6 +129,7 @@ def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
         chunk.finish_reason = _FINISH.get(resp.finish_reason, "abort")
         chunk.prompt_tokens = resp.usage.prompt_tokens
         chunk.completion_tokens = resp.usage.completion_tokens
+        chunk.cached_tokens = resp.usage.cached_tokens
         kind = resp.WhichOneof("stop_reason")
         chunk.stop_reason = getattr(resp, kind) if kind else None
     return chunk
@@ -151,6 +155,7 @@ class Accumulator:
             choice.finish_reason, choice.stop_reason = chunk.finish_reason, chunk.stop_reason
             choice.completion_tokens = chunk.completion_tokens or 0
             self.completion.prompt_tokens = chunk.prompt_tokens or 0
+            self.completion.cached_tokens = chunk.cached_tokens or 0
 
     def result(self) -> Completion:
         """The completion. Raises KvrayError if the stream ended without a chunk."""

@@ -46,6 +46,8 @@ class Autoscaler:
         self.policy = AutoscalingPolicy(config, min_replicas=low, max_replicas=high)
         self.target_replicas = replicas
         self.decisions: deque[ScalingEvent] = deque(maxlen=MAX_DECISIONS_KEPT)
+        self.num_scale_ups = 0
+        self.num_scale_downs = 0
         self._num_unassigned = num_unassigned
         self._ttfts: deque[tuple[float, float]] = deque()  # (when, seconds)
 
@@ -97,8 +99,10 @@ class Autoscaler:
         self.target_replicas = decision.to_replicas
         change = decision.to_replicas - decision.from_replicas
         if change > 0:
+            self.num_scale_ups += 1
             self.pool.add(change)
         elif change < 0:
+            self.num_scale_downs += 1
             self.pool.remove(-change, drain_timeout_s=self.config.drain_timeout_s)
 
 

@@ -8,7 +8,12 @@ import sys
 import time
 from collections.abc import Callable
 
-DEMO_PROMPTS = [
+DEMO_QUESTIONS = [  # for chat models (the default, smollm2)
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write one sentence about the sea.",
+]
+DEMO_PROMPTS = [  # for models without a chat template (e.g. the random tiny ones)
     "The quick brown fox",
     "Once upon a time there was a little model that",
     "def fibonacci(n):",
@@ -77,30 +82,40 @@ def _serve_with_ray_serve(flags: dict, config_file: str | None) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Start a local cluster on the tiny model, stream one answer through the gRPC client, stop."""
-    import signal
+def _free_port() -> int:
     import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Start a local cluster (SmolLM2-135M-Instruct by default), stream answers through the
+    gRPC client, stop. A chat model gets questions; any other model text to continue."""
+    import signal
     import subprocess
 
     from kvray.client import KvrayClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, http_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "kvray.cluster.cli", "serve", "--model", args.model,
-           "--replicas", str(args.replicas), "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+           "--replicas", str(args.replicas), "--port", str(port), "--http-port", str(http_port),
+           "--host", "127.0.0.1"]  # fmt: skip
     print(f"==> starting a local cluster: {' '.join(cmd[2:])}", file=sys.stderr)
     server = subprocess.Popen(cmd)
     try:
         with KvrayClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(timeout=300)
+            client.wait_until_serving(timeout=600)
             print(
-                f"==> serving on 127.0.0.1:{port}; streaming through the gRPC client:",
+                f"==> serving on 127.0.0.1:{port} (gRPC) and http://127.0.0.1:{http_port}/v1 "
+                "(OpenAI API); streaming through the gRPC client:",
                 file=sys.stderr,
             )
-            for prompt in DEMO_PROMPTS:
-                print(f"\n>>> {prompt}")
+            chat = client.model_info().has_chat_template
+            for question in DEMO_QUESTIONS if chat else DEMO_PROMPTS:
+                print(f"\n>>> {question}")
+                prompt = [{"role": "user", "content": question}] if chat else question
                 for chunk in client.stream(prompt, max_tokens=args.max_tokens,
                                            temperature=args.temperature, seed=args.seed):  # fmt: skip
                     print(_printable(chunk.text), end="", flush=True)
@@ -151,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="start a local cluster and stream answers through gRPC")
-    p.add_argument("--model", default="tiny", help="built-in name, local directory or hub id")
+    p.add_argument(
+        "--model", default="smollm2", help="built-in name (smollm2, tiny), directory or hub id"
+    )
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

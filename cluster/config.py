@@ -9,6 +9,7 @@ help, for the CLI and the docs. Nothing else in kvray reads `os.environ`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -29,6 +30,8 @@ from kvray.workers.config import (
 
 ENV_PREFIX = "KVRAY_"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -41,6 +44,13 @@ class ClusterConfig:
     )
     host: str = setting("0.0.0.0", "gRPC listen address")
     port: int = setting(50051, "gRPC port (0 picks a free one)")
+    http_port: int = setting(
+        8000, "OpenAI-compatible HTTP port, also /metrics and /health (0: off)"
+    )
+    http_request_timeout_s: float | None = setting(
+        None,
+        "longest an HTTP request may take, seconds (504 after it; X-Request-Timeout per request)",
+    )
     ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one")
     max_queued_requests: int = setting(
         256, "waiting sequences (n samples count n) before RESOURCE_EXHAUSTED"
@@ -54,6 +64,9 @@ class ClusterConfig:
         0.25, "queued requests move to less busy replicas this often, seconds (0: never)"
     )
     shutdown_timeout_s: float = setting(30.0, "on SIGTERM, seconds running streams get to finish")
+    served_model_name: str | None = setting(
+        None, "the model's name in the HTTP API and in metrics (default: model)"
+    )
     fake_step_ms: float = setting(
         20.0, "model fake only (scripted tokens, no model): milliseconds per step"
     )
@@ -63,6 +76,12 @@ class ClusterConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535] (0: any free port), got {self.port}")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535] (0: off), got {self.http_port}")
+        if self.http_request_timeout_s is not None and self.http_request_timeout_s <= 0:
+            raise ValueError(
+                f"http_request_timeout_s must be > 0, got {self.http_request_timeout_s}"
+            )
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.rebalance_period_s < 0:
@@ -80,6 +99,11 @@ class ClusterConfig:
     @property
     def model(self) -> str:
         return self.engine.worker.model
+
+    @property
+    def model_name(self) -> str:
+        """What clients call the model (HTTP `model`, metrics' `model_name`)."""
+        return self.served_model_name or self.model
 
 
 @dataclass(frozen=True)
@@ -111,23 +135,33 @@ def load(
 ) -> ClusterConfig:
     """Merge, lowest precedence first: defaults, the YAML file (`config_file`, or the file named by
     `KVRAY_CONFIG`), `KVRAY_<KEY>` environment variables, then `flags` (None values are skipped).
-    Text values (environment, command line) are parsed as the key's type.
+    Text values (environment, command line) are parsed as the key's type. `KVRAY_*` variables
+    that are not settings are ignored with a warning.
 
     Raises:
-        ValueError: an unknown key (anywhere), a value of the wrong type, or one out of range.
+        ValueError: an unknown key in the file or the flags, a value of the wrong type, or one
+            out of range.
     """
     environ = os.environ if environ is None else environ
     known = settings()
     merged: dict[str, Any] = {}
+    ignored: list[str] = []
     path = config_file or environ.get(f"{ENV_PREFIX}CONFIG")
     if path:
         merged.update(_read_yaml(Path(path)))
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name[len(ENV_PREFIX) :].lower()
-            if key not in known:
-                raise ValueError(f"unknown setting {name}; valid keys: {', '.join(sorted(known))}")
-            merged[key] = _parse(name, value, known[key].hint)
+            if key in known:
+                merged[key] = _parse(name, value, known[key].hint)
+            else:
+                ignored.append(name)
+    if ignored:
+        # NOTE: not an error: Kubernetes adds service-link variables (KVRAY_GRPC_PORT=tcp://...)
+        # for a Service named kvray-*, and kvray's tooling has its own (KVRAY_TORCH_INDEX).
+        logger.warning(
+            "ignoring environment variable(s) %s: not kvray settings", ", ".join(sorted(ignored))
+        )
     for key, value in (flags or {}).items():
         if value is not None:
             merged[key] = value

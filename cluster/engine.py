@@ -32,6 +32,10 @@ class CompletionChunk:
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative, for usage
+    # On a sequence's last chunk: prompt tokens served from the prefix cache, and when it was
+    # first scheduled (the engine's clock; None if it never was).
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
 
     def merge(self, later: CompletionChunk) -> CompletionChunk:
         """This chunk followed by a later one of the same sample, as one chunk."""
@@ -47,7 +51,13 @@ class CompletionChunk:
 
 
 class EngineCore:
-    def __init__(self, info: WorkerInfo, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        info: WorkerInfo,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.info = info
         self.block_manager = BlockManager(
             info.num_kv_blocks, info.block_size, enable_prefix_caching=config.enable_prefix_caching
@@ -57,6 +67,7 @@ class EngineCore:
             self.block_manager,
             max_model_len=info.max_model_len,
             eos_token_ids=info.eos_token_ids,
+            clock=clock,
         )
         self._requests: dict[str, Request] = {}
         self.num_finished_requests = 0
@@ -130,13 +141,7 @@ class EngineCore:
 
     def process(self, step_output: StepOutput) -> list[CompletionChunk]:
         """Apply one step's output: record tokens, stop rules, one chunk per sequence."""
-        chunks = []
-        now = time.monotonic()
-        for event in self.scheduler.update(step_output):
-            if event.seq.first_token_time is None:
-                event.seq.first_token_time = now
-            chunks.append(self._chunk(event))
-        return chunks
+        return [self._chunk(event) for event in self.scheduler.update(step_output)]
 
     def step(self, execute: Callable[[StepInput], StepOutput]) -> list[CompletionChunk]:
         """One step, synchronously: schedule, `execute` it (a worker's `step`), process.
@@ -190,4 +195,6 @@ class EngineCore:
             stop_reason=seq.stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
+            num_cached_tokens=seq.num_cached_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
         )

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import status_for
+from kvray.cluster.input_processor import ChatPrompt, Prompt
 from kvray.cluster.router import Router
 from kvray.cluster.sequence import FinishReason
 from kvray.cluster.stats import ClusterStats
@@ -47,13 +48,21 @@ def sampling_params_from_proto(req: pb.GenerateRequest) -> SamplingParams:
     return SamplingParams(**params_from_request(req))
 
 
-def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
+def prompt_from_proto(req: pb.GenerateRequest) -> Prompt:
     kind = req.WhichOneof("prompt")
     if kind == "text":
         return req.text
     if kind == "token_ids":
         return list(req.token_ids.ids)
-    raise ValueError("prompt is missing: set text or token_ids")
+    if kind == "messages":
+        chat = req.messages
+        return ChatPrompt(
+            tuple({"role": m.role, "content": m.content} for m in chat.messages),
+            add_generation_prompt=(
+                chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+            ),
+        )
+    raise ValueError("prompt is missing: set text, token_ids or messages")
 
 
 def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
@@ -72,6 +81,7 @@ def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
         response.finish_reason = _FINISH[chunk.finish_reason]
         response.usage.prompt_tokens = chunk.num_prompt_tokens
         response.usage.completion_tokens = chunk.num_output_tokens
+        response.usage.cached_tokens = chunk.num_cached_tokens
         if isinstance(chunk.stop_reason, str):
             response.stop_string = chunk.stop_reason
         elif isinstance(chunk.stop_reason, int):
@@ -125,6 +135,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             eos_token_ids=list(info.eos_token_ids),
             has_tokenizer=self.router.tokenizer is not None,
             dtype=info.dtype,
+            has_chat_template=bool(getattr(self.router.tokenizer, "chat_template", None)),
         )
 
     async def GetClusterStatus(

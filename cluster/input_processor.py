@@ -11,15 +11,24 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
 from kvray.cluster.sequence import Sequence
-from kvray.workers.protocol import SamplingParams, WorkerInfo
+from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
 
-Prompt = str | collections.abc.Sequence[int]
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation as the prompt, rendered with the model's chat template."""
+
+    messages: tuple[dict[str, str], ...]  # {"role": ..., "content": ...}, oldest first
+    add_generation_prompt: bool = True  # end with the opening of an assistant turn
+
+
+Prompt = str | collections.abc.Sequence[int] | ChatPrompt
 
 # NOTE: process-wide, so a request moved to another replica's engine keeps unique seq_ids.
 _seq_ids = itertools.count()
@@ -51,38 +60,75 @@ class InputProcessor:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated. Raises ValueError for a prompt the model cannot take."""
-        if isinstance(prompt, str):
+        if isinstance(prompt, ChatPrompt):
+            token_ids = self._render_chat(prompt)
+        elif isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+                raise InvalidParameterError(
+                    "prompt", "this model has no tokenizer: pass the prompt as token ids"
+                )
             token_ids = list(self.tokenizer(prompt)["input_ids"])
         else:
             token_ids = list(prompt)
             vocab_size = self.info.vocab_size
             for t in token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                    raise ValueError(
-                        f"prompt token ids must be integers in [0, {vocab_size}), got {t!r}"
+                    raise InvalidParameterError(
+                        "prompt",
+                        f"prompt token ids must be integers in [0, {vocab_size}), got {t!r}",
                     )
         if not token_ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise InvalidParameterError("prompt", "prompt is empty: give at least one token")
         max_len = self.info.max_model_len
         if len(token_ids) >= max_len:
-            raise ValueError(
+            raise InvalidParameterError(
+                "prompt",
                 f"prompt has {len(token_ids)} tokens but the model's context (max_model_len) is "
-                f"{max_len}; shorten it to at most {max_len - 1}"
+                f"{max_len}; shorten it to at most {max_len - 1}",
             )
         return token_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _render_chat(self, chat: ChatPrompt) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InvalidParameterError(
+                "messages", "this model has no chat template; send a text or token-id prompt"
+            )
+        if not chat.messages:
+            raise InvalidParameterError("messages", "messages is empty: give at least one message")
+        for i, message in enumerate(chat.messages):
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    raise InvalidParameterError("messages", f"messages[{i}].{key} must be a string")
+        try:
+            text = tokenizer.apply_chat_template(
+                list(chat.messages),
+                add_generation_prompt=chat.add_generation_prompt,
+                tokenize=False,
+            )
+        except Exception as exc:  # the template rejects the conversation (jinja raise_exception)
+            raise InvalidParameterError(
+                "messages", f"the model's chat template rejected the messages: {exc}"
+            ) from None
+        # NOTE: the template writes the special tokens (BOS, turn markers) itself.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_params(self, params: SamplingParams) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
         if params.stop and self.tokenizer is None:
-            raise ValueError(
-                "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            raise InvalidParameterError(
+                "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
         for t in params.stop_token_ids:
             if t >= self.info.vocab_size:
-                raise ValueError(
-                    f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}"
+                raise InvalidParameterError(
+                    "stop_token_ids",
+                    f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}",
                 )
 
     def _make_sequence(

@@ -18,6 +18,7 @@ from typing import Any
 
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.grpc_server import start_server
+from kvray.cluster.http_server import HttpServer, build_app
 from kvray.cluster.router import Router
 from kvray.cluster.tokenizer import load_tokenizer
 from kvray.cluster.worker_actor import ray_spawner
@@ -56,7 +57,8 @@ def _tokenizer_loader(config: ClusterConfig) -> Callable[[WorkerInfo], Any]:
 
 
 class Cluster:
-    """A router with its gRPC server, in the running event loop."""
+    """A router with its gRPC server and its OpenAI-compatible HTTP server, in the running
+    event loop."""
 
     def __init__(self, config: ClusterConfig, spawn_actor: Callable[[str], Any] | None = None):
         self.config = config
@@ -64,6 +66,8 @@ class Cluster:
         self.router: Router | None = None
         self.server: Any = None
         self.port: int | None = None
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None  # None: HTTP is off
 
     async def start(self) -> None:
         init_ray(self.config)
@@ -77,6 +81,15 @@ class Cluster:
             self.config.host,
             self.port,
         )
+        if self.config.http_port:
+            app = build_app(self.router, request_timeout_s=self.config.http_request_timeout_s)
+            self.http = HttpServer(app, host=self.config.host, port=self.config.http_port)
+            self.http_port = await self.http.start()
+            logger.info(
+                "HTTP (OpenAI API, /metrics, /health) listening on %s:%d",
+                self.config.host,
+                self.http_port,
+            )
         await self.router.start()
         # Objects alive now (modules, the tokenizer, configs) live as long as the server: keep
         # them out of the collector's scans, which otherwise show up as inter-token latency spikes.
@@ -99,6 +112,8 @@ class Cluster:
         closing = asyncio.get_running_loop().create_task(self.router.close_streams(timeout))
         await self.server.stop(grace=timeout)
         await closing
+        if self.http is not None:
+            await self.http.stop()
         await self.router.shutdown()
 
 
@@ -167,3 +182,9 @@ class BackgroundCluster:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.cluster.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`.../v1`)."""
+        assert self.cluster.http_port is not None, "HTTP is off (http_port: 0)"
+        return f"http://127.0.0.1:{self.cluster.http_port}/v1"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from kvray.cluster.engine import CompletionChunk, EngineCore
-from kvray.cluster.input_processor import InputProcessor, Prompt
+from kvray.cluster.input_processor import ChatPrompt, InputProcessor, Prompt
 from kvray.cluster.tokenizer import load_tokenizer
 from kvray.workers.config import EngineConfig
 from kvray.workers.protocol import Logprobs, SamplingParams
@@ -95,6 +95,18 @@ class LLM:
             _accumulate(outputs[chunk.index], chunk)
         return [results[rid] for rid in request_ids]
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> RequestOutput:
+        """Answer one conversation: `messages` are {"role", "content"} turns, rendered with the
+        model's chat template. Raises ValueError (no template, bad messages or parameters)."""
+        chat = ChatPrompt(tuple(dict(m) for m in messages), add_generation_prompt)
+        return self.generate(chat, sampling_params)[0]
+
     def stream(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -156,8 +168,8 @@ def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (a string or token ids) or a list of them, as a list. Raises ValueError."""
-    if isinstance(prompts, str):
+    """One prompt (text, token ids or a chat) or a list of them, as a list. Raises ValueError."""
+    if isinstance(prompts, str | ChatPrompt):
         return [prompts]
     items: list[object] = list(prompts)
     if not items:
@@ -165,9 +177,10 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if all(isinstance(t, int) for t in items):
         return [cast(list[int], items)]  # one prompt of token ids
     for p in items:
-        if not isinstance(p, str | Sequence):
+        if not isinstance(p, str | Sequence | ChatPrompt):
             raise ValueError(
-                f"each prompt must be a string or a list of token ids, got {type(p).__name__}"
+                "each prompt must be a string, a list of token ids or a ChatPrompt, got "
+                f"{type(p).__name__}"
             )
     return cast(list[Prompt], items)
 

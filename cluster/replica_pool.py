@@ -26,7 +26,7 @@ from kvray.cluster.errors import UnavailableError
 from kvray.cluster.placement import choose_replicas_to_remove
 from kvray.cluster.replica import ReplicaHandle
 from kvray.cluster.request import Request
-from kvray.cluster.stats import ReplicaState, ReplicaStats
+from kvray.cluster.stats import EngineTotals, ReplicaState, ReplicaStats
 from kvray.workers.protocol import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ReplicaPool:
         self.info: WorkerInfo | None = None  # the model's limits, from the first ready replica
         self.tokenizer: Any | None = None
         self.is_closing = False
+        self.retired = EngineTotals()  # counters of the replicas that have left the pool
         self._spawn_actor = spawn_actor
         self._kill_actor = kill_actor
         self._load_tokenizer = load_tokenizer
@@ -104,9 +105,14 @@ class ReplicaPool:
         return await self._warm_up(self._spawn())
 
     def add(self, count: int) -> None:
-        """Start `count` replicas in the background."""
+        """Start `count` replicas in the background. An actor that cannot even be created
+        (Ray unreachable, say) is logged and skipped: the caller's work goes on."""
         for _ in range(count):
-            replica = self._spawn()
+            try:
+                replica = self._spawn()
+            except Exception:
+                logger.exception("could not create a replica's actor")
+                continue
             self._tasks.spawn(self._warm_up_quietly(replica))
 
     def remove(self, count: int, *, drain_timeout_s: float) -> None:
@@ -145,7 +151,7 @@ class ReplicaPool:
             raise UnavailableError(f"{replica.replica_id} is no longer wanted")
         replica.state = ReplicaState.READY
         replica.start(
-            EngineCore(info, self.config.engine.scheduler),
+            EngineCore(info, self.config.engine.scheduler, clock=self.clock),
             on_chunks=self._listener.on_chunks,
             on_failure=self.fail,
         )
@@ -203,7 +209,12 @@ class ReplicaPool:
     def fail(self, replica: ReplicaHandle, exc: BaseException) -> None:
         """A replica's actor died or a step failed: its requests move and (unless it was
         draining) a replacement starts. Idempotent."""
-        if self.is_closing or replica.has_failed or replica.engine is None:
+        if (
+            self.is_closing
+            or replica.has_failed
+            or replica.engine is None
+            or replica.replica_id not in self.replicas  # stopped already (a drain finished)
+        ):
             return  # shutting down, or handled already (its step loop and a health check both saw it)
         replica.has_failed = True
         was_draining = replica.state is ReplicaState.DRAINING
@@ -211,13 +222,17 @@ class ReplicaPool:
             "%s failed (%s: %s); moving its requests", replica.replica_id, type(exc).__name__, exc
         )
         self._retire(replica)
-        self._listener.on_requests_orphaned(replica.engine.take_unfinished(), failover=True)
-        if not was_draining:
-            self.add(1)
-        self._listener.on_replicas_changed()
+        try:
+            self._listener.on_requests_orphaned(replica.engine.take_unfinished(), failover=True)
+            if not was_draining:
+                self.add(1)
+        finally:
+            self._listener.on_replicas_changed()
 
     def _retire(self, replica: ReplicaHandle) -> None:
         """Mark a replica DEAD, stop its step loop, forget it and kill its actor."""
+        if replica.replica_id in self.replicas:
+            self.retired.add(replica.stats())
         replica.state = ReplicaState.DEAD
         replica.cancel()
         self.replicas.pop(replica.replica_id, None)
@@ -231,6 +246,8 @@ class ReplicaPool:
         while not self.is_closing:
             await asyncio.sleep(self.config.health_check_period_s)
             for replica in self.ready():
+                if replica.state is not ReplicaState.READY:
+                    continue  # it started draining (or failed) while others were pinged
                 try:
                     await asyncio.wait_for(replica.actor.health.remote(), timeout=HEALTH_TIMEOUT_S)
                 except Exception as exc:

@@ -9,6 +9,7 @@ count is the autoscaler's (`autoscaler.py`); the router wires them together.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from kvray.cluster.config import ClusterConfig
 from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import OverloadedError, RequestFailedError, UnavailableError
 from kvray.cluster.input_processor import InputProcessor, Prompt
+from kvray.cluster.metrics import ServingMetrics
 from kvray.cluster.placement import QueuedRequest, pick_replica, plan_rebalance
 from kvray.cluster.replica import ReplicaHandle
 from kvray.cluster.replica_pool import ReplicaPool
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 3  # a request moved this many times fails instead (a worker bug, not bad luck)
 MAX_SESSIONS = 100_000  # session -> replica entries kept (least recently used dropped)
-HOUSEKEEPING_MAX_PERIOD_S = 1.0  # waiting-for-a-replica timeouts are checked at least this often
+EXPIRE_PERIOD_S = 1.0  # how often requests waiting for a replica are checked for their timeout
 
 
 class Router:
@@ -76,13 +78,16 @@ class Router:
         self.num_moved_requests = 0  # requests continued on another replica
         self.num_rebalanced_requests = 0  # queued requests moved to a less busy replica
         self.on_serving_change: Callable[[bool], None] = lambda serving: None
+        self.metrics = ServingMetrics(config.model_name, self.status)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Launch the configured replicas; returns once every one is ready (or failed)."""
         await self.pool.start()
-        self._tasks.spawn(self._housekeeping_loop())
+        self._tasks.spawn(self._expire_loop())
+        if self.config.rebalance_period_s > 0:
+            self._tasks.spawn(self._rebalance_loop())
         if self.autoscaler.is_enabled:
             self._tasks.spawn(self.autoscaler.run())
 
@@ -98,6 +103,7 @@ class Router:
             stream.queue.put_nowait(UnavailableError("the server is shutting down"))
 
     async def shutdown(self) -> None:
+        self.pool.is_closing = True  # NOTE: first, so no failure handling starts a replacement
         await self._tasks.cancel_all()
         await self.pool.shutdown()
 
@@ -131,6 +137,7 @@ class Router:
             if stream.first_token_time is None:
                 stream.first_token_time = now
                 self.autoscaler.record_ttft(now, now - stream.arrival_time)
+            self.metrics.observe(stream, chunk, now)
             stream.queue.put_nowait(chunk)
             if chunk.finish_reason is not None:
                 stream.num_finished += 1
@@ -233,6 +240,12 @@ class Router:
     ) -> AsyncIterator[CompletionChunk]:
         """Submit a request and yield its chunks. Leaving early (cancel, error) aborts it."""
         stream = self.submit(prompt, params, request_id=request_id, session_id=session_id)
+        async for chunk in self.chunks(stream):
+            yield chunk
+
+    async def chunks(self, stream: RequestStream) -> AsyncIterator[CompletionChunk]:
+        """A submitted request's chunks, as they come; chunks that piled up for a slow reader
+        arrive merged. Raises the request's error, if it fails. Leaving early aborts it."""
         try:
             while not stream.is_finished or not stream.queue.empty():
                 items = [await stream.queue.get()]
@@ -252,12 +265,17 @@ class Router:
             return
         replica = self.pool.replicas.get(stream.replica_id or "")
         if replica is not None and replica.engine is not None:
-            replica.engine.abort(request_id)
+            now = self.clock()
+            for chunk in replica.engine.abort(request_id):
+                self.metrics.observe(stream, chunk, now)
             replica.wake()
+        else:
+            self.metrics.observe_aborted(stream.num_samples - stream.num_finished)
         self._unassigned = deque(r for r in self._unassigned if r.request_id != request_id)
 
     def _fail(self, stream: RequestStream, exc: BaseException) -> None:
         self._streams.pop(stream.request_id, None)
+        self.metrics.observe_aborted(stream.num_samples - stream.num_finished)
         stream.queue.put_nowait(exc)
 
     # ------------------------------------------------------------------ placement
@@ -355,13 +373,14 @@ class Router:
                 keep.append(request)
         self._unassigned = keep
 
-    async def _housekeeping_loop(self) -> None:
-        period = min(
-            self.config.rebalance_period_s or HOUSEKEEPING_MAX_PERIOD_S, HOUSEKEEPING_MAX_PERIOD_S
-        )
+    async def _expire_loop(self) -> None:
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(EXPIRE_PERIOD_S)
             self.expire_unassigned(self.clock())
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rebalance_period_s)
             self.rebalance()
 
     # ------------------------------------------------------------------ status
@@ -380,6 +399,9 @@ class Router:
     def status(self) -> ClusterStats:
         replicas = self.pool.stats()
         policy = self.autoscaler.policy
+        totals = copy.copy(self.pool.retired)
+        for replica in replicas:
+            totals.add(replica)
         return ClusterStats(
             replicas=replicas,
             queue_depth=len(self._unassigned),
@@ -390,4 +412,10 @@ class Router:
             max_replicas=policy.max_replicas,
             target_replicas=self.autoscaler.target_replicas,
             recent_decisions=list(self.autoscaler.decisions),
+            num_preemptions=totals.num_preemptions,
+            num_prefix_queries=totals.num_prefix_queries,
+            num_prefix_hits=totals.num_prefix_hits,
+            num_scale_ups=self.autoscaler.num_scale_ups,
+            num_scale_downs=self.autoscaler.num_scale_downs,
+            block_size=self.pool.info.block_size if self.pool.info else 0,
         )

@@ -11,7 +11,9 @@ waiting for its sampled token counts it as pending and decodes it anyway (the wo
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvray.cluster.block_manager import BlockManager
@@ -38,8 +40,10 @@ class Scheduler:
         *,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -160,7 +164,10 @@ class Scheduler:
             self.waiting.popleft()
             self.num_queued_tokens -= seq.num_known_tokens
             self.block_manager.acquire_prefix(seq, prefix)
-            seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+            seq.num_computed_tokens = num_cached
+            if seq.first_scheduled_time is None:  # not on a recompute (preemption, failover)
+                seq.first_scheduled_time = self.clock()
+                seq.num_cached_tokens = num_cached
             self.block_manager.allocate(seq, num_cached + num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

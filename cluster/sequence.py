@@ -43,14 +43,14 @@ class Sequence:
     output_logprobs: list[Logprobs | None] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written)
     num_pending_tokens: int = 0  # sampled by an in-flight step; ids not yet seen
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
     is_known_to_worker: bool = False  # False: send in full (new, or preempted) when scheduled
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # the scheduler's clock when first admitted
     detokenizer: Detokenizer | None = None  # None when the model has no tokenizer
 
     @property

@@ -20,6 +20,7 @@ from kvray.cluster.config import ClusterConfig, load
 from kvray.cluster.launcher import Cluster
 
 ROUTER_RESOURCE = "kvray-router"  # a custom resource on the pod whose Service exposes gRPC
+SERVE_PROXY_PORT = 8000  # Ray Serve's HTTP proxy (on KubeRay's head pod, and serve.run's default)
 
 
 @serve.deployment(
@@ -56,6 +57,11 @@ def app(args: dict[str, Any] | None = None) -> Any:
     settings = dict(args or {})
     config_file = settings.pop("config", None)
     config = load(settings, config_file=config_file)
+    if config.http_port == SERVE_PROXY_PORT:
+        raise ValueError(
+            f"http_port {SERVE_PROXY_PORT} is Ray Serve's own HTTP proxy port; set http_port to "
+            "another port (the KubeRay manifests use 8080) or to 0 to turn kvray's HTTP off"
+        )
     options: dict[str, Any] = {"num_cpus": 0}
     if _has_router_resource():  # pin the router to the pod that its Service selects
         options["resources"] = {ROUTER_RESOURCE: 1}

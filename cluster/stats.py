@@ -81,3 +81,24 @@ class ClusterStats:
     max_replicas: int
     target_replicas: int
     recent_decisions: list[ScalingEvent] = field(default_factory=list)
+    # Since the router started, over every replica it ran (stopped ones included):
+    num_preemptions: int = 0
+    num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int = 0  # of which were served from it
+    num_scale_ups: int = 0  # autoscaler decisions
+    num_scale_downs: int = 0
+    block_size: int = 0  # tokens per KV block (0 before the first replica is ready)
+
+
+@dataclass
+class EngineTotals:
+    """Counters of replicas that have stopped, so cluster totals never go backwards."""
+
+    num_preemptions: int = 0
+    num_prefix_queries: int = 0
+    num_prefix_hits: int = 0
+
+    def add(self, replica: ReplicaStats) -> None:
+        self.num_preemptions += replica.num_preemptions
+        self.num_prefix_queries += replica.num_prefix_queries
+        self.num_prefix_hits += replica.num_prefix_hits

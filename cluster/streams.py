@@ -22,6 +22,7 @@ class RequestStream:
     arrival_time: float = field(default_factory=time.monotonic)
     unassigned_since: float | None = None  # when it last started waiting for a replica
     first_token_time: float | None = None
+    last_token_times: dict[int, float] = field(default_factory=dict)  # per sample, for ITL
 
     @property
     def is_finished(self) -> bool:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# NOTE: tests never reach a model hub (the built-in smollm2 then comes from PyPI's GGUF).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 ARCH_NAMES = ["tiny", "tiny-qwen2", "tiny-gpt2"]
 
@@ -31,7 +36,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(model_cache_dir: str) -> str:
-    from kvray.workers.tiny_model import resolve_model
+    from kvray.workers.checkpoints import resolve_model
 
     return resolve_model("tiny", cache_dir=model_cache_dir)
 

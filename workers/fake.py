@@ -46,7 +46,7 @@ class FakeWorker:
     @classmethod
     def from_config(cls, config: EngineConfig, *, step_delay_s: float = 0.02) -> FakeWorker:
         """A fake replica shaped by an EngineConfig, speaking the built-in tokenizer's vocabulary."""
-        from kvray.workers.tiny_model import resolve_tokenizer_only
+        from kvray.workers.checkpoints import resolve_tokenizer_only
 
         worker = config.worker
         max_model_len = worker.max_model_len or 2048

@@ -13,6 +13,14 @@ _MAX_LOGPROBS = 20
 _MAX_N = 16
 
 
+class InvalidParameterError(ValueError):
+    """A request parameter (or the prompt) that the server cannot take; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops. Validated on construction.
@@ -70,21 +78,23 @@ class SamplingParams:
             _check_int("max_tokens", self.max_tokens, 1, 2**31 - 1, hint="or None for no limit")
         _check_int("min_tokens", self.min_tokens, 0, 2**31 - 1)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise InvalidParameterError(
+                "min_tokens",
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
-                f"and max_tokens={self.max_tokens}"
+                f"and max_tokens={self.max_tokens}",
             )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+                raise InvalidParameterError("stop", f"stop must hold non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids[]", t, 0, 2**31 - 1)
+            _check_int("stop_token_ids", t, 0, 2**31 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS)
         if self.n > 1 and self.is_greedy:
-            raise ValueError(
+            raise InvalidParameterError(
+                "n",
                 "n > 1 needs random sampling (temperature > 0 and top_k != 1): greedy samples "
-                "would all be equal"
+                "would all be equal",
             )
 
     @property
@@ -96,20 +106,20 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, low: int, high: int, *, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidParameterError(name, f"{name} must be an integer, got {value!r}")
     if not low <= value <= high:
         extra = f" ({hint})" if hint else ""
-        raise ValueError(f"{name} must be in [{low}, {high}]{extra}, got {value}")
+        raise InvalidParameterError(name, f"{name} must be in [{low}, {high}]{extra}, got {value}")
 
 
 def _check_float(
     name: str, value: object, low: float, high: float, *, low_open: bool = False
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidParameterError(name, f"{name} must be a number, got {value!r}")
     bracket = "(" if low_open else "["
     if value > high or value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+        raise InvalidParameterError(name, f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,13 @@
 """Built-in tiny models: random weights from a fixed seed and a real byte-level BPE tokenizer,
 saved in Hugging Face format so they load through the same `from_pretrained` path as any checkpoint.
 
-`resolve_model("tiny")` builds one into a cache folder on first use; any other name is returned
-unchanged (a local directory or a hub id).
+`checkpoints.resolve_model("tiny")` builds one into a cache folder on first use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,12 +17,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "v1"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "kvray"
+TINY_VERSION = "v2"  # v2: the Llama and Qwen2 tokenizers carry a chat template
 EOS_TOKEN = "<|endoftext|>"
 
 # Name -> architecture. `tiny` is the Llama one.
 TINY_MODELS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-gpt2": "gpt2"}
+
+# A ChatML template (SmolLM2's and Qwen2's format). The GPT-2 tiny model keeps none, as GPT-2.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # A small, fixed corpus: English prose, code and some non-ASCII text so that the tokenizer has
 # merges for common words and splits multi-byte characters across tokens.
@@ -108,43 +111,9 @@ def make_tiny_model(out_dir: str | os.PathLike[str], *, arch: str = "llama", see
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = eos_id
+    if arch != "gpt2":
+        tokenizer.chat_template = CHAT_TEMPLATE
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def resolve_tokenizer_only(*, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """A folder holding only the built-in tokenizer (for the `fake` model); built once."""
-    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    target = root / "models" / f"tokenizer-{TINY_VERSION}"
-    if not (target / "tokenizer.json").exists():
-        make_tokenizer().save_pretrained(target)
-    return str(target)
-
-
-def resolve_model(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """Map a built-in name to its directory (building it once); return other names unchanged."""
-    if name not in TINY_MODELS:
-        return name
-    arch = TINY_MODELS[name]
-    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    target = root / "models" / f"tiny-{arch}-{TINY_VERSION}"
-    if (target / "config.json").exists():
-        return str(target)
-    root.joinpath("models").mkdir(parents=True, exist_ok=True)
-    logger.info("building the built-in %s model into %s (once)", name, target)
-    start = time.perf_counter()
-    # Build in a private folder and rename, so concurrent builders never see half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=root / "models"))
-    try:
-        make_tiny_model(tmp, arch=arch)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("built %s in %.1fs", name, time.perf_counter() - start)
-    return str(target)

@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
+from kvray.workers.checkpoints import resolve_model
 from kvray.workers.config import EngineConfig
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
 from kvray.workers.sampler import Sampler, SamplingRow, prepare_sampling_batch
 from kvray.workers.sequences import SequenceTable
-from kvray.workers.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,12 @@ def kvray(*args: str, env: dict[str, str], **kwargs) -> subprocess.Popen:
 
 @pytest.fixture
 def env(model_cache_dir):
-    return {**os.environ, "KVRAY_CACHE_DIR": model_cache_dir, "KVRAY_MAX_MODEL_LEN": "256"}
+    return {
+        **os.environ,
+        "KVRAY_CACHE_DIR": model_cache_dir,
+        "KVRAY_MAX_MODEL_LEN": "256",
+        "KVRAY_HTTP_PORT": "0",  # HTTP off: port 8000 may be taken on a test machine
+    }
 
 
 def test_sigterm_lets_running_streams_finish(env):
@@ -70,8 +75,9 @@ def test_sigterm_lets_running_streams_finish(env):
 
 
 def test_demo_streams_through_a_local_cluster(env):
+    demo = ["demo", "--model", "tiny", "--replicas", "1", "--max-tokens", "8"]
     result = subprocess.run(
-        [sys.executable, "-m", "kvray.cluster.cli", "demo", "--replicas", "1", "--max-tokens", "8"],
+        [sys.executable, "-m", "kvray.cluster.cli", *demo],
         env=env,
         capture_output=True,
         text=True,
@@ -82,13 +88,15 @@ def test_demo_streams_through_a_local_cluster(env):
     assert "1 replica(s): replica-0 READY" in result.stderr
 
 
-def test_serve_rejects_unknown_setting_clearly(env):
+def test_serve_rejects_an_unknown_config_key_clearly(env, tmp_path):
+    config = tmp_path / "kvray.yaml"
+    config.write_text("replicaz: 2\n")
     result = subprocess.run(
-        [sys.executable, "-m", "kvray.cluster.cli", "serve"],
-        env={**env, "KVRAY_REPLICAZ": "2"},
+        [sys.executable, "-m", "kvray.cluster.cli", "serve", "--config", str(config)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert "unknown setting KVRAY_REPLICAZ" in result.stderr
+    assert "unknown config key(s) replicaz" in result.stderr

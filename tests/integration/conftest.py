@@ -19,7 +19,7 @@ def start_cluster(model_cache_dir: str, **settings):
     from kvray.cluster.config import load
     from kvray.cluster.launcher import BackgroundCluster
 
-    flags = {"model": "tiny", "host": "127.0.0.1", "port": 0, "max_model_len": 256}
+    flags = {"model": "tiny", "host": "127.0.0.1", "port": 0, "http_port": 0, "max_model_len": 256}
     flags.update(settings)
     flags["cache_dir"] = model_cache_dir
     return BackgroundCluster(load(flags, environ={}))

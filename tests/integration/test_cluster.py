@@ -185,3 +185,29 @@ def test_tokenize_and_model_info(client, tiny_tokenizer):
     info = client.model_info()
     assert info.model == "tiny" and info.max_model_len == 256 and info.has_tokenizer
     assert info.vocab_size == len(tiny_tokenizer)
+
+
+def test_a_chat_prompt_is_rendered_with_the_models_template(client, tiny_tokenizer):
+    messages = [{"role": "user", "content": "Hello there"}]
+    result = client.generate(messages, temperature=0, max_tokens=6, ignore_eos=True)
+    rendered = tiny_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    as_text = client.generate(
+        tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        temperature=0, max_tokens=6, ignore_eos=True,
+    )  # fmt: skip
+    assert result.token_ids == as_text.token_ids
+    assert result.prompt_tokens == len(
+        tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    )
+    assert client.model_info().has_chat_template
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(client):
+    prompt = list(range(10, 10 + 70))  # 4 full blocks of 16, plus a partial one
+    session = {"session_id": "cached-tokens", "temperature": 0, "max_tokens": 2}
+    first = client.generate(prompt, **session)
+    again = client.generate(prompt, **session)  # the same replica (session), its cache warm
+    assert again.prompt_tokens == first.prompt_tokens == 70
+    assert again.cached_tokens == 64 and again.cached_tokens > first.cached_tokens

@@ -20,7 +20,7 @@ def case(request, model_cache_dir):
     """(arch, prompts, reference outputs from HF generate, one prompt at a time)."""
     from transformers import AutoModelForCausalLM
 
-    from kvray.workers.tiny_model import resolve_model
+    from kvray.workers.checkpoints import resolve_model
 
     path = resolve_model(request.param, cache_dir=model_cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

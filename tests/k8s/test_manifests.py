@@ -4,6 +4,7 @@ fail with a message that names the field."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from tests.k8s import validate as v
+from tests.k8s.invariants import find, ray_head
 
 OVERLAYS = ["cpu-dev", "gpu"]
 K8S = v.ROOT / "k8s"
@@ -31,11 +33,16 @@ def cpu_dev():
     return v.render(K8S / "overlays" / "cpu-dev")
 
 
-def test_crds_are_beside_the_project():
-    assert (v.CRD_DIR / "ray.io_rayservices.yaml").exists(), (
-        f"KubeRay CRDs not found in {v.CRD_DIR}: put ray.io_rayservices.yaml and "
-        "ray.io_rayclusters.yaml (KubeRay v1.7.0) there or set KVRAY_KUBERAY_CRDS"
-    )
+CRD_SHA256 = {
+    "ray.io_rayservices.yaml": "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab",
+    "ray.io_rayclusters.yaml": "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1",
+}
+
+
+def test_vendored_crds_are_unchanged():
+    crds = Path(v.__file__).resolve().parent / "kuberay-crds-v1.7.0"
+    for name, digest in CRD_SHA256.items():
+        assert hashlib.sha256((crds / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_overlay_is_valid(rendered):
@@ -46,32 +53,32 @@ def test_overlay_is_valid(rendered):
 
 def test_gpu_overlay_asks_for_gpus_and_mounts_the_models(request):
     docs = v.render(K8S / "overlays" / "gpu")
-    group = v.ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    group = ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     container = group["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
-    assert v.find(docs, "PersistentVolumeClaim", "kvray-models") is not None
+    assert find(docs, "PersistentVolumeClaim", "kvray-models") is not None
 
 
 def head_container(docs):
-    return v.ray_head(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+    return ray_head(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
         "containers"
     ][0]
 
 
 def worker_group(docs):
-    return v.ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    return ray_head(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
 
 
 def set_config(docs, **settings):
-    cm = v.find(docs, "ConfigMap", "kvray-config")
+    cm = find(docs, "ConfigMap", "kvray-config")
     data = yaml.safe_load(cm["data"]["config.yaml"])
     data.update(settings)
     cm["data"]["config.yaml"] = yaml.safe_dump(data)
 
 
 def set_serve(docs, mutate):
-    service = v.ray_head(docs)
+    service = ray_head(docs)
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     mutate(config)
     service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
@@ -79,7 +86,7 @@ def set_serve(docs, mutate):
 
 BROKEN = {
     "unknown RayService field": (
-        lambda d: v.ray_head(d)["spec"]["rayClusterConfig"].update(enableAutoscaling=True),
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"].update(enableAutoscaling=True),
         "Additional properties are not allowed ('enableAutoscaling'",
     ),
     "int-or-string of the wrong type": (
@@ -101,11 +108,11 @@ BROKEN = {
         "need minReplicas <= replicas <= maxReplicas, got 1 <= 5 <= 2",
     ),
     "name not DNS-1035": (
-        lambda d: v.find(d, "Service", "kvray-grpc")["metadata"].update(name="kvray_grpc"),
+        lambda d: find(d, "Service", "kvray-grpc")["metadata"].update(name="kvray_grpc"),
         "metadata.name: 'kvray_grpc' is not a DNS-1035 label",
     ),
     "selector misses the head pod": (
-        lambda d: v.find(d, "Service", "kvray-grpc")["spec"].update(selector={"app": "nope"}),
+        lambda d: find(d, "Service", "kvray-grpc")["spec"].update(selector={"app": "nope"}),
         "spec.selector {'app': 'nope'} does not match the head pod labels",
     ),
     "Service port not the router's": (
@@ -113,7 +120,7 @@ BROKEN = {
         "the router listens on 50052",
     ),
     "rayVersion differs from the pin": (
-        lambda d: v.ray_head(d)["spec"]["rayClusterConfig"].update(rayVersion="2.59.0"),
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"].update(rayVersion="2.59.0"),
         "rayClusterConfig.rayVersion: '2.59.0' differs from the ray[serve]==",
     ),
     "import path does not import": (
@@ -131,8 +138,26 @@ BROKEN = {
         "unknown key 'replicas'",
     ),
     "unknown Service field (strict core validation)": (
-        lambda d: v.find(d, "Service", "kvray-grpc")["spec"].update(clusterIPz="None"),
+        lambda d: find(d, "Service", "kvray-grpc")["spec"].update(clusterIPz="None"),
         "clusterIPz",
+    ),
+    "HTTP on Serve's proxy port": (
+        lambda d: set_config(d, http_port=8000),
+        "kvray http_port 8000 is Ray Serve's HTTP proxy port",
+    ),
+    "HTTP Service port not the router's": (
+        lambda d: set_config(d, http_port=8081),
+        "spec.ports[http].targetPort resolves to 8080, the router listens on 8081",
+    ),
+    "Prometheus scrapes another port": (
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"][
+            "annotations"
+        ].update({"prometheus.io/port": "9090"}),
+        "annotations[prometheus.io/port]: '9090', expected '8080'",
+    ),
+    "service links left on": (
+        lambda d: worker_group(d)["template"]["spec"].pop("enableServiceLinks"),
+        "workerGroupSpecs[0].template.spec.enableServiceLinks must be false",
     ),
     "liveness probe not gRPC": (
         lambda d: head_container(d).update(livenessProbe={"tcpSocket": {"port": 6379}}),

@@ -12,26 +12,22 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.k8s.invariants import Doc, check_invariants, configmap_file
+
 ROOT = Path(__file__).resolve().parents[2]
-# KubeRay v1.7.0's CRDs, unchanged: beside the project (as CI has them), or where the variable says.
+# KubeRay v1.7.0's CRDs, vendored unchanged beside this file, or where the variable says.
 CRD_DIR = Path(
-    os.environ.get("KVRAY_KUBERAY_CRDS", ROOT.parent / "shared" / "k8s" / "kuberay-crds-v1.7.0")
+    os.environ.get("KVRAY_KUBERAY_CRDS", Path(__file__).resolve().parent / "kuberay-crds-v1.7.0")
 )
 K8S_VERSION = "1.33.0"
-DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
-
-Doc = dict[str, Any]
 
 
 def render(overlay: Path) -> list[Doc]:
@@ -206,173 +202,6 @@ def check_app_args(at: str, args: Doc, docs: list[Doc]) -> list[str]:
     except ValueError as err:
         return [f"{at}.args: {err}"]
     return []
-
-
-def configmap_file(docs: list[Doc], path: str) -> str | None:
-    """The text of `path` if a ConfigMap mounted on the head container provides it."""
-    head = ray_head(docs)
-    if head is None:
-        return None
-    pod = head["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    for mount in pod["containers"][0].get("volumeMounts", []):
-        prefix = mount["mountPath"].rstrip("/") + "/"
-        cm = volumes.get(mount["name"], {}).get("configMap")
-        if cm and path.startswith(prefix):
-            data = find(docs, "ConfigMap", cm["name"])
-            return None if data is None else data.get("data", {}).get(path[len(prefix) :])
-    return None
-
-
-# ---------------------------------------------------------------------- invariants
-
-
-def find(docs: list[Doc], kind: str, name: str) -> Doc | None:
-    return next((d for d in docs if d.get("kind") == kind and d["metadata"]["name"] == name), None)
-
-
-def ray_head(docs: list[Doc]) -> Doc | None:
-    return next((d for d in docs if d.get("kind") == "RayService"), None)
-
-
-def check_invariants(docs: list[Doc]) -> list[str]:
-    errors = []
-    for doc in docs:
-        name = doc.get("metadata", {}).get("name", "")
-        if not DNS_1035.match(name) or len(name) > 63:
-            errors.append(f"{_name(doc)}: metadata.name: {name!r} is not a DNS-1035 label")
-    service = ray_head(docs)
-    if service is None:
-        return [*errors, "no RayService in the rendered manifests"]
-    cluster = service["spec"]["rayClusterConfig"]
-    errors += check_ray_version(service, cluster)
-    errors += check_groups(service, cluster)
-    errors += check_grpc_service(docs, service, cluster)
-    return errors
-
-
-def check_ray_version(service: Doc, cluster: Doc) -> list[str]:
-    pinned = pinned_ray_version()
-    if cluster.get("rayVersion") != pinned:
-        return [
-            f"{_name(service)}: spec.rayClusterConfig.rayVersion: {cluster.get('rayVersion')!r} "
-            f"differs from the ray[serve]=={pinned} that kvray pins"
-        ]
-    return []
-
-
-def pinned_ray_version() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    match = re.search(r'"ray\[serve\]==([^"]+)"', text)
-    assert match, "pyproject.toml must pin ray[serve]==X.Y.Z"
-    return match.group(1)
-
-
-def pod_specs(cluster: Doc) -> Iterator[tuple[str, Doc]]:
-    yield "spec.rayClusterConfig.headGroupSpec", cluster["headGroupSpec"]["template"]["spec"]
-    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
-        yield f"spec.rayClusterConfig.workerGroupSpecs[{i}]", group["template"]["spec"]
-
-
-def check_groups(service: Doc, cluster: Doc) -> list[str]:
-    errors = []
-    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
-        at = f"{_name(service)}: spec.rayClusterConfig.workerGroupSpecs[{i}]"
-        low, high, n = (
-            group.get("minReplicas", 0),
-            group.get("maxReplicas", 2**31 - 1),
-            group.get("replicas", 0),
-        )
-        if not low <= n <= high:
-            errors.append(
-                f"{at}: need minReplicas <= replicas <= maxReplicas, got {low} <= {n} <= {high}"
-            )
-        if not DNS_1035.match(group.get("groupName", "")):
-            errors.append(f"{at}.groupName: {group.get('groupName')!r} is not a DNS-1035 label")
-    for at, pod in pod_specs(cluster):
-        for c, container in enumerate(pod["containers"]):
-            errors += check_resources(
-                f"{_name(service)}: {at}.template.spec.containers[{c}]", container
-            )
-    return errors
-
-
-def check_resources(at: str, container: Doc) -> list[str]:
-    errors = []
-    resources = container.get("resources", {})
-    for section in ("requests", "limits"):
-        for key, value in (resources.get(section) or {}).items():
-            if not QUANTITY.match(str(value)):
-                errors.append(f"{at}.resources.{section}.{key}: {value!r} is not a quantity")
-    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
-    for key in set(requests) | set(limits):
-        if key.endswith("/gpu") and str(requests.get(key)) != str(limits.get(key)):
-            errors.append(
-                f"{at}.resources: {key} requests ({requests.get(key)}) must equal limits ({limits.get(key)})"
-            )
-    return errors
-
-
-def check_grpc_service(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
-    """The gRPC Service selects the head pod and reaches the port the router listens on."""
-    errors = []
-    grpc_service = next(
-        (
-            d
-            for d in docs
-            if d.get("kind") == "Service"
-            and any(p.get("name") == "grpc" for p in d["spec"].get("ports", []))
-        ),
-        None,
-    )
-    if grpc_service is None:
-        return [f"{_name(service)}: no Service exposes a port named grpc"]
-    at = _name(grpc_service)
-    head = cluster["headGroupSpec"]["template"]
-    labels = head.get("metadata", {}).get("labels", {})
-    selector = grpc_service["spec"].get("selector", {})
-    if not selector or any(labels.get(k) != v for k, v in selector.items()):
-        errors.append(f"{at}: spec.selector {selector} does not match the head pod labels {labels}")
-    container = head["spec"]["containers"][0]
-    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
-    for p in grpc_service["spec"]["ports"]:
-        if p.get("name") != "grpc":
-            continue
-        target = p.get("targetPort", p["port"])
-        number = ports.get(target) if isinstance(target, str) else target
-        if number is None:
-            errors.append(
-                f"{at}: spec.ports[grpc].targetPort {target!r} is no port of the head container"
-            )
-        elif number != router_port(docs):
-            errors.append(
-                f"{at}: spec.ports[grpc].targetPort resolves to {number}, the router listens on {router_port(docs)}"
-            )
-        if p.get("appProtocol") != "kubernetes.io/h2c":
-            errors.append(f"{at}: spec.ports[grpc].appProtocol must be kubernetes.io/h2c")
-    for probe in ("readinessProbe", "livenessProbe"):
-        grpc_probe = (container.get(probe) or {}).get("grpc")
-        if grpc_probe is None:
-            errors.append(
-                f"{_name(service)}: head container {probe}: must be a grpc.health.v1 probe"
-            )
-        elif grpc_probe.get("port") != router_port(docs):
-            errors.append(
-                f"{_name(service)}: head container {probe}.grpc.port {grpc_probe.get('port')} is not the router's port"
-            )
-    return errors
-
-
-def router_port(docs: list[Doc]) -> int | None:
-    service = ray_head(docs)
-    if service is None:
-        return None
-    args = (yaml.safe_load(service["spec"]["serveConfigV2"]).get("applications") or [{}])[0].get(
-        "args"
-    ) or {}
-    text = configmap_file(docs, args.get("config", "")) if "config" in args else None
-    settings = {**(yaml.safe_load(text) if text else {}), **args}
-    return int(settings.get("port", 50051))
 
 
 def main(argv: list[str]) -> int:

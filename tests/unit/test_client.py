@@ -26,7 +26,7 @@ def test_every_parameter_survives_the_wire():
         temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
         presence_penalty=0.2, frequency_penalty=-0.3, seed=42, n=2, max_tokens=33,
         min_tokens=3, stop=["a", "bc"], stop_token_ids=[7], ignore_eos=True,
-        include_stop_str_in_output=True, logprobs=4,
+        include_stop_str_in_output=True, logprobs=4, skip_special_tokens=False,
     )  # fmt: skip
     params = sampling_params_from_proto(build_request([1, 2, 3], **kwargs))
     assert params == SamplingParams(**kwargs)

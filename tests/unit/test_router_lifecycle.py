@@ -93,3 +93,42 @@ def test_the_wait_for_a_replica_is_timed_from_when_it_began_not_from_arrival():
         await router.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_replica_that_finished_draining_is_not_replaced_when_a_late_ping_fails():
+    async def main() -> None:
+        local = LocalRouter()
+        router = local.router
+        first = await router.pool.launch()
+        await router.pool.launch()
+        await router.pool.drain(first, timeout_s=0)  # stopped and killed
+        router.pool.fail(first, RuntimeError("the health ping reached a killed actor"))
+        assert len(local.actors) == 2  # no replacement for a replica the autoscaler removed
+        assert len(router.pool.replicas) == 1
+        await router.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_replacement_that_cannot_be_created_fails_the_moved_requests_at_once():
+    async def main() -> None:
+        local = LocalRouter()
+        router = local.router
+        serving: list[bool] = []
+        router.on_serving_change = serving.append
+        await router.pool.launch()
+        assert serving == [True]
+        stream = router.submit([3, 4], GREEDY, request_id="r")
+
+        def unreachable(replica_id: str) -> None:
+            raise ConnectionError("the Ray cluster is unreachable")
+
+        router.pool._spawn_actor = unreachable
+        local.actors[0].fail = True
+        local.step_gate.set()
+        with pytest.raises(UnavailableError, match="no healthy replica"):
+            await collect(router, stream)  # not left waiting for cold_start_timeout_s
+        assert serving == [True, False]
+        await router.shutdown()
+
+    asyncio.run(main())

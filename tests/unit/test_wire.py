@@ -17,14 +17,9 @@ from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.wire import param_fields, params_from_request
 from kvray.workers.protocol import SamplingParams
 
-# SamplingParams fields the wire does not carry yet, and why.
-NOT_ON_THE_WIRE = {"skip_special_tokens"}  # the server always skips special tokens
-
 
 def test_every_wire_parameter_is_a_sampling_params_field_and_back():
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    assert set(param_fields()) <= fields
-    assert fields - set(param_fields()) == NOT_ON_THE_WIRE
+    assert set(param_fields()) == {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def test_a_request_with_nothing_set_carries_no_parameters():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvray/v1/generation.proto\x12\x08kvray.v1\"\xe8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x08\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_n\"\xac\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.kvray.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.kvray.v1.SamplingParams\x12,\n\x08stopping\x18\x05 \x01(\x0b\x32\x1a.kvray.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x08\n\x06promptB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x86\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.kvray.v1.TokenLogprob\x12\x43\n\rfinish_reason\x18\x06 \x01(\x0e\x32\'.kvray.v1.GenerateResponse.FinishReasonH\x01\x88\x01\x01\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.kvray.v1.Usage\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\t \x01(\x05H\x00\"N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x42\r\n\x0bstop_reasonB\x10\n\x0e_finish_reason\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x82\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\x19\n\x17GetClusterStatusRequest\"\xd5\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x03\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x03\"`\n\x0fScalingDecision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12\x15\n\rfrom_replicas\x18\x02 \x01(\x05\x12\x13\n\x0bto_replicas\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x9b\x02\n\rClusterStatus\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.kvray.v1.ReplicaStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x17\n\x0ftarget_replicas\x18\x06 \x01(\x05\x12\x33\n\x10recent_decisions\x18\x07 \x03(\x0b\x32\x19.kvray.v1.ScalingDecision\x12\x1a\n\x12num_moved_requests\x18\x08 \x01(\x03\x12\x1f\n\x17num_rebalanced_requests\x18\t \x01(\x03\x32\xa8\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x19.kvray.v1.GenerateRequest\x1a\x1a.kvray.v1.GenerateResponse0\x01\x12\x41\n\x08Tokenize\x12\x19.kvray.v1.TokenizeRequest\x1a\x1a.kvray.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.kvray.v1.GetModelInfoRequest\x1a\x13.kvray.v1.ModelInfo\x12N\n\x10GetClusterStatus\x12!.kvray.v1.GetClusterStatusRequest\x1a\x17.kvray.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvray/v1/generation.proto\x12\x08kvray.v1\"\xa2\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x08\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\t\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x16\n\x14_skip_special_tokens\"\xac\x01\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"u\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.kvray.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xa6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.kvray.v1.TokenIdsH\x00\x12*\n\x08messages\x18\x08 \x01(\x0b\x32\x16.kvray.v1.ChatMessagesH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.kvray.v1.SamplingParams\x12,\n\x08stopping\x18\x05 \x01(\x0b\x32\x1a.kvray.v1.StoppingCriteria\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x08\n\x06promptB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x86\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.kvray.v1.TokenLogprob\x12\x43\n\rfinish_reason\x18\x06 \x01(\x0e\x32\'.kvray.v1.GenerateResponse.FinishReasonH\x01\x88\x01\x01\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.kvray.v1.Usage\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\t \x01(\x05H\x00\"N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x42\r\n\x0bstop_reasonB\x10\n\x0e_finish_reason\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x9d\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\"\x19\n\x17GetClusterStatusRequest\"\xd5\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x03\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x03\"`\n\x0fScalingDecision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12\x15\n\rfrom_replicas\x18\x02 \x01(\x05\x12\x13\n\x0bto_replicas\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x9b\x02\n\rClusterStatus\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.kvray.v1.ReplicaStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x17\n\x0ftarget_replicas\x18\x06 \x01(\x05\x12\x33\n\x10recent_decisions\x18\x07 \x03(\x0b\x32\x19.kvray.v1.ScalingDecision\x12\x1a\n\x12num_moved_requests\x18\x08 \x01(\x03\x12\x1f\n\x17num_rebalanced_requests\x18\t \x01(\x03\x32\xa8\x02\n\nGeneration\x12\x43\n\x08Generate\x12\x19.kvray.v1.GenerateRequest\x1a\x1a.kvray.v1.GenerateResponse0\x01\x12\x41\n\x08Tokenize\x12\x19.kvray.v1.TokenizeRequest\x1a\x1a.kvray.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.kvray.v1.GetModelInfoRequest\x1a\x13.kvray.v1.ModelInfo\x12N\n\x10GetClusterStatus\x12!.kvray.v1.GetClusterStatusRequest\x1a\x17.kvray.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvray.v1.generation_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=400
-  _globals['_STOPPINGCRITERIA']._serialized_start=403
-  _globals['_STOPPINGCRITERIA']._serialized_end=575
-  _globals['_TOKENIDS']._serialized_start=577
-  _globals['_TOKENIDS']._serialized_end=600
-  _globals['_GENERATEREQUEST']._serialized_start=603
-  _globals['_GENERATEREQUEST']._serialized_end=853
-  _globals['_TOKENLOGPROB']._serialized_start=855
-  _globals['_TOKENLOGPROB']._serialized_end=949
-  _globals['_USAGE']._serialized_start=951
-  _globals['_USAGE']._serialized_end=1008
-  _globals['_GENERATERESPONSE']._serialized_start=1011
-  _globals['_GENERATERESPONSE']._serialized_end=1401
-  _globals['_GENERATERESPONSE_FINISHREASON']._serialized_start=1290
-  _globals['_GENERATERESPONSE_FINISHREASON']._serialized_end=1368
-  _globals['_TOKENIZEREQUEST']._serialized_start=1403
-  _globals['_TOKENIZEREQUEST']._serialized_end=1434
-  _globals['_TOKENIZERESPONSE']._serialized_start=1436
-  _globals['_TOKENIZERESPONSE']._serialized_end=1473
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1475
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1496
-  _globals['_MODELINFO']._serialized_start=1499
-  _globals['_MODELINFO']._serialized_end=1629
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1631
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1656
-  _globals['_REPLICASTATUS']._serialized_start=1659
-  _globals['_REPLICASTATUS']._serialized_end=1872
-  _globals['_SCALINGDECISION']._serialized_start=1874
-  _globals['_SCALINGDECISION']._serialized_end=1970
-  _globals['_CLUSTERSTATUS']._serialized_start=1973
-  _globals['_CLUSTERSTATUS']._serialized_end=2256
-  _globals['_GENERATION']._serialized_start=2259
-  _globals['_GENERATION']._serialized_end=2555
+  _globals['_SAMPLINGPARAMS']._serialized_end=458
+  _globals['_STOPPINGCRITERIA']._serialized_start=461
+  _globals['_STOPPINGCRITERIA']._serialized_end=633
+  _globals['_TOKENIDS']._serialized_start=635
+  _globals['_TOKENIDS']._serialized_end=658
+  _globals['_CHATMESSAGE']._serialized_start=660
+  _globals['_CHATMESSAGE']._serialized_end=704
+  _globals['_CHATMESSAGES']._serialized_start=706
+  _globals['_CHATMESSAGES']._serialized_end=823
+  _globals['_GENERATEREQUEST']._serialized_start=826
+  _globals['_GENERATEREQUEST']._serialized_end=1120
+  _globals['_TOKENLOGPROB']._serialized_start=1122
+  _globals['_TOKENLOGPROB']._serialized_end=1216
+  _globals['_USAGE']._serialized_start=1218
+  _globals['_USAGE']._serialized_end=1298
+  _globals['_GENERATERESPONSE']._serialized_start=1301
+  _globals['_GENERATERESPONSE']._serialized_end=1691
+  _globals['_GENERATERESPONSE_FINISHREASON']._serialized_start=1580
+  _globals['_GENERATERESPONSE_FINISHREASON']._serialized_end=1658
+  _globals['_TOKENIZEREQUEST']._serialized_start=1693
+  _globals['_TOKENIZEREQUEST']._serialized_end=1724
+  _globals['_TOKENIZERESPONSE']._serialized_start=1726
+  _globals['_TOKENIZERESPONSE']._serialized_end=1763
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1765
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1786
+  _globals['_MODELINFO']._serialized_start=1789
+  _globals['_MODELINFO']._serialized_end=1946
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1948
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1973
+  _globals['_REPLICASTATUS']._serialized_start=1976
+  _globals['_REPLICASTATUS']._serialized_end=2189
+  _globals['_SCALINGDECISION']._serialized_start=2191
+  _globals['_SCALINGDECISION']._serialized_end=2287
+  _globals['_CLUSTERSTATUS']._serialized_start=2290
+  _globals['_CLUSTERSTATUS']._serialized_end=2573
+  _globals['_GENERATION']._serialized_start=2576
+  _globals['_GENERATION']._serialized_end=2872
 # @@protoc_insertion_point(module_scope)

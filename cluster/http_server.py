@@ -1,0 +1,338 @@
+"""The OpenAI-compatible HTTP API on the router: `/v1/models`, `/v1/completions` and
+`/v1/chat/completions` (whole or streamed as server-sent events), `/health` and `/metrics`.
+
+Served by uvicorn in the router's own event loop, beside the gRPC server: the same `Router`,
+scheduler and failover. Errors are OpenAI's error JSON: 400 names the parameter, 404 an
+unknown model, 429 a full queue, 503 no ready replica, 504 a request past its deadline
+(`http_request_timeout_s`, or the `X-Request-Timeout` header in seconds). A client that
+disconnects aborts its requests, which frees their KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.errors import OverloadedError, UnavailableError
+from kvray.cluster.input_processor import Prompt
+from kvray.cluster.openai_api import ChatCompletionRequest, CompletionRequest
+from kvray.cluster.openai_responses import SSE_DONE, Choices, Renderer, sse
+from kvray.cluster.router import Router
+from kvray.cluster.streams import RequestStream
+from kvray.workers.protocol import InvalidParameterError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past its deadline."""
+
+
+class ModelNotFound(Exception):
+    """The request names a model this server does not serve."""
+
+
+def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """OpenAI's error body and the HTTP status for an exception."""
+    param = None
+    if isinstance(exc, InvalidParameterError):
+        status, kind, param = 400, "invalid_request_error", exc.param
+    elif isinstance(exc, ValueError | TypeError):
+        status, kind = 400, "invalid_request_error"
+    elif isinstance(exc, ModelNotFound):
+        status, kind, param = 404, "not_found_error", "model"
+    elif isinstance(exc, OverloadedError):
+        status, kind = 429, "rate_limit_error"
+    elif isinstance(exc, UnavailableError):
+        status, kind = 503, "service_unavailable_error"
+    elif isinstance(exc, DeadlineExceeded):
+        status, kind = 504, "timeout_error"
+    else:
+        logger.error("internal error", exc_info=exc)
+        status, kind = 500, "server_error"
+    message = str(exc) if status != 500 else f"internal error: {type(exc).__name__}: {exc}"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    status, body = error_json(exc)
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(router: Router, *, request_timeout_s: float | None = None) -> FastAPI:
+    app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = loc[0] if loc and not loc[0].isdigit() else None
+        where = ".".join(loc) or "body"
+        return _error_response(InvalidParameterError(param or "", f"{where}: {first['msg']}"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if router.is_serving:
+            return JSONResponse({"status": "ok"})
+        return _error_response(UnavailableError("no replica is ready"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        info = router.info
+        model = {
+            "id": router.config.model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "kvray",
+            "max_model_len": info.max_model_len if info else None,
+        }
+        return JSONResponse({"object": "list", "data": [model]})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        try:
+            prompts, params = body.prompts(), body.sampling_params()
+        except ValueError as exc:
+            return _error_response(exc)
+        return await _generate(
+            router, request, body, prompts, params, "completion", request_timeout_s
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            prompts: list[Prompt] = [body.prompt()]
+            params = body.sampling_params()
+        except ValueError as exc:
+            return _error_response(exc)
+        return await _generate(router, request, body, prompts, params, "chat", request_timeout_s)
+
+    return app
+
+
+async def _generate(
+    router: Router,
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[Prompt],
+    params: SamplingParams,
+    kind: str,
+    request_timeout_s: float | None,
+) -> Response:
+    streams: list[RequestStream] = []
+    try:
+        if body.model != router.config.model_name:
+            raise ModelNotFound(f"the model {body.model!r} is not served here; it is {router.config.model_name!r}")  # fmt: skip
+        deadline = _deadline(request, request_timeout_s)
+        for prompt in prompts:
+            streams.append(router.submit(prompt, params))
+        renderer = Renderer(kind, router.config.model_name, router.tokenizer)
+        choices = Choices(len(prompts), params.n)
+        chunks = _merged(router, streams)
+        if not body.stream:
+            await _collect(chunks, choices, request, deadline)
+            return JSONResponse(renderer.response(choices))
+        first = await _first(chunks, deadline)
+    except Exception as exc:
+        for stream in streams:
+            router.abort(stream.request_id)
+        return _error_response(exc)
+    events = _events(first, chunks, choices, renderer, body.include_usage, deadline)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _deadline(request: Request, default_s: float | None) -> float | None:
+    """The request's deadline on the monotonic clock, or None."""
+    header = request.headers.get(TIMEOUT_HEADER)
+    seconds = default_s
+    if header is not None:
+        try:
+            seconds = float(header)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise InvalidParameterError(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be seconds > 0")
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+async def _merged(
+    router: Router, streams: list[RequestStream]
+) -> AsyncIterator[tuple[int, CompletionChunk]]:
+    """The chunks of every stream as they come, each with its prompt's index. Leaving early
+    aborts every request."""
+    if len(streams) == 1:
+        async for chunk in router.chunks(streams[0]):
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, CompletionChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for chunk in router.chunks(stream):
+                queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while True:
+                index, item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect(
+    chunks: AsyncIterator[tuple[int, CompletionChunk]],
+    choices: Choices,
+    request: Request,
+    deadline: float | None,
+) -> None:
+    """Fold every chunk into `choices`. Stops early (aborting the requests) if the client
+    disconnects; raises DeadlineExceeded past the deadline."""
+
+    async def collect() -> None:
+        async for index, chunk in chunks:
+            choices.add(index, chunk)
+
+    work = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(
+            {work, gone}, timeout=_remaining(deadline), return_when=asyncio.FIRST_COMPLETED
+        )
+        if work in done:
+            work.result()
+        elif gone not in done:
+            raise DeadlineExceeded("the request ran past its deadline")
+    finally:
+        for task in (work, gone):
+            task.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first(
+    chunks: AsyncIterator[tuple[int, CompletionChunk]], deadline: float | None
+) -> tuple[int, CompletionChunk] | None:
+    """The first chunk, awaited before the response starts, so that an error (or the deadline)
+    still gets its own HTTP status."""
+    try:
+        return await asyncio.wait_for(anext(chunks), timeout=_remaining(deadline))
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("no token before the request's deadline") from None
+
+
+async def _events(
+    first: tuple[int, CompletionChunk] | None,
+    chunks: AsyncIterator[tuple[int, CompletionChunk]],
+    choices: Choices,
+    renderer: Renderer,
+    include_usage: bool,
+    deadline: float | None,
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed response. A client that goes away cancels this,
+    which aborts the requests (their KV blocks are freed at once)."""
+    try:
+        item = first
+        while item is not None:
+            index, chunk = item
+            event = renderer.chunk(choices.add(index, chunk), chunk, include_usage=include_usage)
+            if event is not None:
+                yield event
+            try:
+                item = await asyncio.wait_for(anext(chunks), _remaining(deadline))
+            except StopAsyncIteration:
+                item = None
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("the request ran past its deadline") from None
+        if include_usage:
+            yield renderer.usage_chunk(choices)
+    except Exception as exc:
+        yield sse(error_json(exc)[1])
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    yield SSE_DONE
+
+
+class HttpServer:
+    """uvicorn serving the app in the running event loop (no signal handlers of its own)."""
+
+    def __init__(self, app: FastAPI, *, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Listen and serve; returns the bound port. Raises OSError if the port is taken."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"HTTP: cannot listen on {self.host}:{self.port}: {exc}") from None
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"HTTP: the server on port {self.port} stopped at start")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout=10)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    # NOTE: the process's SIGTERM/SIGINT handlers are the launcher's (graceful drain);
+    # uvicorn would otherwise replace them while it serves.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

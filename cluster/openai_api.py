@@ -1,0 +1,162 @@
+"""The OpenAI-compatible API's requests: `/v1/completions` and `/v1/chat/completions` bodies,
+validated, and turned into kvray prompts and `SamplingParams`.
+
+Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
+`include_stop_str_in_output`, `add_generation_prompt`). Fields kvray does not support yet are
+refused by name rather than ignored; unknown fields are ignored, as OpenAI SDKs send extras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from kvray.cluster.input_processor import ChatPrompt, Prompt
+from kvray.workers.protocol import InvalidParameterError, SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as OpenAI's abuse-monitoring id
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams from the shared fields. Raises InvalidParameterError."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidParameterError("best_of", "best_of is not supported yet; use n")
+        if self.logit_bias:
+            raise InvalidParameterError("logit_bias", "logit_bias is not supported")
+        given = {
+            name: getattr(self, name)
+            for name in (
+                "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                "frequency_penalty", "repetition_penalty", "stop_token_ids",
+            )
+            if getattr(self, name) is not None
+        }  # fmt: skip
+        return SamplingParams(
+            **given,
+            n=self.n,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list[Prompt]:
+        """One prompt or several (a batch): each becomes its own request."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
+            return [p]  # type: ignore[list-item]  # one text, or one prompt of token ids
+        if not p:
+            raise InvalidParameterError("prompt", "prompt is empty")
+        return list(p)  # type: ignore[arg-type]  # several texts or token-id lists
+
+    def sampling_params(self) -> SamplingParams:
+        if self.echo:
+            raise InvalidParameterError("echo", "echo is not supported")
+        if self.suffix:
+            raise InvalidParameterError("suffix", "suffix is not supported")
+        return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def prompt(self) -> ChatPrompt:
+        for name in ("tools", "response_format"):
+            if getattr(self, name):
+                raise InvalidParameterError(name, f"{name} is not supported")
+        messages = tuple(
+            {"role": m.role, "content": _text(m.content, i)} for i, m in enumerate(self.messages)
+        )
+        return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt)
+
+    def sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
+        max_tokens = self.max_tokens
+        if self.max_completion_tokens is not None:  # OpenAI's newer name wins
+            max_tokens = self.max_completion_tokens
+        try:
+            return self._sampling(
+                max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None
+            )
+        except InvalidParameterError as exc:  # name the field the caller set
+            renamed = {"logprobs": "top_logprobs"}
+            if self.max_completion_tokens is not None:
+                renamed["max_tokens"] = "max_completion_tokens"
+            raise InvalidParameterError(renamed.get(exc.param, exc.param), str(exc)) from None
+
+
+def _text(content: str | Sequence[dict[str, Any]] | None, index: int) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidParameterError(
+                "messages", f"messages[{index}].content: only text parts are supported"
+            )
+        parts.append(part["text"])
+    return "\n".join(parts)

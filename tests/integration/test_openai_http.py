@@ -1,0 +1,347 @@
+"""The OpenAI-compatible HTTP API with the official `openai` client, sync and async, against
+a local cluster (tiny model; a fake-model cluster for the error statuses): the same tokens as
+gRPC, the parameters, every error status, and a dropped stream freeing its KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvray.client import KvrayClient
+from tests.integration.conftest import start_cluster, wait_for
+
+pytestmark = pytest.mark.ray
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "user", "content": "Hello there"}]
+GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, model_cache_dir):
+    with start_cluster(model_cache_dir, replicas=1, http_port=free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def grpc(cluster):
+    with KvrayClient(cluster.target) as c:
+        yield c
+
+
+def kv_blocks_used(grpc) -> int:
+    return sum(r.kv_blocks_used for r in grpc.status().replicas)
+
+
+def test_models_lists_the_served_model(client):
+    (model,) = client.models.list().data
+    assert model.id == "tiny" and model.owned_by == "kvray"
+
+
+def test_completion_is_token_for_token_the_grpc_answer(client, grpc):
+    want = grpc.generate(PROMPT, temperature=0, max_tokens=12, ignore_eos=True)
+    got = client.completions.create(model="tiny", prompt=PROMPT, **GREEDY)
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, 12)
+
+
+def test_chat_is_token_for_token_the_grpc_answer(client, grpc):
+    want = grpc.generate(MESSAGES, temperature=0, max_tokens=12, ignore_eos=True)
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, **GREEDY)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.text
+    assert got.usage.prompt_tokens == want.prompt_tokens
+
+
+def test_streamed_text_joins_into_the_whole_answer(client):
+    whole = client.completions.create(model="tiny", prompt=PROMPT, **GREEDY).choices[0].text
+    events = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    assert "".join(e.choices[0].text for e in events if e.choices) == whole
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == 12
+    assert all(e.usage is None for e in events[:-1])
+
+
+def test_streamed_chat_says_who_speaks_once_and_reports_usage(client):
+    events = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+            n=2, temperature=0.8, seed=7, max_tokens=6, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    deltas = [e.choices[0] for e in events if e.choices]
+    assert sorted(d.index for d in deltas if d.delta.role == "assistant") == [0, 1]
+    assert sorted(d.index for d in deltas if d.finish_reason == "length") == [0, 1]
+    assert events[-1].usage.completion_tokens == 12  # 2 samples x 6 tokens
+
+
+def test_async_client_streams_and_completes(cluster):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+        whole = await client.chat.completions.create(model="tiny", messages=MESSAGES, **GREEDY)
+        stream = await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stream=True, **GREEDY
+        )
+        text = "".join([e.choices[0].delta.content or "" async for e in stream])
+        await client.close()
+        return whole.choices[0].message.content, text
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed and whole
+
+
+def test_n_seed_stop_and_logprobs(client):
+    params = dict(model="tiny", prompt=PROMPT, n=3, temperature=1.0, seed=11, max_tokens=8)
+    first = client.completions.create(**params, logprobs=2)
+    again = client.completions.create(**params)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded
+    assert len({c.text for c in first.choices}) > 1  # each sample has its own seed
+    lp = first.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 8
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    stop = first.choices[0].text[3:6]
+    stopped = client.completions.create(model="tiny", prompt=PROMPT, temperature=1.0, seed=11,
+                                        max_tokens=8, stop=[stop])  # fmt: skip
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == first.choices[0].text[: first.choices[0].text.index(stop)]
+
+
+def test_chat_logprobs_give_top_alternatives(client):
+    got = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=3, **GREEDY
+    )
+    content = got.choices[0].logprobs.content
+    assert len(content) == 12
+    assert all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert "".join(t.token for t in content) == got.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"temperature": 500}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 2, "temperature": 0}, "n"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ],
+)
+def test_bad_parameters_get_400_naming_them(client, params, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**{"model": "tiny", "prompt": PROMPT, **params})
+    assert err.value.body["param"] == param, err.value.body
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_chat_parameter_names_are_the_callers(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=0)
+    assert err.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=99
+        )
+    assert err.value.body["param"] == "top_logprobs"
+
+
+def test_an_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+    assert err.value.body["param"] == "model"
+
+
+def test_a_dropped_stream_frees_its_kv_blocks(client, grpc):
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPT, stream=True, temperature=0, max_tokens=240,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(stream))
+    assert kv_blocks_used(grpc) > 0
+    stream.close()  # the client goes away mid-stream
+    wait_for(lambda: kv_blocks_used(grpc) == 0 and grpc.status().num_running == 0, timeout=30)
+
+
+def scrape(cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on /metrics, parsed by prometheus_client's own parser."""
+    url = cluster.http_url.removesuffix("/v1") + "/metrics"
+    with urllib.request.urlopen(url) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted({"model_name": "tiny", **labels}.items())))]
+
+
+def test_metric_counters_equal_what_was_sent(cluster, client, grpc):
+    before = scrape(cluster)
+    greedy = grpc.generate(PROMPT, temperature=0, max_tokens=6, ignore_eos=True)
+    stop_id = greedy.token_ids[2]
+    results = [
+        client.completions.create(model="tiny", prompt=PROMPT, **GREEDY),
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, temperature=0.9,
+                                       max_tokens=5, extra_body={"ignore_eos": True}),
+        client.completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=6,
+                                  extra_body={"stop_token_ids": [stop_id]}),
+    ]  # fmt: skip
+    after = scrape(cluster)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    prompt_tokens = greedy.prompt_tokens + sum(r.usage.prompt_tokens for r in results)
+    generated = len(greedy.token_ids) + sum(r.usage.completion_tokens for r in results)
+    assert delta("vllm:prompt_tokens_total") == prompt_tokens
+    assert delta("vllm:generation_tokens_total") == generated == 6 + 12 + 10 + 3
+    assert delta("vllm:request_success_total", finished_reason="length") == 4  # 1 + 1 + 2
+    assert delta("vllm:request_success_total", finished_reason="stop") == 1
+    assert delta("vllm:time_to_first_token_seconds_count") == 4  # one per request
+    assert delta("vllm:e2e_request_latency_seconds_count") == 5  # one per sample
+    assert delta("vllm:inter_token_latency_seconds_count") == generated - 5
+    assert delta("vllm:request_queue_time_seconds_count") == 5
+
+
+def test_an_aborted_stream_is_counted_as_abort(cluster, client, grpc):
+    before = scrape(cluster)
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPT, stream=True, temperature=0, max_tokens=240,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(stream))
+    stream.close()
+    wait_for(lambda: kv_blocks_used(grpc) == 0 and grpc.status().num_running == 0, timeout=30)
+    after = scrape(cluster)
+    aborted = metric(after, "vllm:request_success_total", finished_reason="abort")
+    assert aborted - metric(before, "vllm:request_success_total", finished_reason="abort") == 1
+
+
+def test_health_says_ok(cluster):
+    url = cluster.http_url.removesuffix("/v1") + "/health"
+    with urllib.request.urlopen(url) as resp:
+        assert resp.status == 200 and json.load(resp) == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------- error statuses
+
+
+@pytest.fixture(scope="module")
+def slow(ray_session, model_cache_dir):
+    """A fake-model cluster with 300 ms steps, one running sequence and a queue of two."""
+    settings = dict(
+        model="fake", replicas=1, http_port=free_port(), fake_step_ms=300, max_num_seqs=1,
+        max_queued_requests=2, max_model_len=2048,
+    )  # fmt: skip
+    with start_cluster(model_cache_dir, **settings) as running:
+        yield running, openai.OpenAI(base_url=running.http_url, api_key="x", max_retries=0)
+
+
+def test_metric_gauges_equal_the_cluster_status(slow):
+    cluster, client = slow
+
+    def send():
+        client.completions.create(model="fake", prompt=PROMPT, max_tokens=8)
+
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for t in senders:
+        t.start()
+    with KvrayClient(cluster.target) as grpc_client:
+        wait_for(lambda: grpc_client.status().num_running == 1, timeout=30)
+        for _ in range(5):  # both reads fall within one 300 ms step, normally at the first try
+            status, samples = grpc_client.status(), scrape(cluster)
+            if status == grpc_client.status():
+                break
+
+    def gauge(name, **labels):
+        return samples[(name, tuple(sorted({"model_name": "fake", **labels}.items())))]
+
+    (replica,) = status.replicas
+    assert gauge("vllm:num_requests_running") == status.num_running == 1
+    assert gauge("vllm:num_requests_waiting") == replica.num_waiting + status.queue_depth == 2
+    kv = replica.kv_blocks_used / replica.kv_blocks_total
+    assert gauge("vllm:kv_cache_usage_perc") == pytest.approx(kv) and kv > 0
+    assert gauge("kvray:replicas", state="READY") == 1
+    assert gauge("kvray:target_replicas") == status.target_replicas == 1
+    running = gauge("kvray:replica_num_requests_running", replica_id=replica.replica_id)
+    assert running == replica.num_running
+    for t in senders:
+        t.join(timeout=60)
+
+
+def test_a_request_past_its_deadline_is_504(slow):
+    _, client = slow
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(
+            model="fake", prompt=PROMPT, max_tokens=50, extra_headers={"X-Request-Timeout": "0.1"}
+        )
+    assert err.value.status_code == 504 and err.value.body["type"] == "timeout_error"
+
+
+def test_a_full_queue_is_429(slow):
+    _, client = slow
+    results: list[object] = []
+
+    def send():
+        try:
+            results.append(client.completions.create(model="fake", prompt=PROMPT, max_tokens=3))
+        except openai.APIStatusError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert refused, results
+    assert "max_queued_requests=2" in refused[0].body["message"]
+    assert len(results) == 6 and all(
+        isinstance(r, openai.RateLimitError) or r.choices[0].finish_reason == "length"
+        for r in results
+    )
+
+
+def test_no_ready_replica_is_503_and_health_says_so(slow):
+    cluster, client = slow
+    (replica,) = cluster.run(lambda: cluster.router.pool.ready())
+    cluster.call(cluster.router.pool.drain(replica, 0.0))  # the last replica goes away
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="fake", prompt=PROMPT, max_tokens=3)
+    assert err.value.status_code == 503
+    health = cluster.http_url.removesuffix("/v1") + "/health"
+    with pytest.raises(urllib.error.HTTPError) as err_health:
+        urllib.request.urlopen(health)
+    assert err_health.value.code == 503

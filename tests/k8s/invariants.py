@@ -1,0 +1,236 @@
+"""Invariants of kvray's rendered manifests that no schema checks: the operator or the running
+cluster would trip over them. Every error names the resource and field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
+SERVE_PROXY_PORT = 8000  # Ray Serve's HTTP proxy on the head pod
+
+Doc = dict[str, Any]
+
+
+def _name(doc: Doc) -> str:
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def configmap_file(docs: list[Doc], path: str) -> str | None:
+    """The text of `path` if a ConfigMap mounted on the head container provides it."""
+    head = ray_head(docs)
+    if head is None:
+        return None
+    pod = head["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in pod["containers"][0].get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        cm = volumes.get(mount["name"], {}).get("configMap")
+        if cm and path.startswith(prefix):
+            data = find(docs, "ConfigMap", cm["name"])
+            return None if data is None else data.get("data", {}).get(path[len(prefix) :])
+    return None
+
+
+# ---------------------------------------------------------------------- invariants
+
+
+def find(docs: list[Doc], kind: str, name: str) -> Doc | None:
+    return next((d for d in docs if d.get("kind") == kind and d["metadata"]["name"] == name), None)
+
+
+def ray_head(docs: list[Doc]) -> Doc | None:
+    return next((d for d in docs if d.get("kind") == "RayService"), None)
+
+
+def check_invariants(docs: list[Doc]) -> list[str]:
+    errors = []
+    for doc in docs:
+        name = doc.get("metadata", {}).get("name", "")
+        if not DNS_1035.match(name) or len(name) > 63:
+            errors.append(f"{_name(doc)}: metadata.name: {name!r} is not a DNS-1035 label")
+    service = ray_head(docs)
+    if service is None:
+        return [*errors, "no RayService in the rendered manifests"]
+    cluster = service["spec"]["rayClusterConfig"]
+    errors += check_ray_version(service, cluster)
+    errors += check_groups(service, cluster)
+    errors += check_pods(service, cluster)
+    errors += check_router_services(docs, service, cluster)
+    errors += check_metrics_scrape(docs, service, cluster)
+    return errors
+
+
+def check_ray_version(service: Doc, cluster: Doc) -> list[str]:
+    pinned = pinned_ray_version()
+    if cluster.get("rayVersion") != pinned:
+        return [
+            f"{_name(service)}: spec.rayClusterConfig.rayVersion: {cluster.get('rayVersion')!r} "
+            f"differs from the ray[serve]=={pinned} that kvray pins"
+        ]
+    return []
+
+
+def pinned_ray_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    match = re.search(r'"ray\[serve\]==([^"]+)"', text)
+    assert match, "pyproject.toml must pin ray[serve]==X.Y.Z"
+    return match.group(1)
+
+
+def pod_specs(cluster: Doc) -> Iterator[tuple[str, Doc]]:
+    yield "spec.rayClusterConfig.headGroupSpec", cluster["headGroupSpec"]["template"]["spec"]
+    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
+        yield f"spec.rayClusterConfig.workerGroupSpecs[{i}]", group["template"]["spec"]
+
+
+def check_groups(service: Doc, cluster: Doc) -> list[str]:
+    errors = []
+    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
+        at = f"{_name(service)}: spec.rayClusterConfig.workerGroupSpecs[{i}]"
+        low, high, n = (
+            group.get("minReplicas", 0),
+            group.get("maxReplicas", 2**31 - 1),
+            group.get("replicas", 0),
+        )
+        if not low <= n <= high:
+            errors.append(
+                f"{at}: need minReplicas <= replicas <= maxReplicas, got {low} <= {n} <= {high}"
+            )
+        if not DNS_1035.match(group.get("groupName", "")):
+            errors.append(f"{at}.groupName: {group.get('groupName')!r} is not a DNS-1035 label")
+    for at, pod in pod_specs(cluster):
+        for c, container in enumerate(pod["containers"]):
+            errors += check_resources(
+                f"{_name(service)}: {at}.template.spec.containers[{c}]", container
+            )
+    return errors
+
+
+def check_resources(at: str, container: Doc) -> list[str]:
+    errors = []
+    resources = container.get("resources", {})
+    for section in ("requests", "limits"):
+        for key, value in (resources.get(section) or {}).items():
+            if not QUANTITY.match(str(value)):
+                errors.append(f"{at}.resources.{section}.{key}: {value!r} is not a quantity")
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    for key in set(requests) | set(limits):
+        if key.endswith("/gpu") and str(requests.get(key)) != str(limits.get(key)):
+            errors.append(
+                f"{at}.resources: {key} requests ({requests.get(key)}) must equal limits ({limits.get(key)})"
+            )
+    return errors
+
+
+def check_pods(service: Doc, cluster: Doc) -> list[str]:
+    """No service-link variables: Kubernetes would inject KVRAY_* ones for kvray-* Services."""
+    return [
+        f"{_name(service)}: {at}.template.spec.enableServiceLinks must be false (service links "
+        "set KVRAY_* variables)"
+        for at, pod in pod_specs(cluster)
+        if pod.get("enableServiceLinks") is not False
+    ]
+
+
+def check_router_services(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
+    """The gRPC and HTTP Services select the head pod and reach the ports the router listens
+    on; the probes speak grpc.health.v1 on the router's port."""
+    settings = router_settings(docs)
+    grpc_port, http_port = int(settings.get("port", 50051)), int(settings.get("http_port", 8000))
+    errors = check_service_port(docs, service, cluster, "grpc", grpc_port, "kubernetes.io/h2c")
+    errors += check_service_port(docs, service, cluster, "http", http_port, "http")
+    if http_port == SERVE_PROXY_PORT:
+        errors.append(
+            f"{_name(service)}: kvray http_port {http_port} is Ray Serve's HTTP proxy port on "
+            "the head pod; pick another (the manifests use 8080)"
+        )
+    container = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        grpc_probe = (container.get(probe) or {}).get("grpc")
+        if grpc_probe is None:
+            errors.append(
+                f"{_name(service)}: head container {probe}: must be a grpc.health.v1 probe"
+            )
+        elif grpc_probe.get("port") != grpc_port:
+            errors.append(
+                f"{_name(service)}: head container {probe}.grpc.port {grpc_probe.get('port')} is not the router's port"
+            )
+    return errors
+
+
+def check_service_port(
+    docs: list[Doc], service: Doc, cluster: Doc, name: str, port: int, app_protocol: str
+) -> list[str]:
+    """A Service with a port called `name` selects the head pod and reaches `port` there."""
+    exposing = next(
+        (
+            d
+            for d in docs
+            if d.get("kind") == "Service"
+            and any(p.get("name") == name for p in d["spec"].get("ports", []))
+        ),
+        None,
+    )
+    if exposing is None:
+        return [f"{_name(service)}: no Service exposes a port named {name}"]
+    errors = []
+    at = _name(exposing)
+    head = cluster["headGroupSpec"]["template"]
+    labels = head.get("metadata", {}).get("labels", {})
+    selector = exposing["spec"].get("selector", {})
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        errors.append(f"{at}: spec.selector {selector} does not match the head pod labels {labels}")
+    ports = {
+        p.get("name"): p["containerPort"] for p in head["spec"]["containers"][0].get("ports", [])
+    }
+    for p in exposing["spec"]["ports"]:
+        if p.get("name") != name:
+            continue
+        target = p.get("targetPort", p["port"])
+        number = ports.get(target) if isinstance(target, str) else target
+        if number is None:
+            errors.append(
+                f"{at}: spec.ports[{name}].targetPort {target!r} is no port of the head container"
+            )
+        elif number != port:
+            errors.append(
+                f"{at}: spec.ports[{name}].targetPort resolves to {number}, the router listens on {port}"
+            )
+        if p.get("appProtocol") != app_protocol:
+            errors.append(f"{at}: spec.ports[{name}].appProtocol must be {app_protocol}")
+    return errors
+
+
+def check_metrics_scrape(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
+    """Prometheus' pod annotations point at the router's /metrics."""
+    http_port = int(router_settings(docs).get("http_port", 8000))
+    annotations = cluster["headGroupSpec"]["template"].get("metadata", {}).get("annotations", {})
+    at = f"{_name(service)}: headGroupSpec.template.metadata.annotations"
+    want = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(http_port),
+        "prometheus.io/path": "/metrics",
+    }
+    return [
+        f"{at}[{key}]: {annotations.get(key)!r}, expected {value!r}"
+        for key, value in want.items()
+        if annotations.get(key) != value
+    ]
+
+
+def router_settings(docs: list[Doc]) -> dict[str, Any]:
+    """The kvray settings the Serve application starts with (its config file, then its args)."""
+    service = ray_head(docs)
+    if service is None:
+        return {}
+    applications = yaml.safe_load(service["spec"]["serveConfigV2"]).get("applications") or [{}]
+    args = applications[0].get("args") or {}
+    text = configmap_file(docs, args.get("config", "")) if "config" in args else None
+    return {**(yaml.safe_load(text) if text else {}), **args}

