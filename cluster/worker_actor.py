@@ -26,6 +26,9 @@ def make_worker_actor_class() -> Any:
     @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]
     class WorkerActor:
         def __init__(self, factory: Callable[[], Any]) -> None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # server logs, not a terminal: no tqdm bars
             self.worker = factory()
 
         def warmup(self) -> WorkerInfo:

