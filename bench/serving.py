@@ -9,8 +9,9 @@ Three parts, one run:
    (b) a `kvray serve` cluster with one replica, over gRPC; prints request throughput, output
    tokens/s, TTFT, inter-token latency (ITL) and end-to-end latency (p50/p90/p99) for both and
    the ratios: cluster throughput / in-process, and the TTFT the cluster adds (p50).
-2. http-vs-grpc: the same requests through the OpenAI-compatible HTTP API and through gRPC on
-   one cluster, alternating; prints the HTTP path's throughput ratio and added TTFT.
+2. http-vs-grpc: the same requests through gRPC (kvray's client) and through the
+   OpenAI-compatible HTTP API, with a bare SSE reader and with the `openai` client, on one
+   cluster, alternating; prints each HTTP path's throughput ratio and added TTFT.
 3. router-capacity: a cluster whose worker is a FakeWorker actor (no model, scripted tokens,
    a fixed step time) and closed-loop streams at rising concurrency, to find the most streams
    and tokens/s one router process sustains with p99 ITL under 50 ms. The load generator runs
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clients import run_against_openai, run_against_server, run_against_sse
 from common import log
 from load import RequestResult, RequestSpec, drive, make_requests, print_summary, summarize
 
@@ -90,53 +92,6 @@ async def run_in_process(
         return await drive(specs, send, concurrency=concurrency)
     finally:
         loop_task.cancel()
-
-
-async def run_against_server(
-    target: str, specs, *, concurrency
-) -> tuple[list[RequestResult], float]:
-    from kvray.client import AsyncKvrayClient
-
-    async with AsyncKvrayClient(target, max_retries=0) as client:
-
-        async def send(spec: RequestSpec):
-            async for chunk in client.stream(
-                spec.prompt, temperature=0, max_tokens=spec.max_tokens, ignore_eos=True
-            ):
-                if chunk.token_ids:
-                    yield len(chunk.token_ids)
-
-        # Warm the connection and the replica once.
-        await client.generate([1, 2, 3], max_tokens=2)
-        return await drive(specs, send, concurrency=concurrency)
-
-
-async def run_against_openai(
-    base_url: str, model: str, specs, *, concurrency
-) -> tuple[list[RequestResult], float]:
-    """The same requests through the OpenAI-compatible HTTP API (streamed completions)."""
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-
-    async def send(spec: RequestSpec):
-        stream = await client.completions.create(
-            model=model, prompt=spec.prompt, max_tokens=spec.max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        seen = 0
-        async for event in stream:
-            if event.choices and event.choices[0].text:
-                seen += 1  # one event per step's tokens; usage settles the exact count
-                yield 1
-            elif event.usage is not None and event.usage.completion_tokens > seen:
-                yield event.usage.completion_tokens - seen
-
-    try:
-        await client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2)  # warm up
-        return await drive(specs, send, concurrency=concurrency)
-    finally:
-        await client.close()
 
 
 def free_port() -> int:
@@ -238,29 +193,35 @@ def http_vs_grpc(args: argparse.Namespace) -> dict:
     concurrency = None if args.rate != float("inf") else args.max_concurrency
     flags = ["--model", args.model, "--replicas", "1", "--max-model-len", "512",
              "--cpus-per-replica", str(args.cpus_per_replica)]  # fmt: skip
-    runs: dict[str, list[dict]] = {"gRPC": [], "HTTP": []}
+    clients = {
+        "gRPC": lambda server: run_against_server(server.target, specs, concurrency=concurrency),
+        "HTTP-SSE": lambda server: run_against_sse(
+            server.http_url, args.model, specs, concurrency=concurrency
+        ),
+        "HTTP-openai": lambda server: run_against_openai(
+            server.http_url, args.model, specs, concurrency=concurrency
+        ),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in clients}
     with ServerProcess(flags) as server:
-        for path in ("gRPC", "HTTP", "HTTP", "gRPC"):
-            log(f"{path}: {len(specs)} requests, rate {args.rate}/s")
-            if path == "gRPC":
-                run = run_against_server(server.target, specs, concurrency=concurrency)
-            else:
-                run = run_against_openai(
-                    server.http_url, args.model, specs, concurrency=concurrency
-                )
-            results, elapsed = asyncio.run(run)
-            runs[path].append(summarize(path, results, elapsed))
+        for name in [*clients, *reversed(clients)]:  # ABCCBA
+            log(f"{name}: {len(specs)} requests, rate {args.rate}/s")
+            results, elapsed = asyncio.run(clients[name](server))
+            runs[name].append(summarize(name, results, elapsed))
     print(f"\n## HTTP (OpenAI API) vs gRPC, one cluster, model {args.model}")
-    for summary in runs["gRPC"] + runs["HTTP"]:
+    for summary in (s for name in clients for s in runs[name]):
         print_summary(summary)
 
-    def mean(path: str, key: str) -> float:
-        return sum(s[key] for s in runs[path]) / len(runs[path])
+    def mean(name: str, key: str) -> float:
+        return sum(s[key] for s in runs[name]) / len(runs[name])
 
-    ratio = mean("HTTP", "output_tokens_per_s") / mean("gRPC", "output_tokens_per_s")
-    added = mean("HTTP", "ttft_ms_p50") - mean("gRPC", "ttft_ms_p50")
-    print(f"HTTP/gRPC throughput: {ratio:.2f}x; TTFT p50 added by HTTP: {added:+.1f} ms")
-    return {"runs": runs, "throughput_ratio": ratio, "added_ttft_p50_ms": added}
+    report: dict = {"runs": runs}
+    for name in ("HTTP-SSE", "HTTP-openai"):
+        ratio = mean(name, "output_tokens_per_s") / mean("gRPC", "output_tokens_per_s")
+        added = mean(name, "ttft_ms_p50") - mean("gRPC", "ttft_ms_p50")
+        print(f"{name}/gRPC throughput: {ratio:.2f}x; TTFT p50 added: {added:+.1f} ms")
+        report[name] = {"throughput_ratio": ratio, "added_ttft_p50_ms": added}
+    return report
 
 
 # ---------------------------------------------------------------------- part 2

@@ -249,6 +249,14 @@ def test_an_aborted_stream_is_counted_as_abort(cluster, client, grpc):
     assert aborted - metric(before, "vllm:request_success_total", finished_reason="abort") == 1
 
 
+def test_responses_are_not_held_back_by_nagle(cluster):
+    # A body written after its headers would otherwise wait ~40 ms for a delayed ACK on every
+    # request of a kept-alive connection (asyncio only sets TCP_NODELAY on TCP-typed sockets).
+    sock = cluster.cluster.http.socket
+    assert sock.proto == socket.IPPROTO_TCP
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_health_says_ok(cluster):
     url = cluster.http_url.removesuffix("/v1") + "/health"
     with urllib.request.urlopen(url) as resp:

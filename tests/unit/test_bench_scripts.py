@@ -12,7 +12,10 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.mark.parametrize(
-    "script", sorted(p.name for p in BENCH.glob("*.py") if p.name not in ("common.py", "load.py"))
+    "script",
+    sorted(
+        p.name for p in BENCH.glob("*.py") if p.name not in ("clients.py", "common.py", "load.py")
+    ),
 )
 def test_bench_script_shows_its_help(script):
     result = subprocess.run(
