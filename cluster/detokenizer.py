@@ -58,9 +58,15 @@ class Detokenizer:
         self.text += new_text
         return self._find_stop(start)
 
-    def flush(self) -> None:
-        """At the end of a sequence: decode whatever waited for more bytes."""
-        self.text += self._decode_pending(final=True)
+    def flush(self) -> str | None:
+        """At the end of a sequence: decode whatever waited for more bytes. Returns the stop
+        string that text completed, if any (then the text is cut as `add_token` cuts it)."""
+        new_text = self._decode_pending(final=True)
+        if not new_text:
+            return None
+        start = max(0, len(self.text) - self._holdback)
+        self.text += new_text
+        return self._find_stop(start)
 
     def release(self, *, finished: bool) -> str:
         """The text not released yet that can no longer change (all of it once finished)."""

@@ -179,7 +179,9 @@ class EngineCore:
         text = ""
         if detok is not None:
             if seq.finish_reason is not FinishReason.STOP or not isinstance(seq.stop_reason, str):
-                detok.flush()
+                stop = detok.flush()  # the last text can complete a stop string too
+                if stop is not None and seq.finish_reason is not FinishReason.ABORT:
+                    seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             text = detok.release(finished=True)
         request = self._requests.get(seq.request_id)
         if request is not None and request.is_finished:

@@ -154,7 +154,7 @@ async def _generate(
         first = await _first(chunks, deadline)
     except Exception as exc:
         for stream in streams:
-            router.abort(stream.request_id)
+            router.abort(stream)
         return _error_response(exc)
     events = _events(first, chunks, choices, renderer, body.include_usage, deadline)
     return StreamingResponse(events, media_type="text/event-stream")

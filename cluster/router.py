@@ -97,9 +97,8 @@ class Router:
         deadline = self.clock() + timeout_s
         while self._streams and self.clock() < deadline:
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            stream = self._streams[request_id]
-            self.abort(request_id)
+        for stream in list(self._streams.values()):
+            self.abort(stream)
             stream.queue.put_nowait(UnavailableError("the server is shutting down"))
 
     async def shutdown(self) -> None:
@@ -256,13 +255,18 @@ class Router:
                         raise item
                     yield item
         finally:
-            self.abort(stream.request_id)
+            self.abort(stream)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request wherever it is; its blocks are freed now. Idempotent."""
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
-            return
+    def abort(self, stream: RequestStream) -> None:
+        """Abort a stream's request wherever it is; its blocks are freed now. Idempotent.
+
+        NOTE: by stream, not by id: once a request has finished its id may be reused, and the
+        old stream's cleanup must not touch the newer request.
+        """
+        request_id = stream.request_id
+        if self._streams.get(request_id) is not stream:
+            return  # finished (or failed) already
+        del self._streams[request_id]
         replica = self.pool.replicas.get(stream.replica_id or "")
         if replica is not None and replica.engine is not None:
             now = self.clock()
@@ -274,7 +278,8 @@ class Router:
         self._unassigned = deque(r for r in self._unassigned if r.request_id != request_id)
 
     def _fail(self, stream: RequestStream, exc: BaseException) -> None:
-        self._streams.pop(stream.request_id, None)
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
         self.metrics.observe_aborted(stream.num_samples - stream.num_finished)
         stream.queue.put_nowait(exc)
 

@@ -143,7 +143,7 @@ async def collect(router: Router, stream: RequestStream) -> list[int]:
                 raise item
             tokens += item.token_ids
     finally:
-        router.abort(stream.request_id)
+        router.abort(stream)
     return tokens
 
 

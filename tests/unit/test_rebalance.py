@@ -94,7 +94,7 @@ def test_balanced_replicas_keep_their_queues():
         assert router.rebalance() == 0
         assert [queue_of(r) for r in replicas] == before
         aborted = before[1][0]
-        router.abort(aborted)  # requests stay abortable where they are
+        router.abort(router._streams[aborted])  # requests stay abortable where they are
         assert aborted not in queue_of(replicas[1])
         await router.shutdown()
 

@@ -39,3 +39,27 @@ def test_nothing_merges_after_a_finished_chunk():
     done = chunk(0, [1], "a", finish=FinishReason.STOP)
     later = chunk(0, [2], "b")
     assert _coalesce([done, later]) == [done, later]
+
+
+def test_a_reused_request_id_never_touches_the_newer_request():
+    import asyncio
+
+    from tests.local_router import GREEDY, LocalRouter, collect, expected, settle
+
+    async def main() -> None:
+        local = LocalRouter()
+        router = local.router
+        await router.pool.launch()
+        local.step_gate.set()
+        old = router.generate([1, 2], GREEDY, request_id="same")
+        first = [await anext(old)]
+        while first[-1].finish_reason is None:  # read to the last chunk, but do not close it
+            first.append(await anext(old))
+        newer = router.submit([3, 4], GREEDY, request_id="same")  # the id is free again
+        await old.aclose()  # the old reader's cleanup runs now
+        await settle()
+        assert [t for c in first for t in c.token_ids] == expected([1, 2])
+        assert await collect(router, newer) == expected([3, 4])  # not aborted by the old one
+        await router.shutdown()
+
+    asyncio.run(main())

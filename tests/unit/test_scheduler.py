@@ -206,3 +206,26 @@ def test_n_samples_share_a_request_and_all_finish():
     out = drive(engine, worker)
     assert sorted(out) == [("req-0", 0), ("req-0", 1), ("req-0", 2)]
     assert all(chunks[-1].finish_reason is FinishReason.LENGTH for chunks in out.values())
+
+
+class ScriptedWorker(FakeWorker):
+    """Samples the given token ids, in order, whatever the sequence."""
+
+    def __init__(self, token_ids: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.script = list(token_ids)
+
+    def next_token(self, token_ids: list[int], vocab_size: int) -> int:  # type: ignore[override]
+        return self.script.pop(0)
+
+
+def test_text_decoded_only_at_the_end_still_meets_the_stop_strings(tiny_tokenizer):
+    # A lone byte of a multi-byte character decodes to U+FFFD only when the sample ends.
+    partial = next(i for i in range(len(tiny_tokenizer)) if tiny_tokenizer.decode([i]) == "\ufffd")
+    worker = ScriptedWorker([partial], vocab_size=len(tiny_tokenizer))
+    engine = EngineWithInput(worker.warmup(), SchedulerConfig(), tokenizer=tiny_tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=1, stop=["\ufffd"])
+    engine.add_request([5, 6], params)
+    (last,) = drive(engine, worker)[("req-0", 0)]
+    assert last.text == ""  # the stop string is never streamed
+    assert last.finish_reason is FinishReason.STOP and last.stop_reason == "\ufffd"
