@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -89,6 +90,53 @@ def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
     return response
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What the server got instead of a request it could parse (garbage bytes, invalid UTF-8)."""
+
+    message_type: str
+    error: str
+
+
+def add_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """Register kvray.v1.Generation with deserializers that never raise: bytes that do not
+    parse reach the method as a `MalformedRequest`, which answers INVALID_ARGUMENT (grpc would
+    answer UNKNOWN and log a traceback per call)."""
+
+    def parse(message_class: Any) -> Callable[[bytes], Any]:
+        def deserialize(data: bytes) -> Any:
+            try:
+                return message_class.FromString(data)
+            except Exception as exc:  # DecodeError, invalid UTF-8 in a string field
+                return MalformedRequest(message_class.DESCRIPTOR.full_name, str(exc))
+
+        return deserialize
+
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=parse(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, MalformedRequest):
+        logger.info("rejected a malformed %s from %s", request.message_type, context.peer())
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {request.message_type} (bytes that do not parse, or "
+            f"strings that are not UTF-8): {request.error}",
+        )
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -96,6 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        await _reject_malformed(request, context)
         try:
             params = sampling_params_from_proto(request)
             prompt = prompt_from_proto(request)
@@ -115,8 +164,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
+        await _reject_malformed(request, context)
         try:
-            return pb.TokenizeResponse(token_ids=self.router.tokenize(request.text))
+            return pb.TokenizeResponse(token_ids=await self.router.tokenize(request.text))
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -124,6 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        await _reject_malformed(request, context)
         info = self.router.info
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready yet")
@@ -141,6 +192,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
+        await _reject_malformed(request, context)
         return status_to_proto(self.router.status())
 
 
@@ -172,7 +224,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start serving; health reports SERVING only while a replica is ready. Returns (server, port)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router), server)
+    add_servicer(GenerationServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

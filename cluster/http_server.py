@@ -144,7 +144,7 @@ async def _generate(
             raise ModelNotFound(f"the model {body.model!r} is not served here; it is {router.config.model_name!r}")  # fmt: skip
         deadline = _deadline(request, request_timeout_s)
         for prompt in prompts:
-            streams.append(router.submit(prompt, params))
+            streams.append(await router.admit(prompt, params))
         renderer = Renderer(kind, router.config.model_name, router.tokenizer)
         choices = Choices(len(prompts), params.n)
         chunks = _merged(router, streams)

@@ -8,11 +8,16 @@ needs only the model's limits and tokenizer, so it works while no replica is run
 
 from __future__ import annotations
 
+import asyncio
 import collections.abc
+import functools
 import itertools
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
@@ -29,15 +34,77 @@ class ChatPrompt:
 
 
 Prompt = str | collections.abc.Sequence[int] | ChatPrompt
+T = TypeVar("T")
 
 # NOTE: process-wide, so a request moved to another replica's engine keeps unique seq_ids.
 _seq_ids = itertools.count()
+
+MAX_CHARS_PER_TOKEN = 32  # a text prompt may hold this many characters per token of context
+INLINE_CHARS = 4096  # prompts up to this size are tokenized on the caller's thread
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    """How much text a prompt holds (0 for token ids): what tokenizing it costs."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, ChatPrompt):
+        return sum(len(m.get("content") or "") for m in prompt.messages)
+    return 0
+
+
+MAX_ID_CHARS = 256  # request_id and session_id: the server stores and echoes them
+
+
+def check_ids(request_id: str | None, session_id: str | None) -> str:
+    """The request's id (a new one if none), with both ids bounded.
+
+    Raises:
+        InvalidParameterError: an id is too long.
+    """
+    for name, value in (("request_id", request_id), ("session_id", session_id)):
+        if value is not None and len(value) > MAX_ID_CHARS:
+            raise InvalidParameterError(
+                name, f"{name} holds {len(value)} characters; at most {MAX_ID_CHARS}"
+            )
+    return request_id or uuid.uuid4().hex
 
 
 class InputProcessor:
     def __init__(self, info: WorkerInfo, tokenizer: Any | None) -> None:
         self.info = info
         self.tokenizer = tokenizer
+        # Large prompts are tokenized here, off the caller's event loop. One thread: the
+        # tokenizer is shared, and big prompts are rare.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kvray-input")
+
+    async def process_async(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        *,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """`process`, on the input thread when the prompt is large (more than INLINE_CHARS),
+        so that the event loop (every other stream) never waits for it."""
+        process = functools.partial(
+            self.process, prompt, params, request_id, arrival_time=arrival_time
+        )
+        return await self._off_loop_if_large(prompt, process)
+
+    async def tokenize_async(self, prompt: Prompt) -> list[int]:
+        """`tokenize`, on the input thread when the prompt is large."""
+        return await self._off_loop_if_large(prompt, functools.partial(self.tokenize, prompt))
+
+    async def _off_loop_if_large(self, prompt: Prompt, fn: Callable[[], T]) -> T:
+        # NOTE: the tokenizer is shared with the loop's thread (detokenizers, small prompts);
+        # encoding and decoding with fixed truncation and padding settings only read it.
+        if prompt_chars(prompt) <= INLINE_CHARS:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     def process(
         self,
@@ -60,6 +127,7 @@ class InputProcessor:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated. Raises ValueError for a prompt the model cannot take."""
+        self._check_size(prompt)
         if isinstance(prompt, ChatPrompt):
             token_ids = self._render_chat(prompt)
         elif isinstance(prompt, str):
@@ -87,6 +155,21 @@ class InputProcessor:
                 f"{max_len}; shorten it to at most {max_len - 1}",
             )
         return token_ids
+
+    def _check_size(self, prompt: Prompt) -> None:
+        """Refuse text that cannot fit the context before spending time tokenizing it."""
+        limit = MAX_CHARS_PER_TOKEN * self.info.max_model_len
+        if prompt_chars(prompt) > limit:
+            param = "messages" if isinstance(prompt, ChatPrompt) else "prompt"
+            raise InvalidParameterError(
+                param,
+                f"{param} holds {prompt_chars(prompt)} characters; at most {limit} "
+                f"({MAX_CHARS_PER_TOKEN} per token of the model's {self.info.max_model_len})",
+            )
+        if isinstance(prompt, ChatPrompt) and len(prompt.messages) > self.info.max_model_len:
+            raise InvalidParameterError(
+                "messages", f"messages holds {len(prompt.messages)} messages; too many"
+            )
 
     @property
     def has_chat_template(self) -> bool:

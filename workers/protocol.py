@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
 _MAX_N = 16
+MAX_STOP_STRINGS = 64  # a request's stop strings, each at most MAX_STOP_CHARS long
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 class InvalidParameterError(ValueError):
@@ -83,9 +86,22 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
                 f"and max_tokens={self.max_tokens}",
             )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError(
+                "stop", f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS}"
+            )
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidParameterError("stop", f"stop must hold non-empty strings, got {s!r}")
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidParameterError(
+                    "stop",
+                    f"stop must hold non-empty strings of at most {MAX_STOP_CHARS} characters, "
+                    f"got {s!r:.60}",
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidParameterError(
+                "stop_token_ids",
+                f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}",
+            )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0, 2**31 - 1)
         if self.logprobs is not None:

@@ -52,7 +52,7 @@ def test_killed_worker_streams_continue_exactly(ray_session, model_cache_dir):
             ray_session.kill(busiest.actor, no_restart=True)
             results = [f.result(timeout=300) for f in futures]
 
-        assert cluster.run(lambda: cluster.router.num_moved_requests) > 0
+        assert cluster.run(lambda: cluster.router.dispatcher.num_moved_requests) > 0
         assert results[:-1] == expected
         assert results[-1] == expected_seeded
         # The dead replica is gone and a replacement serves.

@@ -33,7 +33,7 @@ def test_a_replica_that_becomes_ready_takes_a_share_of_the_queue_in_arrival_orde
         # Dealt oldest first: the second replica's queue starts near the head of the old one,
         # not only with the newest requests, and each queue stays in arrival order.
         assert taken[0] < "r05" and taken == sorted(taken) and kept == sorted(kept)
-        assert router.num_rebalanced_requests == len(taken)
+        assert router.dispatcher.num_rebalanced_requests == len(taken)
         assert all(router._streams[r].replica_id == second.replica_id for r in taken)
 
         gate.set()
@@ -75,7 +75,7 @@ def test_a_draining_replica_hands_its_queue_over_at_once_and_keeps_its_running_r
         await drain
         assert first.replica_id not in router.pool.replicas
         assert first.engine.num_finished_requests == len(running)  # they finished where they ran
-        assert router.num_moved_requests == 0  # nothing needed a recompute
+        assert router.dispatcher.num_moved_requests == 0  # nothing needed a recompute
         await router.shutdown()
 
     asyncio.run(main())
@@ -91,7 +91,7 @@ def test_balanced_replicas_keep_their_queues():
         await settle()
         before = [queue_of(r) for r in replicas]
         assert all(before)
-        assert router.rebalance() == 0
+        assert router.dispatcher.rebalance() == 0
         assert [queue_of(r) for r in replicas] == before
         aborted = before[1][0]
         router.abort(router._streams[aborted])  # requests stay abortable where they are

@@ -57,7 +57,7 @@ def test_a_draining_replica_that_fails_is_not_replaced_and_its_requests_finish_e
         await drain
 
         assert outputs == [expected(p) for p in prompts]  # continued on the other replica
-        assert router.num_moved_requests == 2
+        assert router.dispatcher.num_moved_requests == 2
         assert list(router.pool.replicas) == [second.replica_id]  # the scale-down stands
         assert len(local.actors) == 2  # no replacement was started
         await router.shutdown()
@@ -78,16 +78,18 @@ def test_the_wait_for_a_replica_is_timed_from_when_it_began_not_from_arrival():
         local.actors[0].fail = True
         local.step_gate.set()
         await settle()
-        assert router.num_unassigned == 1
+        assert router.dispatcher.num_unassigned == 1
         assert [r.state for r in router.pool.replicas.values()] == [ReplicaState.STARTING]
 
         clock.advance(0.45)
-        router.expire_unassigned(clock())
-        assert router.num_unassigned == 1  # it has waited 0.45 s for a replica, not 1.05 s
+        router.dispatcher.expire(clock())
+        assert (
+            router.dispatcher.num_unassigned == 1
+        )  # it has waited 0.45 s for a replica, not 1.05 s
 
         clock.advance(0.1)
-        router.expire_unassigned(clock())
-        assert router.num_unassigned == 0
+        router.dispatcher.expire(clock())
+        assert router.dispatcher.num_unassigned == 0
         with pytest.raises(UnavailableError, match="no replica became ready within"):
             await collect(router, stream)
         await router.shutdown()

@@ -1,0 +1,253 @@
+"""Fuzzing the front doors: field values at and past every bound, raw garbage bytes and invalid
+UTF-8, over gRPC and HTTP, against a cluster with the fake model (the real tokenizer, scripted
+tokens). Only documented statuses come back; afterwards the server serves, holds no KV block
+and has not grown. The default run sends 400 requests; `-m slow` sends 5,000."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import psutil
+import pytest
+
+from kvray.client import KvrayClient
+from kvray.protos.kvray.v1 import generation_pb2 as pb
+from tests.integration.conftest import start_cluster, wait_for
+
+pytestmark = pytest.mark.ray
+
+GRPC_OK = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+HTTP_OK = {200, 400, 404, 413, 429, 503, 504}
+MAX_MODEL_LEN = 512
+INT32, INT64 = 2**31 - 1, 2**63 - 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def edge_floats(low: float, high: float) -> list[float]:
+    return [low, high, low - 1e-3, high + 1e-3, (low + high) / 2, -1.0, 0.0, math.inf, math.nan]
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    alphabet = "abc xyz\n\t日本語🚀€\u0000\ufffd"
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def valid_at_the_bounds(rng: random.Random) -> bytes:
+    """A request that is valid, with fields at their limits."""
+    req = pb.GenerateRequest(text=random_text(rng, rng.choice([1, 100, 16 * MAX_MODEL_LEN])))
+    req.sampling.temperature = rng.choice([0.0, 1e-6, 100.0])
+    req.sampling.top_k = rng.choice([0, 1, INT32])
+    req.sampling.top_p = rng.choice([1e-6, 1.0])
+    req.sampling.seed = rng.choice([-INT64 - 1, INT64])
+    req.sampling.n = 16 if req.sampling.temperature > 0 and req.sampling.top_k != 1 else 1
+    req.stopping.max_tokens = rng.choice([1, 8])
+    req.stopping.stop.extend("x" * 256 for _ in range(rng.choice([0, 64])))
+    req.stopping.stop_token_ids.extend(range(256))
+    req.logprobs = rng.choice([0, 20])
+    req.request_id = "r" * 256
+    req.session_id = "s" * 256
+    return req.SerializeToString()
+
+
+def random_request(rng: random.Random) -> bytes:
+    """A GenerateRequest with random fields at and past their bounds, serialized; sometimes
+    with its text's bytes replaced by invalid UTF-8, sometimes truncated."""
+    if rng.random() < 0.25:
+        return valid_at_the_bounds(rng)
+    req = pb.GenerateRequest()
+    kind = rng.random()
+    if kind < 0.45:
+        req.text = random_text(rng, rng.choice([0, 1, 5, 200, 32 * MAX_MODEL_LEN + 1]))
+    elif kind < 0.8:
+        n = rng.choice([0, 1, 3, MAX_MODEL_LEN - 1, MAX_MODEL_LEN])
+        req.token_ids.ids.extend(rng.choice([-1, 0, 5, 511, 512, INT32]) for _ in range(n))
+    elif kind < 0.95:
+        for _ in range(rng.choice([0, 1, 3])):
+            req.messages.messages.add(
+                role=rng.choice(["user", "", "x" * 300]), content=random_text(rng, 20)
+            )
+    s, st = req.sampling, req.stopping
+    pick = rng.choice
+    if rng.random() < 0.5:
+        s.temperature = pick(edge_floats(0.0, 100.0))
+    if rng.random() < 0.3:
+        s.top_p = pick(edge_floats(0.0, 1.0))
+    if rng.random() < 0.3:
+        s.top_k = pick([-2, -1, 0, 1, INT32])
+    if rng.random() < 0.3:
+        s.min_p = pick(edge_floats(0.0, 1.0))
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if rng.random() < 0.15:
+            setattr(s, name, pick(edge_floats(-2.0, 2.0)))
+    if rng.random() < 0.3:
+        s.seed = pick([-INT64 - 1, -1, 0, INT64])
+    if rng.random() < 0.3:
+        s.n = pick([-1, 0, 1, 2, 16, 17])
+    if rng.random() < 0.5:
+        st.max_tokens = pick([-1, 0, 1, 8, INT32])
+    if rng.random() < 0.2:
+        st.min_tokens = pick([-1, 0, 4, INT32])
+    if rng.random() < 0.3:
+        st.stop.extend(
+            random_text(rng, pick([0, 1, 256, 257])) for _ in range(pick([1, 2, 64, 65]))
+        )
+    if rng.random() < 0.2:
+        st.stop_token_ids.extend(pick([-1, 0, 7, 511, 512]) for _ in range(pick([1, 256, 257])))
+    if rng.random() < 0.2:
+        st.ignore_eos = True
+    if rng.random() < 0.2:
+        req.logprobs = pick([-1, 0, 20, 21])
+    if rng.random() < 0.2:
+        req.request_id = "r" * pick([1, 256, 257])
+    if rng.random() < 0.2:
+        req.session_id = "s" * pick([1, 256, 257, 10_000])
+    data = req.SerializeToString()
+    if rng.random() < 0.1:  # invalid UTF-8 in a string field
+        marker = "MARK"
+        req.text = marker
+        data = req.SerializeToString().replace(marker.encode(), b"\xff\xfe\xc3\x28")
+    if rng.random() < 0.05:  # truncated
+        data = data[: rng.randrange(len(data) + 1)]
+    if rng.random() < 0.05:  # garbage
+        data = rng.randbytes(rng.randrange(64))
+    return data
+
+
+def random_http_body(rng: random.Random) -> bytes:
+    """An OpenAI-style body with random fields, wrong types, invalid JSON or invalid UTF-8."""
+    if rng.random() < 0.3:  # a well-formed one, now and then
+        return json.dumps(
+            {"model": "fake", "prompt": random_text(rng, 30), "max_tokens": 4}
+        ).encode()
+    body: dict = {
+        "model": rng.choice(["fake", "other", 7]),
+        "max_tokens": rng.choice([-1, 1, 8, "x"]),
+    }
+    if rng.random() < 0.5:
+        body["prompt"] = rng.choice(
+            ["hi", "", [1, 2, 3], [[1], [2]], [], None, random_text(rng, 50)]
+        )
+    else:
+        body["messages"] = rng.choice(
+            [[], [{"role": "user", "content": "hi"}], [{"content": 1}], "x"]
+        )
+    for name, values in (
+        ("temperature", [-1, 0, 100, 101, "hot"]), ("top_p", [0, 1, 2]), ("n", [0, 1, 17]),
+        ("logprobs", [-1, 5, 21, True]), ("stop", ["x", [""], ["a"] * 65]), ("stream", [True, False]),
+        ("seed", [-1, 2**70]), ("logit_bias", [{"1": 1}]),
+    ):  # fmt: skip
+        if rng.random() < 0.3:
+            body[name] = rng.choice(values)
+    data = json.dumps(body).encode()
+    if rng.random() < 0.1:
+        data = data[: rng.randrange(len(data) + 1)]  # broken JSON
+    if rng.random() < 0.1:
+        data = data.replace(b"hi", b"\xff\xfe")  # invalid UTF-8
+    return data
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, model_cache_dir):
+    settings = dict(
+        model="fake", replicas=1, fake_step_ms=2, max_model_len=MAX_MODEL_LEN, max_num_seqs=32,
+        max_queued_requests=64, http_port=free_port(),
+    )  # fmt: skip
+    with start_cluster(model_cache_dir, **settings) as running:
+        yield running
+
+
+def send_grpc(channel: grpc.Channel, data: bytes) -> grpc.StatusCode:
+    call = channel.unary_stream(
+        "/kvray.v1.Generation/Generate",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )
+    try:
+        for _ in call(data, timeout=10):
+            pass
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def send_http(base: str, path: str, data: bytes) -> int:
+    request = urllib.request.Request(
+        base + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def fuzz(cluster, num_requests: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    process = psutil.Process()
+    with KvrayClient(cluster.target) as client:
+        client.generate("warm up", max_tokens=4)
+    rss_before = process.memory_info().rss
+    grpc_bodies = [random_request(rng) for _ in range(num_requests * 3 // 4)]
+    http_bodies = [random_http_body(rng) for _ in range(num_requests - len(grpc_bodies))]
+    base = cluster.http_url
+    with grpc.insecure_channel(cluster.target) as channel, ThreadPoolExecutor(8) as pool:
+        grpc_codes = list(pool.map(lambda d: send_grpc(channel, d), grpc_bodies))
+        http_codes = list(
+            pool.map(
+                lambda d: send_http(base, rng.choice(["/completions", "/chat/completions"]), d),
+                http_bodies,
+            )
+        )
+    unexpected = {c for c in grpc_codes if c not in GRPC_OK} | {
+        c for c in http_codes if c not in HTTP_OK
+    }
+    assert not unexpected, unexpected
+    assert grpc.StatusCode.INVALID_ARGUMENT in grpc_codes and grpc.StatusCode.OK in grpc_codes
+    assert 400 in http_codes and 200 in http_codes
+    with KvrayClient(cluster.target) as client:
+        assert client.is_serving()
+        wait_for(lambda: sum(r.kv_blocks_used for r in client.status().replicas) == 0, timeout=60)
+        assert client.status().num_running == 0
+        assert client.generate("still fine", max_tokens=4).finish_reason == "length"
+    grown = (process.memory_info().rss - rss_before) / 2**20
+    print(
+        f"{num_requests} requests; grpc {_counts(grpc_codes)}; http {_counts(http_codes)}; RSS {grown:+.0f} MiB"
+    )
+    assert grown < 100
+
+
+def _counts(codes: list) -> dict:
+    out: dict = {}
+    for c in codes:
+        key = c.name if isinstance(c, grpc.StatusCode) else c
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_fuzzed_requests_get_only_documented_statuses(cluster):
+    fuzz(cluster, 400)
+
+
+@pytest.mark.slow
+def test_five_thousand_fuzzed_requests(cluster):
+    fuzz(cluster, 5000, seed=1)
