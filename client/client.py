@@ -32,6 +32,17 @@ from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 from kvray.wire import set_request_params
 
 DEFAULT_TARGET = "localhost:50051"
+# NOTE: keepalive pings notice a dead or hung server (a stopped process keeps its sockets open,
+# so TCP alone never tells): a stream fails with UNAVAILABLE ~10 s after the server stops
+# answering, and a call never waits more than ~10 s to connect. The server allows these pings.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # an unanswered ping closes the connection
+    ("grpc.min_reconnect_backoff_ms", 10_000),  # also the connect timeout
+]
 _HEALTH_CHECK = health_pb2.HealthCheckRequest(service="")  # overall: a replica can take requests
 
 
@@ -101,7 +112,7 @@ class KvrayClient:
         self.target = target
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
         # NOTE: Any: typeshed's HealthStub declares no methods.
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
@@ -189,7 +200,7 @@ class AsyncKvrayClient:
         self.target = target
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
 

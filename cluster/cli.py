@@ -130,6 +130,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    """Ask the router on this machine to stop as SIGTERM would, and wait until its streams are
+    done (for a Kubernetes preStop hook)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{args.http_port}/admin/drain"
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="POST"), timeout=args.timeout
+        ) as r:
+            print(json.load(r))
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"kvray: no router to drain at {url} ({exc})", file=sys.stderr)
+    return 0
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config key (`--max-num-seqs` for `max_num_seqs`), with the field's help.
 
@@ -174,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "drain", help="stop the router on this machine gracefully (a Kubernetes preStop hook)"
+    )
+    p.add_argument("--http-port", type=int, default=8000, help="the router's http_port")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for its streams")
+    p.set_defaults(func=_drain)
 
     p = sub.add_parser("offline", help="stream one completion from the in-process engine (no Ray)")
     p.add_argument("prompt")

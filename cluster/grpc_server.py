@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 LIVENESS_SERVICE = "kvray.liveness"  # grpc.health.v1 service name for liveness probes
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    # Clients ping every 5 s to notice a hung server (kvray.client.CHANNEL_OPTIONS): allow it.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,
     FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
@@ -223,7 +230,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start serving; health reports SERVING only while a replica is ready. Returns (server, port)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_servicer(GenerationServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -73,7 +74,14 @@ def _error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def build_app(router: Router, *, request_timeout_s: float | None = None) -> FastAPI:
+def build_app(
+    router: Router,
+    *,
+    request_timeout_s: float | None = None,
+    drain: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The HTTP app. `drain()` begins a graceful shutdown and returns once the streams are
+    done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it)."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
@@ -90,6 +98,17 @@ def build_app(router: Router, *, request_timeout_s: float | None = None) -> Fast
         if router.is_serving:
             return JSONResponse({"status": "ok"})
         return _error_response(UnavailableError("no replica is ready"))
+
+    @app.post("/admin/drain")
+    async def admin_drain(request: Request) -> Response:
+        client = request.client.host if request.client else ""
+        if drain is None or not _is_loopback(client):
+            return JSONResponse(
+                {"error": {"message": "not found", "type": "not_found_error", "param": None, "code": 404}},
+                status_code=404,
+            )  # fmt: skip
+        await drain()
+        return JSONResponse({"drained": True})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -158,6 +177,13 @@ async def _generate(
         return _error_response(exc)
     events = _events(first, chunks, choices, renderer, body.include_usage, deadline)
     return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _deadline(request: Request, default_s: float | None) -> float | None:

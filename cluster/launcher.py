@@ -26,6 +26,8 @@ from kvray.workers.protocol import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
+STOP_MARGIN_S = 5.0  # gRPC's grace beyond shutdown_timeout_s, to deliver the streams' last words
+
 
 def init_ray(config: ClusterConfig) -> None:
     import ray
@@ -68,6 +70,9 @@ class Cluster:
         self.port: int | None = None
         self.http: HttpServer | None = None
         self.http_port: int | None = None  # None: HTTP is off
+        self.stop_requested = asyncio.Event()  # by `kvray drain` (POST /admin/drain)
+        self.streams_closed = asyncio.Event()  # every stream has finished or been ended
+        self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         init_ray(self.config)
@@ -82,7 +87,11 @@ class Cluster:
             self.port,
         )
         if self.config.http_port:
-            app = build_app(self.router, request_timeout_s=self.config.http_request_timeout_s)
+            app = build_app(
+                self.router,
+                request_timeout_s=self.config.http_request_timeout_s,
+                drain=self.drain,
+            )
             self.http = HttpServer(app, host=self.config.host, port=self.config.http_port)
             self.http_port = await self.http.start()
             logger.info(
@@ -103,15 +112,33 @@ class Cluster:
         )
 
     async def stop(self) -> None:
-        """Stop taking requests, give running streams `shutdown_timeout_s`, then stop."""
+        """Stop taking requests, give running streams `shutdown_timeout_s`, then stop.
+        Idempotent: a second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def drain(self) -> None:
+        """`kvray drain` (a Kubernetes preStop hook): begin stopping, as SIGTERM would, and
+        return once every stream has finished or been ended."""
+        self.stop_requested.set()
+        asyncio.get_running_loop().create_task(self.stop())
+        await self.streams_closed.wait()
+
+    async def _stop(self) -> None:
         if self.router is None:
             return
         timeout = self.config.shutdown_timeout_s
         self.router.on_serving_change(False)
         logger.info("shutting down: running streams have %.0fs to finish", timeout)
-        closing = asyncio.get_running_loop().create_task(self.router.close_streams(timeout))
-        await self.server.stop(grace=timeout)
-        await closing
+        # NOTE: gRPC gets a longer grace than the streams: a stream cut at the deadline ends
+        # with kvray's own UNAVAILABLE message, not gRPC's "Cancelling all calls".
+        grpc_stopped = asyncio.get_running_loop().create_task(
+            self.server.stop(grace=timeout + STOP_MARGIN_S)
+        )
+        await self.router.close_streams(timeout)
+        self.streams_closed.set()
+        await grpc_stopped
         if self.http is not None:
             await self.http.stop()
         await self.router.shutdown()
@@ -126,7 +153,7 @@ async def serve(config: ClusterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     start = loop.create_task(cluster.start())
-    stopped = loop.create_task(stop.wait())
+    stopped = loop.create_task(_first_of(stop, cluster.stop_requested))
     await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
     error = start.exception() if start.done() else None
     if error is not None:
@@ -136,6 +163,13 @@ async def serve(config: ClusterConfig) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await start
     await cluster.stop()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in pending:
+        wait.cancel()
 
 
 class BackgroundCluster:

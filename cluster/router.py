@@ -91,7 +91,11 @@ class Router:
             await asyncio.sleep(0.05)
         for stream in list(self._streams.values()):
             self.abort(stream)
-            stream.queue.put_nowait(UnavailableError("the server is shutting down"))
+            stream.queue.put_nowait(
+                UnavailableError(
+                    "the server is shutting down (its streams had shutdown_timeout_s to finish)"
+                )
+            )
 
     async def shutdown(self) -> None:
         self.pool.is_closing = True  # NOTE: first, so no failure handling starts a replacement

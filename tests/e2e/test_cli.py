@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from kvray.client import KvrayClient
+from kvray.client import KvrayClient, UnavailableError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -100,3 +101,61 @@ def test_serve_rejects_an_unknown_config_key_clearly(env, tmp_path):
     )
     assert result.returncode == 2
     assert "unknown config key(s) replicaz" in result.stderr
+
+
+def test_a_client_notices_a_hung_server_within_seconds(env):
+    port = free_port()
+    fake = {**env, "KVRAY_FAKE_STEP_MS": "20"}
+    server = kvray("serve", "--model", "fake", "--port", str(port), "--host", "127.0.0.1", env=fake)
+    outcome: list[BaseException] = []
+    try:
+        with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
+            client.wait_until_serving(timeout=120)
+            stream = client.stream("Hello", max_tokens=100_000, ignore_eos=True)
+            next(stream)
+            server.send_signal(signal.SIGSTOP)  # hung: its sockets stay open, nothing answers
+
+            def read_to_the_end() -> None:
+                try:
+                    for _ in stream:
+                        pass
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read_to_the_end, daemon=True)
+            reader.start()
+            reader.join(timeout=20)  # keepalive pings fail the stream after ~5 s
+            assert not reader.is_alive(), "the client still waits on a stopped server"
+            assert isinstance(outcome[0], UnavailableError), outcome
+            with pytest.raises(UnavailableError):  # and a new call does not wait forever
+                client.generate("Hello", max_tokens=2)
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait(timeout=30)
+
+
+def test_drain_ends_the_server_and_a_stream_cut_at_the_deadline_says_why(env):
+    port, http_port = free_port(), free_port()
+    settings = {**env, "KVRAY_FAKE_STEP_MS": "20", "KVRAY_SHUTDOWN_TIMEOUT_S": "2"}
+    args = ["--model", "fake", "--port", str(port), "--http-port", str(http_port)]
+    server = kvray("serve", *args, "--host", "127.0.0.1", env=settings)
+    try:
+        with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
+            client.wait_until_serving(timeout=120)
+            short = client.stream("Hello", max_tokens=20, ignore_eos=True)  # ends in ~0.4 s
+            long = client.stream("Hello", max_tokens=100_000, ignore_eos=True)  # it cannot
+            first_short, _ = next(short), next(long)
+            drain = subprocess.run(
+                [sys.executable, "-m", "kvray.cluster.cli", "drain", "--http-port", str(http_port)],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert drain.returncode == 0 and "'drained': True" in drain.stdout, drain.stderr
+            assert len(first_short.token_ids) + sum(len(c.token_ids) for c in short) == 20
+            with pytest.raises(UnavailableError, match="the server is shutting down"):
+                for _ in long:
+                    pass
+        assert server.wait(timeout=60) == 0  # it stops as on SIGTERM
+    finally:
+        if server.poll() is None:
+            server.kill()

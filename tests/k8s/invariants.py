@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 SERVE_PROXY_PORT = 8000  # Ray Serve's HTTP proxy on the head pod
+RAY_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client", 52365: "dashboard agent"}
+STOP_SLACK_S = 15  # grace beyond the drain: gRPC's margin (5 s) and Ray's own stop
 
 Doc = dict[str, Any]
 
@@ -64,6 +66,8 @@ def check_invariants(docs: list[Doc]) -> list[str]:
     errors += check_pods(service, cluster)
     errors += check_router_services(docs, service, cluster)
     errors += check_metrics_scrape(docs, service, cluster)
+    errors += check_control_plane(docs, service, cluster)
+    errors += check_drain(docs, service, cluster)
     return errors
 
 
@@ -234,3 +238,68 @@ def router_settings(docs: list[Doc]) -> dict[str, Any]:
     args = applications[0].get("args") or {}
     text = configmap_file(docs, args.get("config", "")) if "config" in args else None
     return {**(yaml.safe_load(text) if text else {}), **args}
+
+
+def check_control_plane(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
+    """Ray's ports (a job submitted there runs code) need Ray's token and answer only the
+    cluster's own pods (and the KubeRay operator)."""
+    errors = []
+    if (cluster.get("authOptions") or {}).get("mode") != "token":
+        errors.append(
+            f"{_name(service)}: spec.rayClusterConfig.authOptions.mode must be token (Ray's "
+            "dashboard and GCS run submitted jobs: anyone who reaches them can run code)"
+        )
+    head_labels = cluster["headGroupSpec"]["template"].get("metadata", {}).get("labels", {})
+    policies = [
+        d
+        for d in docs
+        if d.get("kind") == "NetworkPolicy"
+        and _selects(d["spec"].get("podSelector", {}), head_labels)
+        and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not policies:
+        return [*errors, f"{_name(service)}: no NetworkPolicy guards the head pod's Ray ports"]
+    for policy in policies:
+        for i, rule in enumerate(policy["spec"].get("ingress", [])):
+            if rule.get("from"):
+                continue  # from chosen peers only
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            opened = sorted(RAY_PORTS) if not ports else sorted(ports & set(RAY_PORTS))
+            for port in opened:
+                errors.append(
+                    f"{_name(policy)}: spec.ingress[{i}] opens port {port} ({RAY_PORTS[port]}) "
+                    "to every peer; Ray's ports must answer only the cluster's pods"
+                )
+    return errors
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    wanted = selector.get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def check_drain(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
+    """The head pod drains the router before it stops (preStop `kvray drain` on its HTTP port),
+    and Kubernetes waits long enough for the drain."""
+    settings = router_settings(docs)
+    drain_s = float(settings.get("shutdown_timeout_s", 30))
+    pod = cluster["headGroupSpec"]["template"]["spec"]
+    at = f"{_name(service)}: headGroupSpec.template.spec"
+    errors = []
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace < drain_s + STOP_SLACK_S:
+        errors.append(
+            f"{at}.terminationGracePeriodSeconds {grace} is shorter than the drain "
+            f"(shutdown_timeout_s {drain_s:g} + {STOP_SLACK_S} s): Kubernetes would kill the "
+            "router mid-drain"
+        )
+    command = (pod["containers"][0].get("lifecycle", {}).get("preStop", {}).get("exec") or {}).get(
+        "command", []
+    )
+    http_port = str(settings.get("http_port", 8000))
+    if command[:2] != ["kvray", "drain"] or http_port not in command:
+        errors.append(
+            f"{at}.containers[0].lifecycle.preStop must run `kvray drain --http-port {http_port}` "
+            f"(got {command})"
+        )
+    return errors

@@ -159,6 +159,30 @@ BROKEN = {
         lambda d: worker_group(d)["template"]["spec"].pop("enableServiceLinks"),
         "workerGroupSpecs[0].template.spec.enableServiceLinks must be false",
     ),
+    "Ray without token auth": (
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"].pop("authOptions"),
+        "authOptions.mode must be token",
+    ),
+    "the dashboard open to every peer": (
+        lambda d: find(d, "NetworkPolicy", "kvray-ray-cluster")["spec"]["ingress"].append(
+            {"ports": [{"port": 8265}]}
+        ),
+        "opens port 8265 (dashboard) to every peer",
+    ),
+    "no NetworkPolicy": (
+        lambda d: d.remove(find(d, "NetworkPolicy", "kvray-ray-cluster")),
+        "no NetworkPolicy guards the head pod's Ray ports",
+    ),
+    "grace period shorter than the drain": (
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+            "spec"
+        ].update(terminationGracePeriodSeconds=30),
+        "terminationGracePeriodSeconds 30 is shorter than the drain",
+    ),
+    "no preStop drain": (
+        lambda d: head_container(d).pop("lifecycle"),
+        "lifecycle.preStop must run `kvray drain --http-port 8080`",
+    ),
     "liveness probe not gRPC": (
         lambda d: head_container(d).update(livenessProbe={"tcpSocket": {"port": 6379}}),
         "livenessProbe: must be a grpc.health.v1 probe",
