@@ -74,7 +74,7 @@ def main() -> int:
     from kvray.cluster.config import load
     from kvray.cluster.launcher import BackgroundCluster
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     settings = {"model": args.model, "max_model_len": args.max_model_len, "fake_step_ms": 20}
     config = load({**settings, "host": "127.0.0.1", "port": 0, "http_port": 0}, environ={})
     with BackgroundCluster(config) as cluster:

@@ -5,10 +5,12 @@ Users see kvray's own types and typed errors, never protobuf messages or `grpc.R
 
 from kvray.client.client import AsyncKvrayClient, KvrayClient
 from kvray.client.errors import (
+    AuthenticationError,
     DeadlineExceededError,
     InternalServerError,
     InvalidRequestError,
     KvrayError,
+    MessageTooLargeError,
     OverloadedError,
     RequestCancelledError,
     UnavailableError,
@@ -26,6 +28,7 @@ from kvray.client.types import (
 
 __all__ = [
     "AsyncKvrayClient",
+    "AuthenticationError",
     "Choice",
     "ClusterStatus",
     "Completion",
@@ -35,6 +38,7 @@ __all__ = [
     "InvalidRequestError",
     "KvrayClient",
     "KvrayError",
+    "MessageTooLargeError",
     "ModelInfo",
     "OverloadedError",
     "ReplicaStatus",

@@ -21,11 +21,44 @@ _TYPES = {
 }
 
 
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help=f"router address host:port (repeatable: the next is tried when one is down; "
+        f"default {DEFAULT_TARGET})",
+    )
+    p.add_argument("--token-file", default=None, help="a file holding the bearer token")
+    p.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="trust this CA (PEM) instead; implies --tls")
+    p.add_argument("--tls-cert", default=None, help="client certificate (PEM), mutual TLS")
+    p.add_argument("--tls-key", default=None, help="the client certificate's key (PEM)")
+
+
+def _client(args: argparse.Namespace) -> KvrayClient:
+    token = None
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    return KvrayClient(
+        args.target or [DEFAULT_TARGET],
+        token=token,
+        tls=args.tls,
+        ca_cert=args.tls_ca,
+        client_cert=args.tls_cert,
+        client_key=args.tls_key,
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream a completion from a kvray server")
     p.add_argument("prompt")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (host:port)")
+    _connection_flags(p)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument(
+        "--resume", action="store_true", help="continue on the next router if one goes away"
+    )
     for name, f in param_fields().items():  # one flag per wire parameter
         flag = "--" + name.replace("_", "-")
         if f.is_repeated:
@@ -37,16 +70,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=generate, max_tokens=64)
 
     p = sub.add_parser("status", help="print a kvray cluster's replicas and load")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (host:port)")
+    _connection_flags(p)
     p.set_defaults(func=status)
 
 
 def generate(args: argparse.Namespace) -> int:
     params = {name: getattr(args, name) for name in param_fields()}
     try:
-        with KvrayClient(args.target) as client:
+        with _client(args) as client:
             last = None
-            for chunk in client.stream(args.prompt, timeout=args.timeout, **params):
+            chunks = client.stream(args.prompt, timeout=args.timeout, resume=args.resume, **params)
+            for chunk in chunks:
                 print(chunk.text, end="", flush=True)
                 last = chunk
         print()
@@ -64,7 +98,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     try:
-        with KvrayClient(args.target) as client:
+        with _client(args) as client:
             st = client.status()
     except KvrayError as exc:
         print(f"kvray: {exc.code}: {exc}", file=sys.stderr)

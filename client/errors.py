@@ -25,11 +25,23 @@ class OverloadedError(KvrayError):
     retryable = True
 
 
+class MessageTooLargeError(KvrayError, ValueError):
+    """The request is over the server's message limit (RESOURCE_EXHAUSTED, 4 MiB); not retried."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class UnavailableError(KvrayError):
     """No healthy replica, or the server cannot be reached (UNAVAILABLE)."""
 
     code = "UNAVAILABLE"
     retryable = True
+
+
+class AuthenticationError(KvrayError):
+    """No bearer token, or one the server does not know (UNAUTHENTICATED)."""
+
+    code = "UNAUTHENTICATED"
 
 
 class DeadlineExceededError(KvrayError, TimeoutError):
@@ -52,6 +64,7 @@ class InternalServerError(KvrayError):
 
 _BY_CODE: dict[grpc.StatusCode, type[KvrayError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
@@ -64,4 +77,6 @@ def from_rpc_error(err: grpc.RpcError) -> KvrayError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _BY_CODE.get(code, InternalServerError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+        cls = MessageTooLargeError  # gRPC's own words: trying again cannot help
     return cls(details or code.name)

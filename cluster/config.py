@@ -64,6 +64,19 @@ class ClusterConfig:
         0.25, "queued requests move to less busy replicas this often, seconds (0: never)"
     )
     shutdown_timeout_s: float = setting(30.0, "on SIGTERM, seconds running streams get to finish")
+    tls_cert_file: str | None = setting(
+        None, "server certificate chain (PEM): gRPC and HTTP speak TLS (re-read when it changes)"
+    )
+    tls_key_file: str | None = setting(None, "the server certificate's private key (PEM)")
+    tls_client_ca_file: str | None = setting(
+        None, "CA (PEM) that signs client certificates: mutual TLS, clients must present one"
+    )
+    auth_token_file: str | None = setting(
+        None, "bearer tokens, one per line (`TOKEN [MAX_CONCURRENT_REQUESTS]`); re-read on change"
+    )
+    health_port: int | None = setting(
+        None, "a plaintext gRPC port serving only grpc.health.v1 (for probes when TLS is on)"
+    )
     served_model_name: str | None = setting(
         None, "the model's name in the HTTP API and in metrics (default: model)"
     )
@@ -76,6 +89,12 @@ class ClusterConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535] (0: any free port), got {self.port}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.health_port is not None and not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in [0, 65535] (0: off), got {self.http_port}")
         if self.http_request_timeout_s is not None and self.http_request_timeout_s <= 0:

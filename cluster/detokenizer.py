@@ -58,6 +58,11 @@ class Detokenizer:
         self.text += new_text
         return self._find_stop(start)
 
+    def mark_released(self, num_chars: int) -> None:
+        """The first `num_chars` characters of the text were streamed already (a resumed
+        stream): release only what follows them."""
+        self._num_released = max(0, min(num_chars, len(self.text)))
+
     def flush(self) -> str | None:
         """At the end of a sequence: decode whatever waited for more bytes. Returns the stop
         string that text completed, if any (then the text is cut as `add_token` cuts it)."""

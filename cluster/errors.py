@@ -13,12 +13,18 @@ class UnavailableError(Exception):
     """No healthy replica can take (or continue) the request."""
 
 
+class UnauthenticatedError(Exception):
+    """No bearer token, or one the server does not know (UNAUTHENTICATED / 401)."""
+
+
 class RequestFailedError(Exception):
     """A request failed for a reason that is not the caller's (a bug or a repeated failure)."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message a server error maps to."""
+    if isinstance(exc, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, ValueError | TypeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, OverloadedError):

@@ -7,6 +7,7 @@ leaves through `errors.status_for`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -19,15 +20,16 @@ from grpc_reflection.v1alpha import reflection
 
 from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.engine import CompletionChunk
-from kvray.cluster.errors import status_for
-from kvray.cluster.input_processor import ChatPrompt, Prompt
+from kvray.cluster.errors import UnauthenticatedError, status_for
+from kvray.cluster.input_processor import MAX_REQUEST_BYTES, ChatPrompt, Prompt, Resumed
 from kvray.cluster.router import Router
+from kvray.cluster.security import TlsFiles, Token, TokenAuth, grpc_credentials
 from kvray.cluster.sequence import FinishReason
 from kvray.cluster.stats import ClusterStats
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 from kvray.wire import params_from_request
-from kvray.workers.protocol import SamplingParams
+from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 LIVENESS_SERVICE = "kvray.liveness"  # grpc.health.v1 service name for liveness probes
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # Clients ping every 5 s to notice a hung server (kvray.client.CHANNEL_OPTIONS): allow it.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
@@ -71,6 +74,18 @@ def prompt_from_proto(req: pb.GenerateRequest) -> Prompt:
             ),
         )
     raise ValueError("prompt is missing: set text, token_ids or messages")
+
+
+def resume_from_proto(req: pb.GenerateRequest) -> dict[int, Resumed]:
+    """What each sample of a broken stream had received, by sample index."""
+    resume: dict[int, Resumed] = {}
+    for sample in req.resume:
+        if sample.index in resume:
+            raise InvalidParameterError("resume", f"resume names sample {sample.index} twice")
+        resume[sample.index] = Resumed(
+            tuple(sample.token_ids), sample.num_text_chars, sample.finished
+        )
+    return resume
 
 
 def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
@@ -145,24 +160,40 @@ async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, auth: TokenAuth | None = None) -> None:
+        """`auth`: with it, every call needs `authorization: Bearer <token>` metadata."""
         self.router = router
+        self.auth = auth
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> Token | None:
+        """Refuse malformed bytes and calls without a valid token; returns the caller's token."""
+        await _reject_malformed(request, context)
+        if self.auth is None:
+            return None
+        header = dict(context.invocation_metadata() or ()).get("authorization")
+        try:
+            token = self.auth.authenticate(header if isinstance(header, str) else None)
+        except UnauthenticatedError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return token
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        await _reject_malformed(request, context)
+        token = await self._check(request, context)
         try:
             params = sampling_params_from_proto(request)
             prompt = prompt_from_proto(request)
-            chunks = self.router.generate(
-                prompt,
-                params,
-                request_id=request.request_id or None,
-                session_id=request.session_id or None,
-            )
-            async for chunk in chunks:
-                yield chunk_to_proto(chunk)
+            with self.auth.slot(token) if self.auth and token else contextlib.nullcontext():
+                chunks = self.router.generate(
+                    prompt,
+                    params,
+                    request_id=request.request_id or None,
+                    session_id=request.session_id or None,
+                    resume=resume_from_proto(request),
+                )
+                async for chunk in chunks:
+                    yield chunk_to_proto(chunk)
         except asyncio.CancelledError:
             raise  # client gone or deadline passed; router.generate aborted the request
         except Exception as exc:
@@ -171,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        await _reject_malformed(request, context)
+        await self._check(request, context)
         try:
             return pb.TokenizeResponse(token_ids=await self.router.tokenize(request.text))
         except Exception as exc:
@@ -181,7 +212,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        await _reject_malformed(request, context)
+        await self._check(request, context)
         info = self.router.info
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready yet")
@@ -199,7 +230,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        await _reject_malformed(request, context)
+        await self._check(request, context)
         return status_to_proto(self.router.status())
 
 
@@ -228,18 +259,46 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
-async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start serving; health reports SERVING only while a replica is ready. Returns (server, port)."""
+async def start_server(
+    router: Router,
+    *,
+    host: str,
+    port: int,
+    tls: TlsFiles | None = None,
+    auth: TokenAuth | None = None,
+    health_port: int | None = None,
+) -> tuple[list[grpc.aio.Server], int]:
+    """Start serving; health reports SERVING only while a replica can take requests.
+
+    With `tls`, the port speaks TLS (mutual TLS with a client CA); with `health_port`, a
+    second, plaintext server answers grpc.health.v1 alone (Kubernetes' gRPC probes cannot speak
+    TLS). Returns (the servers, the main port).
+
+    Raises:
+        OSError: a port cannot be bound.
+    """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_servicer(GenerationServicer(router), server)
+    add_servicer(GenerationServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, grpc_credentials(tls))
+        if tls is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
+    servers = [server]
+    if health_port is not None:
+        probes = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        if probes.add_insecure_port(f"{host}:{health_port}") == 0:
+            raise OSError(f"cannot listen on {host}:{health_port} (health_port)")
+        servers.append(probes)
 
     # Liveness: SERVING while this server runs, whatever the replicas do (a probe on it must not
     # restart a router that is only waiting for workers).
@@ -261,5 +320,6 @@ async def start_server(router: Router, *, host: str, port: int) -> tuple[grpc.ai
 
     router.on_serving_change = on_serving_change
     await set_ready(router.is_serving)
-    await server.start()
-    return server, bound
+    for s in servers:
+        await s.start()
+    return servers, bound

@@ -14,23 +14,22 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvray.cluster.engine import CompletionChunk
-from kvray.cluster.errors import OverloadedError, UnavailableError
-from kvray.cluster.input_processor import Prompt
+from kvray.cluster.errors import OverloadedError, UnauthenticatedError, UnavailableError
+from kvray.cluster.input_processor import MAX_REQUEST_BYTES, Prompt
 from kvray.cluster.openai_api import ChatCompletionRequest, CompletionRequest
 from kvray.cluster.openai_responses import SSE_DONE, Choices, Renderer, sse
 from kvray.cluster.router import Router
+from kvray.cluster.security import Token, TokenAuth
 from kvray.cluster.streams import RequestStream
 from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
@@ -50,7 +49,9 @@ class ModelNotFound(Exception):
 def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """OpenAI's error body and the HTTP status for an exception."""
     param = None
-    if isinstance(exc, InvalidParameterError):
+    if isinstance(exc, UnauthenticatedError):
+        status, kind = 401, "authentication_error"
+    elif isinstance(exc, InvalidParameterError):
         status, kind, param = 400, "invalid_request_error", exc.param
     elif isinstance(exc, ValueError | TypeError):
         status, kind = 400, "invalid_request_error"
@@ -71,7 +72,54 @@ def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 def _error_response(exc: BaseException) -> JSONResponse:
     status, body = error_json(exc)
-    return JSONResponse(body, status_code=status)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it.
+
+    The body is read here, counted as it arrives (chunked bodies have no Content-Length to
+    trust), and handed to the app whole."""
+
+    def __init__(self, app: Any, limit: int = MAX_REQUEST_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        chunks: list[bytes] = []
+        size = int(declared) if declared.isdigit() else 0
+        if size <= self.limit:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left: nothing to answer
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.limit or not message.get("more_body", False):
+                    break
+        if size > self.limit:
+            message = f"the request body is over {self.limit} bytes; send a shorter prompt"
+            body = {"message": message, "type": "invalid_request_error", "param": None, "code": 413}
+            response = JSONResponse(
+                {"error": body}, status_code=413, headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
 
 def build_app(
@@ -79,10 +127,14 @@ def build_app(
     *,
     request_timeout_s: float | None = None,
     drain: Callable[[], Awaitable[None]] | None = None,
+    auth: TokenAuth | None = None,
 ) -> FastAPI:
     """The HTTP app. `drain()` begins a graceful shutdown and returns once the streams are
-    done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it)."""
+    done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it). With
+    `auth`, the `/v1` routes need `Authorization: Bearer <token>` (401 without); `/health` and
+    `/metrics` stay open for probes and Prometheus."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit)
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -115,7 +167,11 @@ def build_app(
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        try:
+            _authenticate(auth, request)
+        except UnauthenticatedError as exc:
+            return _error_response(exc)
         info = router.info
         model = {
             "id": router.config.model_name,
@@ -133,7 +189,7 @@ def build_app(
         except ValueError as exc:
             return _error_response(exc)
         return await _generate(
-            router, request, body, prompts, params, "completion", request_timeout_s
+            router, request, body, prompts, params, "completion", request_timeout_s, auth
         )
 
     @app.post("/v1/chat/completions")
@@ -143,7 +199,9 @@ def build_app(
             params = body.sampling_params()
         except ValueError as exc:
             return _error_response(exc)
-        return await _generate(router, request, body, prompts, params, "chat", request_timeout_s)
+        return await _generate(
+            router, request, body, prompts, params, "chat", request_timeout_s, auth
+        )
 
     return app
 
@@ -156,9 +214,14 @@ async def _generate(
     params: SamplingParams,
     kind: str,
     request_timeout_s: float | None,
+    auth: TokenAuth | None,
 ) -> Response:
     streams: list[RequestStream] = []
+    held = contextlib.ExitStack()  # the caller's token's slot, until the response ends
     try:
+        token = _authenticate(auth, request)
+        if auth is not None and token is not None:
+            held.enter_context(auth.slot(token))
         if body.model != router.config.model_name:
             raise ModelNotFound(f"the model {body.model!r} is not served here; it is {router.config.model_name!r}")  # fmt: skip
         deadline = _deadline(request, request_timeout_s)
@@ -168,15 +231,22 @@ async def _generate(
         choices = Choices(len(prompts), params.n)
         chunks = _merged(router, streams)
         if not body.stream:
-            await _collect(chunks, choices, request, deadline)
+            with held:
+                await _collect(chunks, choices, request, deadline)
             return JSONResponse(renderer.response(choices))
         first = await _first(chunks, deadline)
     except Exception as exc:
+        held.close()
         for stream in streams:
             router.abort(stream)
         return _error_response(exc)
-    events = _events(first, chunks, choices, renderer, body.include_usage, deadline)
+    events = _events(first, chunks, choices, renderer, body.include_usage, deadline, held)
     return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _authenticate(auth: TokenAuth | None, request: Request) -> Token | None:
+    """The caller's token (None when the server needs none). Raises UnauthenticatedError."""
+    return None if auth is None else auth.authenticate(request.headers.get("authorization"))
 
 
 def _is_loopback(host: str) -> bool:
@@ -295,6 +365,7 @@ async def _events(
     renderer: Renderer,
     include_usage: bool,
     deadline: float | None,
+    held: contextlib.ExitStack,
 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed response. A client that goes away cancels this,
     which aborts the requests (their KV blocks are freed at once)."""
@@ -316,55 +387,6 @@ async def _events(
     except Exception as exc:
         yield sse(error_json(exc)[1])
     finally:
+        held.close()
         await chunks.aclose()  # type: ignore[attr-defined]
     yield SSE_DONE
-
-
-class HttpServer:
-    """uvicorn serving the app in the running event loop (no signal handlers of its own)."""
-
-    def __init__(self, app: FastAPI, *, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
-        self.socket: socket.socket | None = None  # the listening socket, once started
-
-    async def start(self) -> int:
-        """Listen and serve; returns the bound port. Raises OSError if the port is taken."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # NOTE: IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
-        # TCP, and without it Nagle holds a response's body behind its headers for a delayed
-        # ACK (~40 ms on every request of a kept-alive connection).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.socket = sock
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"HTTP: cannot listen on {self.host}:{self.port}: {exc}") from None
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise OSError(f"HTTP: the server on port {self.port} stopped at start")
-            await asyncio.sleep(0.01)
-        return self.port
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout=10)
-
-
-class _EmbeddedServer(uvicorn.Server):
-    # NOTE: the process's SIGTERM/SIGINT handlers are the launcher's (graceful drain);
-    # uvicorn would otherwise replace them while it serves.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield

@@ -14,14 +14,14 @@ import functools
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
-from kvray.cluster.sequence import Sequence
+from kvray.cluster.sequence import Sequence, SequenceStatus
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
 
 
@@ -33,6 +33,15 @@ class ChatPrompt:
     add_generation_prompt: bool = True  # end with the opening of an assistant turn
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What one sample of a broken stream had received before it broke."""
+
+    token_ids: tuple[int, ...]
+    num_text_chars: int
+    finished: bool
+
+
 Prompt = str | collections.abc.Sequence[int] | ChatPrompt
 T = TypeVar("T")
 
@@ -40,6 +49,7 @@ T = TypeVar("T")
 _seq_ids = itertools.count()
 
 MAX_CHARS_PER_TOKEN = 32  # a text prompt may hold this many characters per token of context
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a gRPC message or an HTTP body (gRPC's own default)
 INLINE_CHARS = 4096  # prompts up to this size are tokenized on the caller's thread
 
 
@@ -84,11 +94,12 @@ class InputProcessor:
         request_id: str,
         *,
         arrival_time: float | None = None,
+        resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
         """`process`, on the input thread when the prompt is large (more than INLINE_CHARS),
         so that the event loop (every other stream) never waits for it."""
         process = functools.partial(
-            self.process, prompt, params, request_id, arrival_time=arrival_time
+            self.process, prompt, params, request_id, arrival_time=arrival_time, resume=resume
         )
         return await self._off_loop_if_large(prompt, process)
 
@@ -113,17 +124,44 @@ class InputProcessor:
         request_id: str,
         *,
         arrival_time: float | None = None,
+        resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
-        """A validated request with its `params.n` sequences, queued nowhere yet.
+        """A validated request with its `params.n` sequences, queued nowhere yet. With
+        `resume` (by sample index), those samples continue after the tokens they had.
 
         Raises:
             ValueError: a prompt or parameter the model cannot take (the message says why).
         """
         token_ids = self.tokenize(prompt)
         self.check_params(params)
+        resume = resume or {}
+        self._check_resume(resume, params, len(token_ids))
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [self._make_sequence(request_id, token_ids, params, i, now) for i in range(params.n)]
+        for index, resumed in resume.items():
+            _resume(seqs[index], resumed)
         return Request(request_id, token_ids, seqs, now)
+
+    def _check_resume(
+        self, resume: Mapping[int, Resumed], params: SamplingParams, num_prompt_tokens: int
+    ) -> None:
+        for index, resumed in resume.items():
+            at = f"resume[index={index}]"
+            if not 0 <= index < params.n:
+                raise InvalidParameterError("resume", f"{at}: index must be in [0, n={params.n})")
+            if any(not 0 <= t < self.info.vocab_size for t in resumed.token_ids):
+                raise InvalidParameterError(
+                    "resume", f"{at}: token ids must be in [0, {self.info.vocab_size})"
+                )
+            if resumed.num_text_chars < 0:
+                raise InvalidParameterError("resume", f"{at}: num_text_chars must be >= 0")
+            done = len(resumed.token_ids) >= (params.max_tokens or 2**31) or (
+                num_prompt_tokens + len(resumed.token_ids) >= self.info.max_model_len
+            )
+            if done and not resumed.finished:
+                raise InvalidParameterError(
+                    "resume", f"{at}: the sample has all its tokens; it is finished"
+                )
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated. Raises ValueError for a prompt the model cannot take."""
@@ -242,3 +280,16 @@ class InputProcessor:
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
         return seq
+
+
+def _resume(seq: Sequence, resumed: Resumed) -> None:
+    """Give a new sequence the tokens a broken stream had streamed: it is recomputed from
+    prompt + those tokens, and its text continues after what the client has."""
+    seq.output_token_ids = list(resumed.token_ids)
+    seq.output_logprobs = [None] * len(resumed.token_ids)
+    if seq.detokenizer is not None:
+        for token_id in resumed.token_ids:
+            seq.detokenizer.add_token(token_id)
+        seq.detokenizer.mark_released(resumed.num_text_chars)
+    if resumed.finished:
+        seq.status = SequenceStatus.FINISHED

@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from kvray.cluster.asgi_server import HttpServer
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.grpc_server import start_server
-from kvray.cluster.http_server import HttpServer, build_app
+from kvray.cluster.http_server import build_app
 from kvray.cluster.router import Router
+from kvray.cluster.security import HttpTls, TlsFiles, TokenAuth
 from kvray.cluster.tokenizer import load_tokenizer
 from kvray.cluster.worker_actor import ray_spawner
 from kvray.workers.protocol import WorkerInfo
@@ -39,12 +44,30 @@ def init_ray(config: ClusterConfig) -> None:
     else:
         logger.info("starting a local Ray cluster")
     ray.init(
-        address=config.ray_address,
+        # NOTE: "local" starts a cluster of our own: without it, ray.init joins whatever
+        # cluster RAY_ADDRESS or the last `ray start` on this machine left behind.
+        address=config.ray_address or "local",
         namespace="kvray",
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
     )
+    if ray_token_auth() is False:
+        logger.warning(
+            "Ray's token authentication is off (RAY_AUTH_MODE=%s): Ray's own ports listen on "
+            "every interface and run any job sent to them; unset RAY_AUTH_MODE to turn it on",
+            os.environ.get("RAY_AUTH_MODE", ""),
+        )
+
+
+def ray_token_auth() -> bool | None:
+    """Whether Ray answers only callers with its token (Ray 2.60's default); None when this
+    Ray cannot say."""
+    try:  # NOTE: Ray has no public API for this (2.60)
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return None
+    return bool(is_token_auth_enabled())
 
 
 def _tokenizer_loader(config: ClusterConfig) -> Callable[[WorkerInfo], Any]:
@@ -66,7 +89,7 @@ class Cluster:
         self.config = config
         self._spawn_actor = spawn_actor
         self.router: Router | None = None
-        self.server: Any = None
+        self.servers: list[Any] = []  # gRPC: the main server (and the health-only one)
         self.port: int | None = None
         self.http: HttpServer | None = None
         self.http_port: int | None = None  # None: HTTP is off
@@ -78,21 +101,35 @@ class Cluster:
         init_ray(self.config)
         spawn = self._spawn_actor or ray_spawner(self.config)
         self.router = Router(self.config, spawn, load_tokenizer=_tokenizer_loader(self.config))
-        self.server, self.port = await start_server(
-            self.router, host=self.config.host, port=self.config.port
+        tls, auth = tls_files(self.config), token_auth(self.config)
+        self.servers, self.port = await start_server(
+            self.router,
+            host=self.config.host,
+            port=self.config.port,
+            tls=tls,
+            auth=auth,
+            health_port=self.config.health_port,
         )
         logger.info(
-            "gRPC listening on %s:%d (NOT_SERVING until a replica is ready)",
+            "gRPC%s listening on %s:%d (NOT_SERVING until a replica is ready)",
+            " (TLS)" if tls else "",
             self.config.host,
             self.port,
         )
+        _warn_if_open(self.config, auth)
         if self.config.http_port:
             app = build_app(
                 self.router,
                 request_timeout_s=self.config.http_request_timeout_s,
                 drain=self.drain,
+                auth=auth,
             )
-            self.http = HttpServer(app, host=self.config.host, port=self.config.http_port)
+            self.http = HttpServer(
+                app,
+                host=self.config.host,
+                port=self.config.http_port,
+                tls=HttpTls(tls) if tls else None,
+            )
             self.http_port = await self.http.start()
             logger.info(
                 "HTTP (OpenAI API, /metrics, /health) listening on %s:%d",
@@ -133,8 +170,8 @@ class Cluster:
         logger.info("shutting down: running streams have %.0fs to finish", timeout)
         # NOTE: gRPC gets a longer grace than the streams: a stream cut at the deadline ends
         # with kvray's own UNAVAILABLE message, not gRPC's "Cancelling all calls".
-        grpc_stopped = asyncio.get_running_loop().create_task(
-            self.server.stop(grace=timeout + STOP_MARGIN_S)
+        grpc_stopped = asyncio.gather(
+            *(s.stop(grace=timeout + STOP_MARGIN_S) for s in self.servers)
         )
         await self.router.close_streams(timeout)
         self.streams_closed.set()
@@ -163,6 +200,35 @@ async def serve(config: ClusterConfig) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await start
     await cluster.stop()
+
+
+def tls_files(config: ClusterConfig) -> TlsFiles | None:
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    tls = TlsFiles(
+        Path(config.tls_cert_file),
+        Path(config.tls_key_file),
+        Path(config.tls_client_ca_file) if config.tls_client_ca_file else None,
+    )
+    tls.stamp()  # NOTE: a missing file fails the start, not the first handshake
+    return tls
+
+
+def token_auth(config: ClusterConfig) -> TokenAuth | None:
+    return TokenAuth(config.auth_token_file) if config.auth_token_file else None
+
+
+def _warn_if_open(config: ClusterConfig, auth: TokenAuth | None) -> None:
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if auth is None and not loopback:
+        logger.warning(
+            "serving without authentication on %s: anyone who reaches the port can generate "
+            "(set auth_token_file, and TLS for traffic that leaves the machine)",
+            config.host,
+        )
 
 
 async def _first_of(*events: asyncio.Event) -> None:

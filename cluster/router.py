@@ -12,7 +12,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from kvray.cluster.autoscaler import Autoscaler
@@ -21,7 +21,7 @@ from kvray.cluster.config import ClusterConfig
 from kvray.cluster.dispatcher import Dispatcher
 from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import OverloadedError, UnavailableError
-from kvray.cluster.input_processor import InputProcessor, Prompt, check_ids
+from kvray.cluster.input_processor import InputProcessor, Prompt, Resumed, check_ids
 from kvray.cluster.metrics import ServingMetrics
 from kvray.cluster.replica_pool import ReplicaPool
 from kvray.cluster.request import Request
@@ -200,13 +200,15 @@ class Router:
         *,
         request_id: str | None = None,
         session_id: str | None = None,
+        resume: Mapping[int, Resumed] | None = None,
     ) -> RequestStream:
         """`submit`, with a large prompt tokenized on the input thread, so that the event loop
-        (every other stream) never waits for it. Raises as `submit` does."""
+        (every other stream) never waits for it. With `resume`, a broken stream continues
+        (see `InputProcessor.process`). Raises as `submit` does."""
         processor = self._processor()
         request_id = check_ids(request_id, session_id)
         request = await processor.process_async(
-            prompt, params, request_id, arrival_time=self.clock()
+            prompt, params, request_id, arrival_time=self.clock(), resume=resume
         )
         return self._enqueue(request, session_id)
 
@@ -236,6 +238,7 @@ class Router:
         stream = RequestStream(
             request.request_id, len(request.seqs), arrival_time=request.arrival_time
         )
+        stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
         self._streams[request.request_id] = stream
         self.dispatcher.place(request, stream, replica)  # None: until a replica is ready
         return stream
@@ -247,9 +250,12 @@ class Router:
         *,
         request_id: str | None = None,
         session_id: str | None = None,
+        resume: Mapping[int, Resumed] | None = None,
     ) -> AsyncIterator[CompletionChunk]:
         """Admit a request and yield its chunks. Leaving early (cancel, error) aborts it."""
-        stream = await self.admit(prompt, params, request_id=request_id, session_id=session_id)
+        stream = await self.admit(
+            prompt, params, request_id=request_id, session_id=session_id, resume=resume
+        )
         async for chunk in self.chunks(stream):
             yield chunk
 

@@ -10,7 +10,13 @@ def ray_session():
     """One local Ray for the test session (4 logical CPUs: two replicas plus a replacement)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, namespace="kvray-tests", include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",  # never a cluster left behind by another test or a `ray start`
+            num_cpus=4,
+            namespace="kvray-tests",
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()
 

@@ -5,6 +5,7 @@ gRPC, the parameters, every error status, and a dropped stream freeing its KV bl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -14,7 +15,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvray.client import KvrayClient
+from kvray.client import KvrayClient, MessageTooLargeError
+from kvray.cluster.input_processor import MAX_REQUEST_BYTES
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
@@ -261,6 +263,47 @@ def test_health_says_ok(cluster):
     url = cluster.http_url.removesuffix("/v1") + "/health"
     with urllib.request.urlopen(url) as resp:
         assert resp.status == 200 and json.load(resp) == {"status": "ok"}
+
+
+def _post_raw(cluster, head: bytes, body_chunks: list[bytes]) -> tuple[int, dict]:
+    """POST /v1/completions over a bare socket; returns the status and the JSON body."""
+    host, port = cluster.http_url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        with contextlib.suppress(OSError):  # the server may answer and close before the rest
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_and_the_server_goes_on(cluster, client, chunked):
+    text = json.dumps({"model": "tiny", "prompt": "a" * MAX_REQUEST_BYTES}).encode()
+    if chunked:  # no Content-Length to trust: the server counts what arrives
+        head = b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        parts = [text[i : i + 65536] for i in range(0, len(text), 65536)]
+        chunks = [b"%x\r\n%s\r\n" % (len(part), part) for part in parts] + [b"0\r\n\r\n"]
+    else:
+        head = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(text)
+        chunks = [text]
+    status, body = _post_raw(cluster, head, chunks)
+    assert status == 413
+    assert str(MAX_REQUEST_BYTES) in body["error"]["message"]
+    reply = client.completions.create(model="tiny", prompt=PROMPT, **GREEDY)
+    assert reply.usage.completion_tokens == 12
+
+
+def test_a_grpc_message_over_the_limit_is_resource_exhausted(grpc):
+    with pytest.raises(MessageTooLargeError, match="larger than max"):
+        grpc.generate("a" * MAX_REQUEST_BYTES, max_tokens=1)
+    assert len(grpc.generate(PROMPT, temperature=0, max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 # ---------------------------------------------------------------------- error statuses

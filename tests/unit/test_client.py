@@ -81,6 +81,7 @@ class _FakeRpcError(grpc.RpcError):
     ("code", "cls", "retryable"),
     [
         (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidRequestError, False),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.AuthenticationError, False),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.OverloadedError, True),
         (grpc.StatusCode.UNAVAILABLE, errors.UnavailableError, True),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceededError, False),
@@ -92,3 +93,9 @@ class _FakeRpcError(grpc.RpcError):
 def test_status_codes_become_typed_errors(code, cls, retryable):
     err = errors.from_rpc_error(_FakeRpcError(code, "details here"))
     assert type(err) is cls and str(err) == "details here" and err.retryable is retryable
+
+
+def test_a_message_over_the_limit_is_not_retried():
+    details = "Received message larger than max (4194400 vs. 4194304)"
+    err = errors.from_rpc_error(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details))
+    assert type(err) is errors.MessageTooLargeError and not err.retryable

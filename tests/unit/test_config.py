@@ -98,3 +98,29 @@ def test_unknown_environment_variables_warn_and_are_ignored(caplog):
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "KVRAY_GRPC_PORT" in warned and "KVRAY_TORCH_INDEX" in warned
     assert "tcp://" not in warned  # values are not logged (they may be secrets)
+
+
+@pytest.mark.parametrize(
+    ("host", "with_tokens", "warned"),
+    [
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("10.1.2.3", False, True),
+        ("0.0.0.0", True, False),
+        ("127.0.0.1", False, False),
+        ("::1", False, False),
+        ("localhost", False, False),
+    ],
+)
+def test_an_open_front_door_beyond_loopback_is_warned_about(
+    tmp_path, caplog, host, with_tokens, warned
+):
+    from kvray.cluster.launcher import _warn_if_open
+    from kvray.cluster.security import TokenAuth
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    auth = TokenAuth(tokens) if with_tokens else None
+    with caplog.at_level("WARNING", logger="kvray.cluster.launcher"):
+        _warn_if_open(ClusterConfig(host=host), auth)
+    assert ("without authentication" in caplog.text) is warned

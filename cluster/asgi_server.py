@@ -1,0 +1,86 @@
+"""uvicorn serving an ASGI app inside the running event loop: on a socket kvray binds itself
+(a TCP socket with TCP_NODELAY), optionally with TLS reloaded in place, and without signal
+handlers of its own (the launcher's SIGTERM drain stays in charge)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.security import RELOAD_CHECK_S, HttpTls
+
+logger = logging.getLogger(__name__)
+
+
+class HttpServer:
+    """uvicorn serving the app in the running event loop (no signal handlers of its own)."""
+
+    def __init__(self, app: Any, *, host: str, port: int, tls: HttpTls | None = None) -> None:
+        self.host, self.port = host, port
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+        config.load()
+        self.tls = tls
+        if tls is not None:
+            config.ssl = tls.context  # NOTE: reloaded in place when the files change
+        self._server = _EmbeddedServer(config)
+        self._task: asyncio.Task[None] | None = None
+        self._reloads = BackgroundTasks()
+        self.socket: socket.socket | None = None  # the listening socket, once started
+
+    async def start(self) -> int:
+        """Listen and serve; returns the bound port. Raises OSError if the port is taken."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # NOTE: IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
+        # TCP, and without it Nagle holds a response's body behind its headers for a delayed
+        # ACK (~40 ms on every request of a kept-alive connection).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = sock
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"HTTP: cannot listen on {self.host}:{self.port}: {exc}") from None
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        if self.tls is not None:
+            self._reloads.spawn(self._reload_tls(self.tls))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"HTTP: the server on port {self.port} stopped at start")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def _reload_tls(self, tls: HttpTls) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_CHECK_S)
+            try:
+                tls.reload()
+            except (OSError, ssl.SSLError) as exc:  # half-written files: try again later
+                logger.warning("TLS files could not be loaded (%s); keeping the last ones", exc)
+
+    async def stop(self) -> None:
+        await self._reloads.cancel_all()
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout=10)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    # NOTE: the process's SIGTERM/SIGINT handlers are the launcher's (graceful drain);
+    # uvicorn would otherwise replace them while it serves.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
