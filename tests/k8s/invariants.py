@@ -68,6 +68,7 @@ def check_invariants(docs: list[Doc]) -> list[str]:
     errors += check_metrics_scrape(docs, service, cluster)
     errors += check_control_plane(docs, service, cluster)
     errors += check_drain(docs, service, cluster)
+    errors += check_mounted_files(docs, service, cluster)
     return errors
 
 
@@ -148,23 +149,37 @@ def check_router_services(docs: list[Doc], service: Doc, cluster: Doc) -> list[s
     on; the probes speak grpc.health.v1 on the router's port."""
     settings = router_settings(docs)
     grpc_port, http_port = int(settings.get("port", 50051)), int(settings.get("http_port", 8000))
-    errors = check_service_port(docs, service, cluster, "grpc", grpc_port, "kubernetes.io/h2c")
-    errors += check_service_port(docs, service, cluster, "http", http_port, "http")
+    tls = uses_tls(settings)
+    grpc_protocol, http_protocol = ("https", "https") if tls else ("kubernetes.io/h2c", "http")
+    errors = check_service_port(docs, service, cluster, "grpc", grpc_port, grpc_protocol)
+    errors += check_service_port(docs, service, cluster, "http", http_port, http_protocol)
     if http_port == SERVE_PROXY_PORT:
         errors.append(
             f"{_name(service)}: kvray http_port {http_port} is Ray Serve's HTTP proxy port on "
             "the head pod; pick another (the manifests use 8080)"
         )
     container = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    for probe in ("readinessProbe", "livenessProbe"):
+    health = str(settings.get("health_port") or "")
+    health_port = int(health) if health.isdigit() else None  # not a number: validate.py says so
+    if tls and not health:
+        errors.append(
+            f"{_name(service)}: kvray speaks TLS but has no health_port: Kubernetes' gRPC "
+            "probes speak plaintext, so they need the plaintext health port"
+        )
+    # With TLS the router's own port cannot answer a plaintext probe: health_port only.
+    probe_ports = {health_port} if tls and health_port else {grpc_port}
+    if health_port and not tls:
+        probe_ports.add(health_port)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = (container.get(probe) or {}).get("grpc")
         if grpc_probe is None:
             errors.append(
                 f"{_name(service)}: head container {probe}: must be a grpc.health.v1 probe"
             )
-        elif grpc_probe.get("port") != grpc_port:
+        elif grpc_probe.get("port") not in probe_ports:
             errors.append(
-                f"{_name(service)}: head container {probe}.grpc.port {grpc_probe.get('port')} is not the router's port"
+                f"{_name(service)}: head container {probe}.grpc.port {grpc_probe.get('port')} "
+                f"is not a port that answers it ({', '.join(map(str, sorted(probe_ports)))})"
             )
     return errors
 
@@ -222,6 +237,8 @@ def check_metrics_scrape(docs: list[Doc], service: Doc, cluster: Doc) -> list[st
         "prometheus.io/port": str(http_port),
         "prometheus.io/path": "/metrics",
     }
+    if uses_tls(router_settings(docs)):
+        want["prometheus.io/scheme"] = "https"
     return [
         f"{at}[{key}]: {annotations.get(key)!r}, expected {value!r}"
         for key, value in want.items()
@@ -230,14 +247,25 @@ def check_metrics_scrape(docs: list[Doc], service: Doc, cluster: Doc) -> list[st
 
 
 def router_settings(docs: list[Doc]) -> dict[str, Any]:
-    """The kvray settings the Serve application starts with (its config file, then its args)."""
+    """The kvray settings the Serve application starts with (its config file, the head
+    container's KVRAY_* variables, then its args)."""
     service = ray_head(docs)
     if service is None:
         return {}
     applications = yaml.safe_load(service["spec"]["serveConfigV2"]).get("applications") or [{}]
     args = applications[0].get("args") or {}
     text = configmap_file(docs, args.get("config", "")) if "config" in args else None
-    return {**(yaml.safe_load(text) if text else {}), **args}
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    environ = {  # KVRAY_* on the head container: over the file, under the args
+        e["name"].removeprefix("KVRAY_").lower(): e.get("value")
+        for e in head["containers"][0].get("env", [])
+        if e.get("name", "").startswith("KVRAY_") and e["name"] != "KVRAY_CONFIG"
+    }
+    return {**(yaml.safe_load(text) if text else {}), **environ, **args}
+
+
+def uses_tls(settings: dict[str, Any]) -> bool:
+    return bool(settings.get("tls_cert_file"))
 
 
 def check_control_plane(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
@@ -297,9 +325,46 @@ def check_drain(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
         "command", []
     )
     http_port = str(settings.get("http_port", 8000))
-    if command[:2] != ["kvray", "drain"] or http_port not in command:
+    tls = " --tls" if uses_tls(settings) else ""
+    if (
+        command[:2] != ["kvray", "drain"]
+        or http_port not in command
+        or (tls and "--tls" not in command)
+    ):
         errors.append(
-            f"{at}.containers[0].lifecycle.preStop must run `kvray drain --http-port {http_port}` "
+            f"{at}.containers[0].lifecycle.preStop must run `kvray drain --http-port {http_port}{tls}` "
             f"(got {command})"
         )
     return errors
+
+
+FILE_SETTINGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file")
+
+
+def check_mounted_files(docs: list[Doc], service: Doc, cluster: Doc) -> list[str]:
+    """The certificate, key and token files kvray is told to read are in volumes the head
+    container mounts whole: a subPath mount never sees a rotated Secret."""
+    settings = router_settings(docs)
+    container = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    mounts = container.get("volumeMounts", [])
+    errors = []
+    for key in FILE_SETTINGS:
+        path = settings.get(key)
+        if not path:
+            continue
+        holding = [m for m in mounts if _inside(str(path), m["mountPath"])]
+        mount = max(holding, key=lambda m: len(m["mountPath"]), default=None)  # the innermost
+        if mount is None:
+            errors.append(
+                f"{_name(service)}: kvray {key} {path} is in no volume the head container mounts"
+            )
+        elif mount.get("subPath"):
+            errors.append(
+                f"{_name(service)}: head container volumeMounts[{mount['name']}] uses subPath: "
+                f"{key} would never see a rotated Secret; mount the folder"
+            )
+    return errors
+
+
+def _inside(path: str, mount_path: str) -> bool:
+    return path == mount_path or path.startswith(mount_path.rstrip("/") + "/")

@@ -15,7 +15,7 @@ import yaml
 from tests.k8s import validate as v
 from tests.k8s.invariants import find, ray_head
 
-OVERLAYS = ["cpu-dev", "gpu"]
+OVERLAYS = ["cpu-dev", "gpu", "cpu-dev+tls", "gpu+tls"]  # +tls: with components/tls
 K8S = v.ROOT / "k8s"
 
 pytestmark = pytest.mark.skipif(
@@ -24,13 +24,18 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request):
-    return v.render(K8S / "overlays" / request.param)
+def rendered(request, tmp_path_factory):
+    return v.render_named(request.param, tmp_path_factory.mktemp("overlay"))
 
 
 @pytest.fixture(scope="module")
 def cpu_dev():
     return v.render(K8S / "overlays" / "cpu-dev")
+
+
+@pytest.fixture(scope="module")
+def cpu_dev_tls(tmp_path_factory):
+    return v.render_named("cpu-dev+tls", tmp_path_factory.mktemp("overlay"))
 
 
 CRD_SHA256 = {
@@ -197,6 +202,83 @@ def test_broken_manifest_fails_naming_the_field(cpu_dev, case):
     mutate(docs)
     errors = v.validate(docs)
     assert any(expected in e for e in errors), errors
+
+
+def head_env(docs, name, value):
+    env = head_container(docs)["env"]
+    env[:] = [e for e in env if e["name"] != name]
+    if value is not None:
+        env.append({"name": name, "value": value})
+
+
+def mount(docs, name):
+    return next(m for m in head_container(docs)["volumeMounts"] if m["name"] == name)
+
+
+BROKEN_TLS = {
+    "probes on the TLS port": (
+        lambda d: head_container(d)["readinessProbe"]["grpc"].update(port=50051),
+        "readinessProbe.grpc.port 50051 is not a port that answers it (50052)",
+    ),
+    "TLS without a health port": (
+        lambda d: head_env(d, "KVRAY_HEALTH_PORT", None),
+        "kvray speaks TLS but has no health_port",
+    ),
+    "token file not mounted": (
+        lambda d: head_env(d, "KVRAY_AUTH_TOKEN_FILE", "/secrets/tokens"),
+        "auth_token_file /secrets/tokens is in no volume the head container mounts",
+    ),
+    "certificate mounted with subPath": (
+        lambda d: mount(d, "kvray-tls").update(
+            mountPath="/etc/kvray/tls/tls.crt", subPath="tls.crt"
+        ),
+        "volumeMounts[kvray-tls] uses subPath",
+    ),
+    "a KVRAY_ variable the router cannot parse": (
+        lambda d: head_env(d, "KVRAY_HEALTH_PORT", "fifty"),
+        "KVRAY_HEALTH_PORT",
+    ),
+    "preStop drain without TLS": (
+        lambda d: head_container(d)["lifecycle"]["preStop"]["exec"]["command"].remove("--tls"),
+        "must run `kvray drain --http-port 8080 --tls`",
+    ),
+    "Prometheus scrapes plain HTTP from a TLS port": (
+        lambda d: ray_head(d)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"][
+            "annotations"
+        ].pop("prometheus.io/scheme"),
+        "annotations[prometheus.io/scheme]: None, expected 'https'",
+    ),
+    "gRPC Service says h2c in front of TLS": (
+        lambda d: find(d, "Service", "kvray-grpc")["spec"]["ports"][0].update(
+            appProtocol="kubernetes.io/h2c"
+        ),
+        "spec.ports[grpc].appProtocol must be https",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_TLS))
+def test_broken_tls_manifest_fails_naming_the_field(cpu_dev_tls, case):
+    mutate, expected = BROKEN_TLS[case]
+    docs = copy.deepcopy(cpu_dev_tls)
+    mutate(docs)
+    errors = v.validate(docs)
+    assert any(expected in e for e in errors), errors
+
+
+def test_the_tls_component_turns_on_tls_tokens_and_the_health_port(cpu_dev_tls):
+    from tests.k8s.invariants import router_settings
+
+    settings = router_settings(cpu_dev_tls)
+    assert settings["tls_cert_file"] == "/etc/kvray/tls/tls.crt"
+    assert settings["auth_token_file"] == "/etc/kvray/tokens/tokens"
+    assert settings["health_port"] == "50052"
+    container = head_container(cpu_dev_tls)
+    assert container["readinessProbe"]["grpc"]["port"] == 50052
+    volumes = ray_head(cpu_dev_tls)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+        "spec"
+    ]["volumes"]
+    assert {"name": "kvray-tls", "secret": {"secretName": "kvray-tls"}} in volumes
 
 
 def test_dockerfile_is_hadolint_clean():

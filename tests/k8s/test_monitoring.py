@@ -59,3 +59,19 @@ def test_the_scrape_job_keeps_the_router_pod():
     ]["template"]["metadata"]["annotations"]
     assert keep["action"] == "keep"
     assert re.fullmatch(keep["regex"], annotations["prometheus.io/scrape"])
+
+
+def test_the_scrape_job_speaks_https_to_a_router_with_tls(tmp_path):
+    job = yaml.safe_load((MONITORING / "prometheus-scrape-config.yaml").read_text())
+    (rule,) = [
+        r
+        for r in job["scrape_configs"][0]["relabel_configs"]
+        if r.get("target_label") == "__scheme__"
+    ]
+    docs = v.render_named("cpu-dev+tls", tmp_path)
+    annotations = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"][
+        "headGroupSpec"
+    ]["template"]["metadata"]["annotations"]
+    annotation = rule["source_labels"][0].removeprefix("__meta_kubernetes_pod_annotation_")
+    value = annotations[annotation.replace("prometheus_io_", "prometheus.io/")]
+    assert value == "https" and re.fullmatch(rule["regex"], value)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tests.k8s.invariants import Doc, check_invariants, configmap_file
+from tests.k8s.invariants import Doc, check_invariants, configmap_file, ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 # KubeRay v1.7.0's CRDs, vendored unchanged beside this file, or where the variable says.
@@ -35,6 +35,23 @@ def render(overlay: Path) -> list[Doc]:
     if out.returncode != 0:
         raise ValueError(f"{overlay}: kustomize failed: {out.stderr.strip()}")
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def render_named(name: str, folder: Path) -> list[Doc]:
+    """`overlay` (a folder of k8s/overlays), or `overlay+component`: the overlay with a folder
+    of k8s/components added, as a user's own kustomization in `folder` would add it."""
+    overlay, _, component = name.partition("+")
+    k8s = ROOT / "k8s"
+    if not component:
+        return render(k8s / "overlays" / overlay)
+    kustomization = {  # kustomize takes relative paths only
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(k8s / "overlays" / overlay, folder)],
+        "components": [os.path.relpath(k8s / "components" / component, folder)],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(folder)
 
 
 def validate(docs: list[Doc]) -> list[str]:
@@ -198,10 +215,25 @@ def check_app_args(at: str, args: Doc, docs: list[Doc]) -> list[str]:
             if text is None:
                 return [f"{at}.args.config: {path} is not a file of a mounted ConfigMap"]
             settings = {**yaml.safe_load(text), **settings}
-        load(settings, environ={})
+        load(settings, environ=head_environ(docs))
     except ValueError as err:
         return [f"{at}.args: {err}"]
     return []
+
+
+def head_environ(docs: list[Doc]) -> dict[str, str]:
+    """The head container's KVRAY_* variables, which the router reads over its config file."""
+    service = ray_head(docs)
+    if service is None:
+        return {}
+    container = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"
+    ][0]
+    return {
+        e["name"]: str(e.get("value", ""))
+        for e in container.get("env", [])
+        if e.get("name", "").startswith("KVRAY_")
+    }
 
 
 def main(argv: list[str]) -> int:
