@@ -100,6 +100,7 @@ def test_streams_resume_on_another_router_exactly(ray_head, model_cache_dir):
         for i, (got, want) in enumerate(zip(outputs, reference)):
             assert got == want, f"stream {i} ({params(i)}):\n  got {got}\n want {want}"
         assert sum(resumed) > 0  # streams did move to the surviving router
+        print(f"{sum(resumed)} of {NUM_STREAMS} streams resumed on the other router, all exact")
     finally:
         for process in (victim, survivor):
             if process.poll() is None:
