@@ -91,7 +91,7 @@ class KvrayClient(ClientBase):
         self, prompt: Prompt, *, timeout: float | None = None, resume: bool = False, **params: Any
     ) -> Iterator[GenerationChunk]:
         """Yield chunks as the server produces them. Closing the iterator cancels the request."""
-        request, progress = build_request(prompt, **params), Progress()
+        request, progress = build_request(prompt, **params), Progress(params.get("n") or 1)
         for attempt in itertools.count():
             _, stub, _ = self._channel()
             call = stub.Generate(progress.resumed(request), timeout=timeout, metadata=self.metadata)
@@ -102,6 +102,8 @@ class KvrayClient(ClientBase):
                     yield chunk
                 return
             except grpc.RpcError as err:
+                if resume and progress.done:
+                    return  # every sample had its last chunk: nothing is missing
                 delay = self.retry_delay(err, attempt, progress, resume=resume)
             finally:
                 call.cancel()
@@ -193,7 +195,7 @@ class AsyncKvrayClient(ClientBase):
         self, prompt: Prompt, *, timeout: float | None = None, resume: bool = False, **params: Any
     ) -> AsyncIterator[GenerationChunk]:
         """Yield chunks as the server produces them. Leaving early cancels the request."""
-        request, progress = build_request(prompt, **params), Progress()
+        request, progress = build_request(prompt, **params), Progress(params.get("n") or 1)
         for attempt in itertools.count():
             _, stub, _ = self._channel()
             call = stub.Generate(progress.resumed(request), timeout=timeout, metadata=self.metadata)
@@ -204,6 +206,8 @@ class AsyncKvrayClient(ClientBase):
                     yield chunk
                 return
             except grpc.RpcError as err:
+                if resume and progress.done:
+                    return  # every sample had its last chunk: nothing is missing
                 delay = self.retry_delay(err, attempt, progress, resume=resume)
             finally:
                 call.cancel()

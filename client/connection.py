@@ -69,6 +69,7 @@ def build_request(
 class Progress:
     """What a stream's samples have received so far: enough to resume it elsewhere."""
 
+    n: int = 1  # the request's samples
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     num_text_chars: dict[int, int] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
@@ -76,6 +77,10 @@ class Progress:
     @property
     def received(self) -> bool:
         return bool(self.token_ids or self.num_text_chars or self.finished)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= self.n
 
     def add(self, chunk: GenerationChunk) -> None:
         self.token_ids.setdefault(chunk.index, []).extend(chunk.token_ids)
@@ -146,13 +151,9 @@ class ClientBase:
         """Seconds to wait before trying a failed Generate call again. Raises its typed error
         instead when it must not be tried again: the status is not transient (only UNAVAILABLE
         and RESOURCE_EXHAUSTED are), the retries are spent, or tokens already arrived and the
-        stream is not to be resumed (only after UNAVAILABLE: the router went away)."""
+        stream is not to be resumed."""
         error = from_rpc_error(err)
-        if (
-            not error.retryable
-            or attempt >= self.max_retries
-            or (progress.received and not (resume and isinstance(error, UnavailableError)))
-        ):
+        if not error.retryable or attempt >= self.max_retries or (progress.received and not resume):
             raise error from None
         if isinstance(error, UnavailableError):
             self.next_target()

@@ -1,6 +1,7 @@
 """uvicorn serving an ASGI app inside the running event loop: on a socket kvray binds itself
 (a TCP socket with TCP_NODELAY), optionally with TLS reloaded in place, and without signal
-handlers of its own (the launcher's SIGTERM drain stays in charge)."""
+handlers of its own (the launcher's SIGTERM drain stays in charge); `BodyLimit` caps request
+bodies before the app reads them."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+from fastapi.responses import JSONResponse
 
 from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.input_processor import MAX_REQUEST_BYTES
 from kvray.cluster.security import RELOAD_CHECK_S, HttpTls
 
 logger = logging.getLogger(__name__)
@@ -64,10 +66,7 @@ class HttpServer:
     async def _reload_tls(self, tls: HttpTls) -> None:
         while True:
             await asyncio.sleep(RELOAD_CHECK_S)
-            try:
-                tls.reload()
-            except (OSError, ssl.SSLError) as exc:  # half-written files: try again later
-                logger.warning("TLS files could not be loaded (%s); keeping the last ones", exc)
+            tls.reload()
 
     async def stop(self) -> None:
         await self._reloads.cancel_all()
@@ -84,3 +83,49 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it.
+
+    The body is read here, counted as it arrives (chunked bodies have no Content-Length to
+    trust), and handed to the app whole."""
+
+    def __init__(self, app: Any, limit: int = MAX_REQUEST_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        chunks: list[bytes] = []
+        size = int(declared) if declared.isdigit() else 0
+        if size <= self.limit:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left: nothing to answer
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.limit or not message.get("more_body", False):
+                    break
+        if size > self.limit:
+            message = f"the request body is over {self.limit} bytes; send a shorter prompt"
+            body = {"message": message, "type": "invalid_request_error", "param": None, "code": 413}
+            response = JSONResponse(
+                {"error": body}, status_code=413, headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)

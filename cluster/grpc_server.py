@@ -42,6 +42,10 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # And the server pings idle connections: a client gone without a word (a partition, a
+    # NAT that forgot it) releases its streams and its token's slots within ~30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
 ]
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,

@@ -23,9 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kvray.cluster.asgi_server import BodyLimit
 from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import OverloadedError, UnauthenticatedError, UnavailableError
-from kvray.cluster.input_processor import MAX_REQUEST_BYTES, Prompt
+from kvray.cluster.input_processor import Prompt
 from kvray.cluster.openai_api import ChatCompletionRequest, CompletionRequest
 from kvray.cluster.openai_responses import SSE_DONE, Choices, Renderer, sse
 from kvray.cluster.router import Router
@@ -76,52 +77,6 @@ def _error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it.
-
-    The body is read here, counted as it arrives (chunked bodies have no Content-Length to
-    trust), and handed to the app whole."""
-
-    def __init__(self, app: Any, limit: int = MAX_REQUEST_BYTES) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        chunks: list[bytes] = []
-        size = int(declared) if declared.isdigit() else 0
-        if size <= self.limit:
-            size = 0
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":  # the client left: nothing to answer
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.limit or not message.get("more_body", False):
-                    break
-        if size > self.limit:
-            message = f"the request body is over {self.limit} bytes; send a shorter prompt"
-            body = {"message": message, "type": "invalid_request_error", "param": None, "code": 413}
-            response = JSONResponse(
-                {"error": body}, status_code=413, headers={"Connection": "close"}
-            )
-            await response(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # then the disconnect, when it comes
-
-        await self.app(scope, replay, send)
-
-
 def build_app(
     router: Router,
     *,
@@ -135,6 +90,7 @@ def build_app(
     `/metrics` stay open for probes and Prometheus."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit)
+    app.add_middleware(TokenGate, auth=auth)  # NOTE: added last, runs first: before the body
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -167,11 +123,7 @@ def build_app(
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            _authenticate(auth, request)
-        except UnauthenticatedError as exc:
-            return _error_response(exc)
+    async def models() -> Response:
         info = router.info
         model = {
             "id": router.config.model_name,
@@ -219,7 +171,7 @@ async def _generate(
     streams: list[RequestStream] = []
     held = contextlib.ExitStack()  # the caller's token's slot, until the response ends
     try:
-        token = _authenticate(auth, request)
+        token: Token | None = getattr(request.state, "token", None)  # set by TokenGate
         if auth is not None and token is not None:
             held.enter_context(auth.slot(token))
         if body.model != router.config.model_name:
@@ -241,12 +193,48 @@ async def _generate(
             router.abort(stream)
         return _error_response(exc)
     events = _events(first, chunks, choices, renderer, body.include_usage, deadline, held)
-    return StreamingResponse(events, media_type="text/event-stream")
+
+    async def release() -> None:
+        await events.aclose()  # type: ignore[attr-defined]
+        held.close()  # NOTE: again, for an events generator cancelled before it started
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+    return EventStream(events, release)
 
 
-def _authenticate(auth: TokenAuth | None, request: Request) -> Token | None:
-    """The caller's token (None when the server needs none). Raises UnauthenticatedError."""
-    return None if auth is None else auth.authenticate(request.headers.get("authorization"))
+class EventStream(StreamingResponse):
+    """Server-sent events that run `release` when the response ends, however it ends: a
+    client gone before the first event cancels the response without ever starting the events
+    generator, whose own cleanup would then wait for the garbage collector."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
+
+
+class TokenGate:
+    """ASGI middleware: with `auth`, a `/v1/` request without a valid bearer token gets 401
+    before its body is read; the handlers find the token in `request.state.token`."""
+
+    def __init__(self, app: Any, auth: TokenAuth | None) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.auth is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            try:
+                token = self.auth.authenticate(header or None)
+            except UnauthenticatedError as exc:
+                await _error_response(exc)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["token"] = token
+        await self.app(scope, receive, send)
 
 
 def _is_loopback(host: str) -> bool:

@@ -51,6 +51,7 @@ _seq_ids = itertools.count()
 MAX_CHARS_PER_TOKEN = 32  # a text prompt may hold this many characters per token of context
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a gRPC message or an HTTP body (gRPC's own default)
 INLINE_CHARS = 4096  # prompts up to this size are tokenized on the caller's thread
+INLINE_TOKENS = 256  # and resumed samples with up to this many tokens in all replayed there
 
 
 def prompt_chars(prompt: Prompt) -> int:
@@ -96,21 +97,25 @@ class InputProcessor:
         arrival_time: float | None = None,
         resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
-        """`process`, on the input thread when the prompt is large (more than INLINE_CHARS),
-        so that the event loop (every other stream) never waits for it."""
+        """`process`, on the input thread when the prompt is large (more than INLINE_CHARS) or
+        the resumed tokens many (replaying them through the detokenizer costs ~16 µs each), so
+        that the event loop (every other stream) never waits for it."""
         process = functools.partial(
             self.process, prompt, params, request_id, arrival_time=arrival_time, resume=resume
         )
-        return await self._off_loop_if_large(prompt, process)
+        resumed = sum(len(r.token_ids) for r in (resume or {}).values())
+        return await self._off_loop_if_large(prompt, process, inline=resumed <= INLINE_TOKENS)
 
     async def tokenize_async(self, prompt: Prompt) -> list[int]:
         """`tokenize`, on the input thread when the prompt is large."""
         return await self._off_loop_if_large(prompt, functools.partial(self.tokenize, prompt))
 
-    async def _off_loop_if_large(self, prompt: Prompt, fn: Callable[[], T]) -> T:
+    async def _off_loop_if_large(
+        self, prompt: Prompt, fn: Callable[[], T], *, inline: bool = True
+    ) -> T:
         # NOTE: the tokenizer is shared with the loop's thread (detokenizers, small prompts);
         # encoding and decoding with fixed truncation and padding settings only read it.
-        if prompt_chars(prompt) <= INLINE_CHARS:
+        if inline and prompt_chars(prompt) <= INLINE_CHARS:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
@@ -145,6 +150,8 @@ class InputProcessor:
     def _check_resume(
         self, resume: Mapping[int, Resumed], params: SamplingParams, num_prompt_tokens: int
     ) -> None:
+        if resume and len(resume) == params.n and all(r.finished for r in resume.values()):
+            raise InvalidParameterError("resume", "every sample is finished: nothing to resume")
         for index, resumed in resume.items():
             at = f"resume[index={index}]"
             if not 0 <= index < params.n:
@@ -155,8 +162,13 @@ class InputProcessor:
                 )
             if resumed.num_text_chars < 0:
                 raise InvalidParameterError("resume", f"{at}: num_text_chars must be >= 0")
-            done = len(resumed.token_ids) >= (params.max_tokens or 2**31) or (
-                num_prompt_tokens + len(resumed.token_ids) >= self.info.max_model_len
+            num_tokens, max_tokens = len(resumed.token_ids), params.max_tokens or 2**31
+            if num_tokens > max_tokens or num_prompt_tokens + num_tokens > self.info.max_model_len:
+                raise InvalidParameterError(
+                    "resume", f"{at}: more tokens than max_tokens or the context allow"
+                )
+            done = num_tokens == max_tokens or (
+                num_prompt_tokens + num_tokens == self.info.max_model_len
             )
             if done and not resumed.finished:
                 raise InvalidParameterError(
@@ -287,7 +299,7 @@ def _resume(seq: Sequence, resumed: Resumed) -> None:
     prompt + those tokens, and its text continues after what the client has."""
     seq.output_token_ids = list(resumed.token_ids)
     seq.output_logprobs = [None] * len(resumed.token_ids)
-    if seq.detokenizer is not None:
+    if seq.detokenizer is not None and not resumed.finished:
         for token_id in resumed.token_ids:
             seq.detokenizer.add_token(token_id)
         seq.detokenizer.mark_released(resumed.num_text_chars)

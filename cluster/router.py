@@ -240,7 +240,11 @@ class Router:
         )
         stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
         self._streams[request.request_id] = stream
-        self.dispatcher.place(request, stream, replica)  # None: until a replica is ready
+        try:
+            self.dispatcher.place(request, stream, replica)  # None: until a replica is ready
+        except BaseException:
+            del self._streams[request.request_id]
+            raise
         return stream
 
     async def generate(

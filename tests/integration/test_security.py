@@ -8,8 +8,10 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import os
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -224,6 +226,18 @@ def test_the_openai_client_works_with_tls_and_its_api_key_as_the_token(cluster, 
         client("not-a-token").models.list()
 
 
+def test_https_refuses_a_caller_without_a_token_before_reading_its_body(cluster, pki):
+    context = ssl.create_default_context(cafile=pki["ca"].cert)
+    context.load_cert_chain(pki["client"].cert, pki["client"].key)
+    url = cluster.http_url.replace("http://", "https://") + "/completions"
+    request = urllib.request.Request(
+        url, data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, context=context, timeout=30)
+    assert err.value.code == 401  # not 400: an unknown caller learns nothing of the schema
+
+
 @pytest.mark.parametrize("cert", [None, "stranger"])
 def test_https_without_a_trusted_client_certificate_fails_the_handshake(cluster, pki, cert):
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
@@ -307,3 +321,89 @@ def test_a_local_ray_answers_only_with_its_token(ray_session):
     from kvray.cluster.launcher import ray_token_auth
 
     assert ray_token_auth() is True
+
+
+def test_reloading_the_token_file_keeps_counting_the_running_requests(tmp_path):
+    from kvray.cluster.errors import OverloadedError as TokenAtItsLimit
+    from kvray.cluster.security import TokenAuth
+
+    path = tmp_path / "tokens"
+    path.write_text("one-at-a-time 1\n")
+    auth = TokenAuth(path)
+    token = auth.authenticate("Bearer one-at-a-time")
+    with auth.slot(token):
+        path.write_text("one-at-a-time 1\nsomeone-else\n")  # an unrelated edit
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        again = auth.authenticate("Bearer one-at-a-time")
+        with pytest.raises(TokenAtItsLimit, match="runs 1 requests"), auth.slot(again):
+            pass
+    with auth.slot(auth.authenticate("Bearer one-at-a-time")):  # the first one ended: free
+        pass
+
+
+def test_a_token_file_that_does_not_parse_leaves_the_last_tokens(tmp_path, caplog):
+    from kvray.cluster.security import TokenAuth
+
+    path = tmp_path / "tokens"
+    path.write_text("good-token\n")
+    auth = TokenAuth(path)
+    path.write_text("good-token not-a-number\n")  # a half-done edit
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert auth.authenticate("Bearer good-token").name
+    assert "not reloaded" in caplog.text
+    with pytest.raises(ValueError, match="no token"):  # at startup it is an error
+        (tmp_path / "empty").write_text("# nothing\n")
+        TokenAuth(tmp_path / "empty")
+
+
+def _https_server(tls_files):
+    """An HTTPS server answering /health, in a thread of its own; yields (port, HttpTls)."""
+    from types import SimpleNamespace
+
+    from kvray.cluster.asgi_server import HttpServer
+    from kvray.cluster.http_server import build_app
+    from kvray.cluster.security import HttpTls
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    tls = HttpTls(tls_files)
+    app = build_app(SimpleNamespace(is_serving=True))  # type: ignore[arg-type]
+    server = HttpServer(app, host="127.0.0.1", port=0, tls=tls)
+    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+    return port, tls, lambda: asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+
+
+def _health(port, ca, cert) -> int:
+    context = ssl.create_default_context(cafile=ca.cert)
+    context.load_cert_chain(cert.cert, cert.key)
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context) as resp:
+        return resp.status
+
+
+def test_https_drops_a_rotated_out_client_ca_and_keeps_going_through_a_half_rotation(pki):
+    from kvray.cluster.security import TlsFiles
+
+    folder = pki["folder"] / "rotation"
+    folder.mkdir()
+    ca = make_cert(folder, "ca-1")
+    server, client_1 = make_cert(folder, "srv", ca, server=True), make_cert(folder, "c1", ca)
+    files = TlsFiles(server.cert, server.key, ca.cert)
+    port, tls, stop = _https_server(files)
+    try:
+        assert _health(port, ca, client_1) == 200
+        # A half-done rotation (a new key, the old certificate): the last pair stays in force.
+        server.key.write_bytes(make_cert(folder, "other", ca).key.read_bytes())
+        tls.reload()
+        assert _health(port, ca, client_1) == 200
+        # The whole rotation: a new CA signs the server and the clients; the old CA is dropped.
+        ca_2 = make_cert(folder, "ca-2")
+        new_server = make_cert(folder, "srv-2", ca_2, server=True)
+        server.cert.write_bytes(new_server.cert.read_bytes())
+        server.key.write_bytes(new_server.key.read_bytes())
+        ca.cert.write_bytes(ca_2.cert.read_bytes())  # the client CA file now holds ca-2 only
+        tls.reload()
+        assert _health(port, ca_2, make_cert(folder, "c2", ca_2)) == 200
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            _health(port, ca_2, client_1)  # signed by the CA that was rotated out
+    finally:
+        stop()

@@ -153,3 +153,46 @@ def test_an_unreachable_server_is_not_serving():
             return await client.is_serving(timeout=0.5)
 
     assert asyncio.run(check()) is False
+
+
+class ResumingServicer(pb_grpc.GenerationServicer):
+    """Streams tokens 1, 2, 3 ("a", "b", "c"), resuming after what a request says it has; the
+    first call fails with `failure` after `fail_after` chunks."""
+
+    def __init__(self, failure, fail_after):
+        self.failure, self.fail_after = failure, fail_after
+        self.requests = []
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        had = list(request.resume[0].token_ids) if request.resume else []
+        for sent, token in enumerate(t for t in (1, 2, 3) if t not in had):
+            if len(self.requests) == 1 and sent == self.fail_after:
+                context.abort(self.failure, "the router went away")
+            chunk = pb.GenerateResponse(request_id="r", token_ids=[token], text="_abc"[token])
+            if token == 3:
+                chunk.finish_reason = pb.GenerateResponse.LENGTH
+            yield chunk
+        if len(self.requests) == 1 and self.fail_after == 3:
+            context.abort(self.failure, "the router went away after the last chunk")
+
+
+@pytest.mark.parametrize(
+    "failure", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+)
+def test_a_resumed_stream_sends_what_it_has_and_gets_the_rest(serve, failure):
+    servicer = ResumingServicer(failure, fail_after=1)
+    with KvrayClient(serve(servicer), backoff_s=0.01) as client:
+        chunks = list(client.stream("hi", resume=True))
+    assert [t for c in chunks for t in c.token_ids] == [1, 2, 3]
+    assert "".join(c.text for c in chunks) == "abc"
+    (resumed,) = servicer.requests[1].resume
+    assert (resumed.index, list(resumed.token_ids), resumed.num_text_chars) == (0, [1], 1)
+    assert not resumed.finished
+
+
+def test_a_stream_broken_after_its_last_chunk_is_not_resumed(serve):
+    servicer = ResumingServicer(grpc.StatusCode.UNAVAILABLE, fail_after=3)
+    with KvrayClient(serve(servicer), backoff_s=0.01) as client:
+        text = "".join(c.text for c in client.stream("hi", resume=True))
+    assert text == "abc" and len(servicer.requests) == 1

@@ -53,6 +53,8 @@ def test_a_finished_sample_sends_nothing_more(tiny_tokenizer):
         ({0: Resumed((99999,), 0, False)}, "token ids must be in"),
         ({0: Resumed(tuple(range(40)), 0, False)}, "it is finished"),
         ({0: Resumed((), -1, False)}, "num_text_chars must be >= 0"),
+        ({0: Resumed(tuple(range(41)), 0, False)}, "more tokens than max_tokens"),
+        ({0: Resumed(tuple(range(40)), 0, True)}, "every sample is finished"),
     ],
 )
 def test_a_resume_that_cannot_be_is_refused(tiny_tokenizer, resume, message):
@@ -60,3 +62,28 @@ def test_a_resume_that_cannot_be_is_refused(tiny_tokenizer, resume, message):
     with pytest.raises(ValueError, match=message) as err:
         again.processor.process([4, 5, 6], PARAMS, "r", resume=resume)
     assert err.value.param == "resume"
+
+
+def test_many_resumed_tokens_are_replayed_off_the_event_loop(tiny_tokenizer, monkeypatch):
+    import asyncio
+    import threading
+
+    again, _ = engine(tiny_tokenizer)
+    processor, threads = again.processor, []
+    process = processor.process
+    monkeypatch.setattr(
+        processor,
+        "process",
+        lambda *a, **k: threads.append(threading.get_ident()) or process(*a, **k),
+    )
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    few = {0: Resumed(tuple(range(4, 14)), 0, False)}
+    many = {0: Resumed(tuple(range(4, 504)), 0, False)}
+
+    async def run() -> None:
+        await processor.process_async([4, 5, 6], params, "few", resume=few)
+        await processor.process_async([4, 5, 6], params, "many", resume=many)
+
+    asyncio.run(run())
+    assert threads[0] == threading.get_ident()  # a short resume: inline
+    assert threads[1] != threading.get_ident()  # 500 tokens: the input thread
