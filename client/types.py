@@ -34,6 +34,10 @@ class GenerationChunk:
     prompt_tokens: int | None = None  # on the last chunk
     completion_tokens: int | None = None  # on the last chunk
     cached_tokens: int | None = None  # on the last chunk: prompt tokens from the prefix cache
+    cumulative_logprob: float | None = None  # on the last chunk of a beam, best_of or logprobs
+    # On a request's first chunk, when prompt_logprobs was asked: one per prompt token after the
+    # first
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -45,16 +49,20 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     completion_tokens: int = 0
+    cumulative_logprob: float | None = None  # beams, best_of samples, and with logprobs
 
 
 @dataclass
 class Completion:
-    """A finished request. `.text`, `.token_ids` and `.finish_reason` are sample 0's."""
+    """A finished request. `.text`, `.token_ids` and `.finish_reason` are sample 0's (with beam
+    search or best_of: the best one's; choices are ranked best first)."""
 
     request_id: str
     choices: list[Choice]
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, how many came from the prefix cache
+    # With prompt_logprobs: one per prompt token after the first (it has no context)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -114,17 +122,24 @@ class ModelInfo:
     has_chat_template: bool = False
 
 
+def _logprobs(entries: Any) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs))
+        for lp in entries
+    ]
+
+
 def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
     chunk = GenerationChunk(
         request_id=resp.request_id,
         index=resp.index,
         text=resp.text,
         token_ids=list(resp.token_ids),
-        logprobs=[
-            TokenLogprob(lp.token_id, lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs))
-            for lp in resp.logprobs
-        ],
+        logprobs=_logprobs(resp.logprobs),
+        prompt_logprobs=_logprobs(resp.prompt_logprobs),
     )
+    if resp.HasField("cumulative_logprob"):
+        chunk.cumulative_logprob = resp.cumulative_logprob
     if resp.HasField("finish_reason"):
         chunk.finish_reason = _FINISH.get(resp.finish_reason, "abort")
         chunk.prompt_tokens = resp.usage.prompt_tokens
@@ -151,8 +166,10 @@ class Accumulator:
         choice.text += chunk.text
         choice.token_ids.extend(chunk.token_ids)
         choice.logprobs.extend(chunk.logprobs)
+        self.completion.prompt_logprobs.extend(chunk.prompt_logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = chunk.finish_reason, chunk.stop_reason
+            choice.cumulative_logprob = chunk.cumulative_logprob
             choice.completion_tokens = chunk.completion_tokens or 0
             self.completion.prompt_tokens = chunk.prompt_tokens or 0
             self.completion.cached_tokens = chunk.cached_tokens or 0

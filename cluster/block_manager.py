@@ -3,6 +3,8 @@
 Pure Python. The worker owns the tensors; this owns which sequence uses which block. A block
 whose tokens are all known and computed is hashed (chained with its parent's hash), so a later
 request with the same prefix reuses it. Freed blocks keep their hash until they are reused.
+A forked sequence (an `n` sample, a beam) shares its parent's blocks; whichever of them first
+writes into a shared, partly filled block gets its own copy of it (copy-on-write).
 """
 
 from __future__ import annotations
@@ -45,19 +47,56 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks `seq` needs so that its first `num_tokens` tokens have slots."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
+        """New blocks `seq` needs so that its first `num_tokens` tokens have slots (and its next
+        write lands in a block of its own)."""
+        grow = max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
+        return grow + (self._shared_write_block(seq) is not None)
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= len(self._free)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Append blocks to `seq` to cover `num_tokens` tokens; returns the new block ids."""
+        """Append blocks to `seq` to cover `num_tokens` tokens; returns the new block ids.
+        Call `copy_on_write` first."""
         need = self.blocks_needed(seq, num_tokens)
         assert need <= len(self._free), "allocate() without can_allocate()"
         new_ids = [self._take_free() for _ in range(need)]
         seq.block_ids.extend(new_ids)
         return new_ids
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` (which holds no blocks) every block of `parent`, shared."""
+        assert not child.block_ids
+        for block_id in parent.block_ids:
+            self.blocks[block_id].ref_count += 1
+        child.block_ids = list(parent.block_ids)
+        child.block_hashes = list(parent.block_hashes)
+
+    def copy_on_write(self, seq: Sequence) -> tuple[int, int, int] | None:
+        """If `seq`'s next write lands in a block it shares, swap in a private block.
+
+        Returns (index in seq.block_ids, shared block, new block) for the worker to copy, or
+        None. Needs a free block (counted by `blocks_needed`).
+        """
+        index = self._shared_write_block(seq)
+        if index is None:
+            return None
+        shared = self.blocks[seq.block_ids[index]]
+        shared.ref_count -= 1
+        new_id = self._take_free()
+        seq.block_ids[index] = new_id
+        return index, shared.block_id, new_id
+
+    def _shared_write_block(self, seq: Sequence) -> int | None:
+        """Index of the block `seq` writes its next token into, if it is partly filled and shared.
+
+        NOTE: only a partly filled block can be shared and written: prefix-cached blocks are
+        full, and forks share a parent's last block while it is partly filled.
+        """
+        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        if offset == 0 or index >= len(seq.block_ids):
+            return None
+        return index if self.blocks[seq.block_ids[index]].ref_count > 1 else None
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`. Idempotent."""

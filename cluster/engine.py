@@ -1,8 +1,10 @@
 """EngineCore: the router-side half of one replica, with no knowledge of where its worker runs.
 
 It owns the replica's scheduler and block manager, queues the requests placed on the replica,
-and turns each step's output into text chunks (detokenized, stop strings applied). The offline
-`LLM` steps it with an in-process worker; the cluster's `StepLoop` steps it over Ray.
+and turns each step's output into text chunks (detokenized, stop strings applied). A ranked
+request (beam search, best_of > n) sends nothing until it ends, then its n best samples, one
+chunk each. The offline `LLM` steps it with an in-process worker; the cluster's `StepLoop`
+steps it over Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.block_manager import BlockManager
 from kvray.cluster.request import Request
 from kvray.cluster.scheduler import Scheduler, TokenEvent
@@ -36,6 +39,9 @@ class CompletionChunk:
     # first scheduled (the engine's clock; None if it never was).
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    cumulative_logprob: float | None = None  # on the last chunk, of beams and when logprobs asked
+    # On a request's first chunk, when asked: each prompt token's logprobs (entry 0 is None).
+    prompt_logprobs: list[Logprobs | None] | None = None
 
     def merge(self, later: CompletionChunk) -> CompletionChunk:
         """This chunk followed by a later one of the same sample, as one chunk."""
@@ -84,6 +90,9 @@ class EngineCore:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
+        if request.beam is not None:  # new, or moved here: the search starts over
+            self.scheduler.add(request.beam.restart())
+            return
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.add(seq)
@@ -126,7 +135,24 @@ class EngineCore:
             if not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.ABORT)
                 chunks.append(self._final_chunk(seq, [], None))
-        return chunks
+        if not request.params.is_ranked:
+            return self._deliver(chunks)
+        del self._requests[request_id]
+        self.num_finished_requests += 1
+        return [
+            self._first(
+                request,
+                CompletionChunk(
+                    request_id,
+                    index,
+                    [],
+                    "",
+                    finish_reason=FinishReason.ABORT,
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                ),
+            )
+            for index in range(request.num_outputs)
+        ]
 
     def abort_all(self) -> list[CompletionChunk]:
         return [c for request_id in list(self._requests) for c in self.abort(request_id)]
@@ -140,8 +166,82 @@ class EngineCore:
         return self.scheduler.schedule()
 
     def process(self, step_output: StepOutput) -> list[CompletionChunk]:
-        """Apply one step's output: record tokens, stop rules, one chunk per sequence."""
-        return [self._chunk(event) for event in self.scheduler.update(step_output)]
+        """Apply one step's output: record tokens, stop rules, one chunk per sequence (ranked
+        requests: their n best samples once they end)."""
+        chunks = [self._chunk(event) for event in self.scheduler.update(step_output)]
+        for group in self.scheduler.finished_beams:
+            chunks.extend(self._beam_results(group))
+        self.scheduler.finished_beams.clear()
+        return self._deliver(chunks)
+
+    def _deliver(self, chunks: list[CompletionChunk]) -> list[CompletionChunk]:
+        """What goes out: ranked requests' chunks are kept until the request ends; a request's
+        first chunk carries its prompt logprobs; a finished request is forgotten."""
+        out = []
+        touched: dict[str, Request] = {}
+        for chunk in chunks:
+            request = touched[chunk.request_id] = self._requests[chunk.request_id]
+            if request.is_best_of:
+                previous = request.outputs.get(chunk.index)
+                request.outputs[chunk.index] = chunk if previous is None else previous.merge(chunk)
+            else:
+                out.append(self._first(request, chunk))
+        for request_id, request in touched.items():
+            if request.is_finished:
+                if request.is_best_of:
+                    out.extend(self._first(request, c) for c in self._best_samples(request))
+                del self._requests[request_id]
+                self.num_finished_requests += 1
+        return out
+
+    @staticmethod
+    def _first(request: Request, chunk: CompletionChunk) -> CompletionChunk:
+        if not request.has_streamed:
+            request.has_streamed = True
+            chunk.prompt_logprobs = request.prompt_logprobs
+        return chunk
+
+    @staticmethod
+    def _best_samples(request: Request) -> list[CompletionChunk]:
+        """best_of: the n samples with the highest cumulative logprob, as chunks 0..n-1."""
+        ranked = sorted(
+            request.outputs.values(), key=lambda c: (-(c.cumulative_logprob or 0.0), c.index)
+        )
+        asked = request.params.logprobs is not None
+        return [
+            replace(chunk, index=rank, logprobs=chunk.logprobs if asked else None)
+            for rank, chunk in enumerate(ranked[: request.num_outputs])
+        ]
+
+    def _beam_results(self, group: BeamGroup) -> list[CompletionChunk]:
+        """A finished beam search's n best beams, as chunks 0..n-1."""
+        t = group.template
+        chunks = []
+        for rank, hyp in enumerate(group.search.results(t.sampling.n)):
+            text = ""
+            if group.make_detokenizer is not None:
+                detok = group.make_detokenizer()
+                for token_id in hyp.token_ids:
+                    detok.add_token(token_id)
+                detok.flush()
+                text = detok.release(finished=True)
+            stop = hyp.stop_token_id
+            chunks.append(
+                CompletionChunk(
+                    t.request_id,
+                    rank,
+                    hyp.token_ids,
+                    text,
+                    finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
+                    stop_reason=stop if stop in t.sampling.stop_token_ids else None,
+                    num_prompt_tokens=t.num_prompt_tokens,
+                    num_output_tokens=len(hyp.token_ids),
+                    num_cached_tokens=t.num_cached_tokens,
+                    first_scheduled_time=t.first_scheduled_time,
+                    cumulative_logprob=hyp.cumulative_logprob,
+                )
+            )
+        return chunks
 
     def step(self, execute: Callable[[StepInput], StepOutput]) -> list[CompletionChunk]:
         """One step, synchronously: schedule, `execute` it (a worker's `step`), process.
@@ -183,10 +283,6 @@ class EngineCore:
                 if stop is not None and seq.finish_reason is not FinishReason.ABORT:
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             text = detok.release(finished=True)
-        request = self._requests.get(seq.request_id)
-        if request is not None and request.is_finished:
-            del self._requests[seq.request_id]
-            self.num_finished_requests += 1
         return CompletionChunk(
             seq.request_id,
             seq.index,
@@ -199,4 +295,7 @@ class EngineCore:
             num_output_tokens=len(seq.output_token_ids),
             num_cached_tokens=seq.num_cached_tokens,
             first_scheduled_time=seq.first_scheduled_time,
+            cumulative_logprob=seq.cumulative_logprob
+            if seq.sampling.logprobs is not None
+            else None,
         )

@@ -29,7 +29,7 @@ from kvray.cluster.stats import ClusterStats
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 from kvray.wire import params_from_request
-from kvray.workers.protocol import InvalidParameterError, SamplingParams
+from kvray.workers.protocol import InvalidParameterError, Logprobs, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
     )
     for lp in chunk.logprobs or ():
         if lp is not None:
-            response.logprobs.add(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top_token_ids=lp.top_token_ids,
-                top_logprobs=lp.top_logprobs,
-            )
+            _add_logprob(response.logprobs, lp)
+    for lp in (chunk.prompt_logprobs or [None])[1:]:
+        assert lp is not None
+        _add_logprob(response.prompt_logprobs, lp)
+    if chunk.cumulative_logprob is not None:
+        response.cumulative_logprob = chunk.cumulative_logprob
     if chunk.finish_reason is not None:
         response.finish_reason = _FINISH[chunk.finish_reason]
         response.usage.prompt_tokens = chunk.num_prompt_tokens
@@ -114,6 +114,15 @@ def chunk_to_proto(chunk: CompletionChunk) -> pb.GenerateResponse:
         elif isinstance(chunk.stop_reason, int):
             response.stop_token_id = chunk.stop_reason
     return response
+
+
+def _add_logprob(field: Any, lp: Logprobs) -> None:
+    field.add(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_token_ids=lp.top_token_ids,
+        top_logprobs=lp.top_logprobs,
+    )
 
 
 @dataclass(frozen=True)

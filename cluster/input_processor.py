@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import functools
-import itertools
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
-from kvray.cluster.sequence import Sequence, SequenceStatus
+from kvray.cluster.sequence import Sequence, SequenceStatus, next_seq_id
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
 
 
@@ -44,9 +44,6 @@ class Resumed:
 
 Prompt = str | collections.abc.Sequence[int] | ChatPrompt
 T = TypeVar("T")
-
-# NOTE: process-wide, so a request moved to another replica's engine keeps unique seq_ids.
-_seq_ids = itertools.count()
 
 MAX_CHARS_PER_TOKEN = 32  # a text prompt may hold this many characters per token of context
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a gRPC message or an HTTP body (gRPC's own default)
@@ -138,18 +135,59 @@ class InputProcessor:
             ValueError: a prompt or parameter the model cannot take (the message says why).
         """
         token_ids = self.tokenize(prompt)
-        self.check_params(params)
+        self.check_params(params, len(token_ids))
         resume = resume or {}
         self._check_resume(resume, params, len(token_ids))
         now = time.monotonic() if arrival_time is None else arrival_time
-        seqs = [self._make_sequence(request_id, token_ids, params, i, now) for i in range(params.n)]
+        request = Request(request_id, token_ids, [], now, params)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        if params.num_beams > 1:
+            request.beam = self._make_beam_group(request)
+            request.seqs = request.beam.live
+            request.beam.restart()
+            return request
+        request.seqs = [self._make_sequence(request, i) for i in range(params.num_samples)]
         for index, resumed in resume.items():
-            _resume(seqs[index], resumed)
-        return Request(request_id, token_ids, seqs, now)
+            _resume(request.seqs[index], resumed)
+        if not resume and len(token_ids) > 1:  # the samples compute the prompt once
+            for seq in request.seqs[1:]:
+                seq.fork_parent = request.seqs[0]
+        return request
+
+    def _make_beam_group(self, request: Request) -> BeamGroup:
+        template = Sequence(
+            seq_id=-1,
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=request.params,
+            arrival_time=request.arrival_time,
+            prompt_logprobs=request.prompt_logprobs,
+        )
+        make_detokenizer = None
+        if self.tokenizer is not None:
+            make_detokenizer = functools.partial(
+                Detokenizer,
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=request.params.skip_special_tokens,
+            )
+        return BeamGroup(
+            template,
+            max_model_len=self.info.max_model_len,
+            eos_token_ids=frozenset(self.info.eos_token_ids),
+            make_detokenizer=make_detokenizer,
+        )
 
     def _check_resume(
         self, resume: Mapping[int, Resumed], params: SamplingParams, num_prompt_tokens: int
     ) -> None:
+        if resume and params.is_ranked:
+            raise InvalidParameterError(
+                "resume",
+                "a beam search or best_of request returns its samples only at the end: there is "
+                "nothing to resume; send it again",
+            )
         if resume and len(resume) == params.n and all(r.finished for r in resume.values()):
             raise InvalidParameterError("resume", "every sample is finished: nothing to resume")
         for index, resumed in resume.items():
@@ -251,8 +289,10 @@ class InputProcessor:
         # NOTE: the template writes the special tokens (BOS, turn markers) itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams, num_prompt_tokens: int = 1) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
+        if params.num_beams > 1:
+            self._check_beam_blocks(params, num_prompt_tokens)
         if params.stop and self.tokenizer is None:
             raise InvalidParameterError(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
@@ -264,29 +304,43 @@ class InputProcessor:
                     f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}",
                 )
 
-    def _make_sequence(
-        self,
-        request_id: str,
-        token_ids: list[int],
-        params: SamplingParams,
-        index: int,
-        arrival_time: float,
-    ) -> Sequence:
-        if params.n > 1:  # each sample draws from its own seed
+    def _check_beam_blocks(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+        """Refuse a beam search that could outgrow the KV cache even alone (it would restart
+        forever): every beam may hold its own blocks past the prompt's full ones."""
+        bs, num_blocks = self.info.block_size, self.info.num_kv_blocks
+        room = self.info.max_model_len - num_prompt_tokens
+        length = num_prompt_tokens + min(params.max_tokens or room, room)
+        shared = num_prompt_tokens // bs
+        need = shared + params.num_beams * (-(-length // bs) - shared)
+        if need > num_blocks:
+            raise InvalidParameterError(
+                "num_beams",
+                f"num_beams={params.num_beams} over this prompt and max_tokens may need {need} "
+                f"KV blocks; a replica has {num_blocks}: lower num_beams or max_tokens",
+            )
+
+    def _make_sequence(self, request: Request, index: int) -> Sequence:
+        params = request.params
+        if params.num_samples > 1:  # each sample draws from its own seed
             seed = None if params.seed is None else params.seed + index
-            params = replace(params, n=1, seed=seed)
+            ranked = params.is_ranked and params.logprobs is None
+            # NOTE: a best_of sample needs its tokens' logprobs to be ranked (not streamed).
+            params = replace(
+                params, n=1, best_of=None, seed=seed, logprobs=0 if ranked else params.logprobs
+            )
         seq = Sequence(
-            seq_id=next(_seq_ids),
-            request_id=request_id,
-            prompt_token_ids=token_ids,
+            seq_id=next_seq_id(),
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
             sampling=params,
             index=index,
-            arrival_time=arrival_time,
+            arrival_time=request.arrival_time,
+            prompt_logprobs=request.prompt_logprobs,
         )
         if self.tokenizer is not None:
             seq.detokenizer = Detokenizer(
                 self.tokenizer,
-                token_ids,
+                request.prompt_token_ids,
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,

@@ -27,15 +27,19 @@ class CompletionOutput:
     logprobs: list[Logprobs | None] | None = None
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    cumulative_logprob: float | None = None  # beams, and samples whose logprobs were asked for
 
 
 @dataclass
 class RequestOutput:
-    """A finished request. `.text`, `.token_ids`, `.finish_reason` and `.stop_reason` are sample 0's."""
+    """A finished request. `.text`, `.token_ids`, `.finish_reason` and `.stop_reason` are sample
+    0's (with beam search or best_of, the best one's: outputs are ranked best first)."""
 
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # With prompt_logprobs: one entry per prompt token, the first None (it has no context).
+    prompt_logprobs: list[Logprobs | None] | None = None
 
     @property
     def text(self) -> str:
@@ -89,7 +93,10 @@ class LLM:
         request_ids, prompt_ids = self._add_all(prompts, sampling_params)
         results = {rid: RequestOutput(rid, ids, []) for rid, ids in zip(request_ids, prompt_ids)}
         for chunk in self._run():
-            outputs = results[chunk.request_id].outputs
+            result = results[chunk.request_id]
+            if chunk.prompt_logprobs is not None:
+                result.prompt_logprobs = chunk.prompt_logprobs
+            outputs = result.outputs
             while len(outputs) <= chunk.index:
                 outputs.append(CompletionOutput(index=len(outputs)))
             _accumulate(outputs[chunk.index], chunk)
@@ -165,6 +172,7 @@ def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:
     if chunk.finish_reason is not None:
         out.finish_reason = chunk.finish_reason.value
         out.stop_reason = chunk.stop_reason
+        out.cumulative_logprob = chunk.cumulative_logprob
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

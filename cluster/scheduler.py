@@ -7,6 +7,11 @@ are freed and it is recomputed later from its prompt and the tokens it already p
 
 `schedule()` may run again before the previous step's `update()`: a sequence that is still
 waiting for its sampled token counts it as pending and decodes it anyway (the worker holds it).
+A beam cannot: it waits for `update()`, where its beam search picks the next beams.
+
+Sequences fork: the `n` samples of a request compute the prompt once (the others fork from the
+first when it has computed all but the last prompt token), and beams fork from beams. A fork
+shares its parent's KV blocks; see `BlockManager.copy_on_write`.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.block_manager import BlockManager
-from kvray.cluster.sequence import FinishReason, Sequence, SequenceStatus
+from kvray.cluster.sequence import FinishReason, Sequence, SequenceStatus, next_seq_id
 from kvray.workers.config import SchedulerConfig
-from kvray.workers.protocol import Logprobs, NewSequence, StepInput, StepOutput
+from kvray.workers.protocol import BlockCopy, Fork, Logprobs, NewSequence, StepInput, StepOutput
 
 
 @dataclass
@@ -51,6 +57,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}  # unfinished, by seq_id
         self._dropped_seq_ids: list[int] = []  # to tell the worker in the next step
+        self._forks: list[Fork] = []  # beams forked in update(), for the next step
+        self._beam_token_ids: dict[int, int] = {}  # tokens chosen for beams, for the next step
+        self.finished_beams: list[BeamGroup] = []  # searches that ended; the engine takes them
         self._step_id = 0
         self.num_preemptions = 0
         self.num_queued_tokens = 0  # known tokens of waiting sequences (the router's load signal)
@@ -62,6 +71,14 @@ class Scheduler:
         another replica where it would have been. The caller validated it against max_model_len."""
         assert seq.seq_id not in self.seqs
         self.seqs[seq.seq_id] = seq
+        parent = seq.fork_parent
+        if parent is not None and self.seqs.get(parent.seq_id) is parent:
+            parent.unborn.append(seq)  # forks when its parent reaches the fork point
+            return
+        seq.fork_parent = None
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         position = len(self.waiting)
         while position > 0 and self.waiting[position - 1].arrival_time > seq.arrival_time:
             position -= 1
@@ -90,8 +107,16 @@ class Scheduler:
         return seq
 
     def _unlist(self, seq: Sequence) -> None:
-        """Take `seq` out of the running list (telling the worker) or out of the queue."""
-        if seq.status is SequenceStatus.RUNNING:
+        """Take `seq` out of the running list (telling the worker) or out of the queue; samples
+        waiting to fork from it go to the queue."""
+        for child in seq.unborn:
+            child.fork_parent = None
+            self._enqueue(child)
+        seq.unborn = []
+        if seq.fork_parent is not None:
+            seq.fork_parent.unborn.remove(seq)
+            seq.fork_parent = None
+        elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self._dropped_seq_ids.append(seq.seq_id)
         else:
@@ -116,9 +141,15 @@ class Scheduler:
 
         Returns a StepInput; it may schedule nothing (then only carries drops).
         """
-        step = StepInput(step_id=self._step_id, finished_seq_ids=self._dropped_seq_ids)
+        step = StepInput(
+            step_id=self._step_id,
+            finished_seq_ids=self._dropped_seq_ids,
+            forks=self._forks,
+            beam_token_ids=self._beam_token_ids,
+        )
         self._step_id += 1
-        self._dropped_seq_ids = []
+        self._dropped_seq_ids, self._forks, self._beam_token_ids = [], [], {}
+        self._fork_samples(step)
         budget = self.config.max_num_batched_tokens
         budget, preempted = self._schedule_running(step, budget)
         if not preempted:
@@ -136,12 +167,14 @@ class Scheduler:
                 continue
             target = seq.num_computed_tokens + num_new
             while not self.block_manager.can_allocate(seq, target):
-                victim = self.running[-1]
-                self._preempt(victim)
+                self._preempt(self.running[-1])
                 preempted = True
-                if victim is seq:
+                if seq.status is not SequenceStatus.RUNNING:
                     break
             else:
+                copy = self.block_manager.copy_on_write(seq)
+                if copy is not None:
+                    step.block_copies.append(BlockCopy(seq.seq_id, *copy))
                 new_blocks = self.block_manager.allocate(seq, target)
                 if new_blocks:
                     step.new_block_ids[seq.seq_id] = new_blocks
@@ -151,13 +184,23 @@ class Scheduler:
         return budget, preempted
 
     def _admit_waiting(self, step: StepInput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while a step was in flight; its last token is not back yet
-            prefix = self.block_manager.match_prefix(seq.all_token_ids)
+            family = seq.sampling.num_beams if seq.beam is not None else 1 + len(seq.unborn)
+            if self.running and len(self.running) + family > self.config.max_num_seqs:
+                break
+            # NOTE: prompt logprobs need every prompt position's logits: no cached prefix.
+            prefix = (
+                self.block_manager.match_prefix(seq.all_token_ids)
+                if seq.prompt_logprobs is None
+                else []
+            )
             num_cached = len(prefix) * self.block_manager.block_size
             num_new = min(seq.num_known_tokens - num_cached, self._chunk_limit(budget))
+            if seq.unborn:
+                num_new = min(num_new, seq.fork_point - num_cached)
             need = -(-(num_cached + num_new) // self.block_manager.block_size) - len(prefix)
             if need > self.block_manager.num_free_after_acquiring(prefix):
                 break
@@ -182,7 +225,8 @@ class Scheduler:
                 )
             )
             seq.is_known_to_worker = True
-            self._add_to_step(step, seq, num_new)
+            if num_new:  # 0: a cached prefix reaches the fork point; its samples fork next step
+                self._add_to_step(step, seq, num_new)
             budget -= num_new
 
     def _chunk_limit(self, budget: int) -> int:
@@ -190,7 +234,11 @@ class Scheduler:
         return budget if chunk is None else min(budget, chunk)
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        if seq.beam is not None and seq.num_pending_tokens:
+            return 0  # its next token is chosen in update(), with its beam search's others
         remaining = seq.num_tokens - seq.num_computed_tokens
+        if seq.unborn:
+            remaining = min(remaining, seq.fork_point - seq.num_computed_tokens)
         if remaining == 1 and not self._may_sample(seq):
             return 0  # its last sample already reaches a limit; it finishes on update
         return min(remaining, self._chunk_limit(budget))
@@ -211,7 +259,11 @@ class Scheduler:
             seq.num_pending_tokens += 1  # this step samples the next token
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free `seq`'s blocks and put it at the front of the queue for recompute."""
+        """Free `seq`'s blocks and put it at the front of the queue for recompute (a beam: its
+        whole beam search starts over)."""
+        if seq.beam is not None:
+            self._restart_beams(seq.beam)
+            return
         self.running.remove(seq)
         self._dropped_seq_ids.append(seq.seq_id)
         self._reset_for_recompute(seq)
@@ -219,6 +271,79 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_queued_tokens += seq.num_known_tokens
+
+    def _restart_beams(self, group: BeamGroup) -> None:
+        for beam in list(group.live):
+            self.seqs.pop(beam.seq_id)
+            self._unlist(beam)
+            self.block_manager.free(beam)
+            beam.status = SequenceStatus.FINISHED
+        root = group.restart()
+        self.seqs[root.seq_id] = root
+        self.waiting.appendleft(root)
+        self.num_queued_tokens += root.num_known_tokens
+        self.num_preemptions += 1
+
+    # ------------------------------------------------------------------ forks
+
+    def _fork_samples(self, step: StepInput) -> None:
+        """Fork the unborn samples of every running sequence that reached its fork point."""
+        for parent in [s for s in self.running if s.unborn]:
+            if parent.num_computed_tokens >= parent.fork_point:
+                children, parent.unborn = parent.unborn, []
+                for child in reversed(children):  # each goes right after the parent
+                    child.fork_parent = None
+                    self._fork(parent, child, step.forks)
+
+    def _fork(self, parent: Sequence, child: Sequence, forks: list[Fork]) -> None:
+        """Start `child` (a copy of `parent`'s tokens) running on `parent`'s blocks."""
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.first_scheduled_time = parent.first_scheduled_time
+        child.status = SequenceStatus.RUNNING
+        child.is_known_to_worker = True
+        self.seqs[child.seq_id] = child
+        self.running.insert(self.running.index(parent) + 1, child)
+        forks.append(Fork(child.seq_id, parent.seq_id, child.sampling))
+
+    def _advance_beams(self, group: BeamGroup) -> None:
+        """Run a beam search step: continue, fork and drop beams; the worker hears next step."""
+        continuations = group.advance()
+        if group.search.is_done:
+            for beam in group.live:
+                self._drop(beam)
+            group.live.clear()
+            self.finished_beams.append(group)
+            return
+        continued: set[int] = set()
+        chosen: list[tuple[Sequence, int, float]] = []
+        for c in continuations:
+            beam = c.parent
+            if beam.seq_id in continued:  # a second continuation of one beam: a fork
+                child = beam.copy(seq_id=next_seq_id())
+                self._fork(beam, child, self._forks)
+                beam = child
+            continued.add(beam.seq_id)
+            chosen.append((beam, c.token_id, c.cumulative_logprob))
+        for beam in group.live:
+            if beam.seq_id not in continued:
+                self._drop(beam)
+        # NOTE: after the forks, which copy their parents' tokens before this step's.
+        for beam, token_id, cumulative_logprob in chosen:
+            beam.output_token_ids.append(token_id)
+            beam.output_logprobs.append(None)
+            beam.cumulative_logprob = cumulative_logprob
+            self._beam_token_ids[beam.seq_id] = token_id
+            self.block_manager.cache_full_blocks(beam)
+        group.live[:] = [beam for beam, _, _ in chosen]
+
+    def _drop(self, seq: Sequence) -> None:
+        """End a beam that no longer leads anywhere (or whose search is done)."""
+        del self.seqs[seq.seq_id]
+        self._unlist(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
 
     def _reset_for_recompute(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -234,6 +359,7 @@ class Scheduler:
         Sequences that finish here release their blocks. Tokens for sequences that already
         finished (a step that was in flight when they stopped) are ignored.
         """
+        self._record_prompt_logprobs(step_output)
         events = []
         logprobs = step_output.logprobs or [None] * len(step_output.seq_ids)
         for seq_id, token_id, lp in zip(
@@ -245,6 +371,8 @@ class Scheduler:
             seq.num_pending_tokens -= 1
             seq.output_token_ids.append(token_id)
             seq.output_logprobs.append(lp)
+            if lp is not None:
+                seq.cumulative_logprob += lp.logprob
             if seq.status is SequenceStatus.WAITING:  # preempted while this token was in flight
                 self.num_queued_tokens += 1
             reason, stop_reason = self._check_finish(seq, token_id)
@@ -253,7 +381,31 @@ class Scheduler:
                 self.finish(seq_id, reason, stop_reason)
             else:
                 self.block_manager.cache_full_blocks(seq)
+        self._update_beams(step_output)
         return events
+
+    def _update_beams(self, step_output: StepOutput) -> None:
+        for seq_id, token_ids, logprobs in zip(
+            step_output.beam_seq_ids, step_output.beam_token_ids, step_output.beam_logprobs
+        ):
+            seq = self.seqs.get(seq_id)
+            if seq is None:  # preempted (its search restarted) or aborted while in flight
+                continue
+            assert seq.beam is not None
+            seq.num_pending_tokens -= 1
+            if seq.beam.add_candidates(seq, token_ids, logprobs):
+                self._advance_beams(seq.beam)
+
+    def _record_prompt_logprobs(self, step_output: StepOutput) -> None:
+        """Keep the prompt logprobs a step computed (once: a recompute sends them again)."""
+        for seq_id, (start, entries) in step_output.prompt_logprobs.items():
+            seq = self.seqs.get(seq_id)
+            if seq is None or seq.prompt_logprobs is None:
+                continue
+            record = seq.prompt_logprobs
+            for position, entry in enumerate(entries, start):
+                if position == len(record):
+                    record.append(entry)
 
     def _check_finish(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, int | None]:
         params = seq.sampling

@@ -6,6 +6,7 @@ A request with n samples is n sequences (see `request.py`); the scheduler runs s
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,7 +14,15 @@ from typing import TYPE_CHECKING
 from kvray.workers.protocol import Logprobs, SamplingParams
 
 if TYPE_CHECKING:
+    from kvray.cluster.beam_search import BeamGroup
     from kvray.cluster.detokenizer import Detokenizer
+
+# NOTE: process-wide, so a request moved to another replica's engine keeps unique seq_ids.
+_seq_ids = itertools.count()
+
+
+def next_seq_id() -> int:
+    return next(_seq_ids)
 
 
 class SequenceStatus(enum.Enum):
@@ -52,6 +61,15 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     first_scheduled_time: float | None = None  # the scheduler's clock when first admitted
     detokenizer: Detokenizer | None = None  # None when the model has no tokenizer
+    cumulative_logprob: float = 0.0  # of its output tokens, when they carry logprobs (or beams)
+    # Prompt logprobs, shared by the request's sequences (entry 0 is None: the first token has
+    # no context); None when not asked for.
+    prompt_logprobs: list[Logprobs | None] | None = None
+    beam: BeamGroup | None = None  # the beam search it is a beam of
+    # An `n` sample that is not running yet: it forks from `fork_parent` once the parent has
+    # computed all but the last prompt token, so the prompt is computed once for all samples.
+    fork_parent: Sequence | None = None
+    unborn: list[Sequence] = field(default_factory=list)  # samples waiting to fork from this one
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -78,3 +96,24 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def copy(self, *, seq_id: int, sampling: SamplingParams | None = None) -> Sequence:
+        """A new sequence with this one's tokens and progress so far, holding no KV blocks."""
+        return Sequence(
+            seq_id=seq_id,
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            sampling=sampling or self.sampling,
+            index=self.index,
+            arrival_time=self.arrival_time,
+            output_token_ids=list(self.output_token_ids),
+            output_logprobs=list(self.output_logprobs),
+            cumulative_logprob=self.cumulative_logprob,
+            prompt_logprobs=self.prompt_logprobs,
+            beam=self.beam,
+        )
+
+    @property
+    def fork_point(self) -> int:
+        """Computed tokens at which its unborn samples fork: all prompt tokens but the last."""
+        return self.num_prompt_tokens - 1

@@ -1,8 +1,8 @@
 """Sampling parameters on the wire: which `GenerateRequest` field carries each one.
 
 The proto is the one list. `kvray.v1.SamplingParams` and `StoppingCriteria` name their fields
-as `SamplingParams` does, and `GenerateRequest.logprobs` is the last one. The gRPC server
-(proto -> `SamplingParams` keywords), the client (keywords -> proto) and the `kvray generate`
+as `SamplingParams` does; `GenerateRequest.logprobs` and `prompt_logprobs` are the last two.
+The gRPC server (proto -> `SamplingParams` keywords), the client (keywords -> proto) and the `kvray generate`
 flags all read this module, so a new parameter needs a proto field and a `SamplingParams`
 field, nothing else.
 """
@@ -22,7 +22,7 @@ _MESSAGES = {
     "sampling": pb.SamplingParams.DESCRIPTOR,
     "stopping": pb.StoppingCriteria.DESCRIPTOR,
 }
-_TOP_LEVEL = ("logprobs",)  # parameters that are GenerateRequest fields themselves
+_TOP_LEVEL = ("logprobs", "prompt_logprobs")  # parameters that are GenerateRequest fields
 _FLOAT_DIGITS = 6  # float32 on the wire: 0.9 arrives as 0.8999999761581421 unless rounded
 
 

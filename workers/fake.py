@@ -2,7 +2,8 @@
 
 No torch. It checks every step against its own copy of each sequence (as the real worker does)
 and "samples" a scripted token: `(last token * 31 + position) % vocab_size`, so outputs depend
-only on a sequence's own tokens, like greedy decoding of a real model. `kvray serve --model
+only on a sequence's own tokens, like greedy decoding of a real model (a beam gets that token
+and the ones after it as candidates). `kvray serve --model
 fake` runs it in every replica, with the built-in tokenizer, to load-test the router.
 """
 
@@ -74,11 +75,20 @@ class FakeWorker:
         bs = self.info.block_size
         for seq_id, seq in zip(step_input.seq_ids, seqs):
             assert len(seq.block_ids) * bs >= seq.num_computed_tokens, "too few blocks"
-            if seq.num_computed_tokens == len(seq.token_ids):
-                token = self.next_token(seq.token_ids, self.info.vocab_size)
-                seq.token_ids.append(token)
-                out.seq_ids.append(seq_id)
-                out.sampled_token_ids.append(token)
+            if seq.num_computed_tokens != len(seq.token_ids):
+                continue
+            token = self.next_token(seq.token_ids, self.info.vocab_size)
+            if seq.sampling.num_beams > 1:  # candidates: the scripted token first, then others
+                width = 2 * seq.sampling.num_beams
+                out.beam_seq_ids.append(seq_id)
+                out.beam_token_ids.append(
+                    [(token + i) % self.info.vocab_size for i in range(width)]
+                )
+                out.beam_logprobs.append([-0.5 * (i + 1) for i in range(width)])
+                continue
+            seq.token_ids.append(token)
+            out.seq_ids.append(seq_id)
+            out.sampled_token_ids.append(token)
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         return out

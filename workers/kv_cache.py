@@ -60,3 +60,15 @@ class KVCache:
     @property
     def num_bytes(self) -> int:
         return self.num_blocks * self.spec.bytes_per_block(self.block_size)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, (src, dst) each, in every layer: copy-on-write of shared blocks."""
+        if not pairs:
+            return
+        device = self.layers[0][0].device
+        src = torch.tensor([p[0] for p in pairs], device=device)
+        dst = torch.tensor([p[1] for p in pairs], device=device)
+        for layer in self.layers:
+            for cache in layer:
+                blocks = cache.view(self.num_blocks, -1)  # [num_blocks, block_size * heads * dim]
+                blocks.index_copy_(0, dst, blocks.index_select(0, src))

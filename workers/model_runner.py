@@ -22,6 +22,7 @@ class ScheduledSeq:
     block_ids: list[int]
     num_computed: int
     num_tokens: int
+    num_prompt_logits: int = 0  # rows, from its first, whose logits score the next prompt token
 
     @property
     def context_len(self) -> int:
@@ -38,6 +39,8 @@ class ModelInput:
     input_ids: torch.Tensor  # [1, num_tokens]
     positions: torch.Tensor  # [1, num_tokens]
     sample_rows: torch.Tensor  # [num_samples] rows of the flat batch whose logits are kept
+    prompt_rows: torch.Tensor  # [num_prompt_logits] rows kept to score prompt tokens
+    prompt_row_offsets: dict[int, int]  # step's sequence index -> its first entry in prompt_rows
     metadata: AttentionMetadata
     order: list[int]  # order[k] = index (into the step's sequences) of the k-th batch sequence
 
@@ -86,10 +89,18 @@ class ModelRunner:
             kv_caches=self.kv_cache.layers,
         )
         sample_rows = [first_rows[k] + s.num_tokens - 1 for k, s in enumerate(ordered) if s.samples]
+        prompt_rows: list[int] = []
+        prompt_row_offsets: dict[int, int] = {}
+        for k, s in enumerate(ordered):
+            if s.num_prompt_logits:
+                prompt_row_offsets[order[k]] = len(prompt_rows)
+                prompt_rows.extend(range(first_rows[k], first_rows[k] + s.num_prompt_logits))
         return ModelInput(
             input_ids=torch.tensor([input_ids], device=dev),
             positions=positions[None, :],
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            prompt_rows=torch.tensor(prompt_rows, dtype=torch.long, device=dev),
+            prompt_row_offsets=prompt_row_offsets,
             metadata=metadata,
             order=order,
         )
@@ -120,10 +131,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:
-        """One forward. Returns logits [num_samples, vocab] for the sampling sequences, in batch order."""
+        """One forward. Returns logits [num_samples + num_prompt_logits, vocab]: the sampling
+        sequences' in batch order, then the `prompt_rows`'."""
         # NOTE: a step of partial prompt chunks only samples nothing; one row of logits is still
         # asked for because some models treat an empty `logits_to_keep` as "keep all".
-        keep = model_input.sample_rows
+        keep = torch.cat([model_input.sample_rows, model_input.prompt_rows])
         if keep.numel() == 0:
             keep = keep.new_zeros(1)
         with attention_context(model_input.metadata):
@@ -133,4 +145,5 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=keep,
             )
-        return out.logits[0, : model_input.sample_rows.numel()]
+        num_kept = model_input.sample_rows.numel() + model_input.prompt_rows.numel()
+        return out.logits[0, :num_kept]

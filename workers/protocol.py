@@ -55,6 +55,14 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's and the top-k alternatives'
     skip_special_tokens: bool = True
+    # Sample best_of (>= n) and return the n with the highest cumulative logprob. None: n.
+    best_of: int | None = None
+    # Beam search with this many beams (1: off), as Hugging Face `generate(num_beams=...)`:
+    # returns the n best beams, ranked by cumulative logprob / length ** length_penalty.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False  # end once num_beams beams have finished
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's and its top-k
 
     def __post_init__(self) -> None:
         # Accept lists (and a single stop string) for convenience; store tuples so the
@@ -106,12 +114,67 @@ class SamplingParams:
             _check_int("stop_token_ids", t, 0, 2**31 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS)
-        if self.n > 1 and self.is_greedy:
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, _MAX_LOGPROBS)
+        _check_int("num_beams", self.num_beams, 1, _MAX_N)
+        _check_float("length_penalty", self.length_penalty, -10.0, 10.0)
+        if not isinstance(self.early_stopping, bool):
             raise InvalidParameterError(
-                "n",
-                "n > 1 needs random sampling (temperature > 0 and top_k != 1): greedy samples "
-                "would all be equal",
+                "early_stopping",
+                f"early_stopping must be true or false, got {self.early_stopping!r}",
             )
+        if self.num_beams > 1:
+            self._validate_beam_search()
+            return
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, self.n, _MAX_N, hint="at least n")
+        if self.num_samples > 1 and self.is_greedy:
+            param = "n" if self.best_of is None else "best_of"
+            raise InvalidParameterError(
+                param,
+                f"{param} > 1 needs random sampling (temperature > 0 and top_k != 1): greedy "
+                "samples would all be equal",
+            )
+
+    def _validate_beam_search(self) -> None:
+        if self.n > self.num_beams:
+            raise InvalidParameterError(
+                "n", f"n must be <= num_beams ({self.num_beams}): it is how many beams to return"
+            )
+        # NOTE: temperature 1.0 is the default, so "unset" and 1.0 cannot be told apart.
+        if self.temperature not in (0.0, 1.0):
+            raise InvalidParameterError(
+                "temperature", "beam search is deterministic: leave temperature unset (or 0)"
+            )
+        unsupported = {
+            "top_k": self.top_k != 0,
+            "top_p": self.top_p != 1.0,
+            "min_p": self.min_p != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "presence_penalty": self.presence_penalty != 0.0,
+            "frequency_penalty": self.frequency_penalty != 0.0,
+            "best_of": self.best_of is not None,
+            "stop": bool(self.stop),
+            "logprobs": self.logprobs is not None,
+        }
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise InvalidParameterError(
+                    name,
+                    f"{name} does not combine with beam search (num_beams > 1); leave it unset "
+                    "(each beam's cumulative_logprob is returned)",
+                )
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences the request runs: best_of (or n) samples, or one per beam."""
+        return max(self.num_beams, self.best_of or self.n)
+
+    @property
+    def is_ranked(self) -> bool:
+        """Whether its samples are ranked at the end (beam search, best_of > n): such a request
+        streams nothing until it is done, then one chunk per returned sample."""
+        return self.num_beams > 1 or self.num_samples > self.n
 
     @property
     def is_greedy(self) -> bool:
@@ -167,6 +230,27 @@ class NewSequence:
 
 
 @dataclass
+class Fork:
+    """A new sequence that starts as a copy of another one: same tokens, computed count and KV
+    blocks (shared, not copied). `n` samples fork from one prefill; beams fork from beams."""
+
+    child_id: int
+    parent_id: int
+    sampling: SamplingParams  # the child's own (its seed)
+
+
+@dataclass
+class BlockCopy:
+    """Copy-on-write: sequence `seq_id` is about to write into block `src`, which another
+    sequence shares, so the worker copies it to `dst` and uses `dst` at `index` from now on."""
+
+    seq_id: int
+    index: int  # position in the sequence's block table
+    src: int
+    dst: int
+
+
+@dataclass
 class StepInput:
     """One forward pass for one replica: which sequences compute how many tokens.
 
@@ -174,6 +258,12 @@ class StepInput:
     `num_computed_tokens` (the same rule for prompt chunks and decodes). A sequence whose
     computed tokens then cover every token the worker knows samples one new token, which the
     worker appends to its own copy, so a later step can compute it before the router has seen it.
+    A beam (`num_beams > 1`) instead returns its best next tokens; the router sends the one it
+    chose in `beam_token_ids`.
+
+    The worker applies the diffs in this order: drop `finished_seq_ids`, add `new_seqs`, make
+    `forks` (from their parents' state before this step), append `beam_token_ids`, apply
+    `block_copies`, append `new_block_ids`.
     """
 
     step_id: int
@@ -183,6 +273,9 @@ class StepInput:
     num_computed_tokens: list[int] = field(default_factory=list)  # parallel; before this step
     new_block_ids: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> appended blocks
     finished_seq_ids: list[int] = field(default_factory=list)  # drop before running this step
+    forks: list[Fork] = field(default_factory=list)  # new sequences copied from others
+    beam_token_ids: dict[int, int] = field(default_factory=dict)  # seq_id -> token the router chose
+    block_copies: list[BlockCopy] = field(default_factory=list)  # copy-on-write, before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -207,4 +300,13 @@ class StepOutput:
     seq_ids: list[int] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)  # parallel to seq_ids
     logprobs: list[Logprobs | None] | None = None  # parallel to seq_ids when any asked for them
+    # Beam search rows: instead of a sampled token, each beam's best next tokens (2 * num_beams)
+    # and their log-probabilities; the router picks the next beams (`BeamSearch`).
+    beam_seq_ids: list[int] = field(default_factory=list)
+    beam_token_ids: list[list[int]] = field(default_factory=list)  # parallel to beam_seq_ids
+    beam_logprobs: list[list[float]] = field(default_factory=list)  # parallel to beam_seq_ids
+    # seq_id -> (position of the first prompt token scored, one entry per prompt token scored):
+    # log-probabilities of the prompt tokens that follow the positions this step computed, for
+    # sequences that asked for prompt_logprobs.
+    prompt_logprobs: dict[int, tuple[int, list[Logprobs]]] = field(default_factory=dict)
     forward_s: float = 0.0  # seconds the worker spent in this step (forward + sampling)

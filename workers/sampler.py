@@ -247,3 +247,40 @@ def _gather_logprobs(
                 Logprobs(token_list[i], chosen[i], top_ids_list[i][:k], top_values_list[i][:k])
             )
     return out
+
+
+def beam_candidates(
+    logits: torch.Tensor,  # [num_beams_in_batch, vocab]
+    rows: list[SamplingRow],
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Each beam's best `2 * num_beams` next tokens and their log-probabilities, as Hugging
+    Face's beam search scores them: log-softmax, then EOS and stop ids masked below min_tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    min_tokens_mask = _prepare_min_tokens_mask(rows, logits.device)
+    if min_tokens_mask is not None:
+        logprobs[min_tokens_mask] = float("-inf")
+    k = min(2 * max(r.params.num_beams for r in rows), logprobs.shape[-1])
+    values, ids = logprobs.topk(k, dim=-1)
+    widths = [min(2 * r.params.num_beams, k) for r in rows]
+    return (
+        [row[:w] for row, w in zip(ids.tolist(), widths)],
+        [row[:w] for row, w in zip(values.tolist(), widths)],
+    )
+
+
+def prompt_logprobs(
+    logits: torch.Tensor,  # [num_positions, vocab]: positions p .. p + num_positions - 1
+    next_token_ids: list[int],  # the prompt tokens at p + 1 .. p + num_positions
+    num_top: int,
+) -> list[Logprobs]:
+    """Log-probability of each next prompt token, and the `num_top` most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(next_token_ids, device=logits.device)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(max(num_top, 1), dim=-1)
+    return [
+        Logprobs(token_id, value, ids[:num_top], values[:num_top])
+        for token_id, value, ids, values in zip(
+            next_token_ids, chosen, top_ids.tolist(), top_values.tolist()
+        )
+    ]

@@ -6,7 +6,7 @@ and check it against their state the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvray.workers.protocol import SamplingParams, StepInput
 
@@ -30,7 +30,9 @@ class SequenceTable:
     def apply(self, step: StepInput) -> list[WorkerSequence]:
         """Apply a step's diffs and return its scheduled sequences, in `step.seq_ids` order.
 
-        Drops `finished_seq_ids`, adds `new_seqs`, appends `new_block_ids`.
+        Drops `finished_seq_ids`, adds `new_seqs`, makes `forks`, appends `beam_token_ids`,
+        swaps in `block_copies`' blocks and appends `new_block_ids` (StepInput's order). The
+        caller copies the KV of `block_copies` itself.
 
         Raises:
             KeyError / AssertionError: the step disagrees with this table (a router bug).
@@ -45,6 +47,17 @@ class SequenceTable:
                 sampling=new.sampling,
                 num_computed_tokens=new.num_computed_tokens,
             )
+        # NOTE: every fork copies its parent before any beam token is appended.
+        children = [(fork, self._copy(self.seqs[fork.parent_id])) for fork in step.forks]
+        for fork, child in children:
+            child.sampling = fork.sampling
+            self.seqs[fork.child_id] = child
+        for seq_id, token_id in step.beam_token_ids.items():
+            self.seqs[seq_id].token_ids.append(token_id)
+        for copy in step.block_copies:
+            block_ids = self.seqs[copy.seq_id].block_ids
+            assert block_ids[copy.index] == copy.src, "router and worker disagree"
+            block_ids[copy.index] = copy.dst
         for seq_id, block_ids in step.new_block_ids.items():
             self.seqs[seq_id].block_ids.extend(block_ids)
         scheduled = [self.seqs[seq_id] for seq_id in step.seq_ids]
@@ -54,6 +67,10 @@ class SequenceTable:
             assert seq.num_computed_tokens == computed, "router and worker disagree"
             assert computed + num_tokens <= len(seq.token_ids), "computing an unknown token"
         return scheduled
+
+    @staticmethod
+    def _copy(seq: WorkerSequence) -> WorkerSequence:
+        return replace(seq, token_ids=list(seq.token_ids), block_ids=list(seq.block_ids))
 
     @staticmethod
     def advance(scheduled: list[WorkerSequence], step: StepInput) -> None:

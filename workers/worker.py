@@ -22,8 +22,14 @@ from kvray.workers.config import EngineConfig
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
-from kvray.workers.sampler import Sampler, SamplingRow, prepare_sampling_batch
-from kvray.workers.sequences import SequenceTable
+from kvray.workers.sampler import (
+    Sampler,
+    SamplingRow,
+    beam_candidates,
+    prepare_sampling_batch,
+    prompt_logprobs,
+)
+from kvray.workers.sequences import SequenceTable, WorkerSequence
 
 logger = logging.getLogger(__name__)
 
@@ -194,39 +200,84 @@ class ModelWorker:
             raise RuntimeError("ModelWorker.step before warmup()")
         start = time.perf_counter()
         seqs = self.table.apply(step_input)
+        self.runner.kv_cache.copy_blocks([(c.src, c.dst) for c in step_input.block_copies])
         out = StepOutput(step_id=step_input.step_id)
         if not seqs:
             return out
         scheduled = [
-            ScheduledSeq(seq.token_ids, seq.block_ids, computed, n)
+            ScheduledSeq(
+                seq.token_ids, seq.block_ids, computed, n, _num_prompt_logits(seq, computed, n)
+            )
             for seq, n, computed in zip(
                 seqs, step_input.num_scheduled_tokens, step_input.num_computed_tokens
             )
         ]
         model_input = self.runner.prepare(scheduled)
-        logits = self.runner.execute(model_input)  # [num_samples, vocab], batch order
+        logits = self.runner.execute(model_input)  # [num_samples + num_prompt_logits, vocab]
         sampling_idx = [i for i in model_input.order if scheduled[i].samples]
-        if sampling_idx:
-            rows = [
-                SamplingRow(
-                    seqs[i].sampling,
-                    seqs[i].token_ids,
-                    seqs[i].num_prompt_tokens,
-                    self.eos_token_ids,
-                )
-                for i in sampling_idx
-            ]
-            batch = prepare_sampling_batch(rows, vocab_size=self.vocab_size, device=self.device)
-            token_ids, logprobs = self.sampler.sample(logits, batch)
-            for i, token_id in zip(sampling_idx, token_ids):
-                seqs[i].token_ids.append(token_id)
-            out.seq_ids = [step_input.seq_ids[i] for i in sampling_idx]
-            out.sampled_token_ids = token_ids
-            out.logprobs = logprobs
+        self._sample(
+            out, logits[: len(sampling_idx)], [(i, seqs[i]) for i in sampling_idx], step_input
+        )
+        for i, offset in model_input.prompt_row_offsets.items():
+            seq, first = seqs[i], scheduled[i].num_computed + 1
+            count = scheduled[i].num_prompt_logits
+            rows = logits[len(sampling_idx) + offset : len(sampling_idx) + offset + count]
+            assert seq.sampling.prompt_logprobs is not None
+            out.prompt_logprobs[step_input.seq_ids[i]] = (
+                first,
+                prompt_logprobs(
+                    rows, seq.token_ids[first : first + count], seq.sampling.prompt_logprobs
+                ),
+            )
         self.table.advance(seqs, step_input)
         out.forward_s = time.perf_counter() - start
         return out
 
+    def _sample(
+        self,
+        out: StepOutput,
+        logits: torch.Tensor,  # [num_sampling, vocab], parallel to `rows`
+        rows: list[tuple[int, WorkerSequence]],  # (index in the step, sequence)
+        step_input: StepInput,
+    ) -> None:
+        """Sample the next token of each sampling row, or list a beam's candidates."""
+        beams = [k for k, (_, seq) in enumerate(rows) if seq.sampling.num_beams > 1]
+        samples = [k for k, (_, seq) in enumerate(rows) if seq.sampling.num_beams == 1]
+
+        def sampling_rows(ks: list[int]) -> list[SamplingRow]:
+            return [
+                SamplingRow(
+                    rows[k][1].sampling,
+                    rows[k][1].token_ids,
+                    rows[k][1].num_prompt_tokens,
+                    self.eos_token_ids,
+                )
+                for k in ks
+            ]
+
+        if samples:
+            batch = prepare_sampling_batch(
+                sampling_rows(samples), vocab_size=self.vocab_size, device=self.device
+            )
+            token_ids, logprobs = self.sampler.sample(logits[samples], batch)
+            for k, token_id in zip(samples, token_ids):
+                rows[k][1].token_ids.append(token_id)
+            out.seq_ids = [step_input.seq_ids[rows[k][0]] for k in samples]
+            out.sampled_token_ids = token_ids
+            out.logprobs = logprobs
+        if beams:
+            out.beam_token_ids, out.beam_logprobs = beam_candidates(
+                logits[beams], sampling_rows(beams)
+            )
+            out.beam_seq_ids = [step_input.seq_ids[rows[k][0]] for k in beams]
+
     @property
     def num_sequences(self) -> int:
         return len(self.table)
+
+
+def _num_prompt_logits(seq: WorkerSequence, num_computed: int, num_tokens: int) -> int:
+    """Rows of a scheduled chunk whose logits score a prompt token (prompt_logprobs asked)."""
+    if seq.sampling.prompt_logprobs is None:
+        return 0
+    return max(0, min(num_computed + num_tokens, seq.num_prompt_tokens - 1) - num_computed)

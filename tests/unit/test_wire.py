@@ -29,6 +29,7 @@ def test_a_request_with_nothing_set_carries_no_parameters():
         "stop_token_ids": (),
         "ignore_eos": False,
         "include_stop_str_in_output": False,
+        "early_stopping": False,
     }  # proto3 scalars without presence: their zero values are SamplingParams' defaults
     assert sampling_params_from_proto(pb.GenerateRequest(text="x")) == SamplingParams()
 
