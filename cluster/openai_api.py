@@ -48,6 +48,10 @@ class _SamplingRequest(BaseModel):
     user: str | None = None  # accepted and ignored, as OpenAI's abuse-monitoring id
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
+    # Beam search, as vLLM's extra parameters: max(n, best_of) beams, the n best returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     @property
     def include_usage(self) -> bool:
@@ -55,8 +59,6 @@ class _SamplingRequest(BaseModel):
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams from the shared fields. Raises InvalidParameterError."""
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidParameterError("best_of", "best_of is not supported yet; use n")
         if self.logit_bias:
             raise InvalidParameterError("logit_bias", "logit_bias is not supported")
         given = {
@@ -67,9 +69,14 @@ class _SamplingRequest(BaseModel):
             )
             if getattr(self, name) is not None
         }  # fmt: skip
+        beams = max(self.n, self.best_of or self.n) if self.use_beam_search else 1
         return SamplingParams(
             **given,
             n=self.n,
+            best_of=None if self.use_beam_search else self.best_of,
+            num_beams=beams,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,

@@ -236,7 +236,7 @@ class Router:
         ):
             raise UnavailableError("no replica is ready; retry shortly")
         stream = RequestStream(
-            request.request_id, len(request.seqs), arrival_time=request.arrival_time
+            request.request_id, request.num_outputs, arrival_time=request.arrival_time
         )
         stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
         self._streams[request.request_id] = stream

@@ -113,6 +113,10 @@ class Scheduler:
             child.fork_parent = None
             self._enqueue(child)
         seq.unborn = []
+        # NOTE: a beam forked or extended since the last step: the worker must not hear of it.
+        # (A fork's parent is only ever dropped with the child: they are one beam search.)
+        self._beam_token_ids.pop(seq.seq_id, None)
+        self._forks = [f for f in self._forks if f.child_id != seq.seq_id]
         if seq.fork_parent is not None:
             seq.fork_parent.unborn.remove(seq)
             seq.fork_parent = None
@@ -184,13 +188,15 @@ class Scheduler:
         return budget, preempted
 
     def _admit_waiting(self, step: StepInput, budget: int) -> None:
+        seats = self._num_seats()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while a step was in flight; its last token is not back yet
             family = seq.sampling.num_beams if seq.beam is not None else 1 + len(seq.unborn)
-            if self.running and len(self.running) + family > self.config.max_num_seqs:
+            if self.running and seats + family > self.config.max_num_seqs:
                 break
+            seats += family
             # NOTE: prompt logprobs need every prompt position's logits: no cached prefix.
             prefix = (
                 self.block_manager.match_prefix(seq.all_token_ids)
@@ -228,6 +234,16 @@ class Scheduler:
             if num_new:  # 0: a cached prefix reaches the fork point; its samples fork next step
                 self._add_to_step(step, seq, num_new)
             budget -= num_new
+
+    def _num_seats(self) -> int:
+        """Sequences the running ones are or will become: each beam search counts num_beams,
+        each sample waiting to fork counts too (so that forks never pass max_num_seqs)."""
+        groups = {id(s.beam): s.beam for s in self.running if s.beam is not None}
+        return (
+            sum(1 for s in self.running if s.beam is None)
+            + sum(len(s.unborn) for s in self.running)
+            + sum(g.params.num_beams for g in groups.values())
+        )
 
     def _chunk_limit(self, budget: int) -> int:
         chunk = self.config.prefill_chunk_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections import defaultdict
 from typing import Any
 
@@ -31,6 +32,13 @@ class EngineWithInput(EngineCore):
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.add(self.processor.process(prompt, params, request_id))
         return request_id
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -81,3 +89,41 @@ def tokens_of(chunks: list[CompletionChunk]) -> list[int]:
 
 def text_of(chunks: list[CompletionChunk]) -> str:
     return "".join(c.text for c in chunks)
+
+
+def hf_beam_search(
+    model,
+    prompt: list[int],
+    *,
+    num_beams: int,
+    num_return: int,
+    length_penalty: float,
+    early_stopping: bool,
+    max_new_tokens: int,
+    stop_token_ids: set[int],
+    min_new_tokens: int = 0,
+) -> list[list[int]]:
+    """Hugging Face `generate(num_beams=...)` on one prompt: the returned beams' new tokens,
+    best first. `stop_token_ids` plays the part of EOS (kvray's EOS and stop ids)."""
+    import torch
+
+    ids = torch.tensor([prompt], device=model.device)
+    model.generation_config.eos_token_id = sorted(stop_token_ids) or None
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            num_beams=num_beams,
+            num_return_sequences=num_return,
+            do_sample=False,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            return_dict_in_generate=True,
+            output_scores=True,
+            pad_token_id=0,
+        )
+    # NOTE: beams end at different lengths; beam_indices is -1 past each one's end.
+    lengths = (out.beam_indices >= 0).sum(dim=1).tolist()
+    return [out.sequences[i, len(prompt) : len(prompt) + n].tolist() for i, n in enumerate(lengths)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,14 +11,9 @@ import threading
 import pytest
 
 from kvray.client import KvrayClient, UnavailableError
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kvray(*args: str, env: dict[str, str], **kwargs) -> subprocess.Popen:

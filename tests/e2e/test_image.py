@@ -12,7 +12,6 @@ import contextlib
 import functools
 import http.server
 import shutil
-import socket
 import subprocess
 import tarfile
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kvray.client import KvrayClient
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -83,12 +83,6 @@ def wheelhouse():
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # one line per wheel otherwise
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_image_builds_and_serves_a_streamed_generate(base_image):

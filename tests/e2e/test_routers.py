@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ from pathlib import Path
 import pytest
 
 from kvray.client import KvrayClient
+from tests.helpers import free_port
 
 NUM_STREAMS = 50
 MAX_TOKENS = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

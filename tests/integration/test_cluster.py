@@ -14,7 +14,7 @@ from kvray.client import (
     KvrayClient,
     OverloadedError,
 )
-from tests.helpers import hf_greedy
+from tests.helpers import free_port, hf_greedy
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
@@ -25,7 +25,11 @@ PROMPT_LENS = [1, 9, 33, 120, 200]
 @pytest.fixture(scope="module")
 def cluster(ray_session, model_cache_dir):
     with start_cluster(
-        model_cache_dir, replicas=2, max_num_seqs=4, max_queued_requests=6
+        model_cache_dir,
+        replicas=2,
+        max_num_seqs=4,
+        max_queued_requests=6,
+        http_port=free_port(),
     ) as running:
         yield running
 
@@ -211,3 +215,51 @@ def test_a_repeated_prompt_reports_its_cached_tokens(client):
     again = client.generate(prompt, **session)  # the same replica (session), its cache warm
     assert again.prompt_tokens == first.prompt_tokens == 70
     assert again.cached_tokens == 64 and again.cached_tokens > first.cached_tokens
+
+
+def test_beam_searches_through_grpc_return_the_offline_beams(cluster, client, model_cache_dir):
+    from kvray import LLM, SamplingParams
+
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (5, 40, 90, 150)]
+    params = dict(num_beams=4, n=2, max_tokens=16, length_penalty=0.6, min_tokens=3)
+    before = {r.replica_id: r.num_finished_requests for r in client.status().replicas}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        served = list(pool.map(lambda p: client.generate(p, **params), prompts))
+    after = {r.replica_id: r.num_finished_requests for r in client.status().replicas}
+    assert all(after[r] > before[r] for r in before)  # both replicas ran beam searches
+    offline = LLM("tiny", cache_dir=model_cache_dir, max_model_len=256).generate(
+        prompts, SamplingParams(**params)
+    )
+    for got, want in zip(served, offline):
+        assert [c.token_ids for c in got.choices] == [o.token_ids for o in want.outputs]
+        assert [c.text for c in got.choices] == [o.text for o in want.outputs]
+        assert [c.finish_reason for c in got.choices] == [o.finish_reason for o in want.outputs]
+        for c, o in zip(got.choices, want.outputs):
+            assert c.cumulative_logprob == pytest.approx(o.cumulative_logprob, abs=1e-4)
+
+
+def test_prompt_logprobs_and_best_of_through_grpc(client):
+    prompt = [3, 14, 15, 92, 65, 35]
+    out = client.generate(prompt, max_tokens=4, n=2, best_of=3, seed=2, prompt_logprobs=2)
+    assert [lp.token_id for lp in out.prompt_logprobs] == prompt[1:]
+    assert all(len(lp.top_token_ids) == 2 for lp in out.prompt_logprobs)
+    scores = [c.cumulative_logprob for c in out.choices]
+    assert len(scores) == 2 and scores[0] >= scores[1]
+
+
+def test_best_of_and_beam_search_over_the_openai_api(cluster, client):
+    openai = pytest.importorskip("openai")
+    http = openai.OpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+    prompt = [3, 14, 15, 92, 65, 35]
+    beams = http.completions.create(
+        model="tiny", prompt=prompt, max_tokens=8, n=2, extra_body={"use_beam_search": True}
+    )
+    served = client.generate(prompt, max_tokens=8, n=2, num_beams=2)
+    assert [c.text for c in beams.choices] == [c.text for c in served.choices]
+    best = http.completions.create(model="tiny", prompt=prompt, max_tokens=8, n=1, best_of=3)
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        http.completions.create(
+            model="tiny", prompt=prompt, n=2, temperature=0.5, extra_body={"use_beam_search": True}
+        )

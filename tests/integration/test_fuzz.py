@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import pytest
 
 from kvray.client import KvrayClient
 from kvray.protos.kvray.v1 import generation_pb2 as pb
+from tests.helpers import free_port
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
@@ -34,12 +34,6 @@ GRPC_OK = {
 HTTP_OK = {200, 400, 404, 413, 429, 503, 504}
 MAX_MODEL_LEN = 512
 INT32, INT64 = 2**31 - 1, 2**63 - 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def edge_floats(low: float, high: float) -> list[float]:

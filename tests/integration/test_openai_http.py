@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvray.client import KvrayClient, MessageTooLargeError
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES
+from tests.helpers import free_port
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
@@ -24,12 +25,6 @@ pytestmark = pytest.mark.ray
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

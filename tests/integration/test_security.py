@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import json
 import os
-import socket
 import ssl
 import threading
 import time
@@ -32,17 +31,12 @@ from kvray.client import (
     OverloadedError,
     UnavailableError,
 )
+from tests.helpers import free_port
 from tests.integration.conftest import start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
 
 ALPHA, BETA = "alpha-token-0123456789", "beta-token-9876543210"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

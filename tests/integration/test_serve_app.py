@@ -4,20 +4,14 @@ from inside its Serve replica and answers Serve's HTTP route and health checks."
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
 import pytest
 
 from kvray.client import KvrayClient
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_application_serves_grpc_and_status(ray_session, model_cache_dir, tmp_path):

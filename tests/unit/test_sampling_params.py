@@ -22,6 +22,11 @@ from kvray.workers.protocol import SamplingParams
         ("min_tokens", -1, "min_tokens must be in [0, 2147483647]"),
         ("n", 0, "n must be in [1, 16]"),
         ("logprobs", 21, "logprobs must be in [0, 20]"),
+        ("prompt_logprobs", -1, "prompt_logprobs must be in [0, 20]"),
+        ("num_beams", 17, "num_beams must be in [1, 16]"),
+        ("length_penalty", 11.0, "length_penalty must be in [-10.0, 10.0]"),
+        ("early_stopping", "never", "early_stopping must be true or false"),
+        ("best_of", 0, "best_of must be in [1, 16] (at least n)"),
         ("temperature", float("nan"), "temperature must be a number"),
         ("seed", 1.5, "seed must be an integer"),
         ("max_tokens", True, "max_tokens must be an integer"),
@@ -55,3 +60,40 @@ def test_lists_become_tuples_and_minus_one_disables_top_k():
     p = SamplingParams(stop="END", stop_token_ids=[1, 2], top_k=-1)
     assert p.stop == ("END",) and p.stop_token_ids == (1, 2) and p.top_k == 0
     assert hash(p) == hash(SamplingParams(stop=("END",), stop_token_ids=(1, 2), top_k=0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 0.7),
+        ("top_k", 5),
+        ("top_p", 0.9),
+        ("min_p", 0.1),
+        ("repetition_penalty", 1.2),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 0.5),
+        ("best_of", 4),
+        ("stop", "END"),
+        ("logprobs", 2),
+    ],
+)
+def test_beam_search_refuses_what_does_not_combine_with_it(field, value):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(num_beams=4, **{field: value})
+    assert field in str(err.value) and "beam" in str(err.value)
+
+
+def test_beam_search_returns_at_most_num_beams_beams():
+    with pytest.raises(ValueError, match=r"n must be <= num_beams \(2\)"):
+        SamplingParams(num_beams=2, n=3)
+    beams = SamplingParams(num_beams=4, n=4, temperature=0)
+    assert (beams.num_samples, beams.is_ranked) == (4, True)
+
+
+def test_best_of_below_n_or_greedy_is_refused():
+    with pytest.raises(ValueError, match=r"best_of must be in \[3, 16\]"):
+        SamplingParams(n=3, best_of=2)
+    with pytest.raises(ValueError, match="best_of > 1 needs random sampling"):
+        SamplingParams(best_of=2, temperature=0)
+    assert SamplingParams(n=2, best_of=2).is_ranked is False
+    assert SamplingParams(n=2, best_of=3).is_ranked is True
