@@ -9,8 +9,13 @@ Baselines (measured in the same process, on the same model and requests):
               step budget as kvray (2048 tokens, all requests in one batch), which on CPU is
               faster than its defaults
 
+Beam search (`--workloads beam`): kvray's beam search against Hugging Face's
+`generate(num_beams=4)`, on one request and on 16 at once (128-token prompts, 32 new tokens,
+the best beam's tokens counted).
+
     python bench/engine_throughput.py            # full: 64 requests per workload
     python bench/engine_throughput.py --quick    # 4 requests, same table (under 3 minutes)
+    python bench/engine_throughput.py --workloads beam
 """
 
 from __future__ import annotations
@@ -27,23 +32,28 @@ import torch
 from common import BenchRequest, PeakMemory, log, make_workload, smollm2_135m_shaped
 
 MAX_BATCHED_TOKENS = 2048  # per step, for kvray and hf-cb alike
+NUM_BEAMS, BEAM_TOKENS, BEAM_REQUESTS = 4, 32, 16
 TARGETS = {  # workload -> {baseline: minimum kvray/baseline ratio} from the engine issue
     "uniform": {"hf-static": 0.9, "hf-cb": 3.0},
     "mixed": {"hf-static": 1.5, "hf-cb": 3.0},
 }
 
 
-def load_kvray(model_dir: Path, reqs: list[BenchRequest], device: str, dtype: str):
+def load_kvray(
+    model_dir: Path, reqs: list[BenchRequest], device: str, dtype: str, *, num_beams: int = 1
+):
     """An offline engine whose KV cache holds every request at once (as a static batch's would)."""
     from kvray import LLM
 
     block_size = 16
-    num_blocks = sum(-(-(len(r.prompt_token_ids) + r.max_tokens) // block_size) for r in reqs)
+    num_blocks = num_beams * sum(
+        -(-(len(r.prompt_token_ids) + r.max_tokens) // block_size) for r in reqs
+    )
     llm = LLM(
         str(model_dir),
         device=device,
         dtype=dtype,
-        max_num_seqs=len(reqs),
+        max_num_seqs=len(reqs) * num_beams,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
         num_kv_blocks=max(num_blocks, MAX_BATCHED_TOKENS // block_size) + 8,
@@ -86,14 +96,20 @@ def run_hf_single(model: torch.nn.Module, reqs: list[BenchRequest]) -> int:
     return total
 
 
-@torch.inference_mode()
-def run_hf_static(model: torch.nn.Module, reqs: list[BenchRequest]) -> int:
+def left_padded(reqs: list[BenchRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch: (ids, attention mask), [num_reqs, longest]."""
     width = max(len(r.prompt_token_ids) for r in reqs)
     ids = torch.zeros(len(reqs), width, dtype=torch.long)
     mask = torch.zeros(len(reqs), width, dtype=torch.long)
-    for i, r in enumerate(reqs):  # left padding
+    for i, r in enumerate(reqs):
         ids[i, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
         mask[i, width - len(r.prompt_token_ids) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def run_hf_static(model: torch.nn.Module, reqs: list[BenchRequest]) -> int:
+    ids, mask = left_padded(reqs)
     longest = max(r.max_tokens for r in reqs)
     model.generate(
         ids.to(model.device),
@@ -103,6 +119,27 @@ def run_hf_static(model: torch.nn.Module, reqs: list[BenchRequest]) -> int:
     )
     # Every row runs to the longest output; only each request's own tokens are useful.
     return sum(r.max_tokens for r in reqs)
+
+
+def run_kvray_beams(llm, reqs: list[BenchRequest]) -> int:
+    from kvray import SamplingParams
+
+    params = SamplingParams(num_beams=NUM_BEAMS, max_tokens=BEAM_TOKENS, ignore_eos=True)
+    outputs = llm.generate([r.prompt_token_ids for r in reqs], params)
+    return sum(len(o.token_ids) for o in outputs)
+
+
+@torch.inference_mode()
+def run_hf_beams(model: torch.nn.Module, reqs: list[BenchRequest]) -> int:
+    ids, mask = left_padded(reqs)
+    out = model.generate(
+        ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=BEAM_TOKENS,
+        num_beams=NUM_BEAMS,
+        do_sample=False,
+    )
+    return len(reqs) * (out.shape[1] - ids.shape[1])
 
 
 @torch.inference_mode()
@@ -182,6 +219,35 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
     return results
 
 
+def run_beam_workload(args: argparse.Namespace, model_dir: Path) -> list[dict]:
+    """kvray's beam search and HF's, on one request and on BEAM_REQUESTS at once."""
+    reqs = [
+        BenchRequest(r.prompt_token_ids, BEAM_TOKENS)
+        for r in make_workload("uniform", BEAM_REQUESTS, seed=args.seed)
+    ]
+    llm = load_kvray(model_dir, reqs, args.device, args.dtype, num_beams=NUM_BEAMS)
+    model = load_hf(model_dir, args.device, args.dtype)
+    run_kvray_beams(llm, reqs[:1])  # untimed warm-up, as for the other workloads
+    run_hf_beams(model, reqs[:1])
+    results = []
+    for subset in (reqs[:1], reqs):
+        results.append(measure(f"kvray x{len(subset)}", run_kvray_beams, llm, subset))
+        results.append(measure(f"hf x{len(subset)}", run_hf_beams, model, subset))
+    return results
+
+
+def print_beam_table(results: list[dict]) -> None:
+    print(f"\n## beam search: {NUM_BEAMS} beams, 128-token prompts, {BEAM_TOKENS} new tokens")
+    print(f"{'system':<10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'kvray/hf':>9}")
+    for kvray, hf in zip(results[::2], results[1::2]):
+        for r in (kvray, hf):
+            print(
+                f"{r['system']:<10} {r['output_tokens']:>7} {r['seconds']:>8.1f} "
+                f"{r['tokens_per_s']:>8.1f}"
+            )
+        print(f"{'':<36}{kvray['tokens_per_s'] / hf['tokens_per_s']:>8.2f}x")
+
+
 def print_table(workload: str, results: list[dict], *, num_requests: int) -> None:
     by = {r["system"]: r for r in results}
     print(f"\n## {workload}")
@@ -212,7 +278,7 @@ def main() -> int:
     )
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--single-requests", type=int, default=None, help="hf-single subset size")
-    parser.add_argument("--workloads", default="uniform,mixed")
+    parser.add_argument("--workloads", default="uniform,mixed", help="uniform, mixed, beam")
     parser.add_argument("--systems", default="kvray,hf-single,hf-static,hf-cb")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -226,6 +292,10 @@ def main() -> int:
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device={args.device}")
     all_results = {}
     for workload in args.workloads.split(","):
+        if workload == "beam":
+            all_results[workload] = run_beam_workload(args, model_dir)
+            print_beam_table(all_results[workload])
+            continue
         results = run_workload(args, workload, model_dir)
         all_results[workload] = results
         print_table(workload, results, num_requests=args.num_requests)

@@ -9,6 +9,7 @@ import time
 from google.protobuf.descriptor import FieldDescriptor
 
 from kvray.client.client import KvrayClient
+from kvray.client.connection import Progress
 from kvray.client.errors import KvrayError
 from kvray.wire import param_fields
 
@@ -80,8 +81,16 @@ def generate(args: argparse.Namespace) -> int:
         with _client(args) as client:
             last = None
             chunks = client.stream(args.prompt, timeout=args.timeout, resume=args.resume, **params)
+            ranked = Progress.of(params).is_ranked  # each chunk is a whole sample, best first
             for chunk in chunks:
-                print(chunk.text, end="", flush=True)
+                if ranked:
+                    score = chunk.cumulative_logprob
+                    print(
+                        f"[{chunk.index}] {chunk.text}"
+                        + (f"  ({score:.3f})" if score is not None else "")
+                    )
+                else:
+                    print(chunk.text, end="", flush=True)
                 last = chunk
         print()
         if last is not None and last.finish_reason is not None:

@@ -91,15 +91,15 @@ class KvrayClient(ClientBase):
         self, prompt: Prompt, *, timeout: float | None = None, resume: bool = False, **params: Any
     ) -> Iterator[GenerationChunk]:
         """Yield chunks as the server produces them. Closing the iterator cancels the request."""
-        request, progress = build_request(prompt, **params), Progress(params.get("n") or 1)
+        request, progress = build_request(prompt, **params), Progress.of(params)
         for attempt in itertools.count():
             _, stub, _ = self._channel()
             call = stub.Generate(progress.resumed(request), timeout=timeout, metadata=self.metadata)
             try:
                 for resp in call:
                     chunk = chunk_from_proto(resp)
-                    progress.add(chunk)
-                    yield chunk
+                    if progress.add(chunk):
+                        yield chunk
                 return
             except grpc.RpcError as err:
                 if resume and progress.done:
@@ -195,15 +195,15 @@ class AsyncKvrayClient(ClientBase):
         self, prompt: Prompt, *, timeout: float | None = None, resume: bool = False, **params: Any
     ) -> AsyncIterator[GenerationChunk]:
         """Yield chunks as the server produces them. Leaving early cancels the request."""
-        request, progress = build_request(prompt, **params), Progress(params.get("n") or 1)
+        request, progress = build_request(prompt, **params), Progress.of(params)
         for attempt in itertools.count():
             _, stub, _ = self._channel()
             call = stub.Generate(progress.resumed(request), timeout=timeout, metadata=self.metadata)
             try:
                 async for resp in call:
                     chunk = chunk_from_proto(resp)
-                    progress.add(chunk)
-                    yield chunk
+                    if progress.add(chunk):
+                        yield chunk
                 return
             except grpc.RpcError as err:
                 if resume and progress.done:

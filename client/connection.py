@@ -70,9 +70,18 @@ class Progress:
     """What a stream's samples have received so far: enough to resume it elsewhere."""
 
     n: int = 1  # the request's samples
+    # Beam search or best_of > n: samples arrive whole at the end, so a broken stream is sent
+    # again from the start and the samples already received are not passed on twice.
+    is_ranked: bool = False
     token_ids: dict[int, list[int]] = field(default_factory=dict)
     num_text_chars: dict[int, int] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Progress:
+        """Progress of a request sent with these `SamplingParams` keyword arguments."""
+        n = params.get("n") or 1
+        return cls(n, (params.get("num_beams") or 1) > 1 or (params.get("best_of") or n) > n)
 
     @property
     def received(self) -> bool:
@@ -82,15 +91,20 @@ class Progress:
     def done(self) -> bool:
         return len(self.finished) >= self.n
 
-    def add(self, chunk: GenerationChunk) -> None:
+    def add(self, chunk: GenerationChunk) -> bool:
+        """Record a chunk; False when it repeats a sample already received (ranked requests)."""
+        if self.is_ranked and chunk.index in self.finished:
+            return False
         self.token_ids.setdefault(chunk.index, []).extend(chunk.token_ids)
         self.num_text_chars[chunk.index] = self.num_text_chars.get(chunk.index, 0) + len(chunk.text)
         if chunk.finish_reason is not None:
             self.finished.add(chunk.index)
+        return True
 
     def resumed(self, request: pb.GenerateRequest) -> pb.GenerateRequest:
-        """`request` as it continues after what was received (itself when nothing was)."""
-        if not self.received:
+        """`request` as it continues after what was received (itself when nothing was, or
+        for a ranked request)."""
+        if not self.received or self.is_ranked:
             return request
         again = pb.GenerateRequest()
         again.CopyFrom(request)

@@ -1,10 +1,11 @@
 """Beam search for one request: which beams live on, which end, and when the search is done.
 
-Pure Python, no torch. The worker returns each live beam's best `2 * num_beams` next tokens with
-their log-probabilities; `BeamSearch.step` turns them into the next live beams and finished
-hypotheses by Hugging Face's rules (`GenerationMixin._beam_search`), scores in float32 as there,
-so that kvray returns the beams `generate(num_beams=k, do_sample=False)` returns. The scheduler
-forks and drops the sequences; this module only decides.
+Pure Python, no torch. The worker returns each live beam's best next tokens with their
+log-probabilities (`SamplingParams.num_beam_candidates` of them); `BeamSearch.step` turns them
+into the next live beams and finished hypotheses by Hugging Face's rules
+(`GenerationMixin._beam_search`), scores in float32 as there, so that kvray returns the beams
+`generate(num_beams=k, do_sample=False)` returns. The scheduler forks and drops the sequences;
+this module only decides.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class BeamSearch:
         early_stopping: bool,
         max_output_tokens: int,
         stop_token_ids: frozenset[int],
+        num_candidates: int,
     ) -> None:
         """`max_output_tokens`: the output length at which every beam ends (max_tokens, or what
-        the context leaves); `stop_token_ids`: end-of-sequence ids and the request's stop ids."""
+        the context leaves); `stop_token_ids`: end-of-sequence ids and the request's stop ids;
+        `num_candidates`: next tokens each beam offers (`SamplingParams.num_beam_candidates`)."""
+        self.num_candidates = num_candidates
         self.num_beams = num_beams
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
@@ -80,12 +84,6 @@ class BeamSearch:
         self.hypotheses: list[Hypothesis] = []  # best first, at most num_beams
         self.can_improve = True  # HF's `is_early_stop_heuristic_unsatisfied`
         self.is_done = False
-
-    @property
-    def num_candidates(self) -> int:
-        """Next tokens the worker returns per beam: enough that num_beams live on even if the
-        best num_beams candidates all end."""
-        return 2 * self.num_beams
 
     def _length_norm(self, num_tokens: int) -> float:
         return f32(num_tokens**self.length_penalty)
@@ -179,6 +177,7 @@ class BeamGroup:
         if not self.params.ignore_eos:
             stop |= eos_token_ids
         self.stop_token_ids = frozenset(stop)
+        self.num_candidates = self.params.num_beam_candidates(eos_token_ids)
         self.make_detokenizer = make_detokenizer
         self.live: list[Sequence] = []
         self.search = self._new_search()
@@ -193,6 +192,7 @@ class BeamGroup:
             early_stopping=params.early_stopping,
             max_output_tokens=min(params.max_tokens or room, room),
             stop_token_ids=self.stop_token_ids,
+            num_candidates=self.num_candidates,
         )
 
     def restart(self) -> Sequence:
@@ -219,11 +219,34 @@ class BeamGroup:
         self.candidates[seq.seq_id] = (token_ids, logprobs)
         return len(self.candidates) == len(self.live)
 
-    def advance(self) -> list[Continuation[Sequence]]:
-        """Run one search step over the collected candidates; returns the next live beams."""
+    def advance(self) -> tuple[list[tuple[Sequence, Sequence]], list[Sequence]]:
+        """Run one search step over the collected candidates and extend the beams that live on.
+
+        Returns (forks as (parent, child): new sequences that copy a beam, with its new token;
+        beams to drop: those with no continuation, or every one once the search is done).
+        `live` then holds the next live beams, best first, each ending in its new token.
+        """
         candidates = [self.candidates[seq.seq_id] for seq in self.live]
         self.candidates.clear()
         if self.template.first_scheduled_time is None:  # kept across restarts
             self.template.first_scheduled_time = self.live[0].first_scheduled_time
             self.template.num_cached_tokens = self.live[0].num_cached_tokens
-        return self.search.step(self.live, candidates)
+        continuations = self.search.step(self.live, candidates)
+        forks: list[tuple[Sequence, Sequence]] = []
+        extended: list[tuple[Sequence, Continuation[Sequence]]] = []
+        continued: set[int] = set()
+        for c in continuations:
+            beam = c.parent
+            if beam.seq_id in continued:  # a second continuation of one beam: a fork
+                beam = c.parent.copy(seq_id=next_seq_id())
+                forks.append((c.parent, beam))
+            continued.add(beam.seq_id)
+            extended.append((beam, c))
+        dropped = [beam for beam in self.live if beam.seq_id not in continued]
+        # NOTE: after the forks, which copy their parents' tokens before this step's.
+        for beam, c in extended:
+            beam.output_token_ids.append(c.token_id)
+            beam.output_logprobs.append(None)
+            beam.cumulative_logprob = c.cumulative_logprob
+        self.live[:] = [beam for beam, _ in extended]
+        return forks, dropped

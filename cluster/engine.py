@@ -53,6 +53,7 @@ class CompletionChunk:
             token_ids=self.token_ids + later.token_ids,
             text=self.text + later.text,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
         )
 
 

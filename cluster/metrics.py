@@ -63,7 +63,8 @@ class ServingMetrics:
         if chunk.token_ids:
             self.generation_tokens.inc(len(chunk.token_ids))
             if not stream.last_token_times:
-                self.ttft.observe(now - stream.arrival_time)
+                if not stream.is_ranked:
+                    self.ttft.observe(now - stream.arrival_time)
                 self.prompt_tokens.inc(chunk.num_prompt_tokens)
             last = stream.last_token_times.get(chunk.index)
             if last is not None:

@@ -70,6 +70,10 @@ class _SamplingRequest(BaseModel):
             if getattr(self, name) is not None
         }  # fmt: skip
         beams = max(self.n, self.best_of or self.n) if self.use_beam_search else 1
+        if self.use_beam_search and beams == 1:
+            raise InvalidParameterError(
+                "use_beam_search", "use_beam_search needs n or best_of > 1: they are the beams"
+            )
         return SamplingParams(
             **given,
             n=self.n,

@@ -133,7 +133,8 @@ class Router:
                 continue
             if stream.first_token_time is None:
                 stream.first_token_time = now
-                self.autoscaler.record_ttft(now, now - stream.arrival_time)
+                if not stream.is_ranked:
+                    self.autoscaler.record_ttft(now, now - stream.arrival_time)
             self.metrics.observe(stream, chunk, now)
             stream.queue.put_nowait(chunk)
             if chunk.finish_reason is not None:
@@ -239,6 +240,7 @@ class Router:
             request.request_id, request.num_outputs, arrival_time=request.arrival_time
         )
         stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
+        stream.is_ranked = request.params.is_ranked
         self._streams[request.request_id] = stream
         try:
             self.dispatcher.place(request, stream, replica)  # None: until a replica is ready

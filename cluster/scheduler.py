@@ -6,12 +6,9 @@ computed in chunks. When blocks run out, the newest running sequence is preempte
 are freed and it is recomputed later from its prompt and the tokens it already produced.
 
 `schedule()` may run again before the previous step's `update()`: a sequence that is still
-waiting for its sampled token counts it as pending and decodes it anyway (the worker holds it).
-A beam cannot: it waits for `update()`, where its beam search picks the next beams.
-
-Sequences fork: the `n` samples of a request compute the prompt once (the others fork from the
-first when it has computed all but the last prompt token), and beams fork from beams. A fork
-shares its parent's KV blocks; see `BlockManager.copy_on_write`.
+waiting for its sampled token counts it as pending and decodes it anyway (the worker holds it);
+a beam waits for `update()`, where its beam search picks the next beams. Sequences fork (`n`
+samples after one prefill, beams from beams) and share KV blocks copy-on-write.
 """
 
 from __future__ import annotations
@@ -23,9 +20,12 @@ from dataclasses import dataclass
 
 from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.block_manager import BlockManager
-from kvray.cluster.sequence import FinishReason, Sequence, SequenceStatus, next_seq_id
+from kvray.cluster.sequence import FinishReason, Sequence, SequenceStatus
 from kvray.workers.config import SchedulerConfig
 from kvray.workers.protocol import BlockCopy, Fork, Logprobs, NewSequence, StepInput, StepOutput
+
+# Prompt tokens scored for prompt_logprobs per step: each keeps a [vocab] row of logits.
+MAX_PROMPT_LOGITS = 512
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Scheduler:
         self._beam_token_ids: dict[int, int] = {}  # tokens chosen for beams, for the next step
         self.finished_beams: list[BeamGroup] = []  # searches that ended; the engine takes them
         self._step_id = 0
+        self._prompt_logits_left = MAX_PROMPT_LOGITS
         self.num_preemptions = 0
         self.num_queued_tokens = 0  # known tokens of waiting sequences (the router's load signal)
 
@@ -145,14 +146,11 @@ class Scheduler:
 
         Returns a StepInput; it may schedule nothing (then only carries drops).
         """
-        step = StepInput(
-            step_id=self._step_id,
-            finished_seq_ids=self._dropped_seq_ids,
-            forks=self._forks,
-            beam_token_ids=self._beam_token_ids,
-        )
+        step = StepInput(self._step_id, forks=self._forks, beam_token_ids=self._beam_token_ids)
+        step.finished_seq_ids = self._dropped_seq_ids
         self._step_id += 1
         self._dropped_seq_ids, self._forks, self._beam_token_ids = [], [], {}
+        self._prompt_logits_left = MAX_PROMPT_LOGITS
         self._fork_samples(step)
         budget = self.config.max_num_batched_tokens
         budget, preempted = self._schedule_running(step, budget)
@@ -204,7 +202,7 @@ class Scheduler:
                 else []
             )
             num_cached = len(prefix) * self.block_manager.block_size
-            num_new = min(seq.num_known_tokens - num_cached, self._chunk_limit(budget))
+            num_new = min(seq.num_known_tokens - num_cached, self._chunk_limit(budget, seq))
             if seq.unborn:
                 num_new = min(num_new, seq.fork_point - num_cached)
             need = -(-(num_cached + num_new) // self.block_manager.block_size) - len(prefix)
@@ -236,18 +234,17 @@ class Scheduler:
             budget -= num_new
 
     def _num_seats(self) -> int:
-        """Sequences the running ones are or will become: each beam search counts num_beams,
-        each sample waiting to fork counts too (so that forks never pass max_num_seqs)."""
-        groups = {id(s.beam): s.beam for s in self.running if s.beam is not None}
-        return (
-            sum(1 for s in self.running if s.beam is None)
-            + sum(len(s.unborn) for s in self.running)
-            + sum(g.params.num_beams for g in groups.values())
-        )
+        """Sequences the running ones will be once forked (a beam search is num_beams)."""
+        beams = {id(s.beam): s.sampling.num_beams for s in self.running if s.beam is not None}
+        singles = sum(1 + len(s.unborn) for s in self.running if s.beam is None)
+        return singles + sum(beams.values())
 
-    def _chunk_limit(self, budget: int) -> int:
+    def _chunk_limit(self, budget: int, seq: Sequence) -> int:
         chunk = self.config.prefill_chunk_size
-        return budget if chunk is None else min(budget, chunk)
+        limit = budget if chunk is None else min(budget, chunk)
+        if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+            limit = min(limit, self._prompt_logits_left)  # each token is a row of logits
+        return limit
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         if seq.beam is not None and seq.num_pending_tokens:
@@ -257,7 +254,7 @@ class Scheduler:
             remaining = min(remaining, seq.fork_point - seq.num_computed_tokens)
         if remaining == 1 and not self._may_sample(seq):
             return 0  # its last sample already reaches a limit; it finishes on update
-        return min(remaining, self._chunk_limit(budget))
+        return min(remaining, self._chunk_limit(budget, seq))
 
     def _may_sample(self, seq: Sequence) -> bool:
         """Whether computing the last token would yield a token the sequence may still emit."""
@@ -267,6 +264,8 @@ class Scheduler:
         return seq.num_tokens < self.max_model_len
 
     def _add_to_step(self, step: StepInput, seq: Sequence, num_new: int) -> None:
+        if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+            self._prompt_logits_left -= num_new
         step.seq_ids.append(seq.seq_id)
         step.num_scheduled_tokens.append(num_new)
         step.num_computed_tokens.append(seq.num_computed_tokens)
@@ -290,10 +289,7 @@ class Scheduler:
 
     def _restart_beams(self, group: BeamGroup) -> None:
         for beam in list(group.live):
-            self.seqs.pop(beam.seq_id)
-            self._unlist(beam)
-            self.block_manager.free(beam)
-            beam.status = SequenceStatus.FINISHED
+            self._drop(beam)
         root = group.restart()
         self.seqs[root.seq_id] = root
         self.waiting.appendleft(root)
@@ -324,38 +320,20 @@ class Scheduler:
         forks.append(Fork(child.seq_id, parent.seq_id, child.sampling))
 
     def _advance_beams(self, group: BeamGroup) -> None:
-        """Run a beam search step: continue, fork and drop beams; the worker hears next step."""
-        continuations = group.advance()
-        if group.search.is_done:
-            for beam in group.live:
-                self._drop(beam)
-            group.live.clear()
-            self.finished_beams.append(group)
-            return
-        continued: set[int] = set()
-        chosen: list[tuple[Sequence, int, float]] = []
-        for c in continuations:
-            beam = c.parent
-            if beam.seq_id in continued:  # a second continuation of one beam: a fork
-                child = beam.copy(seq_id=next_seq_id())
-                self._fork(beam, child, self._forks)
-                beam = child
-            continued.add(beam.seq_id)
-            chosen.append((beam, c.token_id, c.cumulative_logprob))
+        """Run a beam search step: drop and fork beams (the worker hears next step)."""
+        forks, dropped = group.advance()
+        for beam in dropped:
+            self._drop(beam)
+        for parent, child in forks:
+            self._fork(parent, child, self._forks)
         for beam in group.live:
-            if beam.seq_id not in continued:
-                self._drop(beam)
-        # NOTE: after the forks, which copy their parents' tokens before this step's.
-        for beam, token_id, cumulative_logprob in chosen:
-            beam.output_token_ids.append(token_id)
-            beam.output_logprobs.append(None)
-            beam.cumulative_logprob = cumulative_logprob
-            self._beam_token_ids[beam.seq_id] = token_id
+            self._beam_token_ids[beam.seq_id] = beam.output_token_ids[-1]
             self.block_manager.cache_full_blocks(beam)
-        group.live[:] = [beam for beam, _, _ in chosen]
+        if group.search.is_done:
+            self.finished_beams.append(group)
 
     def _drop(self, seq: Sequence) -> None:
-        """End a beam that no longer leads anywhere (or whose search is done)."""
+        """End a beam that leads nowhere (or whose search is done or starts over)."""
         del self.seqs[seq.seq_id]
         self._unlist(seq)
         self.block_manager.free(seq)
@@ -375,7 +353,9 @@ class Scheduler:
         Sequences that finish here release their blocks. Tokens for sequences that already
         finished (a step that was in flight when they stopped) are ignored.
         """
-        self._record_prompt_logprobs(step_output)
+        for seq_id, (start, entries) in step_output.prompt_logprobs.items():
+            if seq_id in self.seqs:
+                self.seqs[seq_id].add_prompt_logprobs(start, entries)
         events = []
         logprobs = step_output.logprobs or [None] * len(step_output.seq_ids)
         for seq_id, token_id, lp in zip(
@@ -391,7 +371,7 @@ class Scheduler:
                 seq.cumulative_logprob += lp.logprob
             if seq.status is SequenceStatus.WAITING:  # preempted while this token was in flight
                 self.num_queued_tokens += 1
-            reason, stop_reason = self._check_finish(seq, token_id)
+            reason, stop_reason = seq.end_after(token_id, self.eos_token_ids, self.max_model_len)
             events.append(TokenEvent(seq, token_id, lp, reason))
             if reason is not None:
                 self.finish(seq_id, reason, stop_reason)
@@ -411,28 +391,3 @@ class Scheduler:
             seq.num_pending_tokens -= 1
             if seq.beam.add_candidates(seq, token_ids, logprobs):
                 self._advance_beams(seq.beam)
-
-    def _record_prompt_logprobs(self, step_output: StepOutput) -> None:
-        """Keep the prompt logprobs a step computed (once: a recompute sends them again)."""
-        for seq_id, (start, entries) in step_output.prompt_logprobs.items():
-            seq = self.seqs.get(seq_id)
-            if seq is None or seq.prompt_logprobs is None:
-                continue
-            record = seq.prompt_logprobs
-            for position, entry in enumerate(entries, start):
-                if position == len(record):
-                    record.append(entry)
-
-    def _check_finish(self, seq: Sequence, token_id: int) -> tuple[FinishReason | None, int | None]:
-        params = seq.sampling
-        num_output = len(seq.output_token_ids)
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return FinishReason.STOP, None
-            if token_id in params.stop_token_ids:
-                return FinishReason.STOP, token_id
-        if params.max_tokens is not None and num_output >= params.max_tokens:
-            return FinishReason.LENGTH, None
-        if seq.num_known_tokens >= self.max_model_len:
-            return FinishReason.LENGTH, None
-        return None, None

@@ -113,6 +113,33 @@ class Sequence:
             beam=self.beam,
         )
 
+    def end_after(
+        self, token_id: int, eos_token_ids: frozenset[int], max_model_len: int
+    ) -> tuple[FinishReason | None, int | None]:
+        """Whether the token just appended ends the sequence: (reason, stop token id) or
+        (None, None). EOS and stop ids count from min_tokens on; max_tokens and the context."""
+        params = self.sampling
+        num_output = len(self.output_token_ids)
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in eos_token_ids:
+                return FinishReason.STOP, None
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP, token_id
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if self.num_known_tokens >= max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def add_prompt_logprobs(self, start: int, entries: list[Logprobs]) -> None:
+        """Keep prompt logprobs from position `start` on (once: a recompute sends them again)."""
+        record = self.prompt_logprobs
+        if record is None:
+            return
+        for position, entry in enumerate(entries, start):
+            if position == len(record):
+                record.append(entry)
+
     @property
     def fork_point(self) -> int:
         """Computed tokens at which its unborn samples fork: all prompt tokens but the last."""

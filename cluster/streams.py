@@ -22,6 +22,9 @@ class RequestStream:
     arrival_time: float = field(default_factory=time.monotonic)
     unassigned_since: float | None = None  # when it last started waiting for a replica
     first_token_time: float | None = None
+    # Beam search, best_of > n: its first chunk is its last; it does not count as a time to
+    # first token (the autoscaler's and the metric's), which it would inflate.
+    is_ranked: bool = False
     last_token_times: dict[int, float] = field(default_factory=dict)  # per sample, for ITL
 
     @property

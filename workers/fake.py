@@ -79,7 +79,7 @@ class FakeWorker:
                 continue
             token = self.next_token(seq.token_ids, self.info.vocab_size)
             if seq.sampling.num_beams > 1:  # candidates: the scripted token first, then others
-                width = 2 * seq.sampling.num_beams
+                width = seq.sampling.num_beam_candidates(self.info.eos_token_ids)
                 out.beam_seq_ids.append(seq_id)
                 out.beam_token_ids.append(
                     [(token + i) % self.info.vocab_size for i in range(width)]

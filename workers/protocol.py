@@ -176,6 +176,12 @@ class SamplingParams:
         streams nothing until it is done, then one chunk per returned sample."""
         return self.num_beams > 1 or self.num_samples > self.n
 
+    def num_beam_candidates(self, eos_token_ids: tuple[int, ...] | frozenset[int]) -> int:
+        """Next tokens each beam offers per step, as Hugging Face keeps them: enough that
+        num_beams beams live on even if every stop and end-of-sequence id ends one."""
+        stop = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+        return max(2, 1 + len(stop)) * self.num_beams
+
     @property
     def is_greedy(self) -> bool:
         """Whether the next token is always the most likely one. The one greedy rule: the
@@ -300,8 +306,8 @@ class StepOutput:
     seq_ids: list[int] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)  # parallel to seq_ids
     logprobs: list[Logprobs | None] | None = None  # parallel to seq_ids when any asked for them
-    # Beam search rows: instead of a sampled token, each beam's best next tokens (2 * num_beams)
-    # and their log-probabilities; the router picks the next beams (`BeamSearch`).
+    # Beam search rows: instead of a sampled token, each beam's best next tokens
+    # (`SamplingParams.num_beam_candidates`) and their log-probabilities; the router picks the next beams (`BeamSearch`).
     beam_seq_ids: list[int] = field(default_factory=list)
     beam_token_ids: list[list[int]] = field(default_factory=list)  # parallel to beam_seq_ids
     beam_logprobs: list[list[float]] = field(default_factory=list)  # parallel to beam_seq_ids

@@ -253,15 +253,16 @@ def beam_candidates(
     logits: torch.Tensor,  # [num_beams_in_batch, vocab]
     rows: list[SamplingRow],
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Each beam's best `2 * num_beams` next tokens and their log-probabilities, as Hugging
-    Face's beam search scores them: log-softmax, then EOS and stop ids masked below min_tokens."""
+    """Each beam's best next tokens (`SamplingParams.num_beam_candidates`) and their
+    log-probabilities, as Hugging Face's beam search scores them: log-softmax, then EOS and stop
+    ids masked below min_tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     min_tokens_mask = _prepare_min_tokens_mask(rows, logits.device)
     if min_tokens_mask is not None:
         logprobs[min_tokens_mask] = float("-inf")
-    k = min(2 * max(r.params.num_beams for r in rows), logprobs.shape[-1])
-    values, ids = logprobs.topk(k, dim=-1)
-    widths = [min(2 * r.params.num_beams, k) for r in rows]
+    vocab = logprobs.shape[-1]
+    widths = [min(r.params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]
+    values, ids = logprobs.topk(max(widths), dim=-1)
     return (
         [row[:w] for row, w in zip(ids.tolist(), widths)],
         [row[:w] for row, w in zip(values.tolist(), widths)],

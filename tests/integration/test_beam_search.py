@@ -187,3 +187,29 @@ def test_best_of_returns_the_samples_with_the_highest_cumulative_logprob(model_c
     for o in best.outputs:
         assert o.cumulative_logprob == pytest.approx(sums[tuple(o.token_ids)], abs=1e-4)
         assert o.logprobs is None  # not asked for
+
+
+def test_beams_match_hf_when_more_candidates_end_than_there_are_beams(case, model_cache_dir):
+    """Four of the six likeliest first tokens are stop ids: Hugging Face then keeps more than
+    2 * num_beams candidates per step (one more per stop id), and so must kvray (with only
+    2 * num_beams, some of these prompts end with other beams)."""
+    arch, model, _, _, _ = case
+    llm = LLM(arch, cache_dir=model_cache_dir, max_model_len=256)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        prompt = torch.randint(0, model.config.vocab_size, (7,), generator=g).tolist()
+        with torch.no_grad():
+            top = model(torch.tensor([prompt])).logits[0, -1].topk(6).indices.tolist()
+        stop = [top[0], top[3], top[4], top[5]]
+        params = SamplingParams(num_beams=3, n=3, max_tokens=6, stop_token_ids=stop)
+        ref = hf_beam_search(
+            model,
+            prompt,
+            num_beams=3,
+            num_return=3,
+            length_penalty=1.0,
+            early_stopping=False,
+            max_new_tokens=6,
+            stop_token_ids={model.config.eos_token_id, *stop},
+        )
+        assert [o.token_ids for o in llm.generate(prompt, params)[0].outputs] == ref

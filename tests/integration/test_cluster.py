@@ -263,3 +263,5 @@ def test_best_of_and_beam_search_over_the_openai_api(cluster, client):
         http.completions.create(
             model="tiny", prompt=prompt, n=2, temperature=0.5, extra_body={"use_beam_search": True}
         )
+    with pytest.raises(openai.BadRequestError, match="use_beam_search needs n or best_of > 1"):
+        http.completions.create(model="tiny", prompt=prompt, extra_body={"use_beam_search": True})

@@ -25,6 +25,7 @@ def search(**options) -> BeamSearch:
         early_stopping=False,
         max_output_tokens=10,
         stop_token_ids=frozenset({EOS}),
+        num_candidates=4,  # Hugging Face's for 2 beams and 1 end-of-sequence id
     )
     return BeamSearch(**{**defaults, **options})
 

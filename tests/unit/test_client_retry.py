@@ -196,3 +196,27 @@ def test_a_stream_broken_after_its_last_chunk_is_not_resumed(serve):
     with KvrayClient(serve(servicer), backoff_s=0.01) as client:
         text = "".join(c.text for c in client.stream("hi", resume=True))
     assert text == "abc" and len(servicer.requests) == 1
+
+
+class RankedServicer(pb_grpc.GenerationServicer):
+    """A beam search's two final chunks; the first call breaks between them."""
+
+    def __init__(self):
+        self.requests = []
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        for index in (0, 1):
+            if len(self.requests) == 1 and index == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the router went away")
+            chunk = pb.GenerateResponse(request_id="r", index=index, token_ids=[index + 5])
+            chunk.finish_reason = pb.GenerateResponse.LENGTH
+            yield chunk
+
+
+def test_a_broken_beam_search_is_sent_again_whole_and_no_beam_comes_twice(serve):
+    servicer = RankedServicer()
+    with KvrayClient(serve(servicer), backoff_s=0.01) as client:
+        chunks = list(client.stream("hi", resume=True, num_beams=2, n=2))
+    assert [(c.index, c.token_ids) for c in chunks] == [(0, [5]), (1, [6])]
+    assert len(servicer.requests) == 2 and not servicer.requests[1].resume

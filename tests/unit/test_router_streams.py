@@ -63,3 +63,10 @@ def test_a_reused_request_id_never_touches_the_newer_request():
         await router.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_merged_first_chunk_keeps_the_prompt_logprobs():
+    first = chunk(0, [1], "a")
+    first.prompt_logprobs = [None, Logprobs(7, -0.5, [7], [-0.5])]
+    (m,) = _coalesce([first, chunk(0, [2], "b")])
+    assert m.prompt_logprobs == first.prompt_logprobs and m.token_ids == [1, 2]

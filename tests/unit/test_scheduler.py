@@ -229,3 +229,21 @@ def test_text_decoded_only_at_the_end_still_meets_the_stop_strings(tiny_tokenize
     (last,) = drive(engine, worker)[("req-0", 0)]
     assert last.text == ""  # the stop string is never streamed
     assert last.finish_reason is FinishReason.STOP and last.stop_reason == "\ufffd"
+
+
+def test_prompt_logprobs_score_at_most_max_prompt_logits_tokens_per_step():
+    from kvray.cluster.scheduler import MAX_PROMPT_LOGITS
+
+    engine, worker = make(max_num_batched_tokens=2048, max_model_len=4096, num_kv_blocks=2048)
+    for n in (1200, 700):
+        prompt = [i % 997 + 1 for i in range(n)]
+        engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=1))
+    engine.add_request([7] * 900, GREEDY)  # no prompt logprobs: not limited
+    drive(engine, worker)
+    scored = {n.seq_id for s in worker.steps for n in s.new_seqs if n.sampling.prompt_logprobs}
+    rows = [
+        sum(k for i, k in zip(s.seq_ids, s.num_scheduled_tokens) if i in scored and k > 1)
+        for s in worker.steps
+    ]
+    assert max(rows) == MAX_PROMPT_LOGITS and sum(rows) == 1200 + 700
+    assert worker.steps[0].num_tokens == MAX_PROMPT_LOGITS + 900  # the rest of the budget is used
