@@ -58,7 +58,8 @@ class BenchRequest:
 def make_workload(
     name: str, num_requests: int, *, seed: int = 0, vocab_size: int = 49152
 ) -> list[BenchRequest]:
-    """`uniform`: 128 prompt + 128 output tokens; `mixed`: prompts 16-512, outputs 16-256 (seeded)."""
+    """`uniform`: 128 prompt + 128 output tokens; `mixed`: prompts 16-512, outputs 16-256
+    (seeded); `single`: 128 prompt + 256 output tokens (one stream's decode speed)."""
     rng = random.Random(seed)
     reqs = []
     for _ in range(num_requests):
@@ -66,8 +67,10 @@ def make_workload(
             prompt_len, out_len = 128, 128
         elif name == "mixed":
             prompt_len, out_len = rng.randint(16, 512), rng.randint(16, 256)
+        elif name == "single":
+            prompt_len, out_len = 128, 256
         else:
-            raise ValueError(f"workload must be uniform or mixed, got {name!r}")
+            raise ValueError(f"workload must be uniform, mixed or single, got {name!r}")
         prompt = [rng.randrange(2, vocab_size) for _ in range(prompt_len)]
         reqs.append(BenchRequest(prompt, out_len))
     return reqs

@@ -162,8 +162,36 @@ def _decode_attention(
         block_ids = meta.decode_block_ids[start * num_blocks : end * num_blocks]
         k = _gather_blocks(k_cache, block_ids, end - start, meta.block_size)
         v = _gather_blocks(v_cache, block_ids, end - start, meta.block_size)
-        out[start:end] = _sdpa(q[start:end, :, None, :], k, v, mask[start:end], scaling)[:, :, 0]
+        if q.dtype == torch.float32:
+            out[start:end] = _sdpa(q[start:end, :, None, :], k, v, mask[start:end], scaling)[
+                :, :, 0
+            ]
+        else:
+            out[start:end] = _attend_one_token(q[start:end], k, v, mask[start:end], scaling)
     return out
+
+
+def _attend_one_token(
+    q: torch.Tensor,  # [n, num_heads, head_dim]
+    k: torch.Tensor,  # [n, num_kv_heads, context, head_dim]
+    v: torch.Tensor,
+    mask: torch.Tensor,  # [n, 1, 1, context] bool
+    scaling: float | None,
+) -> torch.Tensor:  # [n, num_heads, head_dim]
+    """Attention of one query token per sequence as two batched matmuls, softmax in fp32.
+
+    NOTE: for bf16/fp16 only: there SDPA's CPU kernel with a mask and one query row costs
+    8-12x these matmuls (bench: 32 sequences x 160 tokens, 3.6 ms against 0.43 ms). fp32 keeps
+    SDPA, which the exactness tests compare with Hugging Face's.
+    """
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    q = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)  # GQA: heads share a kv head
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [n, kv_heads, group, context]
+    scores *= head_dim**-0.5 if scaling is None else scaling
+    scores.masked_fill_(~mask.view(n, 1, 1, -1), float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).view(n, num_heads, head_dim)
 
 
 def _decode_chunk_size(cache: torch.Tensor, context_width: int) -> int:

@@ -6,6 +6,7 @@ call it in-process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, cast
@@ -21,6 +22,7 @@ from kvray.workers.checkpoints import resolve_model
 from kvray.workers.config import EngineConfig
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
+from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
 from kvray.workers.sampler import (
     Sampler,
@@ -69,6 +71,8 @@ class ModelWorker:
         )
         # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
         cast(torch.nn.Module, model).to(self.device).eval()
+        if can_pack(self.device, self.dtype):
+            logger.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
         logger.info("loaded in %.1fs", time.perf_counter() - start)
         return model
 
@@ -133,7 +137,10 @@ class ModelWorker:
             block_size=self.config.block_size,
             num_kv_blocks=num_blocks,
             kv_cache_bytes=self.kv_cache.num_bytes,
-            weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            weights_bytes=sum(
+                t.numel() * t.element_size()
+                for t in itertools.chain(self.model.parameters(), self.model.buffers())
+            ),
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
