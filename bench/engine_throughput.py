@@ -89,9 +89,16 @@ def load_hf(model_dir: Path, device: str, dtype: str) -> torch.nn.Module:
 
     from kvray.workers import device as devices
 
+    from transformers import AutoConfig
+
     dev = devices.resolve_device(device)
+    saved = getattr(
+        AutoConfig.from_pretrained(model_dir), "dtype", None
+    )  # as kvray's auto reads it
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=devices.resolve_dtype(dtype, dev), attn_implementation="sdpa"
+        model_dir,
+        dtype=devices.resolve_dtype(dtype, dev, checkpoint_dtype=saved),
+        attn_implementation="sdpa",
     )
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -29,7 +29,11 @@ class WorkerConfig:
     revision: str | None = setting(None, "model revision on the hub (branch, tag or commit)")
     trust_remote_code: bool = setting(False, "run Python code that ships with the model")
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    dtype: str = setting(
+        "auto",
+        "auto (bf16 on GPU; on a CPU with AMX or AVX512-BF16 bf16 for bf16/fp16 checkpoints; "
+        "else fp32), float32, bfloat16 or float16",
+    )
     block_size: int = setting(16, "tokens per KV block (a power of two up to 128)")
     # KV cache size: an explicit block count wins; else a byte budget; else (GPU) a fraction
     # of the memory left after weights and a profiled peak forward; (CPU) `cpu_kv_cache_gib`,

@@ -42,8 +42,10 @@ class ModelWorker:
         self.config = engine_config.worker
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         self.device = devices.resolve_device(self.config.device)
-        self.dtype = devices.resolve_dtype(self.config.dtype, self.device)
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
+        self.dtype = devices.resolve_dtype(
+            self.config.dtype, self.device, checkpoint_dtype=self._checkpoint_dtype()
+        )
         torch.manual_seed(self.config.seed)
         self.model = self._load_model()
         text_config = self.model.config.get_text_config()
@@ -56,6 +58,20 @@ class ModelWorker:
         self.runner: ModelRunner | None = None
         self.table = SequenceTable()
         self.info: WorkerInfo | None = None
+
+    def _checkpoint_dtype(self) -> torch.dtype | None:
+        """The dtype the checkpoint's config says its weights are saved in, if any."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            self.model_path,
+            revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code,
+        )
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return dtype if isinstance(dtype, torch.dtype) else None
 
     def _load_model(self) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM

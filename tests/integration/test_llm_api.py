@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from kvray import LLM, SamplingParams
 
@@ -173,3 +174,22 @@ def test_chat_renders_the_template_and_a_model_without_one_says_so(llm, model_ca
         gpt2.chat(messages, GREEDY)
     assert err.value.param == "messages"
     assert not gpt2.engine.has_unfinished()
+
+
+def test_a_bf16_checkpoint_runs_in_bf16_on_a_cpu_with_native_bf16(model_cache_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvray.workers.checkpoints import resolve_model
+    from kvray.workers.device import cpu_has_native_bf16
+
+    path = resolve_model("tiny", cache_dir=model_cache_dir)
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path)
+    expected = "torch.bfloat16" if cpu_has_native_bf16() else "torch.float32"
+    llm = LLM(str(tmp_path), max_model_len=128)
+    assert llm.engine.info.dtype == expected
+    assert LLM("tiny", cache_dir=model_cache_dir, max_model_len=128).engine.info.dtype == (
+        "torch.float32"  # an fp32 checkpoint stays fp32
+    )
+    out = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
