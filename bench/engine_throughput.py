@@ -85,11 +85,9 @@ def run_kvray(llm, reqs: list[BenchRequest]) -> int:
 
 
 def load_hf(model_dir: Path, device: str, dtype: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvray.workers import device as devices
-
-    from transformers import AutoConfig
 
     dev = devices.resolve_device(device)
     saved = getattr(
