@@ -52,6 +52,13 @@ def bench_model(name: str) -> Path:
     return Path(resolve_model(name))
 
 
+def max_positions(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return int(getattr(text, "max_position_embeddings", None) or MAX_BATCHED_TOKENS)
+
+
 def load_kvray(
     model_dir: Path, reqs: list[BenchRequest], device: str, dtype: str, *, num_beams: int = 1
 ):
@@ -67,7 +74,8 @@ def load_kvray(
         device=device,
         dtype=dtype,
         max_num_seqs=len(reqs) * num_beams,
-        max_model_len=MAX_BATCHED_TOKENS,  # SmolLM2's own 8192 would need 4x the blocks
+        # NOTE: not SmolLM2's own 8192, which would need 4x the blocks
+        max_model_len=min(MAX_BATCHED_TOKENS, max_positions(model_dir)),
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
         num_kv_blocks=max(num_blocks, MAX_BATCHED_TOKENS // block_size) + 8,

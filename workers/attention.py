@@ -162,7 +162,7 @@ def _decode_attention(
         block_ids = meta.decode_block_ids[start * num_blocks : end * num_blocks]
         k = _gather_blocks(k_cache, block_ids, end - start, meta.block_size)
         v = _gather_blocks(v_cache, block_ids, end - start, meta.block_size)
-        if q.dtype != torch.float32 and q.device.type == "cpu":
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             out[start:end] = _attend_one_token(q[start:end], k, v, mask[start:end], scaling)
         else:
             attended = _sdpa(q[start:end, :, None, :], k, v, mask[start:end], scaling)
@@ -179,9 +179,10 @@ def _attend_one_token(
 ) -> torch.Tensor:  # [n, num_heads, head_dim]
     """Attention of one query token per sequence as two batched matmuls, softmax in fp32.
 
-    NOTE: for bf16/fp16 on CPU only: there SDPA's kernel with a mask and one query row costs
+    NOTE: for bf16 on CPU only: there SDPA's kernel with a mask and one query row costs
     8-12x these matmuls (bench: 32 sequences x 160 tokens, 3.6 ms against 0.43 ms). fp32 keeps
-    SDPA, which the exactness tests compare with Hugging Face's; GPUs keep SDPA (unmeasured).
+    SDPA, which the exactness tests compare with Hugging Face's; GPUs keep SDPA (unmeasured);
+    fp16 keeps it too (unscaled fp16 scores could overflow).
     """
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]

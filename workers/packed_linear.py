@@ -15,11 +15,16 @@ import logging
 import torch
 from torch import nn
 
+from kvray.workers.device import cpu_has_native_bf16
+
 logger = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Module):
     """`nn.Linear` with a prepacked bf16 weight (no gradients; inference only)."""
+
+    packed_weight: torch.Tensor  # oneDNN's blocked layout of the [out, in] weight
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -32,6 +37,11 @@ class PackedLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
 
+    @property
+    def weight(self) -> torch.Tensor:  # [out_features, in_features]
+        """The weight unpacked (a copy): for model code that reads a linear layer's weight."""
+        return self.packed_weight.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features]
         rows = x.reshape(-1, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(
@@ -41,25 +51,35 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """bf16 on a CPU that multiplies bf16 in hardware: elsewhere oneDNN either refuses bf16
+    weights (AVX2) or emulates them no faster and with other rounding (AVX-512 without BF16)."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and cpu_has_native_bf16()
     )
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace each `nn.Linear` of `model` (bf16, CPU) by a `PackedLinear`; returns how many.
+    """Replace each plain `nn.Linear` of `model` (bf16, CPU) by a `PackedLinear`; returns how
+    many. Subclasses (routers, scaled heads, quantized layers) keep their own `forward`.
 
     A weight tied to another (an output layer sharing the embeddings) gets its own packed copy.
     """
-    targets = [
-        (parent, name, child)
+    sites = [
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
+        if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
     ]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
-    return len(targets)
+    packed: dict[int, PackedLinear] = {}  # one packed layer for a layer with two parents
+    for parent, name in sites:
+        # NOTE: fetched here, not kept in `sites`: each original is freed once replaced, so
+        # loading never holds two copies of every weight.
+        child = getattr(parent, name)
+        if id(child) not in packed:
+            packed[id(child)] = PackedLinear(child)
+        setattr(parent, name, packed[id(child)])
+    return len(packed)

@@ -43,9 +43,9 @@ class ModelWorker:
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         self.device = devices.resolve_device(self.config.device)
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
-        self.dtype = devices.resolve_dtype(
-            self.config.dtype, self.device, checkpoint_dtype=self._checkpoint_dtype()
-        )
+        # NOTE: only `auto` reads the checkpoint's dtype (a config load).
+        saved = self._checkpoint_dtype() if self.config.dtype == "auto" else None
+        self.dtype = devices.resolve_dtype(self.config.dtype, self.device, checkpoint_dtype=saved)
         torch.manual_seed(self.config.seed)
         self.model = self._load_model()
         text_config = self.model.config.get_text_config()

@@ -50,3 +50,22 @@ def test_bf16_decode_attention_matches_fp32_sdpa_within_bf16_rounding():
     k[0, :, 1:] = 1e4
     again = _attend_one_token(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, None)
     assert torch.equal(again[0], got[0])
+
+
+class ScaledHead(torch.nn.Linear):
+    """A subclass with its own forward, as some models' routers and output heads are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.skipif(
+    not can_pack(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN with bf16 on CPU"
+)
+def test_subclasses_keep_their_forward_and_a_shared_layer_is_packed_once():
+    shared = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    head = ScaledHead(8, 8).to(torch.bfloat16)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "head": head})
+    assert pack_linears(model) == 1
+    assert model["a"] is model["b"][0] and model["head"] is head
+    assert torch.equal(model["a"].weight, shared.weight)  # unpacked on request, bit for bit
