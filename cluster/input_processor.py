@@ -289,7 +289,7 @@ class InputProcessor:
         # NOTE: the template writes the special tokens (BOS, turn markers) itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_params(self, params: SamplingParams, num_prompt_tokens: int = 1) -> None:
+    def check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
         if params.num_beams > 1:
             self._check_beam_blocks(params, num_prompt_tokens)

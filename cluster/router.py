@@ -237,10 +237,12 @@ class Router:
         ):
             raise UnavailableError("no replica is ready; retry shortly")
         stream = RequestStream(
-            request.request_id, request.num_outputs, arrival_time=request.arrival_time
+            request.request_id,
+            request.num_outputs,
+            arrival_time=request.arrival_time,
+            is_ranked=request.params.is_ranked,
         )
         stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
-        stream.is_ranked = request.params.is_ranked
         self._streams[request.request_id] = stream
         try:
             self.dispatcher.place(request, stream, replica)  # None: until a replica is ready

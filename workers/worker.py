@@ -282,7 +282,8 @@ class ModelWorker:
             batch = prepare_sampling_batch(
                 sampling_rows(samples), vocab_size=self.vocab_size, device=self.device
             )
-            token_ids, logprobs = self.sampler.sample(logits[samples], batch)
+            # NOTE: without beams every row samples: no gathered copy of the logits.
+            token_ids, logprobs = self.sampler.sample(logits[samples] if beams else logits, batch)
             for k, token_id in zip(samples, token_ids):
                 rows[k][1].token_ids.append(token_id)
             out.seq_ids = [step_input.seq_ids[rows[k][0]] for k in samples]

@@ -195,13 +195,17 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
-def test_broken_manifest_fails_naming_the_field(cpu_dev, case):
-    mutate, expected = BROKEN[case]
-    docs = copy.deepcopy(cpu_dev)
+def assert_fails_naming(docs, mutate, expected: str) -> None:
+    """`mutate` a copy of `docs`; validation must fail with a message containing `expected`."""
+    docs = copy.deepcopy(docs)
     mutate(docs)
     errors = v.validate(docs)
     assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_manifest_fails_naming_the_field(cpu_dev, case):
+    assert_fails_naming(cpu_dev, *BROKEN[case])
 
 
 def head_env(docs, name, value):
@@ -259,11 +263,7 @@ BROKEN_TLS = {
 
 @pytest.mark.parametrize("case", sorted(BROKEN_TLS))
 def test_broken_tls_manifest_fails_naming_the_field(cpu_dev_tls, case):
-    mutate, expected = BROKEN_TLS[case]
-    docs = copy.deepcopy(cpu_dev_tls)
-    mutate(docs)
-    errors = v.validate(docs)
-    assert any(expected in e for e in errors), errors
+    assert_fails_naming(cpu_dev_tls, *BROKEN_TLS[case])
 
 
 def test_the_tls_component_turns_on_tls_tokens_and_the_health_port(cpu_dev_tls):
