@@ -318,14 +318,21 @@ def slow(ray_session, model_cache_dir):
 def test_metric_gauges_equal_the_cluster_status(slow):
     cluster, client = slow
 
+    def waiting(status):
+        return sum(r.num_waiting for r in status.replicas) + status.queue_depth
+
     def send():
         client.completions.create(model="fake", prompt=PROMPT, max_tokens=8)
 
+    # One running and two waiting: the first must run before the others arrive, or the third
+    # finds two queued and is refused (max_queued_requests=2).
     senders = [threading.Thread(target=send) for _ in range(3)]
-    for t in senders:
-        t.start()
     with KvrayClient(cluster.target) as grpc_client:
+        senders[0].start()
         wait_for(lambda: grpc_client.status().num_running == 1, timeout=30)
+        for t in senders[1:]:
+            t.start()
+        wait_for(lambda: waiting(grpc_client.status()) == 2, timeout=30)
         for _ in range(5):  # both reads fall within one 300 ms step, normally at the first try
             status, samples = grpc_client.status(), scrape(cluster)
             if status == grpc_client.status():
