@@ -122,3 +122,49 @@ def timed() -> object:
     start = time.perf_counter()
     yield box
     box["s"] = time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class HardwareLimits:
+    """What this machine can do, measured in the benchmark's own run (these machines are noisy)."""
+
+    matmul_flops: float  # FLOP/s of one large matmul in the benchmark's dtype, all cores
+    read_bytes: float  # bytes/s of one pass over a 1 GiB tensor
+
+
+def measure_limits(dtype: str, device: str) -> HardwareLimits:
+    import torch
+
+    from kvray.workers import device as devices
+
+    dev = devices.resolve_device(device)
+    dt = devices.resolve_dtype(dtype, dev, checkpoint_dtype=torch.bfloat16)
+
+    def best_of(fn, reps: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            devices.synchronize(dev)
+            start = time.perf_counter()
+            fn()
+            devices.synchronize(dev)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    n = 4096 if dev.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
+    flops = 2 * n**3 / best_of(lambda: torch.mm(a, b))
+    data = torch.ones(2**29, dtype=torch.bfloat16, device=dev)
+    read = data.numel() * data.element_size() / best_of(data.sum)
+    return HardwareLimits(matmul_flops=flops, read_bytes=read)
+
+
+def linear_weight_count(model_dir: Path) -> int:
+    """Weights a token is multiplied by: every linear layer, the output layer included (tied or
+    not). Two FLOPs each per token; read once per decode step."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

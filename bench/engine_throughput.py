@@ -33,7 +33,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import BenchRequest, PeakMemory, log, make_workload, smollm2_135m_shaped
+from common import (
+    BenchRequest,
+    HardwareLimits,
+    PeakMemory,
+    linear_weight_count,
+    log,
+    make_workload,
+    measure_limits,
+    smollm2_135m_shaped,
+)
 
 MAX_BATCHED_TOKENS = 2048  # per step, for kvray and hf-cb alike
 NUM_BEAMS, BEAM_TOKENS, BEAM_REQUESTS = 4, 32, 16
@@ -230,7 +239,10 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
     if "kvray" in args.systems:
         llm = load_kvray(model_dir, reqs, args.device, args.dtype)
         run_kvray(llm, warmup)
-        results.append(measure("kvray", run_kvray, llm, reqs))
+        result = measure("kvray", run_kvray, llm, reqs)
+        result["prompt_tokens"] = sum(len(r.prompt_token_ids) for r in reqs)
+        result["weight_bytes"] = llm.worker.dtype.itemsize
+        results.append(result)
         del llm
     model = None
     for system, fn, subset in (
@@ -297,6 +309,25 @@ def print_table(workload: str, results: list[dict], *, num_requests: int) -> Non
             print(f"target kvray >= {target}x {baseline}: {ratio:.2f}x ({verdict})")
 
 
+def print_limits(workload: str, results: list[dict], limits: HardwareLimits, weights: int) -> None:
+    """kvray's figure as a fraction of the machine's limit: compute for batches (every prompt
+    and output token is 2 FLOPs per weight), weight reads for one stream (each decode step
+    reads every weight once)."""
+    kvray = next((r for r in results if r["system"] == "kvray"), None)
+    if kvray is None:
+        return
+    if workload == "single":
+        rate = weights * kvray["weight_bytes"] * kvray["tokens_per_s"]
+        print(f"kvray reads weights at {rate / 1e9:.1f} GB/s = {rate / limits.read_bytes:.0%} "
+              f"of the {limits.read_bytes / 1e9:.1f} GB/s measured read bandwidth")  # fmt: skip
+        return
+    tokens = kvray["prompt_tokens"] + kvray["output_tokens"]
+    rate = 2 * weights * tokens / kvray["seconds"]
+    print(f"kvray computes {rate / 1e9:.0f} GFLOP/s in linear layers = "
+          f"{rate / limits.matmul_flops:.0%} of the {limits.matmul_flops / 1e9:.0f} GFLOP/s "
+          "measured for one large matmul")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,6 +351,8 @@ def main() -> int:
     args.systems = set(args.systems.split(","))
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device={args.device}")
     all_results = {}
+    limits = measure_limits(args.dtype, args.device) if "kvray" in args.systems else None
+    weights = linear_weight_count(model_dir)
     for workload in args.workloads.split(","):
         if workload == "beam":
             all_results[workload] = run_beam_workload(args, model_dir)
@@ -328,6 +361,8 @@ def main() -> int:
         results = run_workload(args, workload, model_dir)
         all_results[workload] = results
         print_table(workload, results, num_requests=args.num_requests)
+        if limits is not None:
+            print_limits(workload, results, limits, weights)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(all_results, indent=2))

@@ -9,11 +9,13 @@ transformers'; only the attention function is ours.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kvray.workers import cpu_kernels
 
 ATTN_IMPLEMENTATION = "kvray_paged"
 _CPU_DECODE_CHUNK_BYTES = 1 << 20
@@ -50,6 +52,7 @@ class AttentionMetadata:
     kv_caches: list[
         tuple[torch.Tensor, torch.Tensor]
     ]  # per layer ([num_slots, kv_heads, dim],) * 2
+    decode_kernel: DecodeKernel | None = None  # reads the block tables in place; see below
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -143,6 +146,23 @@ def paged_attention_forward(
     return out.unsqueeze(0), None
 
 
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def decode_kernel(
+    cache_dtype: torch.dtype, device: torch.device, head_dim: int
+) -> DecodeKernel | None:
+    """The compiled paged decode attention where it applies, else None (the torch path).
+
+    NOTE: bf16 on CPU only, where the torch path costs 3-8x the kernel (bench/decode_attention.py).
+    fp32 keeps SDPA, which the exactness tests compare with Hugging Face's: the kernel's sums run
+    in another order. The kernel builds here, at warmup, not in a step.
+    """
+    if device.type != "cpu" or cache_dtype != torch.bfloat16 or head_dim % 16:
+        return None
+    return cpu_kernels.paged_decode_attention()
+
+
 def _decode_attention(
     q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
@@ -151,8 +171,19 @@ def _decode_attention(
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
-    assert meta.decode_block_ids is not None
+    assert meta.decode_block_ids is not None and meta.decode_positions is not None
     num_decodes = meta.num_decodes
+    if meta.decode_kernel is not None:
+        return meta.decode_kernel(
+            q,
+            k_cache,
+            v_cache,
+            meta.decode_block_ids.view(num_decodes, -1),
+            meta.decode_positions + 1,
+            meta.block_size,
+            q.shape[-1] ** -0.5 if scaling is None else scaling,
+            sliding_window or 0,
+        )
     num_blocks = meta.decode_block_ids.numel() // num_decodes  # per sequence, padded
     mask = meta.decode_mask(sliding_window)
     chunk = _decode_chunk_size(k_cache, num_blocks * meta.block_size)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_context
+from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_context, decode_kernel
 from kvray.workers.kv_cache import KVCache
 
 
@@ -51,6 +51,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
+        spec = kv_cache.spec
+        self.decode_kernel = decode_kernel(spec.dtype, device, spec.head_dim)
 
     def prepare(self, seqs: list[ScheduledSeq]) -> ModelInput:
         """Lay out the batch: single-token sequences first, then prompt chunks."""
@@ -87,6 +89,7 @@ class ModelRunner:
             decode_positions=positions[:num_decodes] if num_decodes else None,
             prefills=prefills,
             kv_caches=self.kv_cache.layers,
+            decode_kernel=self.decode_kernel,
         )
         sample_rows = [first_rows[k] + s.num_tokens - 1 for k, s in enumerate(ordered) if s.samples]
         prompt_rows: list[int] = []

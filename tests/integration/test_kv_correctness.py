@@ -1,6 +1,6 @@
 """KV cache correctness: logits from prefill + N decode steps through the paged cache equal the
 logits of one full forward over the same tokens (no cache): in fp32 to 1e-4; in bf16 (packed
-linear layers, the one-token decode attention) to bf16's rounding."""
+linear layers, the compiled paged decode attention) to bf16's rounding."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def test_prefill_plus_decode_logits_match_full_forward(arch, chunk, dtype, model
         )
     )
     worker.warmup()
+    # bf16 decodes on CPU go through the compiled paged attention, fp32 through SDPA.
+    assert (worker.runner.decode_kernel is not None) == (dtype == "bfloat16")
     g = torch.Generator().manual_seed(0)
     # Two sequences share every step, with block tables that interleave in the pool.
     seqs = [torch.randint(0, 500, (n + NUM_DECODES,), generator=g).tolist() for n in (23, 41)]

@@ -1,0 +1,127 @@
+"""kvray's compiled CPU decode attention against an fp64 reference, and its torch fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvray.workers import cpu_kernels
+from kvray.workers.attention import AttentionMetadata, _decode_attention, decode_kernel
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    op = cpu_kernels.paged_decode_attention()
+    if op is None:  # the suite's machines have a compiler; say so loudly where one does not
+        pytest.fail("kvray's CPU kernels did not build (see the warning above)")
+    return op
+
+
+def paged_case(num_seqs, heads, kv_heads, dim, lengths, dtype, seed=0):
+    """Random caches, block tables padded with block 0 and scattered over the pool."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // BLOCK) for n in lengths)
+    num_blocks = num_seqs * width + 3
+    k = torch.randn(num_blocks * BLOCK, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(num_blocks * BLOCK, kv_heads, dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks - 1, generator=g) + 1
+    table = torch.zeros(num_seqs, width, dtype=torch.long)
+    used = 0
+    for i, n in enumerate(lengths):
+        count = -(-n // BLOCK)
+        table[i, :count] = order[used : used + count]
+        used += count
+    q = torch.randn(num_seqs, heads, dim, generator=g).to(dtype)
+    return q, k, v, table, torch.tensor(lengths)
+
+
+def reference(q, k, v, table, lengths, scale, window):
+    """fp64: gather each sequence's tokens, softmax over the visible ones."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    out = torch.empty(n, heads, dim, dtype=torch.float64)
+    for i, length in enumerate(lengths.tolist()):
+        slots = (table[i][:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:length]
+        first = max(0, length - window) if window else 0
+        keys, values = k[slots[first:]].double(), v[slots[first:]].double()
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            probs = (keys[:, kv] @ q[i, h].double() * scale).softmax(0)
+            out[i, h] = probs @ values[:, kv]
+    return out
+
+
+@pytest.mark.parametrize(
+    "num_seqs,heads,kv_heads,dim,window",
+    [
+        (1, 9, 3, 64, 0),  # one sequence: one kv head per work item
+        (7, 9, 3, 64, 0),  # enough sequences: all kv heads per item
+        (5, 8, 8, 128, 0),  # no GQA
+        (6, 4, 1, 32, 20),  # MQA with a sliding window
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_equals_attention_over_the_gathered_blocks(
+    kernel, num_seqs, heads, kv_heads, dim, window, dtype
+):
+    lengths = [1, 16, 17, 45, 80, 3, 33][:num_seqs]
+    q, k, v, table, lens = paged_case(num_seqs, heads, kv_heads, dim, lengths, dtype)
+    scale = dim**-0.5
+    got = kernel(q, k, v, table, lens, BLOCK, scale, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = reference(q, k, v, table, lens, scale, window)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
+def test_slots_past_a_sequence_length_are_never_read(kernel):
+    q, k, v, table, lens = paged_case(3, 6, 2, 64, [5, 20, 31], torch.bfloat16)
+    before = kernel(q, k, v, table, lens, BLOCK, 0.125, 0)
+    for i, n in enumerate(lens.tolist()):  # poison the tail of each last block
+        last = int(table[i, (n - 1) // BLOCK])
+        k[last * BLOCK + n % BLOCK : (last + 1) * BLOCK] = float("nan")
+        v[last * BLOCK + n % BLOCK : (last + 1) * BLOCK] = float("nan")
+    assert torch.equal(kernel(q, k, v, table, lens, BLOCK, 0.125, 0), before)
+
+
+def test_bad_shapes_are_refused_with_a_message(kernel):
+    q, k, v, table, lens = paged_case(2, 6, 2, 64, [5, 9], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernel(q.float(), k, v, table, lens, BLOCK, 0.125, 0)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernel(q, k, v, table.int(), lens, BLOCK, 0.125, 0)
+
+
+def test_the_decode_path_uses_the_kernel_for_bf16_on_cpu_only_and_both_paths_agree(kernel):
+    cpu = torch.device("cpu")
+    assert decode_kernel(torch.bfloat16, cpu, 64) is kernel
+    assert decode_kernel(torch.float32, cpu, 64) is None  # fp32 stays on SDPA: exactness tests
+    assert decode_kernel(torch.bfloat16, cpu, 72) is None  # head_dim not a multiple of 16
+
+    lengths = [3, 40, 17, 64, 1]
+    q, k, v, table, lens = paged_case(5, 9, 3, 64, lengths, torch.bfloat16)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(5, dtype=torch.long),
+        block_size=BLOCK,
+        num_decodes=5,
+        decode_block_ids=table.flatten(),
+        decode_positions=lens - 1,
+        prefills=[],
+        kv_caches=[(k, v)],
+    )
+    torch_path = _decode_attention(q, k, v, meta, None, None)
+    meta.decode_kernel = kernel
+    kernel_path = _decode_attention(q, k, v, meta, None, None)
+    torch.testing.assert_close(kernel_path.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("KVRAY_CPU_KERNELS", "0")
+    cpu_kernels.paged_decode_attention.cache_clear()
+    try:
+        assert cpu_kernels.paged_decode_attention() is None
+    finally:
+        monkeypatch.delenv("KVRAY_CPU_KERNELS")
+        cpu_kernels.paged_decode_attention.cache_clear()

@@ -1,0 +1,93 @@
+"""kvray's C++ kernels for CPU, compiled on first use and cached on disk.
+
+`paged_decode_attention()` returns the compiled op, or None where it cannot be built (no C++
+compiler, `KVRAY_CPU_KERNELS=0`); callers then keep their torch path, which gives the same
+results more slowly. The build goes through `torch.utils.cpp_extension`: it takes about a
+minute once per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
+`~/.cache/torch_extensions`) in well under a second. The worker builds it during warmup, so no
+step waits for a compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+
+
+def enabled() -> bool:
+    return os.environ.get("KVRAY_CPU_KERNELS", "1") != "0"
+
+
+@functools.cache
+def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
+    """The compiled `paged_decode_attention(query, key_cache, value_cache, block_table,
+    context_lens, block_size, scale, window)` (see csrc/paged_attention.cpp), or None."""
+    if not enabled():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+    except ImportError as e:  # pragma: no cover - torch always ships it
+        logger.warning("no torch.utils.cpp_extension (%s): decode attention stays on torch", e)
+        return None
+    _put_ninja_on_path()
+    started = time.perf_counter()
+    try:
+        load(
+            name=f"kvray_cpu_kernels_{_machine_tag()}",
+            sources=[str(_SOURCE)],
+            # NOTE: -march=native is safe: every machine compiles for itself, under a name that
+            # includes its CPU's flags, so a shared cache never hands one CPU another's build.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,  # the library registers torch.ops.kvray.*
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja, a full disk: slower, never broken
+        logger.warning(
+            "kvray's CPU kernels did not build (%s: %s); decode attention stays on the slower "
+            "torch path. Install a C++ compiler and ninja, or set KVRAY_CPU_KERNELS=0 to skip.",
+            type(e).__name__,
+            str(e).strip().splitlines()[-1] if str(e).strip() else "",
+        )
+        return None
+    logger.info("kvray CPU kernels ready in %.1f s", time.perf_counter() - started)
+    return torch.ops.kvray.paged_decode_attention  # type: ignore[no-any-return]
+
+
+def _put_ninja_on_path() -> None:
+    """torch looks for `ninja` on PATH; the pip package's copy is there only in an activated
+    virtual environment."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _machine_tag() -> str:
+    """A short digest of the CPU's feature flags, the compiler target and the torch build."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    key = f"{platform.machine()}|{flags}|{torch.__version__}"
+    return hashlib.sha256(key.encode()).hexdigest()[:10]

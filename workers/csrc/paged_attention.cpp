@@ -1,0 +1,213 @@
+// Paged decode attention on CPU: one query token per sequence, read straight from the block table.
+//
+// The torch path gathers every block of every sequence into a contiguous tensor, transposes it
+// for the matmul (a second copy) and runs many small batched matmuls; on 2 cores that is 5-10x
+// the cost of reading the keys and values once. This kernel reads each cached key and value row
+// once, where it lies, and keeps scores, softmax and the weighted sum in fp32.
+//
+// Layouts (those of kvray.workers.kv_cache and attention):
+//   query        [num_seqs, num_heads, head_dim]            bf16 or fp32
+//   key/value    [num_blocks * block_size, num_kv_heads, head_dim], the query's dtype
+//   block_table  [num_seqs, max_blocks] int64, padded with any valid block id
+//   context_lens [num_seqs] int64: tokens each query attends to (its position + 1)
+//   window       > 0: attend to the last `window` tokens only (sliding-window models)
+// Returns [num_seqs, num_heads, head_dim] in the query's dtype.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;  // head_dim must be a multiple
+
+// GCC/Clang vector types: one AVX-512 register, or two AVX2 ones, whatever -march=native has.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {  // exact: a bf16 is the top half of an fp32
+  u16x16 half;
+  std::memcpy(&half, p, sizeof(half));
+  u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// e^x for x <= 0 (softmax after subtracting the maximum): Cephes' expf polynomial, ~1 ulp.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 lowest = f32x16{} - 87.3f;
+  x = x < lowest ? lowest : x;
+  f32x16 fx = x * 1.44269504088896341f + 0.5f;
+  f32x16 n = __builtin_convertvector(__builtin_convertvector(fx, i32x16), f32x16);
+  n = n > fx ? n - 1.f : n;  // floor
+  f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  f32x16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+inline float reduce_add(f32x16 v) {  // halving shuffles, not 15 scalar adds
+  f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
+  f32x16 acc = load16(q) * load16(k);
+  for (int64_t d = kLanes; d < dim; d += kLanes) acc += load16(q + d) * load16(k + d);
+  return reduce_add(acc);
+}
+
+// acc[0:dim] += p * v[0:dim]
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    f32x16 a = load16(acc + d) + p * load16(v + d);
+    std::memcpy(acc + d, &a, sizeof(a));
+  }
+}
+
+template <typename T>
+void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
+            const torch::Tensor& value_cache, const torch::Tensor& block_table,
+            const torch::Tensor& context_lens, int64_t block_size, double scale, int64_t window,
+            torch::Tensor& out) {
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1), dim = query.size(2);
+  const int64_t num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_table.size(1);
+  const T* q_ptr = query.data_ptr<T>();
+  const T* k_ptr = key_cache.data_ptr<T>();
+  const T* v_ptr = value_cache.data_ptr<T>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t row = num_kv_heads * dim;  // elements per cache slot
+
+  // A work item is one sequence and a run of its kv heads; each query head of a group shares
+  // the keys its kv head reads. With enough sequences an item takes all kv heads, so it reads
+  // whole cache rows in order (prefetch-friendly); with few, one kv head each, to use every core.
+  const int64_t heads_per_item =
+      num_seqs >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t items_per_seq = num_kv_heads / heads_per_item;
+  at::parallel_for(0, num_seqs * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t heads = heads_per_item * group;  // query heads per item
+    std::vector<float> q(heads * dim), acc(heads * dim), scores, top(heads), total(heads);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / items_per_seq;
+      const int64_t kv_first = (item % items_per_seq) * heads_per_item;
+      const int64_t len = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t span = len - first;
+      const int64_t* blocks = table + seq * max_blocks;
+      const T* q_seq = q_ptr + (seq * num_heads + kv_first * group) * dim;
+      for (int64_t i = 0; i < heads * dim; ++i) q[i] = static_cast<float>(q_seq[i]) * float(scale);
+
+      scores.resize(heads * span);
+      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t t = first; t < len; ++t) {
+        const int64_t slot = blocks[t / block_size] * block_size + t % block_size;
+        const T* k_row = k_ptr + slot * row + kv_first * dim;
+        for (int64_t h = 0; h < heads; ++h) {  // query head h reads kv head h / group
+          const float s = dot(q.data() + h * dim, k_row + (h / group) * dim, dim);
+          scores[h * span + (t - first)] = s;
+          top[h] = std::max(top[h], s);
+        }
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* s = scores.data() + h * span;
+        total[h] = 0.f;
+        int64_t t = 0;
+        f32x16 sum16 = f32x16{};
+        for (; t + kLanes <= span; t += kLanes) {
+          f32x16 e = exp16(load16(s + t) - top[h]);
+          std::memcpy(s + t, &e, sizeof(e));
+          sum16 += e;
+        }
+        total[h] = reduce_add(sum16);
+        for (; t < span; ++t) {
+          s[t] = std::exp(s[t] - top[h]);
+          total[h] += s[t];
+        }
+      }
+
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = first; t < len; ++t) {
+        const int64_t slot = blocks[t / block_size] * block_size + t % block_size;
+        const T* v_row = v_ptr + slot * row + kv_first * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+          axpy(acc.data() + h * dim, scores[h * span + (t - first)], v_row + (h / group) * dim, dim);
+        }
+      }
+      T* o = out_ptr + (seq * num_heads + kv_first * group) * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float inv = 1.f / total[h];
+        for (int64_t d = 0; d < dim; ++d) o[h * dim + d] = static_cast<T>(acc[h * dim + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
+                                     torch::Tensor value_cache, torch::Tensor block_table,
+                                     torch::Tensor context_lens, int64_t block_size, double scale,
+                                     int64_t window) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3, "query and caches must be 3-d");
+  TORCH_CHECK(query.size(2) % kLanes == 0, "head_dim must be a multiple of ", kLanes);
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "num_heads must be a multiple of kv heads");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() &&
+                  value_cache.scalar_type() == query.scalar_type(),
+              "query and caches must share a dtype");
+  TORCH_CHECK(block_table.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "block_table and context_lens must be int64");
+  query = query.contiguous();
+  block_table = block_table.contiguous();
+  context_lens = context_lens.contiguous();
+  auto out = torch::empty_like(query);
+  if (query.scalar_type() == torch::kBFloat16) {
+    attend<c10::BFloat16>(query, key_cache, value_cache, block_table, context_lens, block_size,
+                          scale, window, out);
+  } else {
+    TORCH_CHECK(query.scalar_type() == torch::kFloat32, "query must be bf16 or fp32");
+    attend<float>(query, key_cache, value_cache, block_table, context_lens, block_size, scale,
+                  window, out);
+  }
+  return out;
+}
+
+TORCH_LIBRARY(kvray, m) {
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor context_lens, int block_size, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvray, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
