@@ -20,6 +20,9 @@ the best beam's tokens counted).
 
 `--model smollm2` runs the real SmolLM2-135M-Instruct (the built-in checkpoint) instead of the
 random-weight model of its shape; `single` is one request (128 + 256 tokens): decode speed.
+`--systems kvray,kvray-int8,...` adds kvray with `quantization: int8` to the same run. Each
+kvray row is also printed as a share of this machine's limits, measured in the same run: the
+FLOP/s of one large matmul (batches) and the read bandwidth (one stream).
 """
 
 from __future__ import annotations
@@ -69,7 +72,13 @@ def max_positions(model_dir: Path) -> int:
 
 
 def load_kvray(
-    model_dir: Path, reqs: list[BenchRequest], device: str, dtype: str, *, num_beams: int = 1
+    model_dir: Path,
+    reqs: list[BenchRequest],
+    device: str,
+    dtype: str,
+    *,
+    num_beams: int = 1,
+    quantization: str | None = None,
 ):
     """An offline engine whose KV cache holds every request at once (as a static batch's would)."""
     from kvray import LLM
@@ -88,6 +97,7 @@ def load_kvray(
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
         num_kv_blocks=max(num_blocks, MAX_BATCHED_TOKENS // block_size) + 8,
+        quantization=quantization,
     )
     return llm
 
@@ -236,12 +246,14 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
     # a first run pays for page faults and allocator growth that later runs do not.
     warmup = [BenchRequest(r.prompt_token_ids, 8) for r in reqs[:2]]
     results = []
-    if "kvray" in args.systems:
-        llm = load_kvray(model_dir, reqs, args.device, args.dtype)
+    for system, quantization, weight_bytes in (("kvray", None, 0), ("kvray-int8", "int8", 1)):
+        if system not in args.systems:
+            continue
+        llm = load_kvray(model_dir, reqs, args.device, args.dtype, quantization=quantization)
         run_kvray(llm, warmup)
-        result = measure("kvray", run_kvray, llm, reqs)
+        result = measure(system, run_kvray, llm, reqs)
         result["prompt_tokens"] = sum(len(r.prompt_token_ids) for r in reqs)
-        result["weight_bytes"] = llm.worker.dtype.itemsize
+        result["weight_bytes"] = weight_bytes or llm.worker.dtype.itemsize
         results.append(result)
         del llm
     model = None
@@ -300,6 +312,9 @@ def print_table(workload: str, results: list[dict], *, num_requests: int) -> Non
             f"{r['system']:<10} {r['output_tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.1f} "
             f"{ratio:>7.2f}x {r['peak_rss_gib']:>8.2f} {r['peak_gpu_gib']:>8.2f}"
         )
+    if "kvray" in by and "kvray-int8" in by:
+        ratio = by["kvray-int8"]["tokens_per_s"] / by["kvray"]["tokens_per_s"]
+        print(f"kvray-int8 / kvray: {ratio:.2f}x")
     if num_requests != 64:
         print(f"(targets below are for the full 64-request run; this run has {num_requests})")
     for baseline, target in TARGETS.get(workload, {}).items():
@@ -313,19 +328,19 @@ def print_limits(workload: str, results: list[dict], limits: HardwareLimits, wei
     """kvray's figure as a fraction of the machine's limit: compute for batches (every prompt
     and output token is 2 FLOPs per weight), weight reads for one stream (each decode step
     reads every weight once)."""
-    kvray = next((r for r in results if r["system"] == "kvray"), None)
-    if kvray is None:
-        return
-    if workload == "single":
-        rate = weights * kvray["weight_bytes"] * kvray["tokens_per_s"]
-        print(f"kvray reads weights at {rate / 1e9:.1f} GB/s = {rate / limits.read_bytes:.0%} "
-              f"of the {limits.read_bytes / 1e9:.1f} GB/s measured read bandwidth")  # fmt: skip
-        return
-    tokens = kvray["prompt_tokens"] + kvray["output_tokens"]
-    rate = 2 * weights * tokens / kvray["seconds"]
-    print(f"kvray computes {rate / 1e9:.0f} GFLOP/s in linear layers = "
-          f"{rate / limits.matmul_flops:.0%} of the {limits.matmul_flops / 1e9:.0f} GFLOP/s "
-          "measured for one large matmul")  # fmt: skip
+    for kvray in (r for r in results if r["system"].startswith("kvray")):
+        name = kvray["system"]
+        if workload == "single":
+            rate = weights * kvray["weight_bytes"] * kvray["tokens_per_s"]
+            print(f"{name} reads weights at {rate / 1e9:.1f} GB/s = "
+                  f"{rate / limits.read_bytes:.0%} of the {limits.read_bytes / 1e9:.1f} GB/s "
+                  "measured read bandwidth")  # fmt: skip
+            continue
+        tokens = kvray["prompt_tokens"] + kvray["output_tokens"]
+        rate = 2 * weights * tokens / kvray["seconds"]
+        print(f"{name} computes {rate / 1e9:.0f} GFLOP/s in linear layers = "
+              f"{rate / limits.matmul_flops:.0%} of the {limits.matmul_flops / 1e9:.0f} GFLOP/s "
+              "measured for one large matmul")  # fmt: skip
 
 
 def main() -> int:
@@ -351,7 +366,8 @@ def main() -> int:
     args.systems = set(args.systems.split(","))
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device={args.device}")
     all_results = {}
-    limits = measure_limits(args.dtype, args.device) if "kvray" in args.systems else None
+    measured = any(s.startswith("kvray") for s in args.systems)
+    limits = measure_limits(args.dtype, args.device) if measured else None
     weights = linear_weight_count(model_dir)
     for workload in args.workloads.split(","):
         if workload == "beam":

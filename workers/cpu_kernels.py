@@ -1,8 +1,8 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
-`paged_decode_attention()` returns the compiled op, or None where it cannot be built (no C++
-compiler, `KVRAY_CPU_KERNELS=0`); callers then keep their torch path, which gives the same
-results more slowly. The build goes through `torch.utils.cpp_extension`: it takes about a
+`paged_decode_attention()` and `int8_linear()` return the compiled ops (`torch.ops.kvray.*`),
+or None where they cannot be built (no C++ compiler, `KVRAY_CPU_KERNELS=0`); callers then keep
+their torch path, which gives the same results more slowly. The build goes through `torch.utils.cpp_extension`: it takes about a
 minute once per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) in well under a second. The worker builds it during warmup, so no
 step waits for a compiler.
@@ -24,30 +24,42 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "int8_linear.cpp")
+]
 
 
 def enabled() -> bool:
     return os.environ.get("KVRAY_CPU_KERNELS", "1") != "0"
 
 
-@functools.cache
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
-    """The compiled `paged_decode_attention(query, key_cache, value_cache, block_table,
-    context_lens, block_size, scale, window)` (see csrc/paged_attention.cpp), or None."""
+    """`paged_decode_attention(query, key_cache, value_cache, block_table, context_lens,
+    block_size, scale, window)`, see csrc/paged_attention.cpp; or None."""
+    return torch.ops.kvray.paged_decode_attention if _build() else None
+
+
+def int8_linear() -> Callable[..., torch.Tensor] | None:
+    """`int8_linear(x, weight, scale, bias)`, see csrc/int8_linear.cpp; or None."""
+    return torch.ops.kvray.int8_linear if _build() else None
+
+
+@functools.cache
+def _build() -> bool:
+    """Compile (or load the cached build of) every kernel once per process; False if not."""
     if not enabled():
-        return None
+        return False
     try:
         from torch.utils.cpp_extension import load
     except ImportError as e:  # pragma: no cover - torch always ships it
-        logger.warning("no torch.utils.cpp_extension (%s): decode attention stays on torch", e)
-        return None
+        logger.warning("no torch.utils.cpp_extension (%s): kvray's CPU kernels are off", e)
+        return False
     _put_ninja_on_path()
     started = time.perf_counter()
     try:
         load(
             name=f"kvray_cpu_kernels_{_machine_tag()}",
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             # NOTE: -march=native is safe: every machine compiles for itself, under a name that
             # includes its CPU's flags, so a shared cache never hands one CPU another's build.
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -57,14 +69,14 @@ def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
         )
     except Exception as e:  # a missing compiler or ninja, a full disk: slower, never broken
         logger.warning(
-            "kvray's CPU kernels did not build (%s: %s); decode attention stays on the slower "
-            "torch path. Install a C++ compiler and ninja, or set KVRAY_CPU_KERNELS=0 to skip.",
+            "kvray's CPU kernels did not build (%s: %s); decode attention and int8 layers take "
+            "the slower torch path. Install a C++ compiler, or set KVRAY_CPU_KERNELS=0 to skip.",
             type(e).__name__,
             str(e).strip().splitlines()[-1] if str(e).strip() else "",
         )
-        return None
+        return False
     logger.info("kvray CPU kernels ready in %.1f s", time.perf_counter() - started)
-    return torch.ops.kvray.paged_decode_attention  # type: ignore[no-any-return]
+    return True
 
 
 def _put_ninja_on_path() -> None:

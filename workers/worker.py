@@ -24,6 +24,7 @@ from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
+from kvray.workers.quantization import quantize_linears
 from kvray.workers.sampler import (
     Sampler,
     SamplingRow,
@@ -87,7 +88,14 @@ class ModelWorker:
         )
         # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
         cast(torch.nn.Module, model).to(self.device).eval()
-        if can_pack(self.device, self.dtype):
+        if self.config.quantization == "int8":
+            if self.device.type != "cpu":
+                raise ValueError(
+                    f"quantization int8 runs on CPU only; on {self.device} leave it unset "
+                    "(bf16) or serve a checkpoint quantized for GPUs"
+                )
+            logger.info("quantized %d linear layers to int8", quantize_linears(model))
+        elif can_pack(self.device, self.dtype):
             logger.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
         logger.info("loaded in %.1fs", time.perf_counter() - start)
         return model

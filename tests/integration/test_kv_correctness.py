@@ -9,25 +9,34 @@ import torch
 
 from kvray.workers.config import EngineConfig
 from kvray.workers.model_runner import ScheduledSeq
+from kvray.workers.quantization import quantize_int8
 from kvray.workers.worker import ModelWorker
 from tests.conftest import ARCH_NAMES
 
 NUM_DECODES = 12
 
 
-# dtype -> (atol, rtol) of the logits against an fp32 forward. bf16: its 8-bit mantissa over
-# two layers; a wrong block or mask is off by whole units.
-TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (0.25, 0.05)}
+# (dtype, quantization) -> (atol, rtol) of the logits against an fp32 forward (with int8, of
+# the same int8 weights). bf16: its 8-bit mantissa over two layers; a wrong block or mask is
+# off by whole units.
+TOLERANCE = {
+    ("float32", None): (1e-4, 1e-4),
+    ("bfloat16", None): (0.25, 0.05),
+    ("bfloat16", "int8"): (0.25, 0.05),
+}
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 @pytest.mark.parametrize("chunk", [None, 7])
-@pytest.mark.parametrize("dtype", sorted(TOLERANCE))
-def test_prefill_plus_decode_logits_match_full_forward(arch, chunk, dtype, model_cache_dir):
+@pytest.mark.parametrize("dtype,quantization", sorted(TOLERANCE, key=str))
+def test_prefill_plus_decode_logits_match_full_forward(
+    arch, chunk, dtype, quantization, model_cache_dir
+):
     worker = ModelWorker(
         EngineConfig.from_kwargs(
             model=arch,
             dtype=dtype,
+            quantization=quantization,
             block_size=4,
             num_kv_blocks=128,
             max_model_len=256,
@@ -45,6 +54,11 @@ def test_prefill_plus_decode_logits_match_full_forward(arch, chunk, dtype, model
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(worker.model_path, dtype=torch.float32)
+    if quantization == "int8":  # the worker's int8 weights (from bf16 ones), in fp32
+        for module in list(reference.modules()):
+            if isinstance(module, torch.nn.Linear):
+                q, scale = quantize_int8(module.weight.detach().to(getattr(torch, dtype)))
+                module.weight = torch.nn.Parameter(q.float() * scale[:, None])
     with torch.no_grad():
         full = [reference(torch.tensor([s])).logits[0] for s in seqs]  # [len, vocab]
 
@@ -73,5 +87,5 @@ def test_prefill_plus_decode_logits_match_full_forward(arch, chunk, dtype, model
         positions = range(prompt_lens[i] - 1, len(s))
         expected = torch.stack([full[i][p] for p in positions])
         actual = torch.stack(got[i]).float()
-        atol, rtol = TOLERANCE[dtype]
+        atol, rtol = TOLERANCE[dtype, quantization]
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

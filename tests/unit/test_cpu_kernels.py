@@ -119,9 +119,48 @@ def test_the_decode_path_uses_the_kernel_for_bf16_on_cpu_only_and_both_paths_agr
 
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("KVRAY_CPU_KERNELS", "0")
-    cpu_kernels.paged_decode_attention.cache_clear()
+    cpu_kernels._build.cache_clear()
     try:
         assert cpu_kernels.paged_decode_attention() is None
     finally:
         monkeypatch.delenv("KVRAY_CPU_KERNELS")
-        cpu_kernels.paged_decode_attention.cache_clear()
+        cpu_kernels._build.cache_clear()
+
+
+# ---------------------------------------------------------------------- int8 linear
+
+
+@pytest.fixture(scope="module")
+def int8_kernel():
+    op = cpu_kernels.int8_linear()
+    if op is None:
+        pytest.fail("kvray's CPU kernels did not build (see the warning above)")
+    return op
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 40])  # one-feature path up to 8, blocks past
+@pytest.mark.parametrize("in_features,out_features", [(96, 13), (100, 40), (64, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_int8_kernel_equals_the_dequantized_product(
+    int8_kernel, rows, in_features, out_features, dtype
+):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    scale = torch.rand(out_features, generator=g) / 100
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    expected = x.double() @ (weight.double() * scale.double()[:, None]).T + bias.double()
+    got = int8_kernel(x, weight, scale, bias)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+    no_bias = int8_kernel(x, weight, scale, None)
+    torch.testing.assert_close(no_bias.double(), expected - bias.double(), atol=tol, rtol=tol)
+
+
+def test_the_int8_kernel_refuses_mismatched_shapes(int8_kernel):
+    weight = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="features"):
+        int8_kernel(torch.zeros(2, 16), weight, torch.ones(8), None)
+    with pytest.raises(RuntimeError, match="int8"):
+        int8_kernel(torch.zeros(2, 32), weight.float(), torch.ones(8), None)

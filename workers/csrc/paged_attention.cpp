@@ -204,7 +204,7 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   return out;
 }
 
-TORCH_LIBRARY(kvray, m) {
+TORCH_LIBRARY_FRAGMENT(kvray, m) {
   m.def(
       "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor context_lens, int block_size, float scale, int window) -> Tensor");

@@ -1,0 +1,52 @@
+"""Weight-only int8: the rounding, the layer swap, and the layer's two paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvray.workers import quantization
+from kvray.workers.quantization import Int8Linear, quantize_int8, quantize_linears
+
+
+def test_each_weight_is_within_half_a_step_of_its_int8_value():
+    w = torch.randn(64, 48) * torch.linspace(0.01, 10, 64)[:, None]  # very different rows
+    w[3] = 0  # an all-zero row gets a tiny scale, not a division by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+    assert torch.all(q[3] == 0)
+
+
+def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.ModuleDict(
+        {"a": shared, "b": torch.nn.Sequential(shared, torch.nn.ReLU()), "c": torch.nn.Linear(8, 4)}
+    )
+    assert quantize_linears(model) == 2
+    assert isinstance(model["a"], Int8Linear) and model["a"] is model["b"][0]
+    assert isinstance(model["c"], Int8Linear)
+    assert model["c"].weight.shape == (4, 8)  # the dequantized weight, for code that reads it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_path_and_the_widened_path_agree(dtype, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).to(dtype)
+    layer = Int8Linear(linear)
+    x = torch.randn(2, 5, 96).to(dtype)  # 10 rows: the kernel's path
+    via_kernel = layer(x)
+    monkeypatch.setattr(quantization, "KERNEL_MAX_ROWS", 0)  # every input widened for oneDNN
+    widened = layer(x)
+    assert via_kernel.shape == widened.shape == (2, 5, 40)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(via_kernel.float(), widened.float(), atol=tol, rtol=tol)
+    # And both are the layer's own output to within the int8 rounding of its weights.
+    torch.testing.assert_close(widened.float(), linear(x).float(), atol=0.05, rtol=0.05)
+
+
+def test_an_unknown_quantization_is_refused_by_name():
+    from kvray.workers.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="quantization must be int8 or none, got 'int4'"):
+        WorkerConfig(quantization="int4")
