@@ -146,7 +146,8 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
         vocab=500,
     )
     concurrency = None if args.rate != float("inf") else args.max_concurrency
-    options = {"max_model_len": 512, "max_num_seqs": 128, "max_num_batched_tokens": 2048}
+    options = {"max_model_len": 512, "max_num_seqs": 128, "max_num_batched_tokens": 2048,
+               "dtype": args.dtype}  # fmt: skip
     if args.torch_threads:
         import torch
 
@@ -157,7 +158,7 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
     )
     local = summarize("in-process", results, elapsed)
     flags = ["--model", args.model, "--replicas", "1", "--max-model-len", "512", "--max-num-seqs", "128",
-             "--cpus-per-replica", str(args.cpus_per_replica)]  # fmt: skip
+             "--cpus-per-replica", str(args.cpus_per_replica), "--dtype", args.dtype]  # fmt: skip
     with ServerProcess(flags) as server:
         log("cluster: same requests over gRPC")
         results, elapsed = asyncio.run(
@@ -303,6 +304,7 @@ def main() -> int:
         help="in-process engine's torch threads (default: torch's); match --cpus-per-replica "
         "to compare the serving layer alone",
     )
+    parser.add_argument("--dtype", default="auto", help="engine part: the replica's dtype")
     parser.add_argument("--concurrency", default="100,250,500,1000", help="router part: streams")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--fake-step-ms", type=float, default=20.0)

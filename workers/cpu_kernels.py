@@ -1,11 +1,12 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
-`paged_decode_attention()` and `int8_linear()` return the compiled ops (`torch.ops.kvray.*`),
-or None where they cannot be built (no C++ compiler, `KVRAY_CPU_KERNELS=0`); callers then keep
-their torch path, which gives the same results more slowly. The build goes through `torch.utils.cpp_extension`: it takes about a
-minute once per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions`) in well under a second. The worker builds it during warmup, so no
-step waits for a compiler.
+`paged_decode_attention()`, `int8_linear()` and `int8_dequantize()` return the compiled ops
+(`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
+`KVRAY_CPU_KERNELS=0`); callers then keep their torch path, which gives the same results more
+slowly. The build goes through `torch.utils.cpp_extension`: it takes about half a minute once
+per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
+`~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
+up, so no step waits for a compiler.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
 
 
 def int8_linear() -> Callable[..., torch.Tensor] | None:
-    """`int8_linear(x, weight, scale, bias)`, see csrc/int8_linear.cpp; or None."""
+    """`int8_linear(x, weight, scale, group_size, bias)`, see csrc/int8_linear.cpp; or None."""
     return torch.ops.kvray.int8_linear if _build() else None
+
+
+def int8_dequantize() -> Callable[..., torch.Tensor] | None:
+    """`int8_dequantize(weight, scale, group_size, dtype)`, see csrc/int8_linear.cpp; or None."""
+    return torch.ops.kvray.int8_dequantize if _build() else None
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import torch
 
 from kvray.workers.config import EngineConfig
 from kvray.workers.model_runner import ScheduledSeq
-from kvray.workers.quantization import quantize_int8
+from kvray.workers.quantization import Int8Linear
 from kvray.workers.worker import ModelWorker
 from tests.conftest import ARCH_NAMES
 
@@ -54,11 +54,12 @@ def test_prefill_plus_decode_logits_match_full_forward(
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(worker.model_path, dtype=torch.float32)
-    if quantization == "int8":  # the worker's int8 weights (from bf16 ones), in fp32
+    if quantization == "int8":  # the weights the worker multiplies by, in fp32
         for module in list(reference.modules()):
             if isinstance(module, torch.nn.Linear):
-                q, scale = quantize_int8(module.weight.detach().to(getattr(torch, dtype)))
-                module.weight = torch.nn.Parameter(q.float() * scale[:, None])
+                layer = Int8Linear(module.to(getattr(torch, dtype)))  # from the bf16 weights
+                module.weight = torch.nn.Parameter(layer.dequantized(getattr(torch, dtype)).float())
+                module.float()
     with torch.no_grad():
         full = [reference(torch.tensor([s])).logits[0] for s in seqs]  # [len, vocab]
 

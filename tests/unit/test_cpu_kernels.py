@@ -138,29 +138,44 @@ def int8_kernel():
     return op
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 40])  # one-feature path up to 8, blocks past
-@pytest.mark.parametrize("in_features,out_features", [(96, 13), (100, 40), (64, 4)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_int8_kernel_equals_the_dequantized_product(
-    int8_kernel, rows, in_features, out_features, dtype
-):
-    g = torch.Generator().manual_seed(rows)
+def int8_case(rows, in_features, out_features, group, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
-    scale = torch.rand(out_features, generator=g) / 100
+    scale = (torch.rand(out_features, in_features // group, generator=g) / 100).bfloat16()
     bias = torch.randn(out_features, generator=g).to(dtype)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
-    expected = x.double() @ (weight.double() * scale.double()[:, None]).T + bias.double()
-    got = int8_kernel(x, weight, scale, bias)
+    return x, weight, scale, bias
+
+
+def dequantized(weight, scale, group, dtype):
+    """What every path multiplies by: dtype(weight * scale), the product exact in fp32."""
+    w = weight.float().view(weight.shape[0], -1, group) * scale.float()[:, :, None]
+    return w.view(weight.shape).to(dtype).double()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 40])  # one-feature path up to 8, blocks past
+@pytest.mark.parametrize("in_features,out_features,group", [(96, 13, 32), (128, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_int8_kernel_equals_the_dequantized_product(
+    int8_kernel, rows, in_features, out_features, group, dtype
+):
+    x, weight, scale, bias = int8_case(rows, in_features, out_features, group, dtype, rows)
+    expected = x.double() @ dequantized(weight, scale, group, dtype).T + bias.double()
+    got = int8_kernel(x, weight, scale, group, bias)
     assert got.dtype == dtype and got.shape == (rows, out_features)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's own rounding
     torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
-    no_bias = int8_kernel(x, weight, scale, None)
+    no_bias = int8_kernel(x, weight, scale, group, None)
     torch.testing.assert_close(no_bias.double(), expected - bias.double(), atol=tol, rtol=tol)
 
 
 def test_the_int8_kernel_refuses_mismatched_shapes(int8_kernel):
-    weight = torch.zeros(8, 32, dtype=torch.int8)
+    x, weight, scale, _ = int8_case(2, 64, 8, 32, torch.float32, 0)
     with pytest.raises(RuntimeError, match="features"):
-        int8_kernel(torch.zeros(2, 16), weight, torch.ones(8), None)
+        int8_kernel(x[:, :32], weight, scale, 32, None)
     with pytest.raises(RuntimeError, match="int8"):
-        int8_kernel(torch.zeros(2, 32), weight.float(), torch.ones(8), None)
+        int8_kernel(x, weight.float(), scale, 32, None)
+    with pytest.raises(RuntimeError, match="group_size must be a multiple of 32"):
+        int8_kernel(x, weight, scale, 48, None)
+    with pytest.raises(RuntimeError, match="scale must be bf16"):
+        int8_kernel(x, weight, scale.float(), 32, None)

@@ -9,24 +9,31 @@ from kvray.workers import quantization
 from kvray.workers.quantization import Int8Linear, quantize_int8, quantize_linears
 
 
-def test_each_weight_is_within_half_a_step_of_its_int8_value():
-    w = torch.randn(64, 48) * torch.linspace(0.01, 10, 64)[:, None]  # very different rows
-    w[3] = 0  # an all-zero row gets a tiny scale, not a division by zero
+def test_each_weight_is_within_half_a_step_of_its_groups_int8_value():
+    w = torch.randn(64, 96) * torch.linspace(0.01, 10, 96)  # groups of very different sizes
+    w[3, 32:64] = 0  # an all-zero group gets a harmless scale, not a division by zero
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
-    assert torch.all(q[3] == 0)
+    assert scale.dtype == torch.bfloat16 and scale.shape == (64, 96 // quantization.GROUP_SIZE)
+    step = scale.float().repeat_interleave(quantization.GROUP_SIZE, dim=1)
+    assert torch.all((q.float() * step - w).abs() <= step / 2 + 1e-6)
+    assert torch.all(q[3, 32:64] == 0)
 
 
 def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
-    shared = torch.nn.Linear(8, 8)
+    shared = torch.nn.Linear(64, 64)
     model = torch.nn.ModuleDict(
-        {"a": shared, "b": torch.nn.Sequential(shared, torch.nn.ReLU()), "c": torch.nn.Linear(8, 4)}
+        {
+            "a": shared,
+            "b": torch.nn.Sequential(shared, torch.nn.ReLU()),
+            "c": torch.nn.Linear(32, 4),
+            "odd": torch.nn.Linear(40, 4),  # 40 inputs are no whole groups: left as it is
+        }
     )
     assert quantize_linears(model) == 2
     assert isinstance(model["a"], Int8Linear) and model["a"] is model["b"][0]
-    assert isinstance(model["c"], Int8Linear)
-    assert model["c"].weight.shape == (4, 8)  # the dequantized weight, for code that reads it
+    assert isinstance(model["c"], Int8Linear) and type(model["odd"]) is torch.nn.Linear
+    assert model["c"].weight.shape == (4, 32)  # the dequantized weight, for code that reads it
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -50,3 +57,14 @@ def test_an_unknown_quantization_is_refused_by_name():
 
     with pytest.raises(ValueError, match="quantization must be int8 or none, got 'int4'"):
         WorkerConfig(quantization="int4")
+
+
+def test_the_compiled_dequantization_equals_the_torch_one():
+    layer = Int8Linear(torch.nn.Linear(96, 24))
+    assert layer._dequantize is not None  # the kernels build on the suite's machines
+    for dtype in (torch.bfloat16, torch.float32):
+        compiled = layer.dequantized(dtype)
+        kernel, layer._dequantize = layer._dequantize, None  # the torch path
+        assert compiled.dtype == dtype
+        assert torch.equal(compiled, layer.dequantized(dtype))
+        layer._dequantize = kernel
