@@ -59,6 +59,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in ("int8", "none"):
             raise ValueError(f"quantization must be int8 or none, got {self.quantization!r}")
+        if self.quantization == "none":
+            object.__setattr__(self, "quantization", None)  # one spelling of "not quantized"
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(
                 f"block_size must be a power of two in [1, 128], got {self.block_size}"

@@ -20,6 +20,7 @@ from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
 from kvray.workers.checkpoints import resolve_model
 from kvray.workers.config import EngineConfig
+from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.packed_linear import can_pack, pack_linears
@@ -88,6 +89,8 @@ class ModelWorker:
         )
         # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
         cast(torch.nn.Module, model).to(self.device).eval()
+        if self.dtype != torch.float32 or self.config.quantization:  # fp32 stays HF's, exactly
+            logger.info("fused %d sets of sibling projections", fuse_projections(model))
         if self.config.quantization == "int8":
             if self.device.type != "cpu":
                 raise ValueError(
