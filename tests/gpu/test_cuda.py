@@ -37,3 +37,8 @@ def test_cuda_bf16_defaults_and_memory_sized_cache(model_cache_dir):
     outputs = llm.generate(["Hello"] * 8, SamplingParams(temperature=0.8, seed=1, max_tokens=16))
     assert all(len(o.token_ids) == 16 or o.finish_reason == "stop" for o in outputs)
     assert llm.engine.block_manager.num_free_blocks == info.num_kv_blocks
+
+
+def test_cuda_refuses_int8_with_a_message(model_cache_dir):
+    with pytest.raises(ValueError, match="quantization int8 runs on CPU only"):
+        LLM("tiny", cache_dir=model_cache_dir, quantization="int8")
