@@ -37,7 +37,7 @@ class WorkerConfig:
     quantization: str | None = setting(
         None,
         "int8: weight-only int8 linear layers (CPU): half bf16's bytes per decode step, "
-        "faster for batches of up to ~8 sequences; default: none",
+        "faster for one or a few running sequences, slower for big batches; default: none",
     )
     block_size: int = setting(16, "tokens per KV block (a power of two up to 128)")
     # KV cache size: an explicit block count wins; else a byte budget; else (GPU) a fraction
