@@ -321,12 +321,13 @@ def test_metric_gauges_equal_the_cluster_status(slow):
     def waiting(status):
         return sum(r.num_waiting for r in status.replicas) + status.queue_depth
 
-    def send():
-        client.completions.create(model="fake", prompt=PROMPT, max_tokens=8)
+    def send(max_tokens):
+        client.completions.create(model="fake", prompt=PROMPT, max_tokens=max_tokens)
 
     # One running and two waiting: the first must run before the others arrive, or the third
-    # finds two queued and is refused (max_queued_requests=2).
-    senders = [threading.Thread(target=send) for _ in range(3)]
+    # finds two queued and is refused (max_queued_requests=2); it runs for 20 steps (6 s), long
+    # enough to still be running when the status is read.
+    senders = [threading.Thread(target=send, args=(n,)) for n in (20, 4, 4)]
     with KvrayClient(cluster.target) as grpc_client:
         senders[0].start()
         wait_for(lambda: grpc_client.status().num_running == 1, timeout=30)
