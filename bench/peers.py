@@ -28,25 +28,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engine_throughput
 from common import BENCH_CACHE, BenchRequest, log, make_workload
 
 WORKLOADS = {"W2 single": ("single", 1), "W1 uniform": ("uniform", 32), "W3 mixed": ("mixed", 32)}
 
 
 def run_kvray(model_dir: str, reqs: list[BenchRequest], **options: object) -> tuple[int, float]:
-    from kvray import LLM, SamplingParams
-
-    block = 16
-    blocks = sum(-(-(len(r.prompt_token_ids) + r.max_tokens) // block) for r in reqs)
-    llm = LLM(model_dir, max_model_len=1024, max_num_seqs=len(reqs),
-              num_kv_blocks=max(blocks, 128) + 8, **options)  # fmt: skip
-    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
-    prompts = [r.prompt_token_ids for r in reqs]
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    """engine_throughput.py's kvray run: the same engine settings and warm-up."""
+    llm = engine_throughput.load_kvray(Path(model_dir), reqs, "cpu", **options)
+    engine_throughput.run_kvray(llm, [BenchRequest(r.prompt_token_ids, 8) for r in reqs[:2]])
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    return sum(len(o.token_ids) for o in outputs), elapsed
+    tokens = engine_throughput.run_kvray(llm, reqs)
+    return tokens, time.perf_counter() - start
 
 
 def ct2_model(model_dir: str, quantization: str) -> str:

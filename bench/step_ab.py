@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import smollm2_135m_shaped
 
+from kvray.workers.config import EngineConfig
+from kvray.workers.protocol import NewSequence, SamplingParams, StepInput
+
 PROMPT = 128
 
 
@@ -34,9 +37,7 @@ class Stepper:
     """One worker decoding `batch` sequences, a step at a time."""
 
     def __init__(self, model: str, batch: int, steps: int, options: dict[str, object]) -> None:
-        from kvray.workers.config import EngineConfig
-        from kvray.workers.protocol import NewSequence, SamplingParams, StepInput
-        from kvray.workers.worker import ModelWorker
+        from kvray.workers.worker import ModelWorker  # torch: not needed for --help
 
         blocks_per_seq = -(-(PROMPT + steps + 1) // 16)
         config = EngineConfig.from_kwargs(
@@ -48,7 +49,6 @@ class Stepper:
         self.worker = ModelWorker(config)
         self.worker.warmup()
         self.batch, self.computed, self.step_id = batch, PROMPT, 1
-        self.StepInput = StepInput
         greedy = SamplingParams(temperature=0, max_tokens=steps + 1)
         new = [
             NewSequence(i, list(range(10, 10 + PROMPT)), PROMPT, greedy,
@@ -63,7 +63,7 @@ class Stepper:
     def step(self) -> float:
         ids = list(range(self.batch))
         start = time.perf_counter()
-        self.worker.step(self.StepInput(self.step_id, seq_ids=ids,
+        self.worker.step(StepInput(self.step_id, seq_ids=ids,
                                         num_scheduled_tokens=[1] * self.batch,
                                         num_computed_tokens=[self.computed] * self.batch))  # fmt: skip
         self.computed += 1

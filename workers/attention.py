@@ -53,6 +53,7 @@ class AttentionMetadata:
         tuple[torch.Tensor, torch.Tensor]
     ]  # per layer ([num_slots, kv_heads, dim],) * 2
     decode_kernel: DecodeKernel | None = None  # reads the block tables in place; see below
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] positions + 1, for the kernel
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -171,7 +172,7 @@ def _decode_attention(
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
-    assert meta.decode_block_ids is not None and meta.decode_positions is not None
+    assert meta.decode_block_ids is not None
     num_decodes = meta.num_decodes
     if meta.decode_kernel is not None:
         return meta.decode_kernel(
@@ -179,7 +180,7 @@ def _decode_attention(
             k_cache,
             v_cache,
             meta.decode_block_ids.view(num_decodes, -1),
-            meta.decode_positions + 1,
+            meta.decode_context_lens,
             meta.block_size,
             q.shape[-1] ** -0.5 if scaling is None else scaling,
             sliding_window or 0,

@@ -3,7 +3,7 @@
 `paged_decode_attention()`, `int8_linear()` and `int8_dequantize()` return the compiled ops
 (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`); callers then keep their torch path, which gives the same results more
-slowly. The build goes through `torch.utils.cpp_extension`: it takes about half a minute once
+slowly. The build goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once
 per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
 up, so no step waits for a compiler.
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from kvray.workers.device import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +101,6 @@ def _put_ninja_on_path() -> None:
 
 def _machine_tag() -> str:
     """A short digest of the CPU's feature flags, the compiler target and the torch build."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    flags = " ".join(sorted(cpu_flags()))
     key = f"{platform.machine()}|{flags}|{torch.__version__}"
     return hashlib.sha256(key.encode()).hexdigest()[:10]

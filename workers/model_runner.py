@@ -79,6 +79,7 @@ class ModelRunner:
             for k, s in enumerate(ordered[num_decodes:], start=num_decodes)
         ]
         decode_width = max(num_blocks[:num_decodes], default=0)
+        decode_positions = positions[:num_decodes] if num_decodes else None
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping,
             block_size=bs,
@@ -86,10 +87,14 @@ class ModelRunner:
             decode_block_ids=block_table[:num_decodes, :decode_width].flatten()
             if num_decodes
             else None,
-            decode_positions=positions[:num_decodes] if num_decodes else None,
+            decode_positions=decode_positions,
             prefills=prefills,
             kv_caches=self.kv_cache.layers,
             decode_kernel=self.decode_kernel,
+            # NOTE: once per step here, not once per layer in the attention.
+            decode_context_lens=None
+            if decode_positions is None or self.decode_kernel is None
+            else decode_positions + 1,
         )
         sample_rows = [first_rows[k] + s.num_tokens - 1 for k, s in enumerate(ordered) if s.samples]
         prompt_rows: list[int] = []

@@ -44,6 +44,11 @@ class ModelWorker:
         self.config = engine_config.worker
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         self.device = devices.resolve_device(self.config.device)
+        if self.config.quantization == "int8" and self.device.type != "cpu":
+            raise ValueError(
+                f"quantization int8 runs on CPU only; on {self.device} leave it unset (bf16) "
+                "or serve a checkpoint quantized for GPUs"
+            )
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
         # NOTE: only `auto` reads the checkpoint's dtype (a config load).
         saved = self._checkpoint_dtype() if self.config.dtype == "auto" else None
@@ -92,12 +97,7 @@ class ModelWorker:
         # NOTE: not fp32, which stays HF's exactly; not int8, where it measured no faster.
         if self.dtype != torch.float32 and self.config.quantization is None:
             logger.info("fused %d sets of sibling projections", fuse_projections(model))
-        if self.config.quantization == "int8":
-            if self.device.type != "cpu":
-                raise ValueError(
-                    f"quantization int8 runs on CPU only; on {self.device} leave it unset "
-                    "(bf16) or serve a checkpoint quantized for GPUs"
-                )
+        if self.config.quantization == "int8":  # on CPU: checked before loading
             logger.info("quantized %d linear layers to int8", quantize_linears(model))
         elif can_pack(self.device, self.dtype):
             logger.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))

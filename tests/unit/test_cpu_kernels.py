@@ -112,7 +112,7 @@ def test_the_decode_path_uses_the_kernel_for_bf16_on_cpu_only_and_both_paths_agr
         kv_caches=[(k, v)],
     )
     torch_path = _decode_attention(q, k, v, meta, None, None)
-    meta.decode_kernel = kernel
+    meta.decode_kernel, meta.decode_context_lens = kernel, lens  # as the model runner sets them
     kernel_path = _decode_attention(q, k, v, meta, None, None)
     torch.testing.assert_close(kernel_path.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 

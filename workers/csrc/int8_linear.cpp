@@ -34,6 +34,7 @@ constexpr int kLanes = 16;
 constexpr int kColumnRows = 8;  // up to this many rows, one output feature at a time
 constexpr int kBlockRows = 4;   // past it, blocks of kBlockRows rows x kCols features
 constexpr int kCols = 4;
+constexpr int kF32Rows = 4;     // rows at once on the fp32-FMA path
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -81,6 +82,16 @@ struct Layer {
   float finish(int64_t n, float sum) const { return sum + (bias ? bias[n] : 0.f); }
 };
 
+// Calls f(std::integral_constant<int, count>()) for 1 <= count <= kMax: the row loops below take
+// their row count as a template argument, so their accumulators stay in registers.
+template <int kMax, typename F>
+inline void with_rows(int64_t count, F&& f) {
+  if constexpr (kMax > 1) {
+    if (count < kMax) return with_rows<kMax - 1>(count, f);
+  }
+  f(std::integral_constant<int, kMax>());
+}
+
 // ---------------------------------------------------------------- fp32 x (and bf16 x without
 // AVX512-BF16, widened to fp32 first): 16 weights at a time, fp32 FMAs.
 
@@ -108,27 +119,19 @@ inline void dot_rows_f32(const float* x, const Layer& L, int64_t n, float* out) 
   for (int m = 0; m < kRows; ++m) out[m] = reduce_add(acc[m]);
 }
 
-template <bool kBf16Weights>
-inline void dot_rows_f32(const float* x, int64_t count, const Layer& L, int64_t n, float* out) {
-  switch (count) {
-    case 1: return dot_rows_f32<1, kBf16Weights>(x, L, n, out);
-    case 2: return dot_rows_f32<2, kBf16Weights>(x, L, n, out);
-    case 3: return dot_rows_f32<3, kBf16Weights>(x, L, n, out);
-    default: return dot_rows_f32<4, kBf16Weights>(x, L, n, out);
-  }
-}
-
 template <typename T>
 void linear_f32(const torch::Tensor& x, const Layer& L, T* out) {
   const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
   const float* x_ptr = xf.data_ptr<float>();
   at::parallel_for(0, L.out_features, 16, [&](int64_t begin, int64_t end) {
-    float sums[4];
+    float sums[kF32Rows];
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m0 = 0; m0 < L.rows; m0 += 4) {
-        const int64_t count = std::min<int64_t>(4, L.rows - m0);
-        dot_rows_f32<std::is_same<T, c10::BFloat16>::value>(x_ptr + m0 * L.in_features, count,
-                                                             L, n, sums);
+      for (int64_t m0 = 0; m0 < L.rows; m0 += kF32Rows) {
+        const int64_t count = std::min<int64_t>(kF32Rows, L.rows - m0);
+        with_rows<kF32Rows>(count, [&](auto rows) {
+          constexpr bool kBf16 = std::is_same<T, c10::BFloat16>::value;
+          dot_rows_f32<decltype(rows)::value, kBf16>(x_ptr + m0 * L.in_features, L, n, sums);
+        });
         for (int64_t m = 0; m < count; ++m) {
           out[(m0 + m) * L.out_features + n] = static_cast<T>(L.finish(n, sums[m]));
         }
@@ -177,20 +180,6 @@ inline void dot_column(const c10::BFloat16* x, const Layer& L, int64_t n, float*
   for (int m = 0; m < kRows; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-inline void dot_column(const c10::BFloat16* x, int64_t count, const Layer& L, int64_t n,
-                       float* out) {
-  switch (count) {
-    case 1: return dot_column<1>(x, L, n, out);
-    case 2: return dot_column<2>(x, L, n, out);
-    case 3: return dot_column<3>(x, L, n, out);
-    case 4: return dot_column<4>(x, L, n, out);
-    case 5: return dot_column<5>(x, L, n, out);
-    case 6: return dot_column<6>(x, L, n, out);
-    case 7: return dot_column<7>(x, L, n, out);
-    default: return dot_column<kColumnRows>(x, L, n, out);
-  }
-}
-
 // A bigger batch: kRows rows x kCols features, whose sums are reduced four at a time (one
 // 16-lane reduction per output would cost half as much as the dot products themselves).
 template <int kRows>
@@ -213,16 +202,6 @@ inline void dot_block(const c10::BFloat16* x, const Layer& L, int64_t n0, float*
   }
 }
 
-inline void dot_block(const c10::BFloat16* x, int64_t count, const Layer& L, int64_t n0,
-                      float* out) {
-  switch (count) {
-    case 1: return dot_block<1>(x, L, n0, out);
-    case 2: return dot_block<2>(x, L, n0, out);
-    case 3: return dot_block<3>(x, L, n0, out);
-    default: return dot_block<kBlockRows>(x, L, n0, out);
-  }
-}
-
 void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
   const torch::Tensor xc = x.contiguous();
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
@@ -233,7 +212,9 @@ void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
     at::parallel_for(0, L.out_features, 16, [&](int64_t begin, int64_t end) {
       float sums[kColumnRows];
       for (int64_t n = begin; n < end; ++n) {
-        dot_column(x_ptr, L.rows, L, n, sums);
+        with_rows<kColumnRows>(L.rows, [&](auto rows) {
+          dot_column<decltype(rows)::value>(x_ptr, L, n, sums);
+        });
         for (int64_t m = 0; m < L.rows; ++m) store(m, n, sums[m]);
       }
     });
@@ -245,7 +226,9 @@ void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m0 = 0; m0 < L.rows; m0 += kBlockRows) {
         const int64_t count = std::min<int64_t>(kBlockRows, L.rows - m0);
-        dot_block(x_ptr + m0 * L.in_features, count, L, b * kCols, sums);
+        with_rows<kBlockRows>(count, [&](auto rows) {
+          dot_block<decltype(rows)::value>(x_ptr + m0 * L.in_features, L, b * kCols, sums);
+        });
         for (int64_t m = 0; m < count; ++m)
           for (int j = 0; j < kCols; ++j) store(m0 + m, b * kCols + j, sums[m * kCols + j]);
       }
@@ -255,7 +238,9 @@ void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
     for (int64_t m0 = 0; m0 < L.rows; m0 += kColumnRows) {
       const int64_t count = std::min<int64_t>(kColumnRows, L.rows - m0);
       float sums[kColumnRows];
-      dot_column(x_ptr + m0 * L.in_features, count, L, n, sums);
+      with_rows<kColumnRows>(count, [&](auto rows) {
+        dot_column<decltype(rows)::value>(x_ptr + m0 * L.in_features, L, n, sums);
+      });
       for (int64_t m = 0; m < count; ++m) store(m0 + m, n, sums[m]);
     }
   }
