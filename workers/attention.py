@@ -153,15 +153,25 @@ DecodeKernel = Callable[..., torch.Tensor]
 def decode_kernel(
     cache_dtype: torch.dtype, device: torch.device, head_dim: int
 ) -> DecodeKernel | None:
-    """The compiled paged decode attention where it applies, else None (the torch path).
+    """The paged decode attention kernel where one applies, else None (the torch path).
 
-    NOTE: bf16 on CPU only, where the torch path costs 3-8x the kernel (bench/decode_attention.py).
-    fp32 keeps SDPA, which the exactness tests compare with Hugging Face's: the kernel's sums run
-    in another order. The kernel builds here, at warmup, not in a step.
+    - CPU, bf16: kvray's C++ kernel (csrc/paged_attention.cpp), 3-8x the torch path
+      (bench/decode_attention.py); it builds here, at warmup, not in a step.
+    - CUDA, bf16/fp16: the Triton kernel (workers/triton_attention.py), when Triton is installed.
+      It reads the blocks in place, where the torch path gathers every block of every sequence,
+      and it is what lets a decode step be captured as a CUDA graph (workers/decode_graphs.py).
+
+    NOTE: fp32 keeps SDPA everywhere: the exactness tests compare it with Hugging Face's, and
+    the kernels sum in another order.
     """
-    if device.type != "cpu" or cache_dtype != torch.bfloat16 or head_dim % 16:
-        return None
-    return cpu_kernels.paged_decode_attention()
+    if device.type == "cpu" and cache_dtype == torch.bfloat16 and head_dim % 16 == 0:
+        return cpu_kernels.paged_decode_attention()
+    if device.type == "cuda" and cache_dtype in (torch.bfloat16, torch.float16):
+        from kvray.workers import triton_attention
+
+        if triton_attention.supports(head_dim) and triton_attention.works(device, cache_dtype):
+            return triton_attention.paged_decode_attention
+    return None
 
 
 def _decode_attention(

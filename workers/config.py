@@ -39,6 +39,17 @@ class WorkerConfig:
         "int8: weight-only int8 linear layers (CPU): half bf16's bytes per decode step, "
         "faster for one or a few running sequences, slower for big batches; default: none",
     )
+    decode_graphs: str = setting(
+        "auto",
+        "decode steps replay a forward prepared per padded batch size: auto (on a GPU, CUDA "
+        "graphs with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: "
+        "torch.compile, ~40 s per batch size on the first start, cached on disk), off",
+    )
+    max_graph_batch: int | None = setting(
+        None,
+        "largest decode batch run as a replay; bigger ones run eagerly "
+        "(default: max_num_seqs, at most 256 on a GPU and 8 on CPU)",
+    )
     block_size: int = setting(16, "tokens per KV block (a power of two up to 128)")
     # KV cache size: an explicit block count wins; else a byte budget; else (GPU) a fraction
     # of the memory left after weights and a profiled peak forward; (CPU) `cpu_kv_cache_gib`,
@@ -61,6 +72,10 @@ class WorkerConfig:
             raise ValueError(f"quantization must be int8 or none, got {self.quantization!r}")
         if self.quantization == "none":
             object.__setattr__(self, "quantization", None)  # one spelling of "not quantized"
+        if self.decode_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"decode_graphs must be auto, on or off, got {self.decode_graphs!r}")
+        if self.max_graph_batch is not None and self.max_graph_batch < 1:
+            raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(
                 f"block_size must be a power of two in [1, 128], got {self.block_size}"

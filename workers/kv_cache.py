@@ -38,7 +38,11 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """Per-layer key and value tensors, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    """Per-layer key and value tensors, each [(num_blocks + 1) * block_size, num_kv_heads, head_dim].
+
+    Blocks 0..num_blocks-1 are the router's to hand out. One more, `null_block`, is never handed
+    out: padding rows of a decode graph (workers/decode_graphs.py) write and read it.
+    """
 
     def __init__(
         self, spec: KVCacheSpec, *, num_blocks: int, block_size: int, device: torch.device
@@ -46,7 +50,8 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks * block_size, spec.num_kv_heads, spec.head_dim)
+        self.null_block = num_blocks
+        shape = ((num_blocks + 1) * block_size, spec.num_kv_heads, spec.head_dim)
         # NOTE: zero-filled, not empty: padded gathers read slots that are masked out, and
         # uninitialised memory may hold NaN/inf, which a masked softmax still multiplies by 0.
         self.layers = [
@@ -70,5 +75,5 @@ class KVCache:
         dst = torch.tensor([p[1] for p in pairs], device=device)
         for layer in self.layers:
             for cache in layer:
-                blocks = cache.view(self.num_blocks, -1)  # [num_blocks, block_size * heads * dim]
+                blocks = cache.view(self.num_blocks + 1, -1)  # [blocks, block_size * heads * dim]
                 blocks.index_copy_(0, dst, blocks.index_select(0, src))

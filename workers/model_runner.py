@@ -6,11 +6,12 @@ scheduling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_context, decode_kernel
+from kvray.workers.decode_graphs import DecodeGraphs
 from kvray.workers.kv_cache import KVCache
 
 
@@ -45,6 +46,19 @@ class ModelInput:
     order: list[int]  # order[k] = index (into the step's sequences) of the k-th batch sequence
 
 
+@dataclass
+class GraphInput:
+    """A decode-only step that replays a prepared forward (workers/decode_graphs.py)."""
+
+    batch: int  # the padded batch size it runs at
+    seqs: list[tuple[int, int, list[int]]]  # (token id, position, block ids) per sequence
+    prompt_row_offsets: dict[int, int] = field(default_factory=dict)  # none: decodes only
+
+    @property
+    def order(self) -> list[int]:
+        return list(range(len(self.seqs)))
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
@@ -53,9 +67,32 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         spec = kv_cache.spec
         self.decode_kernel = decode_kernel(spec.dtype, device, spec.head_dim)
+        self.graphs: DecodeGraphs | None = None
 
-    def prepare(self, seqs: list[ScheduledSeq]) -> ModelInput:
-        """Lay out the batch: single-token sequences first, then prompt chunks."""
+    def build_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
+        """Prepare decode steps of up to `max_batch` sequences as replays (at warmup); False
+        where that cannot be done: no paged decode kernel here, or the build failed."""
+        if self.decode_kernel is None:
+            return False
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.decode_kernel, self.device, max_batch, max_model_len
+        )
+        graphs.build()
+        self.graphs = graphs if graphs.batch_size(1) is not None else None
+        return self.graphs is not None
+
+    def prepare(self, seqs: list[ScheduledSeq]) -> ModelInput | GraphInput:
+        """Lay out the batch: single-token sequences first, then prompt chunks. A step of
+        decodes only, within the prepared batch sizes, becomes a replay instead."""
+        if self.graphs is not None and all(
+            s.num_tokens == 1 and s.samples and not s.num_prompt_logits for s in seqs
+        ):
+            batch = self.graphs.batch_size(len(seqs))
+            if batch is not None:
+                return GraphInput(
+                    batch,
+                    [(s.token_ids[s.num_computed], s.num_computed, s.block_ids) for s in seqs],
+                )
         order = [i for i, s in enumerate(seqs) if s.num_tokens == 1]
         num_decodes = len(order)
         order += [i for i, s in enumerate(seqs) if s.num_tokens > 1]
@@ -138,9 +175,12 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, model_input: ModelInput) -> torch.Tensor:
+    def execute(self, model_input: ModelInput | GraphInput) -> torch.Tensor:
         """One forward. Returns logits [num_samples + num_prompt_logits, vocab]: the sampling
         sequences' in batch order, then the `prompt_rows`'."""
+        if isinstance(model_input, GraphInput):
+            assert self.graphs is not None
+            return self.graphs.run(model_input.seqs, model_input.batch)
         # NOTE: a step of partial prompt chunks only samples nothing; one row of logits is still
         # asked for because some models treat an empty `logits_to_keep` as "keep all".
         keep = torch.cat([model_input.sample_rows, model_input.prompt_rows])

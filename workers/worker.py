@@ -155,6 +155,7 @@ class ModelWorker:
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
+        self._build_decode_graphs()
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -177,6 +178,23 @@ class ModelWorker:
             self.kv_cache.num_bytes / 2**20,
         )
         return self.info
+
+    def _build_decode_graphs(self) -> None:
+        """Decode steps as replays (workers/decode_graphs.py), where `decode_graphs` asks."""
+        assert self.runner is not None
+        mode = self.config.decode_graphs
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return
+        if self.runner.decode_kernel is None:
+            logger.info(
+                "decode steps run eagerly: no paged decode kernel for %s on %s",
+                self.dtype,
+                self.device,
+            )
+            return
+        cap = 256 if self.device.type == "cuda" else 8
+        max_batch = self.config.max_graph_batch or min(self.limits.max_num_seqs, cap)
+        self.runner.build_decode_graphs(max_batch, self.max_model_len)
 
     def _budget_bytes(self) -> int:
         if self.config.kv_cache_bytes is not None:

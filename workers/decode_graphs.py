@@ -1,0 +1,189 @@
+"""Decode steps as replays: one compiled forward per padded batch size.
+
+A decode-only step (every sequence computes one token) of n sequences is padded to the
+smallest prepared batch size b >= n and runs b's prepared forward on persistent input buffers,
+instead of thousands of Python-level operator calls:
+
+- CUDA: a CUDA graph per batch size, captured at warmup (milliseconds each). The attention is
+  the Triton paged kernel, which reads its context lengths on the device.
+- CPU: `torch.compile` (inductor, weights frozen and prepacked) per batch size, compiled at
+  warmup (~40 s each on 2 cores; inductor caches the result on disk, so a second start loads
+  it). The attention is kvray's C++ kernel, traced as an opaque op.
+
+Padding rows compute token 0 at position 0, write their key/value into the cache's
+`null_block` and attend over that slot only; their logits are dropped. Prompt chunks and mixed
+steps keep the eager path, where the arithmetic, not the overhead, dominates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvray.workers.attention import AttentionMetadata, DecodeKernel, attention_context
+from kvray.workers.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+# Compiled graphs of `DecodeGraphs._forward` in this process, over all instances: torch.compile
+# keeps them per function, up to a limit, past which it would quietly run eagerly.
+_num_compiled = 0
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The padded batch sizes: 1, 2, 4, 8, then every multiple of 16 up to `max_batch`."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return [*sizes, max_batch]
+
+
+class DecodeGraphs:
+    """Persistent inputs and one prepared forward per batch size, for one model and cache."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        kernel: DecodeKernel,
+        device: torch.device,
+        max_batch: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = bs = kv_cache.block_size
+        self.null_block = kv_cache.null_block
+        self.sizes = batch_sizes(max_batch)
+        width = -(-max_model_len // bs)  # NOTE: the kernels read only a sequence's own blocks
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros((1, n), dtype=torch.long, device=device)
+        self.positions = torch.zeros((1, n), dtype=torch.long, device=device)
+        self.slots = torch.full((n,), self.null_block * bs, dtype=torch.long, device=device)
+        self.block_table = torch.full((n, width), self.null_block, dtype=torch.long, device=device)
+        self.context_lens = torch.ones((n,), dtype=torch.long, device=device)
+        self.metadata = {
+            b: AttentionMetadata(
+                slot_mapping=self.slots[:b],
+                block_size=bs,
+                num_decodes=b,
+                decode_block_ids=self.block_table[:b].view(-1),
+                decode_positions=self.positions[0, :b],
+                prefills=[],
+                kv_caches=kv_cache.layers,
+                decode_kernel=kernel,
+                decode_context_lens=self.context_lens[:b],
+            )
+            for b in self.sizes
+        }
+        self._replays: dict[int, Callable[[], torch.Tensor]] = {}
+        self.num_replays = 0  # decode steps run as replays (tests and logs read it)
+
+    def batch_size(self, num_seqs: int) -> int | None:
+        """The prepared batch size a decode step of `num_seqs` runs at, or None (eager)."""
+        if not self._replays:
+            return None
+        return next((b for b in self.sizes if b >= num_seqs), None)
+
+    def _forward(self, batch: int) -> torch.Tensor:  # [1, batch, vocab]
+        """The model's forward over the first `batch` rows of the buffers (all rows' logits)."""
+        with attention_context(self.metadata[batch]):
+            out = self.model(
+                input_ids=self.input_ids[:, :batch],
+                position_ids=self.positions[:, :batch],
+                use_cache=False,
+                logits_to_keep=0,
+            )
+        return out.logits
+
+    @torch.inference_mode()
+    def build(self) -> None:
+        """Prepare every batch size (at warmup). On failure: a warning, and eager steps."""
+        started = time.perf_counter()
+        try:
+            if self.device.type == "cuda":
+                self._capture_cuda_graphs()
+            else:
+                self._compile()
+        except Exception as e:  # a capture or compile failure: slower, never broken
+            logger.debug("decode graphs failed", exc_info=True)
+            self._replays.clear()
+            logger.warning(
+                "decode graphs failed (%s: %s); decode steps run eagerly",
+                type(e).__name__,
+                str(e).strip().splitlines()[0] if str(e).strip() else "",
+            )
+            return
+        logger.info(
+            "decode graphs ready for batch sizes %s in %.1f s",
+            self.sizes,
+            time.perf_counter() - started,
+        )
+
+    def _capture_cuda_graphs(self) -> None:
+        pool = None
+        for b in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory
+            self._forward(b)  # NOTE: outside capture: Triton compiles its kernel on first use
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(b)
+            pool = graph.pool()
+            self._replays[b] = _replay(graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    def _compile(self) -> None:
+        import torch._dynamo
+        import torch._inductor.config
+
+        global _num_compiled
+        _num_compiled += len(self.sizes)
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, _num_compiled + 8)
+        compiled = torch.compile(self._forward, dynamic=False)
+        # NOTE: freezing makes the weights constants, so inductor keeps oneDNN's packed layouts
+        # (and packs the rest); it applies while compiling, which the first call of each does.
+        with torch._inductor.config.patch(freezing=True, emulate_precision_casts=True):
+            for b in self.sizes:
+                compiled(b)
+                self._replays[b] = _call(compiled, b)
+
+    def run(self, seqs: list[tuple[int, int, list[int]]], batch: int) -> torch.Tensor:
+        """One decode step of `seqs` (token id, position, block ids) padded to `batch`: the
+        logits of `seqs`' tokens, [len(seqs), vocab] (a view; valid until the next run)."""
+        n, bs = len(seqs), self.block_size
+        width = max(position // bs for _, position, _ in seqs) + 1
+        columns = torch.tensor(
+            [
+                (token, position, blocks[position // bs] * bs + position % bs, position + 1)
+                for token, position, blocks in seqs
+            ]
+        ).T  # [4, n]: token ids, positions, slots, context lengths
+        table = torch.tensor([blocks[:width] + [0] * (width - len(blocks)) for *_, blocks in seqs])
+        self.input_ids[0, :n].copy_(columns[0])
+        self.positions[0, :n].copy_(columns[1])
+        self.slots[:n].copy_(columns[2])
+        self.context_lens[:n].copy_(columns[3])
+        self.block_table[:n, :width].copy_(table)
+        if n < batch:  # padding rows: token 0 at position 0 in the null block
+            self.input_ids[0, n:batch] = 0
+            self.positions[0, n:batch] = 0
+            self.slots[n:batch] = self.null_block * bs
+            self.context_lens[n:batch] = 1
+            self.block_table[n:batch, 0] = self.null_block
+        self.num_replays += 1
+        return self._replays[batch]()[0, :n]
+
+
+def _replay(graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return logits
+
+    return replay
+
+
+def _call(compiled: Callable[[int], torch.Tensor], batch: int) -> Callable[[], torch.Tensor]:
+    return lambda: compiled(batch)
