@@ -1,13 +1,15 @@
-"""Time to first token of a cold replica, with an empty kernel cache and again with it warm.
+"""Time to first token of a cold replica, with empty compile caches and again with them warm.
 
 Each start is a fresh process: import, load the model and warm the worker up (sizing the KV
-cache, building kvray's CPU kernels where bf16 on CPU or int8 uses them, a dummy forward), then
-one 129-token request's first token.
-The first start gets an empty `TORCH_EXTENSIONS_DIR`, so it compiles the kernels; the second
-reuses that directory, as every later start on the machine does.
+cache, building kvray's CPU kernels where bf16 on CPU or int8 uses them, a dummy forward, and
+with `--decode-graphs on` compiling the decode step per batch size), then one 129-token
+request's first token.
+The first start gets an empty `TORCH_EXTENSIONS_DIR` and `TORCHINDUCTOR_CACHE_DIR`, so it
+compiles everything; the second reuses both, as every later start on the machine does.
 
     python bench/cold_start.py                                    # smollm2, bf16
     python bench/cold_start.py --model smollm2 --dtype bfloat16 --quantization int8
+    python bench/cold_start.py --decode-graphs on --max-graph-batch 8
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ print(json.dumps({"import_s": imported - started, "ready_s": ready - imported,
 """
 
 
-def start_once(options: dict, extensions_dir: str) -> dict:
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions_dir)
+def start_once(options: dict, cache: str) -> dict:
+    env = dict(
+        os.environ,
+        TORCH_EXTENSIONS_DIR=os.path.join(cache, "extensions"),
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+    )
     result = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(options)],
         env=env,
@@ -52,11 +58,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--decode-graphs", default="auto", help="auto, on or off")
+    parser.add_argument("--max-graph-batch", type=int, default=None)
     args = parser.parse_args()
-    options = {"model": args.model, "dtype": args.dtype, "max_model_len": 1024}
+    options = {"model": args.model, "dtype": args.dtype, "max_model_len": 1024,
+               "decode_graphs": args.decode_graphs, "max_graph_batch": args.max_graph_batch}  # fmt: skip
     if args.quantization:
         options["quantization"] = args.quantization
-    print(f"{args.model}, {args.dtype}, quantization {args.quantization or 'none'}")
+    print(f"{args.model}, {args.dtype}, quantization {args.quantization or 'none'}, "
+          f"decode graphs {args.decode_graphs}")  # fmt: skip
     print(f"{'start':<22} {'import':>7} {'load+warmup':>11} {'1st token':>9} {'total':>7}")
     with tempfile.TemporaryDirectory(prefix="kvray-kernels-") as cache:
         for label in ("cold (empty cache)", "warm (cache reused)"):

@@ -20,7 +20,9 @@ the best beam's tokens counted).
 
 `--model smollm2` runs the real SmolLM2-135M-Instruct (the built-in checkpoint) instead of the
 random-weight model of its shape; `single` is one request (128 + 256 tokens): decode speed.
-`--systems kvray,kvray-int8,...` adds kvray with `quantization: int8` to the same run. Each
+`--systems kvray,kvray-int8,...` adds kvray variants to the same run: `kvray-int8`
+(`quantization: int8`), `kvray-graphs` and `kvray-eager` (`decode_graphs: on` / `off`; kvray's
+default is graphs on a GPU, eager on CPU). Each
 kvray row is also printed as a share of this machine's limits, measured in the same run: the
 FLOP/s of one large matmul (batches) and the read bandwidth (one stream).
 """
@@ -71,6 +73,15 @@ def max_positions(model_dir: Path) -> int:
     return int(getattr(text, "max_position_embeddings", None) or MAX_BATCHED_TOKENS)
 
 
+# kvray's variants: engine options on top of the defaults.
+KVRAY_SYSTEMS: dict[str, dict[str, object]] = {
+    "kvray": {},
+    "kvray-int8": {"quantization": "int8"},
+    "kvray-graphs": {"decode_graphs": "on"},  # the default on a GPU; opt-in on CPU
+    "kvray-eager": {"decode_graphs": "off"},
+}
+
+
 def load_kvray(
     model_dir: Path,
     reqs: list[BenchRequest],
@@ -78,7 +89,7 @@ def load_kvray(
     dtype: str,
     *,
     num_beams: int = 1,
-    quantization: str | None = None,
+    **options: object,
 ):
     """An offline engine whose KV cache holds every request at once (as a static batch's would)."""
     from kvray import LLM
@@ -97,7 +108,7 @@ def load_kvray(
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=block_size,
         num_kv_blocks=max(num_blocks, MAX_BATCHED_TOKENS // block_size) + 8,
-        quantization=quantization,
+        **options,
     )
     return llm
 
@@ -246,14 +257,14 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
     # a first run pays for page faults and allocator growth that later runs do not.
     warmup = [BenchRequest(r.prompt_token_ids, 8) for r in reqs[:2]]
     results = []
-    for system, quantization, weight_bytes in (("kvray", None, 0), ("kvray-int8", "int8", 1)):
+    for system, options in KVRAY_SYSTEMS.items():
         if system not in args.systems:
             continue
-        llm = load_kvray(model_dir, reqs, args.device, args.dtype, quantization=quantization)
+        llm = load_kvray(model_dir, reqs, args.device, args.dtype, **options)
         run_kvray(llm, warmup)
         result = measure(system, run_kvray, llm, reqs)
         result["prompt_tokens"] = sum(len(r.prompt_token_ids) for r in reqs)
-        result["weight_bytes"] = weight_bytes or llm.worker.dtype.itemsize
+        result["weight_bytes"] = 1 if options.get("quantization") else llm.worker.dtype.itemsize
         results.append(result)
         del llm
     model = None
@@ -333,14 +344,19 @@ def print_limits(workload: str, results: list[dict], limits: HardwareLimits, wei
         if workload == "single":
             rate = weights * kvray["weight_bytes"] * kvray["tokens_per_s"]
             print(f"{name} reads weights at {rate / 1e9:.1f} GB/s = "
-                  f"{rate / limits.read_bytes:.0%} of the {limits.read_bytes / 1e9:.1f} GB/s "
+                  f"{share(rate / limits.read_bytes)} of the {limits.read_bytes / 1e9:.1f} GB/s "
                   "measured read bandwidth")  # fmt: skip
             continue
         tokens = kvray["prompt_tokens"] + kvray["output_tokens"]
         rate = 2 * weights * tokens / kvray["seconds"]
         print(f"{name} computes {rate / 1e9:.0f} GFLOP/s in linear layers = "
-              f"{rate / limits.matmul_flops:.0%} of the {limits.matmul_flops / 1e9:.0f} GFLOP/s "
+              f"{share(rate / limits.matmul_flops)} of the {limits.matmul_flops / 1e9:.0f} GFLOP/s "
               "measured for one large matmul")  # fmt: skip
+
+
+def share(fraction: float) -> str:
+    """A fraction of a limit as a percentage, with decimals where it is small (GPUs)."""
+    return f"{fraction:.0%}" if fraction >= 0.1 else f"{fraction:.2%}"
 
 
 def main() -> int:

@@ -4,8 +4,9 @@
 #   1. install kvray without dependencies (editable, no network);
 #   2. the CUDA tests (fp32 greedy parity for three architectures, bf16 defaults, KV sizing);
 #   3. the engine benchmark on CUDA (bf16, the SmolLM2-135M-shaped model, 32 requests): W2 (one
-#      stream), W1 and W3 against HF static batch and transformers' continuous batching, each
-#      kvray figure also as a share of the HBM bandwidth / matmul FLOP/s measured in the run.
+#      stream), W1 and W3, kvray (decode steps as CUDA graphs) and kvray-eager against HF static
+#      batch and transformers' continuous batching, each kvray figure also as a share of the HBM
+#      bandwidth / matmul FLOP/s measured in the run.
 # Usage (from the repository root): bench/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,5 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
 python3 bench/engine_throughput.py --device cuda --dtype bfloat16 --num-requests 32 \
-  --workloads single,uniform,mixed --systems kvray,hf-static,hf-cb \
+  --workloads single,uniform,mixed --systems kvray,kvray-eager,hf-static,hf-cb \
   --json "$out/gpu_engine.json" 2>&1 | grep -v "Loading weights" | tee "$out/gpu_engine.txt"
