@@ -6,9 +6,9 @@ instead of thousands of Python-level operator calls:
 
 - CUDA: a CUDA graph per batch size, captured at warmup (milliseconds each). The attention is
   the Triton paged kernel, which reads its context lengths on the device.
-- CPU: `torch.compile` (inductor, weights frozen and prepacked) per batch size, compiled at
-  warmup (~40 s each on 2 cores; inductor caches the result on disk, so a second start loads
-  it). The attention is kvray's C++ kernel, traced as an opaque op.
+- CPU (opt-in): `torch.compile` (inductor, weights frozen and prepacked) per batch size,
+  compiled at warmup: ~40 s each on 2 cores, of which inductor's disk cache saves only part on
+  the next start (ADR 0010). The attention is kvray's C++ kernel, traced as an opaque op.
 
 Padding rows compute token 0 at position 0, write their key/value into the cache's
 `null_block` and attend over that slot only; their logits are dropped. Prompt chunks and mixed
@@ -144,7 +144,9 @@ class DecodeGraphs:
         torch._dynamo.config.recompile_limit = max(limit, _num_compiled + 8)
         compiled = torch.compile(self._forward, dynamic=False)
         # NOTE: freezing makes the weights constants, so inductor keeps oneDNN's packed layouts
-        # (and packs the rest); it applies while compiling, which the first call of each does.
+        # (and packs the rest); emulated precision casts round bf16 intermediates where eager
+        # does, so replays give the eager step's tokens (1.48x against 1.53x without, at one
+        # stream). Both apply while compiling, which the first call of each size does.
         with torch._inductor.config.patch(freezing=True, emulate_precision_casts=True):
             for b in self.sizes:
                 compiled(b)
