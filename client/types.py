@@ -120,6 +120,8 @@ class ModelInfo:
     has_tokenizer: bool
     dtype: str
     has_chat_template: bool = False
+    quantization: str = ""  # "int8", or "" for none
+    decode_graph_batch_sizes: list[int] = field(default_factory=list)  # [] = eager decode steps
 
 
 def _logprobs(entries: Any) -> list[TokenLogprob]:

@@ -238,6 +238,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             has_tokenizer=self.router.tokenizer is not None,
             dtype=info.dtype,
             has_chat_template=bool(getattr(self.router.tokenizer, "chat_template", None)),
+            quantization=info.quantization or "",
+            decode_graph_batch_sizes=list(info.decode_graph_batch_sizes),
         )
 
     async def GetClusterStatus(

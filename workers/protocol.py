@@ -221,6 +221,8 @@ class WorkerInfo:
     num_kv_blocks: int  # blocks in the KV cache
     kv_cache_bytes: int  # bytes held by the KV cache
     weights_bytes: int  # bytes held by the model's parameters
+    quantization: str | None = None  # "int8", or None
+    decode_graph_batch_sizes: tuple[int, ...] = ()  # replayed decode sizes; () = eager steps
 
 
 @dataclass

@@ -170,6 +170,8 @@ class ModelWorker:
                 t.numel() * t.element_size()
                 for t in itertools.chain(self.model.parameters(), self.model.buffers())
             ),
+            quantization=self.config.quantization,
+            decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",

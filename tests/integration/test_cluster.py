@@ -189,6 +189,9 @@ def test_tokenize_and_model_info(client, tiny_tokenizer):
     info = client.model_info()
     assert info.model == "tiny" and info.max_model_len == 256 and info.has_tokenizer
     assert info.vocab_size == len(tiny_tokenizer)
+    # fp32 on CPU: not quantized, decode steps eager (no paged kernel to replay around)
+    assert info.dtype == "torch.float32" and info.quantization == ""
+    assert info.decode_graph_batch_sizes == []
 
 
 def test_a_chat_prompt_is_rendered_with_the_models_template(client, tiny_tokenizer):

@@ -35,6 +35,7 @@ def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
     llm = LLM("tiny", decode_graphs="on", max_graph_batch=4, **kwargs)
     graphs = llm.worker.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4]
+    assert llm.worker.info.decode_graph_batch_sizes == (1, 2, 4)  # GetModelInfo reports them
     assert _generate(llm) == expected
     # Every decode step replayed: 27 steps after the longest prompt's first token.
     assert graphs.num_replays == 27
