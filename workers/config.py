@@ -43,7 +43,8 @@ class WorkerConfig:
         "auto",
         "decode steps replay a forward prepared per padded batch size: auto (on a GPU, CUDA "
         "graphs with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: "
-        "torch.compile, ~40 s per batch size on the first start, cached on disk), off",
+        "torch.compile, ~40 s per batch size at start on 2 cores; inductor's disk cache saves "
+        "only part of it), off",
     )
     max_graph_batch: int | None = setting(
         None,

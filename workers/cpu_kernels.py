@@ -92,7 +92,7 @@ def _register_fakes() -> None:
     """Each op's output shape, for torch.compile, which traces with tensors that hold no data
     (the compiled decode steps of workers/decode_graphs.py)."""
     fake = torch.library.register_fake
-    fake("kvray::paged_decode_attention")(lambda query, *_: torch.empty_like(query))
+    fake("kvray::paged_decode_attention")(lambda query, *_: query.new_empty(query.shape))
     fake("kvray::int8_linear")(lambda x, weight, *_: x.new_empty((x.shape[0], weight.shape[0])))
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)

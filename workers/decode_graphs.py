@@ -140,8 +140,9 @@ class DecodeGraphs:
 
         global _num_compiled
         _num_compiled += len(self.sizes)
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, _num_compiled + 8)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), _num_compiled + 8))
         compiled = torch.compile(self._forward, dynamic=False)
         # NOTE: freezing makes the weights constants, so inductor keeps oneDNN's packed layouts
         # (and packs the rest); emulated precision casts round bf16 intermediates where eager

@@ -20,6 +20,7 @@ from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
 from kvray.workers.checkpoints import resolve_model
 from kvray.workers.config import EngineConfig
+from kvray.workers.decode_graphs import batch_sizes
 from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
@@ -194,9 +195,11 @@ class ModelWorker:
                 self.device,
             )
             return
+        self.runner.build_decode_graphs(self._max_graph_batch(), self.max_model_len)
+
+    def _max_graph_batch(self) -> int:
         cap = 256 if self.device.type == "cuda" else 8
-        max_batch = self.config.max_graph_batch or min(self.limits.max_num_seqs, cap)
-        self.runner.build_decode_graphs(max_batch, self.max_model_len)
+        return self.config.max_graph_batch or min(self.limits.max_num_seqs, cap)
 
     def _budget_bytes(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -216,7 +219,12 @@ class ModelWorker:
         self.kv_cache = self.runner = None
         devices.empty_cache(self.device)
         total = devices.total_memory_bytes(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - peak
+        # NOTE: decode graphs are captured after the cache is allocated, and each keeps its
+        # logits (4 bytes each: some models return fp32); their activations share one pool,
+        # smaller than the profiled prefill's peak.
+        graphs = self.config.decode_graphs != "off"
+        graph_logits = sum(batch_sizes(self._max_graph_batch())) * self.vocab_size * 4 * graphs
+        budget = int(total * self.config.gpu_memory_utilization) - peak - graph_logits
         if budget <= 0:
             raise ValueError(
                 f"no memory left for the KV cache: peak use {peak / 2**30:.1f} GiB of "

@@ -46,9 +46,11 @@ def test_cuda_refuses_int8_with_a_message(model_cache_dir):
 
 @pytest.mark.parametrize("case", ["gqa3_d64_fp32", "gqa4_d128_bf16_tile16", "gqa3_d64_bf16_strided_q",
                                   "gqa4_d64_bf16_window20_block8_int32"])  # fmt: skip
-def test_cuda_triton_decode_attention_matches_reference(case):
+def test_cuda_triton_decode_attention_matches_reference(case, monkeypatch):
+    from kvray.workers import triton_attention
     from tests.unit.test_triton_attention import CASES, TOLERANCE, _run_case
 
+    monkeypatch.setattr(triton_attention, "_TILE", triton_attention._TILE)  # a case may set it
     result = _run_case(**CASES[case], device="cuda")
     assert result["max_err"] <= TOLERANCE[CASES[case]["dtype"]], result
 
