@@ -59,11 +59,15 @@ class DecodeGraphs:
         self.sizes = batch_sizes(max_batch)
         width = -(-max_model_len // bs)  # NOTE: the kernels read only a sequence's own blocks
         n = self.sizes[-1]
-        self.input_ids = torch.zeros((1, n), dtype=torch.long, device=device)
-        self.positions = torch.zeros((1, n), dtype=torch.long, device=device)
-        self.slots = torch.full((n,), self.null_block * bs, dtype=torch.long, device=device)
+        # One buffer, so a step is one copy: rows token ids, positions, slots, context lengths.
+        # A padding row's column: token 0 at position 0, in the null block, attending one slot.
+        self._padding = torch.tensor([[0], [0], [self.null_block * bs], [1]], device=device)
+        self._columns = self._padding.repeat(1, n)
+        self.input_ids = self._columns[0:1]  # [1, n]
+        self.positions = self._columns[1:2]  # [1, n]
+        self.slots = self._columns[2]
+        self.context_lens = self._columns[3]
         self.block_table = torch.full((n, width), self.null_block, dtype=torch.long, device=device)
-        self.context_lens = torch.ones((n,), dtype=torch.long, device=device)
         self.metadata = {
             b: AttentionMetadata(
                 slot_mapping=self.slots[:b],
@@ -79,12 +83,10 @@ class DecodeGraphs:
             for b in self.sizes
         }
         self._replays: dict[int, Callable[[], torch.Tensor]] = {}
-        self.num_replays = 0  # decode steps run as replays (tests and logs read it)
+        self.num_replays = 0  # decode steps run as replays (the tests read it)
 
     def batch_size(self, num_seqs: int) -> int | None:
         """The prepared batch size a decode step of `num_seqs` runs at, or None (eager)."""
-        if not self._replays:
-            return None
         return next((b for b in self.sizes if b >= num_seqs), None)
 
     def _forward(self, batch: int) -> torch.Tensor:  # [1, batch, vocab]
@@ -99,8 +101,9 @@ class DecodeGraphs:
         return out.logits
 
     @torch.inference_mode()
-    def build(self) -> None:
-        """Prepare every batch size (at warmup). On failure: a warning, and eager steps."""
+    def build(self) -> bool:
+        """Prepare every batch size (at warmup). False on failure, with a warning: the caller
+        keeps eager steps."""
         started = time.perf_counter()
         try:
             if self.device.type == "cuda":
@@ -115,12 +118,13 @@ class DecodeGraphs:
                 type(e).__name__,
                 str(e).strip().splitlines()[0] if str(e).strip() else "",
             )
-            return
+            return False
         logger.info(
             "decode graphs ready for batch sizes %s in %.1f s",
             self.sizes,
             time.perf_counter() - started,
         )
+        return True
 
     def _capture_cuda_graphs(self) -> None:
         pool = None
@@ -165,16 +169,10 @@ class DecodeGraphs:
             ]
         ).T  # [4, n]: token ids, positions, slots, context lengths
         table = torch.tensor([blocks[:width] + [0] * (width - len(blocks)) for *_, blocks in seqs])
-        self.input_ids[0, :n].copy_(columns[0])
-        self.positions[0, :n].copy_(columns[1])
-        self.slots[:n].copy_(columns[2])
-        self.context_lens[:n].copy_(columns[3])
+        self._columns[:, :n].copy_(columns)
         self.block_table[:n, :width].copy_(table)
-        if n < batch:  # padding rows: token 0 at position 0 in the null block
-            self.input_ids[0, n:batch] = 0
-            self.positions[0, n:batch] = 0
-            self.slots[n:batch] = self.null_block * bs
-            self.context_lens[n:batch] = 1
+        if n < batch:  # NOTE: rows left from a bigger step would write into real sequences
+            self._columns[:, n:batch] = self._padding
             self.block_table[n:batch, 0] = self.null_block
         self.num_replays += 1
         return self._replays[batch]()[0, :n]

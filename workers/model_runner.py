@@ -69,17 +69,14 @@ class ModelRunner:
         self.decode_kernel = decode_kernel(spec.dtype, device, spec.head_dim)
         self.graphs: DecodeGraphs | None = None
 
-    def build_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
-        """Prepare decode steps of up to `max_batch` sequences as replays (at warmup); False
-        where that cannot be done: no paged decode kernel here, or the build failed."""
-        if self.decode_kernel is None:
-            return False
+    def build_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Prepare decode steps of up to `max_batch` sequences as replays (at warmup). Needs
+        the paged decode kernel; where the build fails, steps stay eager."""
+        assert self.decode_kernel is not None
         graphs = DecodeGraphs(
             self.model, self.kv_cache, self.decode_kernel, self.device, max_batch, max_model_len
         )
-        graphs.build()
-        self.graphs = graphs if graphs.batch_size(1) is not None else None
-        return self.graphs is not None
+        self.graphs = graphs if graphs.build() else None
 
     def prepare(self, seqs: list[ScheduledSeq]) -> ModelInput | GraphInput:
         """Lay out the batch: single-token sequences first, then prompt chunks. A step of

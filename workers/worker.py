@@ -185,8 +185,7 @@ class ModelWorker:
     def _build_decode_graphs(self) -> None:
         """Decode steps as replays (workers/decode_graphs.py), where `decode_graphs` asks."""
         assert self.runner is not None
-        mode = self.config.decode_graphs
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+        if not self._wants_decode_graphs():
             return
         if self.runner.decode_kernel is None:
             logger.info(
@@ -196,6 +195,10 @@ class ModelWorker:
             )
             return
         self.runner.build_decode_graphs(self._max_graph_batch(), self.max_model_len)
+
+    def _wants_decode_graphs(self) -> bool:
+        mode = self.config.decode_graphs
+        return mode == "on" or (mode == "auto" and self.device.type == "cuda")
 
     def _max_graph_batch(self) -> int:
         cap = 256 if self.device.type == "cuda" else 8
@@ -222,7 +225,7 @@ class ModelWorker:
         # NOTE: decode graphs are captured after the cache is allocated, and each keeps its
         # logits (4 bytes each: some models return fp32); their activations share one pool,
         # smaller than the profiled prefill's peak.
-        graphs = self.config.decode_graphs != "off"
+        graphs = self._wants_decode_graphs()
         graph_logits = sum(batch_sizes(self._max_graph_batch())) * self.vocab_size * 4 * graphs
         budget = int(total * self.config.gpu_memory_utilization) - peak - graph_logits
         if budget <= 0:
