@@ -6,6 +6,10 @@ is steadier than two benchmark runs one after the other (which can differ by 25%
 
     python bench/step_ab.py --a dtype=bfloat16 --b dtype=bfloat16,quantization=int8
     python bench/step_ab.py --a dtype=float32 --b dtype=bfloat16 --batches 1,8,32
+    python bench/step_ab.py --a dtype=bfloat16,linear=onednn --b dtype=bfloat16
+
+`linear=onednn` is the bench's own option, not the engine's: that worker's bf16 layers take
+oneDNN's kernel even where kvray's own (workers/csrc/bf16_linear.cpp) would be used.
 """
 
 from __future__ import annotations
@@ -37,8 +41,13 @@ class Stepper:
     """One worker decoding `batch` sequences, a step at a time."""
 
     def __init__(self, model: str, batch: int, steps: int, options: dict[str, object]) -> None:
-        from kvray.workers.worker import ModelWorker  # torch: not needed for --help
+        from kvray.workers import packed_linear  # torch: not needed for --help
+        from kvray.workers.worker import ModelWorker
 
+        options = dict(options)
+        kvray_kernel = packed_linear._kvray_kernel
+        if options.pop("linear", "kvray") == "onednn":
+            packed_linear._kvray_kernel = lambda in_features: None
         blocks_per_seq = -(-(PROMPT + steps + 1) // 16)
         config = EngineConfig.from_kwargs(
             model=model,
@@ -46,7 +55,10 @@ class Stepper:
             max_model_len=blocks_per_seq * 16,
             **options,
         )
-        self.worker = ModelWorker(config)
+        try:
+            self.worker = ModelWorker(config)
+        finally:
+            packed_linear._kvray_kernel = kvray_kernel
         self.worker.warmup()
         self.batch, self.computed, self.step_id = batch, PROMPT, 1
         greedy = SamplingParams(temperature=0, max_tokens=steps + 1)

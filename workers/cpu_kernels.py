@@ -1,9 +1,9 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
-`paged_decode_attention()`, `int8_linear()` and `int8_dequantize()` return the compiled ops
-(`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
-`KVRAY_CPU_KERNELS=0`); callers then keep their torch path, which gives the same results more
-slowly. The build goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once
+`paged_decode_attention()`, `int8_linear()`, `int8_dequantize()` and `bf16_linear()` return the
+compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
+`KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
+torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once
 per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
 up, so no step waits for a compiler.
@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +29,8 @@ from kvray.workers.device import cpu_flags
 logger = logging.getLogger(__name__)
 
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "int8_linear.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("paged_attention.cpp", "int8_linear.cpp", "bf16_linear.cpp")
 ]
 
 
@@ -50,6 +52,23 @@ def int8_linear() -> Callable[..., torch.Tensor] | None:
 def int8_dequantize() -> Callable[..., torch.Tensor] | None:
     """`int8_dequantize(weight, scale, group_size, dtype)`, see csrc/int8_linear.cpp; or None."""
     return torch.ops.kvray.int8_dequantize if _build() else None
+
+
+class Bf16Linear(NamedTuple):
+    """The prepacked bf16 linear layer of csrc/bf16_linear.cpp: `pack(weight)` once, then
+    `linear(x, packed, out_features, bias)` per call; `unpack(packed, out_features)` inverts."""
+
+    pack: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor]
+    unpack: Callable[..., torch.Tensor]
+
+
+def bf16_linear() -> Bf16Linear | None:
+    """The ops, or None where they were not built or the build does not target AVX512-BF16."""
+    if not _build() or not hasattr(torch.ops.kvray, "bf16_linear"):
+        return None
+    ops = torch.ops.kvray
+    return Bf16Linear(ops.bf16_pack, ops.bf16_linear, ops.bf16_unpack)
 
 
 @functools.cache
@@ -77,8 +96,9 @@ def _build() -> bool:
         )
     except Exception as e:  # a missing compiler or ninja, a full disk: slower, never broken
         logger.warning(
-            "kvray's CPU kernels did not build (%s: %s); decode attention and int8 layers take "
-            "the slower torch path. Install a C++ compiler, or set KVRAY_CPU_KERNELS=0 to skip.",
+            "kvray's CPU kernels did not build (%s: %s); decode attention and bf16 and int8 "
+            "layers take the slower torch path. Install a C++ compiler, or set "
+            "KVRAY_CPU_KERNELS=0 to skip.",
             type(e).__name__,
             str(e).strip().splitlines()[-1] if str(e).strip() else "",
         )
@@ -94,6 +114,10 @@ def _register_fakes() -> None:
     fake = torch.library.register_fake
     fake("kvray::paged_decode_attention")(lambda query, *_: query.new_empty(query.shape))
     fake("kvray::int8_linear")(lambda x, weight, *_: x.new_empty((x.shape[0], weight.shape[0])))
+    if hasattr(torch.ops.kvray, "bf16_linear"):
+        fake("kvray::bf16_linear")(
+            lambda x, packed, out_features, bias: x.new_empty((x.shape[0], out_features))
+        )
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)
     )

@@ -101,7 +101,11 @@ class ModelWorker:
         if self.config.quantization == "int8":  # on CPU: checked before loading
             logger.info("quantized %d linear layers to int8", quantize_linears(model))
         elif can_pack(self.device, self.dtype):
-            logger.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
+            counts = pack_linears(model)
+            logger.info(
+                "packed bf16 linear layers: %s",
+                ", ".join(f"{n} for {kernel}" for kernel, n in sorted(counts.items())),
+            )
         logger.info("loaded in %.1fs", time.perf_counter() - start)
         return model
 

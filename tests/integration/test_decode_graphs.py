@@ -44,6 +44,18 @@ def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
     assert _generate(llm) == expected  # and a second round, over reused blocks, agrees too
 
 
+def test_two_engines_in_one_process_each_replay_their_own_graphs(model_cache_dir):
+    # Replays skip Dynamo's guards but those telling compiled graphs apart: two engines' graphs
+    # of the same function, called in turn, must still each run their own model.
+    kwargs = dict(cache_dir=model_cache_dir, dtype="bfloat16", max_model_len=256)
+    names = ("tiny", "tiny-qwen2")
+    expected = [_generate(LLM(name, decode_graphs="off", **kwargs)) for name in names]
+    engines = [LLM(name, decode_graphs="on", max_graph_batch=2, **kwargs) for name in names]
+    for _ in range(2):
+        assert [_generate(llm) for llm in engines] == expected
+    assert all(llm.worker.runner.graphs.num_replays > 0 for llm in engines)
+
+
 def test_a_failed_compile_leaves_eager_decode_steps(model_cache_dir, monkeypatch, caplog):
     def fail(self):
         raise RuntimeError("no compiler today")
