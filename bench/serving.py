@@ -20,6 +20,8 @@ Three parts, one run:
     python bench/serving.py                       # latency, throughput and router parts
     python bench/serving.py --quick               # the same parts, smaller (about 3 minutes)
     python bench/serving.py --part engine --model tiny --rate 8 --num-requests 200
+    python bench/serving.py --part engine --model smollm2-shape --rate inf --num-requests 64 \
+        --max-concurrency 32 --cpus-per-replica 1 --torch-threads 1 --decode-graphs on
     python bench/serving.py --part http --model tiny --rate 10 --num-requests 200
     python bench/serving.py --part router --concurrency 250,500,1000
 """
@@ -147,7 +149,7 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
     )
     concurrency = None if args.rate != float("inf") else args.max_concurrency
     options = {"max_model_len": 512, "max_num_seqs": 128, "max_num_batched_tokens": 2048,
-               "dtype": args.dtype}  # fmt: skip
+               "dtype": args.dtype, "decode_graphs": args.decode_graphs}  # fmt: skip
     if args.torch_threads:
         import torch
 
@@ -158,7 +160,8 @@ def engine_vs_cluster(args: argparse.Namespace) -> dict:
     )
     local = summarize("in-process", results, elapsed)
     flags = ["--model", args.model, "--replicas", "1", "--max-model-len", "512", "--max-num-seqs", "128",
-             "--cpus-per-replica", str(args.cpus_per_replica), "--dtype", args.dtype]  # fmt: skip
+             "--cpus-per-replica", str(args.cpus_per_replica), "--dtype", args.dtype,
+             "--decode-graphs", args.decode_graphs]  # fmt: skip
     with ServerProcess(flags) as server:
         log("cluster: same requests over gRPC")
         results, elapsed = asyncio.run(
@@ -305,6 +308,9 @@ def main() -> int:
         "to compare the serving layer alone",
     )
     parser.add_argument("--dtype", default="auto", help="engine part: the replica's dtype")
+    parser.add_argument(
+        "--decode-graphs", default="auto", help="engine part: the replica's decode_graphs"
+    )
     parser.add_argument("--concurrency", default="100,250,500,1000", help="router part: streams")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--fake-step-ms", type=float, default=20.0)

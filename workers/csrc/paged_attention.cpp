@@ -3,7 +3,9 @@
 // The torch path gathers every block of every sequence into a contiguous tensor, transposes it
 // for the matmul (a second copy) and runs many small batched matmuls; on 2 cores that is 5-10x
 // the cost of reading the keys and values once. This kernel reads each cached key and value row
-// once, where it lies, and keeps scores, softmax and the weighted sum in fp32.
+// once, where it lies, and keeps scores, softmax and the weighted sum in fp32. bf16 with
+// head_dim 64 or 128 on a CPU with AVX512-BF16 takes a path with far fewer instructions per row
+// (`attend_bf16`: 2.7-2.9x the generic one at SmolLM2-135M's shape, 160-256 tokens; 1.9x at 600).
 //
 // Layouts (those of kvray.workers.kv_cache and attention):
 //   query        [num_seqs, num_heads, head_dim]            bf16 or fp32
@@ -22,6 +24,10 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -174,6 +180,168 @@ void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
   });
 }
 
+
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------- bf16 with AVX512-BF16
+// The same attention with far fewer instructions per cached row, for head_dim 64 or 128. One
+// work item is a sequence and one kv head (its group of query heads):
+// - scores: 4 keys at a time, each query head's dot products by vdpbf16ps on the bf16 rows as
+//   they are (fp32 sums), the 4 sums reduced together, then scaled: one reduction per 4 scores,
+//   not one per score;
+// - weighted sum: up to 256 / head_dim query heads at a time keep their output rows in
+//   registers, so each value row is widened once and added to all of them.
+
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {  // [sum a, sum b, sum c, sum d]
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline __m512bh load_bh(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+inline __m512 widen(const c10::BFloat16* p) {  // 16 bf16 -> fp32, exact
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// scores[h][t - first] for the group's heads, 4 keys at a time; returns nothing, fills top[h].
+template <int kDim>
+inline void score_rows(const c10::BFloat16* q, int64_t heads, const c10::BFloat16* k_ptr,
+                       int64_t row, const int64_t* blocks, int64_t block_size, int64_t first,
+                       int64_t len, float scale, float* scores, int64_t span, float* top) {
+  constexpr int kChunks = kDim / 32;
+  auto key = [&](int64_t t) {
+    return k_ptr + (blocks[t / block_size] * block_size + t % block_size) * row;
+  };
+  int64_t t = first;
+  for (; t + 4 <= len; t += 4) {
+    __m512bh k[4][kChunks];
+    for (int j = 0; j < 4; ++j) {
+      const c10::BFloat16* k_row = key(t + j);
+      for (int c = 0; c < kChunks; ++c) k[j][c] = load_bh(k_row + 32 * c);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512 acc[4];
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm512_setzero_ps();
+        for (int c = 0; c < kChunks; ++c) {
+          acc[j] = _mm512_dpbf16_ps(acc[j], load_bh(q + h * kDim + 32 * c), k[j][c]);
+        }
+      }
+      const __m128 s = _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale));
+      _mm_storeu_ps(scores + h * span + (t - first), s);
+      const __m128 m = _mm_max_ps(s, _mm_movehl_ps(s, s));
+      top[h] = std::max(top[h], std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1))));
+    }
+  }
+  for (; t < len; ++t) {
+    const c10::BFloat16* k_row = key(t);
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < kChunks; ++c) {
+        acc = _mm512_dpbf16_ps(acc, load_bh(q + h * kDim + 32 * c), load_bh(k_row + 32 * c));
+      }
+      const float s = _mm512_reduce_add_ps(acc) * scale;
+      scores[h * span + (t - first)] = s;
+      top[h] = std::max(top[h], s);
+    }
+  }
+}
+
+// out[h] = sum_t p[h][t] * v_t / total[h] for kHeads query heads, their rows in registers.
+template <int kDim, int kHeads>
+inline void weigh_values(const float* p, int64_t span, const c10::BFloat16* v_ptr, int64_t row,
+                         const int64_t* blocks, int64_t block_size, int64_t first,
+                         const float* total, c10::BFloat16* out) {
+  constexpr int kVecs = kDim / 16;
+  __m512 acc[kHeads][kVecs];
+  for (int h = 0; h < kHeads; ++h)
+    for (int d = 0; d < kVecs; ++d) acc[h][d] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < span; ++i) {
+    const int64_t t = first + i;
+    const c10::BFloat16* v_row = v_ptr + (blocks[t / block_size] * block_size + t % block_size) * row;
+    __m512 v[kVecs];
+    for (int d = 0; d < kVecs; ++d) v[d] = widen(v_row + 16 * d);
+    for (int h = 0; h < kHeads; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h * span + i]);
+      for (int d = 0; d < kVecs; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+    }
+  }
+  for (int h = 0; h < kHeads; ++h) {
+    const __m512 inv = _mm512_set1_ps(1.f / total[h]);
+    for (int d = 0; d < kVecs; d += 2) {
+      const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(acc[h][d + 1], inv),
+                                                     _mm512_mul_ps(acc[h][d], inv));
+      _mm512_storeu_si512(out + h * kDim + 16 * d, b);
+    }
+  }
+}
+
+template <int kDim>
+void attend_bf16(const torch::Tensor& query, const torch::Tensor& key_cache,
+                 const torch::Tensor& value_cache, const torch::Tensor& block_table,
+                 const torch::Tensor& context_lens, int64_t block_size, double scale,
+                 int64_t window, torch::Tensor& out) {
+  constexpr int kMaxHeads = 256 / kDim;  // output rows kept in registers at once
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1);
+  const int64_t num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_table.size(1), row = num_kv_heads * kDim;
+  const auto* q_ptr = query.data_ptr<c10::BFloat16>();
+  const auto* k_ptr = key_cache.data_ptr<c10::BFloat16>();
+  const auto* v_ptr = value_cache.data_ptr<c10::BFloat16>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  auto* out_ptr = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, top(group), total(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kv = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t span = len - first;
+      const int64_t* blocks = table + seq * max_blocks;
+      const int64_t head0 = kv * group;
+      scores.resize(group * span);
+      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
+      score_rows<kDim>(q_ptr + (seq * num_heads + head0) * kDim, group, k_ptr + kv * kDim, row,
+                       blocks, block_size, first, len, float(scale), scores.data(), span,
+                       top.data());
+      for (int64_t h = 0; h < group; ++h) {  // softmax numerators, in place, and their sums
+        float* s = scores.data() + h * span;
+        const __m512 m = _mm512_set1_ps(top[h]);
+        f32x16 sum16 = f32x16{};
+        int64_t t = 0;
+        for (; t + kLanes <= span; t += kLanes) {
+          const f32x16 e = exp16((f32x16)_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+          std::memcpy(s + t, &e, sizeof(e));
+          sum16 += e;
+        }
+        total[h] = reduce_add(sum16);
+        for (; t < span; ++t) {
+          s[t] = std::exp(s[t] - top[h]);
+          total[h] += s[t];
+        }
+      }
+      for (int64_t h = 0; h < group; h += kMaxHeads) {
+        const int64_t count = std::min<int64_t>(kMaxHeads, group - h);
+        auto run = [&](auto heads) {
+          weigh_values<kDim, decltype(heads)::value>(
+              scores.data() + h * span, span, v_ptr + kv * kDim, row, blocks, block_size, first,
+              total.data() + h, out_ptr + (seq * num_heads + head0 + h) * kDim);
+        };
+        switch (count) {
+          case 1: run(std::integral_constant<int, 1>()); break;
+          case 2: run(std::integral_constant<int, 2>()); break;
+          case 3: if constexpr (kMaxHeads >= 3) run(std::integral_constant<int, 3>()); break;
+          default: if constexpr (kMaxHeads >= 4) run(std::integral_constant<int, 4>()); break;
+        }
+      }
+    }
+  });
+}
+#endif
 }  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
@@ -194,6 +362,18 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   context_lens = context_lens.contiguous();
   auto out = torch::empty_like(query);
   if (query.scalar_type() == torch::kBFloat16) {
+#if defined(__AVX512BF16__)
+    if (query.size(2) == 64) {
+      attend_bf16<64>(query, key_cache, value_cache, block_table, context_lens, block_size, scale,
+                      window, out);
+      return out;
+    }
+    if (query.size(2) == 128) {
+      attend_bf16<128>(query, key_cache, value_cache, block_table, context_lens, block_size,
+                       scale, window, out);
+      return out;
+    }
+#endif
     attend<c10::BFloat16>(query, key_cache, value_cache, block_table, context_lens, block_size,
                           scale, window, out);
   } else {
