@@ -269,6 +269,11 @@ def _sdpa(
     mask: torch.Tensor | None,  # bool, broadcastable to [..., q_len, kv_len]; None = causal
     scaling: float | None,
 ) -> torch.Tensor:  # [..., num_heads, q_len, dim]
+    if q.dim() == 3:
+        # NOTE: with a batch dimension: on CPU, 3-d inputs take SDPA's math path (bmm, where,
+        # softmax) and 4-d ones its flash kernel, 2.6-3.5x faster for a 256-512 token prompt
+        # chunk in bf16 and fp32 alike (and the kernel transformers' own `sdpa` runs).
+        return _sdpa(q[None], k[None], v[None], mask, scaling)[0]
     return F.scaled_dot_product_attention(
         q,
         k,
