@@ -250,6 +250,17 @@ def measure(name: str, fn, *args) -> dict:
     return result
 
 
+def first_token_ms(fn, *args: object, reps: int = 5) -> float:
+    """Median time of `fn(*args)` over `reps` calls, in ms: a 1-token run of one prompt is its
+    time to first token (warm: the workload has just run)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reps // 2] * 1e3
+
+
 def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> list[dict]:
     num_requests = 1 if workload == "single" else args.num_requests
     reqs = make_workload(workload, num_requests, seed=args.seed)
@@ -266,6 +277,10 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
         result = measure(system, run_kvray, llm, reqs)
         result["prompt_tokens"] = sum(len(r.prompt_token_ids) for r in reqs)
         result["weight_bytes"] = 1 if options.get("quantization") else llm.worker.dtype.itemsize
+        if workload == "single":
+            result["ttft_ms"] = first_token_ms(
+                run_kvray, llm, [BenchRequest(reqs[0].prompt_token_ids, 1)]
+            )
         results.append(result)
         del llm
     model = None
@@ -280,6 +295,9 @@ def run_workload(args: argparse.Namespace, workload: str, model_dir: Path) -> li
         if system != "hf-cb":  # hf-cb sets up (and warms) its own manager on every run
             fn(model, warmup[: len(subset)])
         results.append(measure(system, fn, model, subset))
+        if workload == "single" and system != "hf-cb":
+            first = [BenchRequest(reqs[0].prompt_token_ids, 1)]
+            results[-1]["ttft_ms"] = first_token_ms(fn, model, first)
     return results
 
 
@@ -324,6 +342,10 @@ def print_table(workload: str, results: list[dict], *, num_requests: int) -> Non
             f"{r['system']:<10} {r['output_tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.1f} "
             f"{ratio:>7.2f}x {r['peak_rss_gib']:>8.2f} {r['peak_gpu_gib']:>8.2f}"
         )
+    if any("ttft_ms" in r for r in results):
+        prompt = len(make_workload(workload, 1)[0].prompt_token_ids)
+        print(f"time to first token, one {prompt}-token prompt (median of 5, warm): " + ", ".join(
+            f"{r['system']} {r['ttft_ms']:.0f} ms" for r in results if "ttft_ms" in r))  # fmt: skip
     if "kvray" in by and "kvray-int8" in by:
         ratio = by["kvray-int8"]["tokens_per_s"] / by["kvray"]["tokens_per_s"]
         print(f"kvray-int8 / kvray: {ratio:.2f}x")

@@ -41,15 +41,15 @@ class WorkerConfig:
     )
     decode_graphs: str = setting(
         "auto",
-        "decode steps replay a forward prepared per padded batch size: auto (on a GPU, CUDA "
-        "graphs with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: "
-        "torch.compile, ~40 s per batch size at start on 2 cores; inductor's disk cache saves "
-        "only part of it), off",
+        "decode steps replay a prepared forward: auto (on a GPU, a CUDA graph per padded batch "
+        "size with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: one "
+        "torch.compile for every batch size, ~40-75 s at start on 2 cores; inductor's disk "
+        "cache saves part of it), off",
     )
     max_graph_batch: int | None = setting(
         None,
         "largest decode batch run as a replay; bigger ones run eagerly "
-        "(default: max_num_seqs, at most 256 on a GPU and 8 on CPU)",
+        "(default: max_num_seqs, at most 256 on a GPU)",
     )
     block_size: int = setting(16, "tokens per KV block (a power of two up to 128)")
     # KV cache size: an explicit block count wins; else a byte budget; else (GPU) a fraction

@@ -6,9 +6,10 @@ instead of thousands of Python-level operator calls:
 
 - CUDA: a CUDA graph per batch size, captured at warmup (milliseconds each). The attention is
   the Triton paged kernel, which reads its context lengths on the device.
-- CPU (opt-in): `torch.compile` (inductor, weights frozen and prepacked) per batch size,
-  compiled at warmup: ~40 s each on 2 cores, of which inductor's disk cache saves only part on
-  the next start (ADR 0010). The attention is kvray's C++ kernel, traced as an opaque op.
+- CPU (opt-in): one `torch.compile` (inductor, weights frozen) with a dynamic batch size,
+  compiled at warmup for every size from 2 to `max_batch` at once (a one-sequence step is
+  padded to 2): ~40-75 s on 2 cores, ~40 s again with inductor's disk cache (ADR 0010). The
+  attention is kvray's C++ kernel, traced as an opaque op.
 
 Padding rows compute token 0 at position 0, write their key/value into the cache's
 `null_block` and attend over that slot only; their logits are dropped. Prompt chunks and mixed
@@ -33,8 +34,11 @@ logger = logging.getLogger(__name__)
 _num_compiled = 0
 
 
-def batch_sizes(max_batch: int) -> list[int]:
-    """The padded batch sizes: 1, 2, 4, 8, then every multiple of 16 up to `max_batch`."""
+def batch_sizes(max_batch: int, device: torch.device) -> list[int]:
+    """The batch sizes a decode step is padded to. CUDA (a graph per size): 1, 2, 4, 8, then
+    every multiple of 16 up to `max_batch`. CPU (one graph for all): every size."""
+    if device.type != "cuda":
+        return list(range(1, max_batch + 1))
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
     sizes += list(range(16, max_batch, 16))
     return [*sizes, max_batch]
@@ -54,9 +58,14 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.device = device
+        self._cuda = device.type == "cuda"
         self.block_size = bs = kv_cache.block_size
         self.null_block = kv_cache.null_block
-        self.sizes = batch_sizes(max_batch)
+        self.kv_caches, self.kernel = kv_cache.layers, kernel
+        self.sizes = batch_sizes(max_batch, device)
+        # NOTE: on CPU one sequence runs padded to two: Dynamo would compile a second graph,
+        # specialised to size 1, for it.
+        self._padded = [b for b in self.sizes if b > 1 or len(self.sizes) == 1 or self._cuda]
         width = -(-max_model_len // bs)  # NOTE: the kernels read only a sequence's own blocks
         n = self.sizes[-1]
         # One buffer, so a step is one copy: rows token ids, positions, slots, context lengths.
@@ -68,30 +77,28 @@ class DecodeGraphs:
         self.slots = self._columns[2]
         self.context_lens = self._columns[3]
         self.block_table = torch.full((n, width), self.null_block, dtype=torch.long, device=device)
-        self.metadata = {
-            b: AttentionMetadata(
-                slot_mapping=self.slots[:b],
-                block_size=bs,
-                num_decodes=b,
-                decode_block_ids=self.block_table[:b].view(-1),
-                decode_positions=self.positions[0, :b],
-                prefills=[],
-                kv_caches=kv_cache.layers,
-                decode_kernel=kernel,
-                decode_context_lens=self.context_lens[:b],
-            )
-            for b in self.sizes
-        }
         self._replays: dict[int, Callable[[], torch.Tensor]] = {}
         self.num_replays = 0  # decode steps run as replays (the tests read it)
 
     def batch_size(self, num_seqs: int) -> int | None:
         """The prepared batch size a decode step of `num_seqs` runs at, or None (eager)."""
-        return next((b for b in self.sizes if b >= num_seqs), None)
+        return next((b for b in self._padded if b >= num_seqs), None)
 
     def _forward(self, batch: int) -> torch.Tensor:  # [1, batch, vocab]
-        """The model's forward over the first `batch` rows of the buffers (all rows' logits)."""
-        with attention_context(self.metadata[batch]):
+        """The model's forward over the first `batch` rows of the buffers (all rows' logits).
+        Under torch.compile on CPU `batch` is symbolic: everything here slices by it."""
+        metadata = AttentionMetadata(
+            slot_mapping=self.slots[:batch],
+            block_size=self.block_size,
+            num_decodes=batch,
+            decode_block_ids=self.block_table[:batch].reshape(-1),
+            decode_positions=self.positions[0, :batch],
+            prefills=[],
+            kv_caches=self.kv_caches,
+            decode_kernel=self.kernel,
+            decode_context_lens=self.context_lens[:batch],
+        )
+        with attention_context(metadata):
             out = self.model(
                 input_ids=self.input_ids[:, :batch],
                 position_ids=self.positions[:, :batch],
@@ -106,7 +113,7 @@ class DecodeGraphs:
         keeps eager steps."""
         started = time.perf_counter()
         try:
-            if self.device.type == "cuda":
+            if self._cuda:
                 self._capture_cuda_graphs()
             else:
                 self._compile()
@@ -143,19 +150,23 @@ class DecodeGraphs:
         import torch._inductor.config
 
         global _num_compiled
-        _num_compiled += len(self.sizes)
+        _num_compiled += 1
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), _num_compiled + 8))
-        compiled = torch.compile(self._forward, dynamic=False)
+        # NOTE: one graph with a symbolic batch size serves every size: one compile (~40-75 s
+        # here) where a graph per size cost ~40 s each, and replays at 32 sequences as well as
+        # at 1 (1.82x eager at 1, 1.58x at 8, 1.24x at 32; static graphs were no faster).
+        compiled = torch.compile(self._forward, dynamic=True)
         # NOTE: freezing makes the weights constants, so inductor keeps the packed layouts of
-        # workers/packed_linear.py (and packs the rest); emulated precision casts round bf16 intermediates where eager
-        # does, so replays give the eager step's tokens (1.48x against 1.53x without, at one
-        # stream). Both apply while compiling, which the first call of each size does.
+        # workers/packed_linear.py (and packs the rest); emulated precision casts round bf16
+        # intermediates where eager does, so replays give the eager step's tokens. Both apply
+        # while compiling, which the first call does; the second checks no size recompiles.
         with torch._inductor.config.patch(freezing=True, emulate_precision_casts=True):
-            for b in self.sizes:
-                compiled(b)
-                self._replays[b] = _call(compiled, b)
+            compiled(self._padded[0])
+            compiled(self._padded[-1])
+        for b in self._padded:
+            self._replays[b] = _call(compiled, b)
 
     def run(self, seqs: list[tuple[int, int, list[int]]], batch: int) -> torch.Tensor:
         """One decode step of `seqs` (token id, position, block ids) padded to `batch`: the

@@ -205,7 +205,8 @@ class ModelWorker:
         return mode == "on" or (mode == "auto" and self.device.type == "cuda")
 
     def _max_graph_batch(self) -> int:
-        cap = 256 if self.device.type == "cuda" else 8
+        # NOTE: a GPU captures a graph per size; a CPU compiles one graph for every size.
+        cap = 256 if self.device.type == "cuda" else self.limits.max_num_seqs
         return self.config.max_graph_batch or min(self.limits.max_num_seqs, cap)
 
     def _budget_bytes(self) -> int:
@@ -230,7 +231,8 @@ class ModelWorker:
         # logits (4 bytes each: some models return fp32); their activations share one pool,
         # smaller than the profiled prefill's peak.
         graphs = self._wants_decode_graphs()
-        graph_logits = sum(batch_sizes(self._max_graph_batch())) * self.vocab_size * 4 * graphs
+        sizes = batch_sizes(self._max_graph_batch(), self.device)
+        graph_logits = sum(sizes) * self.vocab_size * 4 * graphs
         budget = int(total * self.config.gpu_memory_utilization) - peak - graph_logits
         if budget <= 0:
             raise ValueError(

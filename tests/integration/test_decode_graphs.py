@@ -34,10 +34,12 @@ def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
 
     llm = LLM("tiny", decode_graphs="on", max_graph_batch=4, **kwargs)
     graphs = llm.worker.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 4]
-    assert llm.worker.info.decode_graph_batch_sizes == (1, 2, 4)  # GetModelInfo reports them
+    assert graphs is not None and graphs.sizes == [1, 2, 3, 4]
+    assert llm.worker.info.decode_graph_batch_sizes == (1, 2, 3, 4)  # GetModelInfo reports them
+    assert graphs.batch_size(1) == 2 and graphs.batch_size(3) == 3 and graphs.batch_size(5) is None
     assert _generate(llm) == expected
-    # Every decode step replayed: 27 steps after the longest prompt's first token.
+    # Every decode step replayed: 27 steps after the longest prompt's first token, the last 8
+    # with one sequence padded to two.
     assert graphs.num_replays == 27
     # The padding rows wrote only the null block, which no sequence is ever given.
     assert llm.worker.kv_cache.null_block == llm.worker.info.num_kv_blocks
@@ -75,8 +77,10 @@ def test_fp32_keeps_eager_steps_even_when_asked(model_cache_dir):
 
 
 def test_batch_sizes_cover_every_count_up_to_the_largest():
-    assert decode_graphs.batch_sizes(1) == [1]
-    assert decode_graphs.batch_sizes(8) == [1, 2, 4, 8]
-    assert decode_graphs.batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
-    sizes = decode_graphs.batch_sizes(256)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_graphs.batch_sizes(6, cpu) == [1, 2, 3, 4, 5, 6]  # one graph serves them all
+    assert decode_graphs.batch_sizes(1, cuda) == [1]
+    assert decode_graphs.batch_sizes(8, cuda) == [1, 2, 4, 8]
+    assert decode_graphs.batch_sizes(40, cuda) == [1, 2, 4, 8, 16, 32, 40]
+    sizes = decode_graphs.batch_sizes(256, cuda)
     assert all(next(b for b in sizes if b >= n) - n < 16 for n in range(1, 257))
