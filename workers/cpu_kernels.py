@@ -3,8 +3,9 @@
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()` and `bf16_linear()` return the
 compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
-torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once
-per machine and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
+torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
+goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine and
+source version, then loads from `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
 up, so no step waits for a compiler.
 """

@@ -6,10 +6,11 @@ instead of thousands of Python-level operator calls:
 
 - CUDA: a CUDA graph per batch size, captured at warmup (milliseconds each). The attention is
   the Triton paged kernel, which reads its context lengths on the device.
-- CPU (opt-in): one `torch.compile` (inductor, weights frozen) with a dynamic batch size,
-  compiled at warmup for every size from 2 to `max_batch` at once (a one-sequence step is
-  padded to 2): ~40-75 s on 2 cores, ~40 s again with inductor's disk cache (ADR 0010). The
-  attention is kvray's C++ kernel, traced as an opaque op.
+- CPU (opt-in): one `torch.compile` (inductor, weights frozen) with a symbolic batch size,
+  compiled at warmup for every size up to `max_batch` at once (a one-sequence step is padded
+  to 2). A start with it took 170 s with empty caches and 68 s with inductor's disk cache
+  (SmolLM2-135M, 2 cores, ADR 0010). The attention is kvray's C++ kernel, traced as an opaque
+  op.
 
 Padding rows compute token 0 at position 0, write their key/value into the cache's
 `null_block` and attend over that slot only; their logits are dropped. Prompt chunks and mixed
@@ -45,7 +46,8 @@ def batch_sizes(max_batch: int, device: torch.device) -> list[int]:
 
 
 class DecodeGraphs:
-    """Persistent inputs and one prepared forward per batch size, for one model and cache."""
+    """Persistent inputs and the prepared forwards (CUDA: one per batch size; CPU: one for all),
+    for one model and cache."""
 
     def __init__(
         self,
@@ -154,9 +156,9 @@ class DecodeGraphs:
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), _num_compiled + 8))
-        # NOTE: one graph with a symbolic batch size serves every size: one compile (~40-75 s
-        # here) where a graph per size cost ~40 s each, and replays at 32 sequences as well as
-        # at 1 (1.82x eager at 1, 1.58x at 8, 1.24x at 32; static graphs were no faster).
+        # NOTE: one graph with a symbolic batch size serves every size: one compile where a
+        # graph per size cost ~40 s each, and steps of 32 sequences replay as well as steps of
+        # one (bench/step_ab.py: 1.89x eager at 1, 1.68x at 8, 1.27x at 32).
         compiled = torch.compile(self._forward, dynamic=True)
         # NOTE: freezing makes the weights constants, so inductor keeps the packed layouts of
         # workers/packed_linear.py (and packs the rest); emulated precision casts round bf16
