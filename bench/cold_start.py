@@ -2,7 +2,7 @@
 
 Each start is a fresh process: import, load the model and warm the worker up (sizing the KV
 cache, building kvray's CPU kernels where bf16 on CPU or int8 uses them, a dummy forward, and
-with `--decode-graphs on` compiling the decode step per batch size), then one 129-token
+with `--decode-graphs on` compiling the decode step, one graph for every batch size), then one 129-token
 request's first token.
 The first start gets an empty `TORCH_EXTENSIONS_DIR` and `TORCHINDUCTOR_CACHE_DIR`, so it
 compiles everything; the second reuses both, as every later start on the machine does.

@@ -43,8 +43,8 @@ class WorkerConfig:
         "auto",
         "decode steps replay a prepared forward: auto (on a GPU, a CUDA graph per padded batch "
         "size with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: one "
-        "torch.compile for every batch size, ~40-75 s at start on 2 cores; inductor's disk "
-        "cache saves part of it), off",
+        "torch.compile for every batch size: a start ~115 s longer on 2 cores, ~55 s with "
+        "inductor's disk cache), off",
     )
     max_graph_batch: int | None = setting(
         None,

@@ -115,6 +115,12 @@ def _register_fakes() -> None:
     fake = torch.library.register_fake
     fake("kvray::paged_decode_attention")(lambda query, *_: query.new_empty(query.shape))
     fake("kvray::int8_linear")(lambda x, weight, *_: x.new_empty((x.shape[0], weight.shape[0])))
+    fake("kvray::bf16_pack")(
+        lambda weight: weight.new_empty((-(-weight.shape[0] // 32), weight.shape[1] // 2, 32, 2))
+    )
+    fake("kvray::bf16_unpack")(
+        lambda packed, out_features: packed.new_empty((out_features, packed.shape[1] * 2))
+    )
     if hasattr(torch.ops.kvray, "bf16_linear"):
         fake("kvray::bf16_linear")(
             lambda x, packed, out_features, bias: x.new_empty((x.shape[0], out_features))

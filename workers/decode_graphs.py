@@ -1,8 +1,8 @@
-"""Decode steps as replays: one compiled forward per padded batch size.
+"""Decode steps as replays of a forward prepared at warmup.
 
 A decode-only step (every sequence computes one token) of n sequences is padded to the
-smallest prepared batch size b >= n and runs b's prepared forward on persistent input buffers,
-instead of thousands of Python-level operator calls:
+smallest prepared batch size b >= n and runs the forward prepared for b on persistent input
+buffers, instead of thousands of Python-level operator calls:
 
 - CUDA: a CUDA graph per batch size, captured at warmup (milliseconds each). The attention is
   the Triton paged kernel, which reads its context lengths on the device.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable
 
 import torch
@@ -30,16 +31,13 @@ from kvray.workers.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
-# Compiled graphs of `DecodeGraphs._forward` in this process, over all instances: torch.compile
-# keeps them per function, up to a limit, past which it would quietly run eagerly.
-_num_compiled = 0
-
 
 def batch_sizes(max_batch: int, device: torch.device) -> list[int]:
     """The batch sizes a decode step is padded to. CUDA (a graph per size): 1, 2, 4, 8, then
-    every multiple of 16 up to `max_batch`. CPU (one graph for all): every size."""
+    every multiple of 16 up to `max_batch`. CPU (one graph for all): every size from 2 up; one
+    sequence runs padded to two, as Dynamo would compile a second graph, for size 1 alone."""
     if device.type != "cuda":
-        return list(range(1, max_batch + 1))
+        return list(range(min(2, max_batch), max_batch + 1))
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
     sizes += list(range(16, max_batch, 16))
     return [*sizes, max_batch]
@@ -65,9 +63,6 @@ class DecodeGraphs:
         self.null_block = kv_cache.null_block
         self.kv_caches, self.kernel = kv_cache.layers, kernel
         self.sizes = batch_sizes(max_batch, device)
-        # NOTE: on CPU one sequence runs padded to two: Dynamo would compile a second graph,
-        # specialised to size 1, for it.
-        self._padded = [b for b in self.sizes if b > 1 or len(self.sizes) == 1 or self._cuda]
         width = -(-max_model_len // bs)  # NOTE: the kernels read only a sequence's own blocks
         n = self.sizes[-1]
         # One buffer, so a step is one copy: rows token ids, positions, slots, context lengths.
@@ -84,7 +79,7 @@ class DecodeGraphs:
 
     def batch_size(self, num_seqs: int) -> int | None:
         """The prepared batch size a decode step of `num_seqs` runs at, or None (eager)."""
-        return next((b for b in self._padded if b >= num_seqs), None)
+        return next((b for b in self.sizes if b >= num_seqs), None)
 
     def _forward(self, batch: int) -> torch.Tensor:  # [1, batch, vocab]
         """The model's forward over the first `batch` rows of the buffers (all rows' logits).
@@ -128,11 +123,9 @@ class DecodeGraphs:
                 str(e).strip().splitlines()[0] if str(e).strip() else "",
             )
             return False
-        logger.info(
-            "decode graphs ready for batch sizes %s in %.1f s",
-            self.sizes,
-            time.perf_counter() - started,
-        )
+        sizes = self.sizes if self._cuda else f"{self.sizes[0]}..{self.sizes[-1]}"
+        logger.info("decode graphs ready for batch sizes %s in %.1f s", sizes,
+                    time.perf_counter() - started)  # fmt: skip
         return True
 
     def _capture_cuda_graphs(self) -> None:
@@ -151,23 +144,24 @@ class DecodeGraphs:
         import torch._dynamo
         import torch._inductor.config
 
-        global _num_compiled
-        _num_compiled += 1
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), _num_compiled + 8))
         # NOTE: one graph with a symbolic batch size serves every size: one compile where a
         # graph per size cost ~40 s each, and steps of 32 sequences replay as well as steps of
-        # one (bench/step_ab.py: 1.89x eager at 1, 1.68x at 8, 1.27x at 32).
-        compiled = torch.compile(self._forward, dynamic=True)
+        # one (bench/step_ab.py: 1.89x eager at 1, 1.68x at 8, 1.27x at 32). The forward is
+        # this instance's own copy of the function: Dynamo keeps its graphs per code object, so
+        # another engine's graphs (other weights, frozen in) are never candidates, and the
+        # replays can skip the guards.
+        code = DecodeGraphs._forward.__code__.replace()
+        forward = types.MethodType(types.FunctionType(code, globals(), "_forward"), self)
+        compiled = torch.compile(forward, dynamic=True)
         # NOTE: freezing makes the weights constants, so inductor keeps the packed layouts of
         # workers/packed_linear.py (and packs the rest); emulated precision casts round bf16
         # intermediates where eager does, so replays give the eager step's tokens. Both apply
-        # while compiling, which the first call does; the second checks no size recompiles.
+        # while compiling, which the first call does; the largest size must then reuse it.
         with torch._inductor.config.patch(freezing=True, emulate_precision_casts=True):
-            compiled(self._padded[0])
-            compiled(self._padded[-1])
-        for b in self._padded:
+            compiled(self.sizes[0])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled(self.sizes[-1])
+        for b in self.sizes:
             self._replays[b] = _call(compiled, b)
 
     def run(self, seqs: list[tuple[int, int, list[int]]], batch: int) -> torch.Tensor:

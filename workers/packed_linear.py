@@ -5,8 +5,9 @@ which keeps one prepacked copy of its weight for one of two kernels:
 
 - **kvray's** (`csrc/bf16_linear.cpp`), on CPUs with AVX512-BF16 and no AMX: weights in panels
   of 32 output features, streamed at the memory's speed for a decode and multiplied at
-  vdpbf16ps's speed for a batch. On this project's 2-core EPYC, over SmolLM2-135M's 121 layers:
-  1.66x oneDNN at 1 row (30 against 18 GB/s), 1.27x at 32 rows, 1.04x at 512.
+  vdpbf16ps's speed for a batch. On this project's 2-core EPYC, over SmolLM2-135M's 121 layers
+  (`bench/bf16_linear.py`): 1.42x oneDNN at 1 row (26.7 against 18.8 GB/s), 1.22x at 32 rows,
+  1.05x at 512 (ADR 0011).
 - **oneDNN's** (its blocked layout, what inductor's weight freezing does), everywhere else: on
   AMX CPUs, where oneDNN multiplies prompts on the tile unit, and where kvray's kernels are not
   built. That is about twice as fast as a plain bf16 `F.linear`, with bitwise-equal results.
@@ -54,6 +55,8 @@ class PackedLinear(nn.Module):
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.register_buffer("packed_weight", packed, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
+        if bias is not None and self._kernel is not None:
+            bias = bias.float()  # what the kernel adds, before its one rounding to bf16
         self.register_buffer("bias", bias, persistent=False)
 
     @property

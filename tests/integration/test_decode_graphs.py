@@ -9,6 +9,7 @@ import torch
 
 from kvray import LLM, SamplingParams
 from kvray.workers import cpu_kernels, decode_graphs
+from kvray.workers.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.enabled(), reason="KVRAY_CPU_KERNELS=0: no paged kernel to compile around"
@@ -34,8 +35,8 @@ def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
 
     llm = LLM("tiny", decode_graphs="on", max_graph_batch=4, **kwargs)
     graphs = llm.worker.runner.graphs
-    assert graphs is not None and graphs.sizes == [1, 2, 3, 4]
-    assert llm.worker.info.decode_graph_batch_sizes == (1, 2, 3, 4)  # GetModelInfo reports them
+    assert graphs is not None and graphs.sizes == [2, 3, 4]  # one graph; one sequence runs at 2
+    assert llm.worker.info.decode_graph_batch_sizes == (2, 3, 4)  # GetModelInfo reports them
     assert graphs.batch_size(1) == 2 and graphs.batch_size(3) == 3 and graphs.batch_size(5) is None
     assert _generate(llm) == expected
     # Every decode step replayed: 27 steps after the longest prompt's first token, the last 8
@@ -46,12 +47,14 @@ def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
     assert _generate(llm) == expected  # and a second round, over reused blocks, agrees too
 
 
-def test_two_engines_in_one_process_each_replay_their_own_graphs(model_cache_dir):
-    # Replays skip Dynamo's guards but those telling compiled graphs apart: two engines' graphs
-    # of the same function, called in turn, must still each run their own model.
+def test_two_engines_in_one_process_each_replay_their_own_graphs(model_cache_dir, tmp_path):
+    # Replays skip Dynamo's guards, and frozen weights are guarded by identity only: two
+    # engines of the same architecture and shapes, different weights, called in turn, must
+    # each still run their own model.
     kwargs = dict(cache_dir=model_cache_dir, dtype="bfloat16", max_model_len=256)
-    names = ("tiny", "tiny-qwen2")
+    names = ("tiny", str(make_tiny_model(tmp_path / "tiny-seed-1", seed=1)))
     expected = [_generate(LLM(name, decode_graphs="off", **kwargs)) for name in names]
+    assert expected[0] != expected[1]  # else a mix-up could not show
     engines = [LLM(name, decode_graphs="on", max_graph_batch=2, **kwargs) for name in names]
     for _ in range(2):
         assert [_generate(llm) for llm in engines] == expected
@@ -78,7 +81,8 @@ def test_fp32_keeps_eager_steps_even_when_asked(model_cache_dir):
 
 def test_batch_sizes_cover_every_count_up_to_the_largest():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert decode_graphs.batch_sizes(6, cpu) == [1, 2, 3, 4, 5, 6]  # one graph serves them all
+    assert decode_graphs.batch_sizes(6, cpu) == [2, 3, 4, 5, 6]  # one graph serves them all
+    assert decode_graphs.batch_sizes(1, cpu) == [1]
     assert decode_graphs.batch_sizes(1, cuda) == [1]
     assert decode_graphs.batch_sizes(8, cuda) == [1, 2, 4, 8]
     assert decode_graphs.batch_sizes(40, cuda) == [1, 2, 4, 8, 16, 32, 40]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kvray.workers import cpu_kernels, packed_linear
 from kvray.workers.attention import _attend_one_token
+from kvray.workers.device import cpu_flags
 from kvray.workers.packed_linear import PackedLinear, can_pack, pack_linears
 
 needs_onednn_bf16 = pytest.mark.skipif(
@@ -47,8 +48,12 @@ def test_a_onednn_packed_linear_gives_the_plain_linear_results_bit_for_bit(rows,
     [(160, 96, True), (100, 96, False), (7, 64, True), (1536, 576, False)],
 )
 @pytest.mark.parametrize("rows", [1, 2, 12, 13, 300])
-def test_kvrays_bf16_linear_is_the_fp32_product_rounded_once(out_features, in_features, bias, rows):
+def test_kvrays_bf16_linear_is_the_fp32_product_rounded_once(
+    out_features, in_features, bias, rows, monkeypatch
+):
     kvray_kernel_or_skip()
+    # NOTE: on AMX CPUs the layers go to oneDNN; the kernel is tested there all the same.
+    monkeypatch.setattr(packed_linear, "cpu_flags", lambda: cpu_flags() - {"amx_bf16"})
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
     layer = PackedLinear(linear)
@@ -64,7 +69,7 @@ def test_kvrays_bf16_linear_is_the_fp32_product_rounded_once(out_features, in_fe
     # fp32 error only.
     torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-4)
     # And the same bits as F.linear but for rare last-bit roundings (both sum in input order).
-    assert (got == linear(x)).float().mean() > 0.99
+    assert (got != linear(x)).sum() <= max(1, got.numel() // 100)
 
 
 def test_kvrays_kernel_is_left_to_onednn_on_amx_and_for_odd_widths(monkeypatch):

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -42,7 +43,7 @@ torch::Tensor bf16_pack(torch::Tensor weight) {
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   TORCH_CHECK(in_features % 2 == 0, "in_features must be even, got ", in_features);
   const int64_t padded = (out_features + kPanel - 1) / kPanel * kPanel;
-  return torch::constant_pad_nd(weight, {0, 0, 0, padded - out_features})
+  return torch::constant_pad_nd(weight.contiguous(), {0, 0, 0, padded - out_features})
       .view({padded / kPanel, kPanel, in_features / 2, 2})
       .permute({0, 2, 1, 3})
       .contiguous();
@@ -68,16 +69,23 @@ inline void with_rows(int64_t count, F&& f) {  // f(integral_constant<count>), 1
   f(std::integral_constant<int, kMax>());
 }
 
-// sums[m][0..32) = x[m] . panel over all pairs. x rows are read as 32-bit input pairs.
+inline int32_t input_pair(const c10::BFloat16* x) {  // two bf16 inputs as one 32-bit lane
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return pair;
+}
+
+// sums[m][0..32) = x[m] . panel over all pairs.
 template <int kRows>
-inline void tile(const int32_t* x, int64_t pairs, const c10::BFloat16* panel, float* sums) {
+inline void tile(const c10::BFloat16* x, int64_t pairs, const c10::BFloat16* panel,
+                 float* sums) {
   __m512 acc[kRows][2];
   for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 2 * kPanel));
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 2 * kPanel + 32));
     for (int m = 0; m < kRows; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(x[m * pairs + p]);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(input_pair(x + 2 * (m * pairs + p)));
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
     }
@@ -102,12 +110,16 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_fea
                   out_features <= packed.size(0) * kPanel,
               "out_features ", out_features, " does not match ", packed.size(0), " panels");
   const torch::Tensor xc = x.contiguous();
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(torch::kFloat32).contiguous();
+  torch::Tensor bias_f;  // NOTE: PackedLinear keeps its bias in fp32, so no copy per call
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
+                out_features, " out_features");
+    bias_f = bias->to(torch::kFloat32).contiguous();
+  }
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
   auto out = torch::empty({rows, out_features}, x.options());
-  const int32_t* x_pairs = reinterpret_cast<const int32_t*>(xc.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   const c10::BFloat16* w = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
@@ -122,7 +134,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_fea
       for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
         const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
         with_rows<kTileRows>(count, [&](auto tile_rows) {
-          tile<decltype(tile_rows)::value>(x_pairs + m0 * pairs, pairs, panel, sums);
+          tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, panel, sums);
         });
         for (int64_t m = 0; m < count; ++m) {
           const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);
