@@ -14,21 +14,16 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import median_seconds
+
 from kvray.workers import cpu_kernels
-
-
-def median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -56,7 +51,7 @@ def main() -> None:
     del weights
     nbytes = sum(n * k * 2 for n, k in shapes)
     data = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-    bandwidth = nbytes / median_seconds(data.sum, 5)
+    bandwidth = nbytes / median_seconds(data.sum, reps=5)
     del data
     print(f"{len(shapes)} layers, {nbytes / 1e6:.0f} MB of bf16 weights; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip

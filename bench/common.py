@@ -7,6 +7,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,18 @@ def timed() -> object:
     start = time.perf_counter()
     yield box
     box["s"] = time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], reps: int = 30) -> float:
+    """The median time of `fn()` over `reps` calls, after three untimed ones."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 @dataclass(frozen=True)

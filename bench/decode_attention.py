@@ -13,26 +13,19 @@ fraction of this machine's read bandwidth, measured in the same run (a sum over 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import median_seconds
 
 from kvray.workers import cpu_kernels
 from kvray.workers.attention import AttentionMetadata, _decode_attention
 
 BLOCK = 16
-
-
-def median_seconds(fn: Callable[[], object], reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def read_bandwidth() -> float:

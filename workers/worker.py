@@ -205,9 +205,11 @@ class ModelWorker:
         return mode == "on" or (mode == "auto" and self.device.type == "cuda")
 
     def _max_graph_batch(self) -> int:
+        if self.config.max_graph_batch:
+            return self.config.max_graph_batch
         # NOTE: a GPU captures a graph per size; a CPU compiles one graph for every size.
-        cap = 256 if self.device.type == "cuda" else self.limits.max_num_seqs
-        return self.config.max_graph_batch or min(self.limits.max_num_seqs, cap)
+        cuda = self.device.type == "cuda"
+        return min(self.limits.max_num_seqs, 256) if cuda else self.limits.max_num_seqs
 
     def _budget_bytes(self) -> int:
         if self.config.kv_cache_bytes is not None:

@@ -32,7 +32,8 @@ def test_wheel_contains_every_package_and_the_protos(tmp_path):
     for folder, package in (("cluster", "cluster"), ("workers", "workers"), ("client", "client")):
         for source in (ROOT / folder).glob("*.py"):
             assert f"kvray/{package}/{source.name}" in names, source
-    for source in (ROOT / "workers" / "csrc").glob("*.cpp"):  # compiled on the user's machine
+    csrc = ROOT / "workers" / "csrc"
+    for source in [*csrc.glob("*.cpp"), *csrc.glob("*.h")]:  # compiled on the user's machine
         assert f"kvray/workers/csrc/{source.name}" in names, source
     for generated in (
         "generation_pb2.py",

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vec.h"
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -61,13 +63,7 @@ torch::Tensor bf16_unpack(torch::Tensor packed, int64_t out_features) {
 #if defined(__AVX512BF16__)
 namespace {
 
-template <int kMax, typename F>
-inline void with_rows(int64_t count, F&& f) {  // f(integral_constant<count>), 1 <= count <= kMax
-  if constexpr (kMax > 1) {
-    if (count < kMax) return with_rows<kMax - 1>(count, f);
-  }
-  f(std::integral_constant<int, kMax>());
-}
+using kvray::with_rows;
 
 inline int32_t input_pair(const c10::BFloat16* x) {  // two bf16 inputs as one 32-bit lane
   int32_t pair;

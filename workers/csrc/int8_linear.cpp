@@ -24,11 +24,18 @@
 #include <cstring>
 #include <type_traits>
 
+#include "vec.h"
+
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+using kvray::with_rows;
+#if defined(__AVX512F__)
+using kvray::reduce4;
+#endif
 
 constexpr int kLanes = 16;
 constexpr int kColumnRows = 8;  // up to this many rows, one output feature at a time
@@ -81,16 +88,6 @@ struct Layer {
   const c10::BFloat16* s(int64_t n) const { return scale + n * (in_features / group_size); }
   float finish(int64_t n, float sum) const { return sum + (bias ? bias[n] : 0.f); }
 };
-
-// Calls f(std::integral_constant<int, count>()) for 1 <= count <= kMax: the row loops below take
-// their row count as a template argument, so their accumulators stay in registers.
-template <int kMax, typename F>
-inline void with_rows(int64_t count, F&& f) {
-  if constexpr (kMax > 1) {
-    if (count < kMax) return with_rows<kMax - 1>(count, f);
-  }
-  f(std::integral_constant<int, kMax>());
-}
 
 // ---------------------------------------------------------------- fp32 x (and bf16 x without
 // AVX512-BF16, widened to fp32 first): 16 weights at a time, fp32 FMAs.
@@ -154,14 +151,6 @@ inline __m512bh load_weights_bf16(const int8_t* w, float scale) {  // 32 weights
 
 inline __m512bh load_x(const c10::BFloat16* x) {
   return (__m512bh)_mm512_loadu_si512((const void*)x);
-}
-
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {  // [sum a, sum b, sum c, sum d]
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // A decode: one output feature for kRows rows, the weights streamed once.

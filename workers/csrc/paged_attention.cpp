@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -82,6 +84,23 @@ inline float reduce_add(f32x16 v) {  // halving shuffles, not 15 scalar adds
             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// s[0:span] = e^(s - top) in place; returns their sum (the softmax's denominator).
+inline float softmax_numerators(float* s, int64_t span, float top) {
+  f32x16 sum16 = f32x16{};
+  int64_t t = 0;
+  for (; t + kLanes <= span; t += kLanes) {
+    const f32x16 e = exp16(load16(s + t) - top);
+    std::memcpy(s + t, &e, sizeof(e));
+    sum16 += e;
+  }
+  float total = reduce_add(sum16);
+  for (; t < span; ++t) {
+    s[t] = std::exp(s[t] - top);
+    total += s[t];
+  }
+  return total;
 }
 
 template <typename T>
@@ -147,20 +166,7 @@ void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
         }
       }
       for (int64_t h = 0; h < heads; ++h) {
-        float* s = scores.data() + h * span;
-        total[h] = 0.f;
-        int64_t t = 0;
-        f32x16 sum16 = f32x16{};
-        for (; t + kLanes <= span; t += kLanes) {
-          f32x16 e = exp16(load16(s + t) - top[h]);
-          std::memcpy(s + t, &e, sizeof(e));
-          sum16 += e;
-        }
-        total[h] = reduce_add(sum16);
-        for (; t < span; ++t) {
-          s[t] = std::exp(s[t] - top[h]);
-          total[h] += s[t];
-        }
+        total[h] = softmax_numerators(scores.data() + h * span, span, top[h]);
       }
 
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -180,7 +186,6 @@ void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
   });
 }
 
-
 #if defined(__AVX512BF16__)
 // ---------------------------------------------------------------- bf16 with AVX512-BF16
 // The same attention with far fewer instructions per cached row, for head_dim 64 or 128. One
@@ -191,13 +196,7 @@ void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
 // - weighted sum: up to 256 / head_dim query heads at a time keep their output rows in
 //   registers, so each value row is widened once and added to all of them.
 
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {  // [sum a, sum b, sum c, sum d]
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
+using kvray::reduce4;
 
 inline __m512bh load_bh(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
@@ -308,21 +307,8 @@ void attend_bf16(const torch::Tensor& query, const torch::Tensor& key_cache,
       score_rows<kDim>(q_ptr + (seq * num_heads + head0) * kDim, group, k_ptr + kv * kDim, row,
                        blocks, block_size, first, len, float(scale), scores.data(), span,
                        top.data());
-      for (int64_t h = 0; h < group; ++h) {  // softmax numerators, in place, and their sums
-        float* s = scores.data() + h * span;
-        const __m512 m = _mm512_set1_ps(top[h]);
-        f32x16 sum16 = f32x16{};
-        int64_t t = 0;
-        for (; t + kLanes <= span; t += kLanes) {
-          const f32x16 e = exp16((f32x16)_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
-          std::memcpy(s + t, &e, sizeof(e));
-          sum16 += e;
-        }
-        total[h] = reduce_add(sum16);
-        for (; t < span; ++t) {
-          s[t] = std::exp(s[t] - top[h]);
-          total[h] += s[t];
-        }
+      for (int64_t h = 0; h < group; ++h) {
+        total[h] = softmax_numerators(scores.data() + h * span, span, top[h]);
       }
       for (int64_t h = 0; h < group; h += kMaxHeads) {
         const int64_t count = std::min<int64_t>(kMaxHeads, group - h);
