@@ -269,10 +269,12 @@ def _sdpa(
     mask: torch.Tensor | None,  # bool, broadcastable to [..., q_len, kv_len]; None = causal
     scaling: float | None,
 ) -> torch.Tensor:  # [..., num_heads, q_len, dim]
-    if q.dim() == 3:
+    if q.dim() == 3 and q.device.type == "cpu":
         # NOTE: with a batch dimension: on CPU, 3-d inputs take SDPA's math path (bmm, where,
         # softmax) and 4-d ones its flash kernel, 2.6-3.5x faster for a 256-512 token prompt
-        # chunk in bf16 and fp32 alike (and the kernel transformers' own `sdpa` runs).
+        # chunk in bf16 and fp32 alike (and the kernel transformers' own `sdpa` runs). Not on
+        # CUDA: there 4-d inputs made a step of 32 prompts of different lengths 5-12x slower on
+        # an H200 (0.3 s -> 1.6-3.6 s; W3 with decode graphs 3,300 -> 930-1,690 tok/s).
         return _sdpa(q[None], k[None], v[None], mask, scaling)[0]
     return F.scaled_dot_product_attention(
         q,
