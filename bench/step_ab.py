@@ -8,8 +8,10 @@ is steadier than two benchmark runs one after the other (which can differ by 25%
     python bench/step_ab.py --a dtype=float32 --b dtype=bfloat16 --batches 1,8,32
     python bench/step_ab.py --a dtype=bfloat16,linear=onednn --b dtype=bfloat16
 
-`linear=onednn` is the bench's own option, not the engine's: that worker's bf16 layers take
-oneDNN's kernel even where kvray's own (workers/csrc/bf16_linear.cpp) would be used.
+`linear=onednn` and `forward=transformers` are the bench's own options, not the engine's: that
+worker's bf16 layers take oneDNN's kernel even where kvray's own (workers/csrc/bf16_linear.cpp)
+would be used, or its eager steps run transformers' model forward instead of kvray's own for
+the Llama family (workers/llama_family.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Stepper:
         from kvray.workers.worker import ModelWorker
 
         options = dict(options)
+        forward = options.pop("forward", "kvray")
         kvray_kernel = packed_linear._kvray_kernel
         if options.pop("linear", "kvray") == "onednn":
             packed_linear._kvray_kernel = lambda in_features: None
@@ -60,6 +63,11 @@ class Stepper:
         finally:
             packed_linear._kvray_kernel = kvray_kernel
         self.worker.warmup()
+        if forward == "transformers":
+            from kvray.workers.llama_family import transformers_forward
+
+            assert self.worker.runner is not None
+            self.worker.runner.forward = transformers_forward(self.worker.model)
         self.batch, self.computed, self.step_id = batch, PROMPT, 1
         greedy = SamplingParams(temperature=0, max_tokens=steps + 1)
         new = [

@@ -28,6 +28,7 @@ import torch
 
 from kvray.workers.attention import AttentionMetadata, DecodeKernel, attention_context
 from kvray.workers.kv_cache import KVCache
+from kvray.workers.llama_family import Forward
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        forward: Forward,
         kv_cache: KVCache,
         kernel: DecodeKernel,
         device: torch.device,
         max_batch: int,
         max_model_len: int,
     ) -> None:
-        self.model = model
+        self.forward = forward  # the runner's: kvray's own or transformers' (llama_family.py)
         self.device = device
         self._cuda = device.type == "cuda"
         self.block_size = bs = kv_cache.block_size
@@ -96,13 +97,7 @@ class DecodeGraphs:
             decode_context_lens=self.context_lens[:batch],
         )
         with attention_context(metadata):
-            out = self.model(
-                input_ids=self.input_ids[:, :batch],
-                position_ids=self.positions[:, :batch],
-                use_cache=False,
-                logits_to_keep=0,
-            )
-        return out.logits
+            return self.forward(self.input_ids[:, :batch], self.positions[:, :batch], 0)
 
     @torch.inference_mode()
     def build(self) -> bool:

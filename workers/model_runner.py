@@ -13,6 +13,7 @@ import torch
 from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_context, decode_kernel
 from kvray.workers.decode_graphs import DecodeGraphs
 from kvray.workers.kv_cache import KVCache
+from kvray.workers.llama_family import model_forward
 
 
 @dataclass
@@ -62,6 +63,7 @@ class GraphInput:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
+        self.forward = model_forward(model, device)  # workers/llama_family.py
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
@@ -74,7 +76,7 @@ class ModelRunner:
         the paged decode kernel; where the build fails, steps stay eager."""
         assert self.decode_kernel is not None
         graphs = DecodeGraphs(
-            self.model, self.kv_cache, self.decode_kernel, self.device, max_batch, max_model_len
+            self.forward, self.kv_cache, self.decode_kernel, self.device, max_batch, max_model_len
         )
         self.graphs = graphs if graphs.build() else None
 
@@ -184,11 +186,6 @@ class ModelRunner:
         if keep.numel() == 0:
             keep = keep.new_zeros(1)
         with attention_context(model_input.metadata):
-            out = self.model(
-                input_ids=model_input.input_ids,
-                position_ids=model_input.positions,
-                use_cache=False,
-                logits_to_keep=keep,
-            )
+            logits = self.forward(model_input.input_ids, model_input.positions, keep)
         num_kept = model_input.sample_rows.numel() + model_input.prompt_rows.numel()
-        return out.logits[0, :num_kept]
+        return logits[0, :num_kept]

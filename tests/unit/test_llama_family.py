@@ -1,0 +1,108 @@
+"""kvray's own Llama-family forward gives bitwise the logits of transformers' forward, for each
+architecture it covers, in fp32 and in bf16 with the worker's fused, packed or int8 layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from kvray.workers.attention import attention_context
+from kvray.workers.attention import register as register_attention
+from kvray.workers.fused_projections import fuse_projections
+from kvray.workers.kv_cache import KVCache, KVCacheSpec
+from kvray.workers.llama_family import FamilyForward, family_forward, transformers_forward
+from kvray.workers.model_runner import ModelRunner, ScheduledSeq
+from kvray.workers.packed_linear import pack_linears
+from kvray.workers.quantization import quantize_linears
+
+SHAPE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SHAPE),
+    # windows shorter than the prompts, so the masks matter
+    "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=8),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **SHAPE, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    ),
+    "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=16),  # q/k norms
+}
+BLOCK = 4
+
+
+def build(arch: str, dtype: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        CONFIGS[arch](), attn_implementation=register_attention()
+    )
+    with torch.no_grad():  # the norms start at ones, which would hide their arithmetic
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    if dtype == "float32":
+        return model.eval()
+    model = model.to(torch.bfloat16).eval()
+    if dtype == "bfloat16-int8":  # as the worker prepares each (workers/worker.py)
+        quantize_linears(model)
+    else:
+        fuse_projections(model)
+        pack_linears(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8"])
+def test_logits_equal_transformers_bitwise(arch, dtype):
+    model = build(arch, dtype)
+    spec = KVCacheSpec.from_model_config(model.config, next(model.parameters()).dtype)
+    cache = KVCache(spec, num_blocks=64, block_size=BLOCK, device=torch.device("cpu"))
+    runner = ModelRunner(model, cache, torch.device("cpu"))
+    assert isinstance(runner.forward, FamilyForward)
+    theirs = transformers_forward(model)
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (11, 19)]
+    blocks = [list(range(0, 64, 2)), list(range(1, 64, 2))]  # interleaved in the pool
+    computed = [0, 0]
+    # prompts in two chunks (the second attends over cached context), then decodes
+    for chunk in (6, None, 1, 1, 1):
+        seqs = []
+        for i, ids in enumerate(tokens):
+            n = len(ids) - computed[i] if chunk is None or chunk == 1 else chunk
+            seqs.append(ScheduledSeq(ids, blocks[i], computed[i], n, num_prompt_logits=0))
+        step = runner.prepare(seqs)
+        keep = torch.cat([step.sample_rows, step.prompt_rows])
+        if keep.numel() == 0:
+            keep = keep.new_zeros(1)
+        with torch.inference_mode(), attention_context(step.metadata):
+            expected = theirs(step.input_ids, step.positions, keep)
+        with torch.inference_mode(), attention_context(step.metadata):
+            got = runner.forward(step.input_ids, step.positions, keep)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (
+            (got - expected).abs().max()
+        )
+        for i, seq in enumerate(seqs):
+            computed[i] += seq.num_tokens
+            if seq.samples:
+                row = step.order.index(i)
+                tokens[i].append(int(got[0, row].argmax()))
+
+
+def test_other_architectures_keep_transformers_forward():
+    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    assert family_forward(gpt2) is None
+    runner_forward = ModelRunner(gpt2, _cache(gpt2), torch.device("cpu")).forward
+    assert not isinstance(runner_forward, FamilyForward)
+
+
+def test_a_module_it_does_not_mirror_keeps_transformers_forward():
+    model = build("llama", "float32")
+    model.model.layers[1].mlp = torch.nn.Identity()  # not LlamaMLP: unknown arithmetic
+    assert family_forward(model) is None
+
+
+def _cache(model: torch.nn.Module) -> KVCache:
+    spec = KVCacheSpec.from_model_config(model.config, torch.float32)
+    return KVCache(spec, num_blocks=4, block_size=BLOCK, device=torch.device("cpu"))
