@@ -1,7 +1,7 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
-`paged_decode_attention()`, `int8_linear()`, `int8_dequantize()` and `bf16_linear()` return the
-compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
+`paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()` and
+`rotary_embedding()` return the compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
 torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
 goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine and
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_attention.cpp", "int8_linear.cpp", "bf16_linear.cpp")
+    for name in ("paged_attention.cpp", "int8_linear.cpp", "bf16_linear.cpp", "rotary.cpp")
 ]
 
 
@@ -53,6 +53,12 @@ def int8_linear() -> Callable[..., torch.Tensor] | None:
 def int8_dequantize() -> Callable[..., torch.Tensor] | None:
     """`int8_dequantize(weight, scale, group_size, dtype)`, see csrc/int8_linear.cpp; or None."""
     return torch.ops.kvray.int8_dequantize if _build() else None
+
+
+def rotary_embedding() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """`rotary_embedding(q, k, cos, sin)`, bf16, bitwise transformers' `apply_rotary_pos_emb`;
+    see csrc/rotary.cpp; or None."""
+    return torch.ops.kvray.rotary_embedding if _build() else None
 
 
 class Bf16Linear(NamedTuple):
@@ -125,6 +131,12 @@ def _register_fakes() -> None:
         fake("kvray::bf16_linear")(
             lambda x, packed, out_features, bias: x.new_empty((x.shape[0], out_features))
         )
+    fake("kvray::rotary_embedding")(
+        lambda q, k, cos, sin: tuple(
+            x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2)
+            for x in (q, k)
+        )
+    )
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)
     )

@@ -57,7 +57,7 @@ class DecodeGraphs:
         max_batch: int,
         max_model_len: int,
     ) -> None:
-        self.forward = forward  # the runner's: kvray's own or transformers' (llama_family.py)
+        self.forward = forward  # the model's forward (workers/llama_family.py)
         self.device = device
         self._cuda = device.type == "cuda"
         self.block_size = bs = kv_cache.block_size

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvray.workers import cpu_kernels
 from kvray.workers.attention import paged_attention_forward
 
 # model_type -> the class-name prefix of its transformers modules
@@ -77,7 +78,28 @@ def family_forward(model: Any) -> FamilyForward | None:
     rotate = getattr(module, "apply_rotary_pos_emb", None)
     if rotate is None or any(name != norm for name in names):
         return None
-    return FamilyForward(model, layers, model_type, rotate)
+    dtype = base.embed_tokens.weight.dtype
+    return FamilyForward(model, layers, model_type, _fused_rotary(rotate, dtype))
+
+
+def _fused_rotary(rotate: Callable, dtype: torch.dtype) -> Callable:
+    """transformers' `apply_rotary_pos_emb`, as kvray's one-pass C++ op (bitwise the same) for
+    a bf16 model where the kernels are built: ~16 tensor operations a layer fewer."""
+    op = cpu_kernels.rotary_embedding() if dtype == torch.bfloat16 else None
+    if op is None:
+        return rotate
+
+    def fused(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+        ):
+            return op(q, k, cos, sin)
+        return rotate(q, k, cos, sin)
+
+    return fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,16 +111,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
+    return rms_norm(x, module.weight, module.variance_epsilon)
+
+
 class _Layer:
-    """One decoder layer's weights and bound `forward`s."""
+    """One decoder layer's modules, called by their `forward`s (no `nn.Module.__call__`).
+
+    NOTE: modules, not their tensors: torch.compile (decode graphs) treats a module's weights
+    as parameters, static and frozen into the graph; tensors held by a plain object would be
+    graph inputs with symbolic sizes (a 2-layer model compiled in 34 s instead of 21)."""
 
     def __init__(self, layer: Any, model_type: str, rotate: Callable) -> None:
         attn, mlp = layer.self_attn, layer.mlp  # transformers' modules: attributes untyped
         self.attn: nn.Module = attn  # kvray's attention reads its layer_idx
-        self.norm1 = _norm(layer.input_layernorm)
-        self.norm2 = _norm(layer.post_attention_layernorm)
-        self.q_norm = _norm(attn.q_norm) if hasattr(attn, "q_norm") else None  # Qwen3
-        self.k_norm = _norm(attn.k_norm) if hasattr(attn, "k_norm") else None
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
+        self.k_norm = getattr(attn, "k_norm", None)
         self.head_dim, self.scaling, self.rotate = attn.head_dim, attn.scaling, rotate
         self.sliding_window = (
             getattr(attn.config, "sliding_window", None)
@@ -108,39 +137,39 @@ class _Layer:
         # NOTE: the fused projections of workers/fused_projections.py where the worker made
         # them (one matmul, split as the model's slices would), else the model's own.
         fused = getattr(attn, "fused_q_k_v", None)
-        self.qkv = fused.fused.forward if fused is not None else None
+        self.qkv = fused.fused if fused is not None else None
         self.qkv_bounds = fused.bounds if fused is not None else None
-        self.q, self.k, self.v = attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward
-        self.o = attn.o_proj.forward
+        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj = attn.o_proj
         fused = getattr(mlp, "fused_gate_up", None)
-        self.gate_up = fused.fused.forward if fused is not None else None
+        self.gate_up = fused.fused if fused is not None else None
         self.gate_up_bounds = fused.bounds if fused is not None else None
-        self.gate, self.up = mlp.gate_proj.forward, mlp.up_proj.forward
-        self.act, self.down = mlp.act_fn.forward, mlp.down_proj.forward
+        self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+        self.act, self.down_proj = mlp.act_fn, mlp.down_proj
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = h.shape[:-1]
         heads = (*shape, -1, self.head_dim)
-        x = rms_norm(h, *self.norm1)
+        x = _norm(h, self.norm1)
         if self.qkv is not None:
-            q, k, v = _split(self.qkv(x), self.qkv_bounds)
+            q, k, v = _split(self.qkv.forward(x), self.qkv_bounds)
         else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+            q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)
         q, k, v = q.view(heads), k.view(heads), v.view(heads)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = rms_norm(q, *self.q_norm), rms_norm(k, *self.k_norm)
+            q, k = _norm(q, self.q_norm), _norm(k, self.k_norm)
         q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         out, _ = paged_attention_forward(
             self.attn, q, k, v.transpose(1, 2), None,
             scaling=self.scaling, sliding_window=self.sliding_window,
         )  # fmt: skip
-        h = h + self.o(out.reshape(*shape, -1).contiguous())
-        x = rms_norm(h, *self.norm2)
+        h = h + self.o_proj.forward(out.reshape(*shape, -1).contiguous())
+        x = _norm(h, self.norm2)
         if self.gate_up is not None:
-            gate, up = _split(self.gate_up(x), self.gate_up_bounds)
+            gate, up = _split(self.gate_up.forward(x), self.gate_up_bounds)
         else:
-            gate, up = self.gate(x), self.up(x)
-        return h + self.down(self.act(gate) * up)
+            gate, up = self.gate_proj.forward(x), self.up_proj.forward(x)
+        return h + self.down_proj.forward(self.act.forward(gate) * up)
 
 
 class FamilyForward:
@@ -152,30 +181,25 @@ class FamilyForward:
         self, model: Any, layers: list[nn.Module], model_type: str, rotate: Callable
     ) -> None:
         base = model.model
-        self.embed: Callable[[torch.Tensor], torch.Tensor] = base.embed_tokens.forward
+        self.embed: nn.Module = base.embed_tokens
         self.rotary: nn.Module = base.rotary_emb  # a module call a step: rope scaling is its own
-        self.norm = _norm(base.norm)
-        self.lm_head: Callable[[torch.Tensor], torch.Tensor] = model.lm_head.forward
+        self.norm: nn.Module = base.norm
+        self.lm_head: nn.Module = model.lm_head
         self.layers = [_Layer(layer, model_type, rotate) for layer in layers]
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor | int
     ) -> torch.Tensor:
-        h = self.embed(input_ids)
+        h = self.embed.forward(input_ids)
         cos, sin = self.rotary(h, position_ids=position_ids)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        h = rms_norm(h, *self.norm)
+        h = _norm(h, self.norm)
         if isinstance(keep, torch.Tensor):
             h = h[:, keep, :]
         elif keep:
             h = h[:, -keep:, :]
-        return self.lm_head(h)
-
-
-def _norm(module: Any) -> tuple[torch.Tensor, float]:
-    """An RMSNorm's weight and epsilon."""
-    return module.weight, float(module.variance_epsilon)
+        return self.lm_head.forward(h)
 
 
 def _split(x: torch.Tensor, bounds: list[int] | None) -> list[torch.Tensor]:

@@ -106,3 +106,28 @@ def test_a_module_it_does_not_mirror_keeps_transformers_forward():
 def _cache(model: torch.nn.Module) -> KVCache:
     spec = KVCacheSpec.from_model_config(model.config, torch.float32)
     return KVCache(spec, num_blocks=4, block_size=BLOCK, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])  # the vector loop, its tail, both
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_the_rotary_kernel_equals_transformers_bitwise(head_dim, tokens):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvray.workers import cpu_kernels
+
+    op = cpu_kernels.rotary_embedding()
+    if op is None:
+        pytest.skip("kvray's CPU kernels are not built here (no compiler)")
+    g = torch.Generator().manual_seed(head_dim + tokens)
+
+    def heads(n: int) -> torch.Tensor:  # [1, n, tokens, dim] as the model's transposed views
+        x = torch.randn(1, tokens, n, head_dim, generator=g) * 4
+        return x.to(torch.bfloat16).transpose(1, 2)
+
+    q, k = heads(6), heads(2)
+    angles = torch.rand(1, tokens, head_dim, generator=g) * 100
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    got = op(q, k, cos, sin)
+    for g_, e in zip(got, expected):
+        assert g_.shape == e.shape and torch.equal(g_, e)
