@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 from kvray.workers import cpu_kernels
-from kvray.workers.attention import paged_attention_forward
+from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # an older transformers 5, whose models sliced in place as below
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor):  # type: ignore[misc]
+        rows = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, rows, :]
+
 
 # model_type -> the class-name prefix of its transformers modules
 PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -52,31 +61,35 @@ def transformers_forward(model: nn.Module) -> Forward:
 
 def family_forward(model: Any) -> FamilyForward | None:
     """kvray's forward for `model`, or None where transformers' must run: another architecture,
-    or modules that are not the ones this code mirrors."""
+    modules that are not transformers' own classes for it (remote code, replaced modules),
+    another attention implementation, or hooks that calling `forward` directly would skip."""
     config = getattr(model, "config", None)
     model_type: str = getattr(config, "model_type", None) or ""
     prefix = PREFIXES.get(model_type)
     base = getattr(model, "model", None)
     if config is None or prefix is None or base is None or not hasattr(model, "lm_head"):
         return None
+    if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        return None
     layers = list(base.layers[: config.num_hidden_layers])
-    norm = f"{prefix}RMSNorm"
-    names = [type(base.norm).__name__]
+    if not layers:
+        return None
+    expected = [(model, "ForCausalLM"), (base, "Model"), (base.norm, "RMSNorm")]
     for layer in layers:
+        attn = layer.self_attn
+        expected += [(layer, "DecoderLayer"), (attn, "Attention"), (layer.mlp, "MLP")]
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        norms += [
-            getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)
-        ]
-        if (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__) != (
-            f"{prefix}DecoderLayer",
-            f"{prefix}Attention",
-            f"{prefix}MLP",
-        ):
-            return None
-        names += [type(n).__name__ for n in norms]
-    module = sys.modules[type(layers[0].self_attn).__module__] if layers else None
-    rotate = getattr(module, "apply_rotary_pos_emb", None)
-    if rotate is None or any(name != norm for name in names):
+        norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+        expected += [(n, "RMSNorm") for n in norms]
+    source = f"transformers.models.{model_type}.modeling_{model_type}"
+    if any(
+        type(m).__module__ != source or type(m).__name__ != prefix + name for m, name in expected
+    ):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    rotate = getattr(sys.modules[source], "apply_rotary_pos_emb", None)
+    if rotate is None:
         return None
     dtype = base.embed_tokens.weight.dtype
     return FamilyForward(model, layers, model_type, _fused_rotary(rotate, dtype))
@@ -195,11 +208,7 @@ class FamilyForward:
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = _norm(h, self.norm)
-        if isinstance(keep, torch.Tensor):
-            h = h[:, keep, :]
-        elif keep:
-            h = h[:, -keep:, :]
-        return self.lm_head.forward(h)
+        return self.lm_head.forward(slice_logits_to_keep(h, keep))
 
 
 def _split(x: torch.Tensor, bounds: list[int] | None) -> list[torch.Tensor]:

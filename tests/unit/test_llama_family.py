@@ -8,6 +8,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from kvray.workers import cpu_kernels
 from kvray.workers.attention import attention_context
 from kvray.workers.attention import register as register_attention
 from kvray.workers.fused_projections import fuse_projections
@@ -22,7 +23,7 @@ SHAPE = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
 )  # fmt: skip
 CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**SHAPE),
+    "llama": lambda: transformers.LlamaConfig(**SHAPE, head_dim=64),  # the rotary op's vectors
     # windows shorter than the prompts, so the masks matter
     "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(
@@ -61,6 +62,8 @@ def test_logits_equal_transformers_bitwise(arch, dtype):
     cache = KVCache(spec, num_blocks=64, block_size=BLOCK, device=torch.device("cpu"))
     runner = ModelRunner(model, cache, torch.device("cpu"))
     assert isinstance(runner.forward, FamilyForward)
+    if dtype != "float32" and cpu_kernels.rotary_embedding() is not None:
+        assert runner.forward.layers[0].rotate.__name__ == "fused"  # the C++ op is what runs
     theirs = transformers_forward(model)
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (11, 19)]
@@ -97,9 +100,26 @@ def test_other_architectures_keep_transformers_forward():
     assert not isinstance(runner_forward, FamilyForward)
 
 
-def test_a_module_it_does_not_mirror_keeps_transformers_forward():
+class LlamaMLP(torch.nn.Module):  # a look-alike: transformers' name, someone else's code
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_modules_it_does_not_mirror_keep_transformers_forward():
     model = build("llama", "float32")
+    assert family_forward(model) is not None
     model.model.layers[1].mlp = torch.nn.Identity()  # not LlamaMLP: unknown arithmetic
+    assert family_forward(model) is None
+    model.model.layers[1].mlp = LlamaMLP()  # the name alone does not pass (remote code)
+    assert family_forward(model) is None
+
+
+def test_other_attention_or_hooks_keep_transformers_forward():
+    model = build("llama", "float32")
+    model.config._attn_implementation = "sdpa"  # kvray's forward always pages its attention
+    assert family_forward(model) is None
+    model = build("llama", "float32")
+    model.model.layers[0].mlp.register_forward_hook(lambda *args: None)  # `forward` skips it
     assert family_forward(model) is None
 
 
@@ -131,3 +151,5 @@ def test_the_rotary_kernel_equals_transformers_bitwise(head_dim, tokens):
     got = op(q, k, cos, sin)
     for g_, e in zip(got, expected):
         assert g_.shape == e.shape and torch.equal(g_, e)
+    # its fake (for torch.compile) gives the real op's shapes and strides
+    torch.library.opcheck(op, (q, k, cos, sin), test_utils=("test_faketensor",))
