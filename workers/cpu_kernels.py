@@ -1,7 +1,8 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
-`paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()` and
-`rotary_embedding()` return the compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler,
+`paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
+`rotary_embedding()` and `rms_norm()` return the compiled ops (`torch.ops.kvray.*`), or None
+where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
 torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
 goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine and
@@ -31,7 +32,13 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_attention.cpp", "int8_linear.cpp", "bf16_linear.cpp", "rotary.cpp")
+    for name in (
+        "paged_attention.cpp",
+        "int8_linear.cpp",
+        "bf16_linear.cpp",
+        "rotary.cpp",
+        "rms_norm.cpp",
+    )
 ]
 
 
@@ -59,6 +66,12 @@ def rotary_embedding() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | Non
     """`rotary_embedding(q, k, cos, sin)`, bf16, bitwise transformers' `apply_rotary_pos_emb`;
     see csrc/rotary.cpp; or None."""
     return torch.ops.kvray.rotary_embedding if _build() else None
+
+
+def rms_norm() -> Callable[..., torch.Tensor] | None:
+    """`rms_norm(x, weight, eps)`, bf16, bitwise transformers' `LlamaRMSNorm.forward`; see
+    csrc/rms_norm.cpp; or None."""
+    return torch.ops.kvray.rms_norm if _build() else None
 
 
 class Bf16Linear(NamedTuple):
@@ -137,6 +150,7 @@ def _register_fakes() -> None:
             for x in (q, k)
         )
     )
+    fake("kvray::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)
     )

@@ -63,7 +63,8 @@ def test_logits_equal_transformers_bitwise(arch, dtype):
     runner = ModelRunner(model, cache, torch.device("cpu"))
     assert isinstance(runner.forward, FamilyForward)
     if dtype != "float32" and cpu_kernels.rotary_embedding() is not None:
-        assert runner.forward.layers[0].rotate.__name__ == "fused"  # the C++ op is what runs
+        assert runner.forward.layers[0].rotate.__name__ == "fused"  # the C++ ops are what run
+        assert runner.forward.norm.__name__ == "fused"
     theirs = transformers_forward(model)
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (11, 19)]
@@ -153,3 +154,24 @@ def test_the_rotary_kernel_equals_transformers_bitwise(head_dim, tokens):
         assert g_.shape == e.shape and torch.equal(g_, e)
     # its fake (for torch.compile) gives the real op's shapes and strides
     torch.library.opcheck(op, (q, k, cos, sin), test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (37, 576), (5, 72), (3, 8)])  # vectors, tails
+def test_the_rms_norm_kernel_equals_transformers_bitwise(rows, dim):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from kvray.workers import cpu_kernels
+
+    op = cpu_kernels.rms_norm()
+    if op is None:
+        pytest.skip("kvray's CPU kernels are not built here (no compiler)")
+    g = torch.Generator().manual_seed(rows * dim)
+    norm = LlamaRMSNorm(dim, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=g) * 2)
+    x = (torch.randn(1, rows, dim, generator=g) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = norm(x)
+    got = op(x, norm.weight, norm.variance_epsilon)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    torch.library.opcheck(op, (x, norm.weight.detach(), 1e-5), test_utils=("test_faketensor",))

@@ -20,9 +20,7 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -31,24 +29,9 @@ using BF16 = c10::BFloat16;
 inline float round_bf16(float x) { return static_cast<float>(BF16(x)); }
 
 #if defined(__AVX512F__)
-// c10's round to nearest even, 16 lanes at a time; the result is an fp32 holding a bf16 value.
-// (NaN payloads are not preserved; no finite input differs.)
-inline __m512 round_bf16(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(0xffff0000)));
-}
-
-inline __m512 load16(const BF16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-inline void store16(BF16* p, __m512 x) {  // x holds a bf16 value: its top half is exact
-  const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(top));
-}
+using kvray::load_bf16x16;
+using kvray::round_bf16;
+using kvray::store_bf16x16;
 #endif
 
 // One head's row: out[i] = x[i] c[i] - x[i + h] s[i], out[i + h] = x[i + h] c[i + h] + x[i] s[i + h].
@@ -56,13 +39,13 @@ void rotate_row(const BF16* x, const BF16* c, const BF16* s, BF16* out, int64_t 
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= half; i += 16) {
-    const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
-    const __m512 first = _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, load16(c + i))),
-                                       round_bf16(_mm512_mul_ps(x2, load16(s + i))));
-    const __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load16(c + half + i))),
-                                        round_bf16(_mm512_mul_ps(x1, load16(s + half + i))));
-    store16(out + i, round_bf16(first));
-    store16(out + half + i, round_bf16(second));
+    const __m512 x1 = load_bf16x16(x + i), x2 = load_bf16x16(x + half + i);
+    const __m512 first = _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, load_bf16x16(c + i))),
+                                       round_bf16(_mm512_mul_ps(x2, load_bf16x16(s + i))));
+    const __m512 second = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16x16(c + half + i))),
+                                        round_bf16(_mm512_mul_ps(x1, load_bf16x16(s + half + i))));
+    store_bf16x16(out + i, round_bf16(first));
+    store_bf16x16(out + half + i, round_bf16(second));
   }
 #endif
   for (; i < half; ++i) {
