@@ -23,15 +23,6 @@ from torch import nn
 from kvray.workers import cpu_kernels
 from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
 
-try:
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # an older transformers 5, whose models sliced in place as below
-
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor):  # type: ignore[misc]
-        rows = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden_states[:, rows, :]
-
-
 # model_type -> the class-name prefix of its transformers modules
 PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
@@ -101,20 +92,7 @@ def _fused_rotary(rotate: Callable, dtype: torch.dtype) -> Callable:
     """transformers' `apply_rotary_pos_emb`, as kvray's one-pass C++ op (bitwise the same) for
     a bf16 model where the kernels are built: ~16 tensor operations a layer fewer."""
     op = cpu_kernels.rotary_embedding() if dtype == torch.bfloat16 else None
-    if op is None:
-        return rotate
-
-    def fused(
-        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16
-            and q.device.type == "cpu"
-        ):
-            return op(q, k, cos, sin)
-        return rotate(q, k, cos, sin)
-
-    return fused
+    return rotate if op is None else op  # q, k, cos, sin are the model's dtype (the op checks)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,14 +119,9 @@ def _fused_norm(dtype: torch.dtype) -> Norm:
         return _norm
 
     def fused(x: torch.Tensor, module: Any) -> torch.Tensor:
-        weight = module.weight
-        if (
-            x.dtype == weight.dtype == torch.bfloat16
-            and x.device.type == "cpu"
-            and x.is_contiguous()
-        ):
-            return op(x, weight, module.variance_epsilon)
-        return _norm(x, module)  # e.g. Qwen3's q/k norms, on views of the fused projection
+        if x.is_contiguous():  # NOTE: Qwen3's q/k norms get views of the fused projection
+            return op(x, module.weight, module.variance_epsilon)
+        return _norm(x, module)
 
     return fused
 
@@ -166,12 +139,8 @@ class _Layer:
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3
         self.k_norm = getattr(attn, "k_norm", None)
-        self.head_dim, self.scaling, self.rotate, self.norm = (
-            attn.head_dim,
-            attn.scaling,
-            rotate,
-            norm,
-        )
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.rotate, self.norm = rotate, norm
         self.sliding_window = (
             getattr(attn.config, "sliding_window", None)
             if model_type == "mistral"
@@ -239,7 +208,11 @@ class FamilyForward:
         for layer in self.layers:
             h = layer(h, cos, sin)
         h = self.norm(h, self.final_norm)
-        return self.lm_head.forward(slice_logits_to_keep(h, keep))
+        if isinstance(keep, torch.Tensor):
+            h = h[:, keep, :]
+        elif keep:  # the last `keep` rows, as transformers' int `logits_to_keep`
+            h = h[:, -keep:, :]
+        return self.lm_head.forward(h)
 
 
 def _split(x: torch.Tensor, bounds: list[int] | None) -> list[torch.Tensor]:
