@@ -9,6 +9,10 @@ transformers'; only the attention function is ours.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
+import itertools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,7 +21,47 @@ import torch.nn.functional as F
 
 from kvray.workers import cpu_kernels
 
+logger = logging.getLogger(__name__)
+
 ATTN_IMPLEMENTATION = "kvray_paged"
+
+
+# (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left) -> [rows, num_heads, head_dim]
+VarlenAttn = Callable[..., torch.Tensor]
+
+
+def _find_varlen_attn() -> VarlenAttn | None:
+    """torch's variable-length flash attention (FlashAttention-2), causal, with a left window
+    (-1: none) and GQA: the public `varlen_attn` where it takes those (torch 2.13), else the ATen
+    op beneath it where its schema has windows (torch 2.11's public function lacks GQA and
+    windows), else None."""
+    try:
+        varlen_attn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
+    except (ImportError, AttributeError):
+        varlen_attn = None
+    wanted = {"window_size", "enable_gqa", "scale"}
+    if varlen_attn is not None and wanted <= inspect.signature(varlen_attn).parameters.keys():
+
+        def public(q, k, v, cu_q, cu_k, max_q, max_k, scale, left):  # type: ignore[no-untyped-def]
+            gqa = q.shape[1] != k.shape[1]
+            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                               window_size=(left, 0), enable_gqa=gqa)  # fmt: skip
+
+        return public
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None or "window_size_left" not in str(op.default._schema):
+        return None
+
+    def aten(q, k, v, cu_q, cu_k, max_q, max_k, scale, left):  # type: ignore[no-untyped-def]
+        # NOTE: FlashAttention-2 takes GQA as is (key/value heads dividing the query heads), and
+        # aligns its causal mask to each sequence's last row.
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                  scale=scale, window_size_left=left, window_size_right=0)[0]  # fmt: skip
+
+    return aten
+
+
+_varlen_attn = _find_varlen_attn()
 _CPU_DECODE_CHUNK_BYTES = 1 << 20
 
 
@@ -33,6 +77,15 @@ class PrefillSeq:
     @property
     def context_len(self) -> int:
         return self.num_computed + self.num_tokens
+
+
+@dataclass
+class VarlenLayout:
+    cu_seq_q: torch.Tensor  # [num_prefills + 1] int32: first row of each chunk's queries
+    cu_seq_k: torch.Tensor  # [num_prefills + 1] int32: first row of each chunk's keys
+    max_q: int
+    max_k: int
+    cached: bool  # some chunk attends over cached context (its keys come from the cache)
 
 
 @dataclass
@@ -55,6 +108,26 @@ class AttentionMetadata:
     decode_kernel: DecodeKernel | None = None  # reads the block tables in place; see below
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] positions + 1, for the kernel
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
+    _varlen: VarlenLayout | None = None
+
+    def varlen_layout(self) -> VarlenLayout:
+        """The prompt chunks as one variable-length batch (built once a step, on first use)."""
+        if self._varlen is None:
+            q_lens = [s.num_tokens for s in self.prefills]
+            k_lens = [s.context_len for s in self.prefills]
+            device = self.slot_mapping.device
+            self._varlen = VarlenLayout(
+                cu_seq_q=torch.tensor(
+                    [0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=device
+                ),
+                cu_seq_k=torch.tensor(
+                    [0, *itertools.accumulate(k_lens)], dtype=torch.int32, device=device
+                ),
+                max_q=max(q_lens),
+                max_k=max(k_lens),
+                cached=any(s.num_computed for s in self.prefills),
+            )
+        return self._varlen
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
         """[num_decodes, 1, 1, max_context] bool: which gathered slots each decode may attend."""
@@ -127,12 +200,29 @@ def paged_attention_forward(
     v_cache.index_copy_(0, meta.slot_mapping, v)
 
     out = torch.empty_like(q)
-    if meta.num_decodes:
-        out[: meta.num_decodes] = _decode_attention(
-            q[: meta.num_decodes], k_cache, v_cache, meta, scaling, sliding_window
-        )
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scaling, sliding_window)
+    if meta.prefills:
+        prefill = _prefill_varlen if _varlen_applies(q) else _prefill_each
+        out[nd:] = prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta, scaling, sliding_window)
+    return out.unsqueeze(0), None
+
+
+def _prefill_each(
+    q: torch.Tensor,  # [prompt rows, num_heads, head_dim]: the step's rows past its decodes
+    k: torch.Tensor,  # [prompt rows, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim], this step's keys written
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [prompt rows, num_heads, head_dim]
+    """Prompt attention, one SDPA per prompt chunk."""
+    out = torch.empty_like(q)
     for i, seq in enumerate(meta.prefills):
-        rows = slice(seq.start, seq.start + seq.num_tokens)
+        rows = slice(seq.start - meta.num_decodes, seq.start - meta.num_decodes + seq.num_tokens)
         if seq.slots is None:
             seq_k, seq_v = k[rows], v[rows]
         else:
@@ -144,7 +234,60 @@ def paged_attention_forward(
             meta.prefill_mask(i, sliding_window),
             scaling,
         ).transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
+
+
+def _varlen_applies(q: torch.Tensor) -> bool:
+    """Whether prompt attention takes torch's variable-length flash kernel: CUDA, fp16/bf16, a
+    head size flash supports, and a torch that has the kernel (`_find_varlen_attn`)."""
+    return (
+        _varlen_attn is not None
+        and q.device.type == "cuda"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
+
+
+def _prefill_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """`_prefill_each`'s result from one flash-attention launch over every prompt chunk.
+
+    On an H200, one SDPA per prompt (the math kernel: 3-d inputs) made a step of 32 prompts cost
+    0.3 s in launches; this is one kernel a layer. Chunks with cached context attend over their
+    whole context, gathered from the cache; the causal mask is aligned to each chunk's last
+    row, as a chunk's positions are."""
+    global _varlen_attn
+    layout = meta.varlen_layout()
+    keys, values = k, v
+    if layout.cached:
+        nd = meta.num_decodes
+        rows = [slice(s.start - nd, s.start - nd + s.num_tokens) for s in meta.prefills]
+        keys = torch.cat(
+            [k[r] if s.slots is None else k_cache[s.slots] for s, r in zip(meta.prefills, rows)]
+        )
+        values = torch.cat(
+            [v[r] if s.slots is None else v_cache[s.slots] for s, r in zip(meta.prefills, rows)]
+        )
+    assert _varlen_attn is not None
+    try:
+        return _varlen_attn(
+            q.contiguous(), keys.contiguous(), values.contiguous(),
+            layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k,
+            scaling, -1 if sliding_window is None else sliding_window - 1,
+        )  # fmt: skip
+    except RuntimeError as e:  # a GPU or build without the kernel: per-prompt SDPA from now on
+        logger.warning("variable-length flash attention failed (%s); prompts use SDPA", e)
+        _varlen_attn = None
+        return _prefill_each(q, k, v, k_cache, v_cache, meta, scaling, sliding_window)
 
 
 DecodeKernel = Callable[..., torch.Tensor]

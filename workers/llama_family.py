@@ -30,11 +30,9 @@ PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | int"], torch.Tensor]
 
 
-def model_forward(model: nn.Module, device: torch.device) -> Forward:
-    """The forward a runner calls: kvray's own for the Llama family on CPU, else transformers'.
-
-    NOTE: CPU only until checked on a GPU, where decode steps replay CUDA graphs anyway."""
-    own = family_forward(model) if device.type == "cpu" else None
+def model_forward(model: nn.Module) -> Forward:
+    """The forward a runner calls: kvray's own for the Llama family, else transformers'."""
+    own = family_forward(model)
     return own if own is not None else transformers_forward(model)
 
 
@@ -82,16 +80,18 @@ def family_forward(model: Any) -> FamilyForward | None:
     rotate = getattr(sys.modules[source], "apply_rotary_pos_emb", None)
     if rotate is None:
         return None
-    dtype = base.embed_tokens.weight.dtype
+    weight = base.embed_tokens.weight
+    # NOTE: the C++ ops on CPU only; on a GPU, transformers' own functions.
+    bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
     return FamilyForward(
-        model, layers, model_type, _fused_rotary(rotate, dtype), _fused_norm(dtype)
+        model, layers, model_type, _fused_rotary(rotate, bf16_cpu), _fused_norm(bf16_cpu)
     )
 
 
-def _fused_rotary(rotate: Callable, dtype: torch.dtype) -> Callable:
+def _fused_rotary(rotate: Callable, bf16_cpu: bool) -> Callable:
     """transformers' `apply_rotary_pos_emb`, as kvray's one-pass C++ op (bitwise the same) for
-    a bf16 model where the kernels are built: ~16 tensor operations a layer fewer."""
-    op = cpu_kernels.rotary_embedding() if dtype == torch.bfloat16 else None
+    a bf16 model on CPU where the kernels are built: ~16 tensor operations a layer fewer."""
+    op = cpu_kernels.rotary_embedding() if bf16_cpu else None
     return rotate if op is None else op  # q, k, cos, sin are the model's dtype (the op checks)
 
 
@@ -111,10 +111,10 @@ def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
     return rms_norm(x, module.weight, module.variance_epsilon)
 
 
-def _fused_norm(dtype: torch.dtype) -> Norm:
+def _fused_norm(bf16_cpu: bool) -> Norm:
     """`_norm`, as kvray's one-call C++ op (bitwise the same) for a bf16 model's contiguous
-    rows where the kernels are built: 8 tensor operations a norm fewer."""
-    op = cpu_kernels.rms_norm() if dtype == torch.bfloat16 else None
+    rows on CPU where the kernels are built: 8 tensor operations a norm fewer."""
+    op = cpu_kernels.rms_norm() if bf16_cpu else None
     if op is None:
         return _norm
 

@@ -63,7 +63,7 @@ class GraphInput:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
-        self.forward = model_forward(model, device)  # workers/llama_family.py
+        self.forward = model_forward(model)  # workers/llama_family.py
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size

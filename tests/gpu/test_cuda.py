@@ -76,3 +76,69 @@ def test_cuda_decode_graphs_replay_the_eager_step(arch, model_cache_dir):
             assert graphs is None
     for off, on in zip(outputs["off"], outputs["on"]):
         assert on[:16] == off[:16]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_family_forward_logits_equal_transformers_bitwise(arch, dtype):
+    from tests.unit.test_llama_family import check_logits_equal_transformers
+
+    check_logits_equal_transformers(arch, dtype, "cuda")
+
+
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_varlen_prompt_attention_matches_fp32_per_prompt_sdpa(window, dtype, monkeypatch):
+    """Prompt chunks (fresh, and over cached context) beside decodes: one variable-length flash
+    attention gives what one fp32 SDPA per chunk gives, to the dtype's rounding."""
+    from types import SimpleNamespace
+
+    from kvray.workers import attention
+    from kvray.workers.attention import AttentionMetadata, PrefillSeq, paged_attention_forward
+
+    if attention._varlen_attn is None:
+        pytest.skip("this torch has no variable-length flash attention: prompts keep SDPA")
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, bs, region = 8, 2, 64, 16, 64  # each sequence owns 4 blocks
+    decodes, chunks = [9, 20], [(0, 5), (7, 6), (0, 33), (20, 17)]  # contexts; (cached, new)
+    num_slots = region * (len(decodes) + len(chunks))
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    slot_mapping = [j * region + n - 1 for j, n in enumerate(decodes)]
+    prefills, row = [], len(decodes)
+    for j, (cached, new) in enumerate(chunks, start=len(decodes)):
+        slots = torch.arange(j * region, j * region + cached + new)
+        slot_mapping += slots[cached:].tolist()
+        prefills.append(PrefillSeq(row, new, cached, slots.cuda() if cached else None))
+        row += new
+    q = torch.randn(1, heads, row, dim, generator=g)
+    k = torch.randn(1, kv_heads, row, dim, generator=g)
+    v = torch.randn(1, kv_heads, row, dim, generator=g)
+    block_ids = torch.arange(len(decodes) * region // bs)  # the decodes' 4 blocks each
+
+    def attend(dt: torch.dtype) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping).cuda(), block_size=bs,
+            num_decodes=len(decodes), decode_block_ids=block_ids.cuda(),
+            decode_positions=torch.tensor(decodes).cuda() - 1, prefills=prefills,
+            kv_caches=[(k_cache.to("cuda", dt), v_cache.to("cuda", dt))],
+        )  # fmt: skip
+        with attention.attention_context(meta):
+            out, _ = paged_attention_forward(
+                SimpleNamespace(layer_idx=0), q.to("cuda", dt), k.to("cuda", dt),
+                v.to("cuda", dt), None, scaling=dim**-0.5, sliding_window=window,
+            )  # fmt: skip
+        return out[0].float()
+
+    expected = attend(torch.float32)  # fp32: one SDPA per chunk
+    calls = []
+    varlen = attention._varlen_attn
+    monkeypatch.setattr(
+        attention, "_varlen_attn", lambda *a, **kw: calls.append(1) or varlen(*a, **kw)
+    )
+    got = attend(dtype)
+    assert calls, "the variable-length kernel did not run"
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+    error = (got - expected).abs().max().item()
+    assert error < tolerance, f"max error {error:.4f}"
+    # a wrong mask (a window ignored, a chunk blind to its cached context) errs by ~0.5

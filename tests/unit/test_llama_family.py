@@ -34,7 +34,7 @@ CONFIGS = {
 BLOCK = 4
 
 
-def build(arch: str, dtype: str) -> torch.nn.Module:
+def build(arch: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         CONFIGS[arch](), attn_implementation=register_attention()
@@ -43,6 +43,7 @@ def build(arch: str, dtype: str) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+    model = model.to(device)
     if dtype == "float32":
         return model.eval()
     model = model.to(torch.bfloat16).eval()
@@ -50,28 +51,36 @@ def build(arch: str, dtype: str) -> torch.nn.Module:
         quantize_linears(model)
     else:
         fuse_projections(model)
-        pack_linears(model)
+        if device == "cpu":
+            pack_linears(model)
     return model
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8"])
 def test_logits_equal_transformers_bitwise(arch, dtype):
-    model = build(arch, dtype)
+    check_logits_equal_transformers(arch, dtype, "cpu")
+
+
+def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
+    """Two prompts in two chunks each (the second attends over cached context, past the
+    window where there is one), then decodes: kvray's forward's logits equal transformers'."""
+    model = build(arch, dtype, device)
     spec = KVCacheSpec.from_model_config(model.config, next(model.parameters()).dtype)
-    cache = KVCache(spec, num_blocks=64, block_size=BLOCK, device=torch.device("cpu"))
-    runner = ModelRunner(model, cache, torch.device("cpu"))
+    cache = KVCache(spec, num_blocks=64, block_size=BLOCK, device=torch.device(device))
+    runner = ModelRunner(model, cache, torch.device(device))
     assert isinstance(runner.forward, FamilyForward)
-    if dtype != "float32" and cpu_kernels.rotary_embedding() is not None:
-        # the C++ ops are what run
+    ops = device == "cpu" and dtype != "float32" and cpu_kernels.rotary_embedding() is not None
+    if ops:  # the C++ ops are what run
         assert runner.forward.layers[0].rotate is cpu_kernels.rotary_embedding()
         assert runner.forward.norm.__name__ == "fused"
+    else:
+        assert runner.forward.norm.__name__ == "_norm"
     theirs = transformers_forward(model)
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (11, 19)]
     blocks = [list(range(0, 64, 2)), list(range(1, 64, 2))]  # interleaved in the pool
     computed = [0, 0]
-    # prompts in two chunks (the second attends over cached context), then decodes
     for chunk in (6, None, 1, 1, 1):
         seqs = []
         for i, ids in enumerate(tokens):
