@@ -8,10 +8,12 @@ is steadier than two benchmark runs one after the other (which can differ by 25%
     python bench/step_ab.py --a dtype=float32 --b dtype=bfloat16 --batches 1,8,32
     python bench/step_ab.py --a dtype=bfloat16,linear=onednn --b dtype=bfloat16
 
-`linear=onednn` and `forward=transformers` are the bench's own options, not the engine's: that
-worker's bf16 layers take oneDNN's kernel even where kvray's own (workers/csrc/bf16_linear.cpp)
-would be used, or its eager steps run transformers' model forward instead of kvray's own for
-the Llama family (workers/llama_family.py).
+`linear=onednn`, `forward=transformers` and `forward=layers` are the bench's own options, not
+the engine's: that worker's bf16 layers take oneDNN's kernel even where kvray's own
+(workers/csrc/bf16_linear.cpp) would be used; or its eager steps run transformers' model
+forward instead of kvray's own for the Llama family (workers/llama_family.py); or kvray's
+forward runs decode steps layer by layer in Python instead of in one C++ call
+(csrc/decode_layers.cpp).
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ class Stepper:
         finally:
             packed_linear._kvray_kernel = kvray_kernel
         self.worker.warmup()
+        assert self.worker.runner is not None
         if forward == "transformers":
             from kvray.workers.llama_family import transformers_forward
 
-            assert self.worker.runner is not None
             self.worker.runner.forward = transformers_forward(self.worker.model)
+        elif forward == "layers":
+            self.worker.runner.forward.stack = None  # type: ignore[union-attr]
         self.batch, self.computed, self.step_id = batch, PROMPT, 1
         greedy = SamplingParams(temperature=0, max_tokens=steps + 1)
         new = [

@@ -1,7 +1,7 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
-`rotary_embedding()` and `rms_norm()` return the compiled ops (`torch.ops.kvray.*`), or None
+`rotary_embedding()`, `rms_norm()` and `decode_layers()` return the compiled ops (`torch.ops.kvray.*`), or None
 where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
 torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
@@ -38,6 +38,7 @@ _SOURCES = [
         "bf16_linear.cpp",
         "rotary.cpp",
         "rms_norm.cpp",
+        "decode_layers.cpp",
     )
 ]
 
@@ -72,6 +73,15 @@ def rms_norm() -> Callable[..., torch.Tensor] | None:
     """`rms_norm(x, weight, eps)`, bf16, bitwise transformers' `LlamaRMSNorm.forward`; see
     csrc/rms_norm.cpp; or None."""
     return torch.ops.kvray.rms_norm if _build() else None
+
+
+def decode_layers() -> Callable[..., torch.Tensor] | None:
+    """`decode_layers(h, cos, sin, slot_mapping, block_table, context_lens, weights, caches,
+    sizes, floats)`: a decode step's Llama-family layers in one call, see
+    csrc/decode_layers.cpp; or None (also where the build lacks AVX512-BF16)."""
+    if not _build() or not hasattr(torch.ops.kvray, "decode_layers"):
+        return None
+    return torch.ops.kvray.decode_layers
 
 
 class Bf16Linear(NamedTuple):

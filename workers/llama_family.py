@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvray.workers import cpu_kernels
+from kvray.workers import attention, cpu_kernels
 from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
 
 # model_type -> the class-name prefix of its transformers modules
@@ -199,14 +199,19 @@ class FamilyForward:
         self.norm = norm
         self.lm_head: nn.Module = model.lm_head
         self.layers = [_Layer(layer, model_type, rotate, norm) for layer in layers]
+        self.stack = DecodeStack.build(model.config, self.layers)
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor | int
     ) -> torch.Tensor:
         h = self.embed.forward(input_ids)
         cos, sin = self.rotary(h, position_ids=position_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        meta = attention._current
+        if self.stack is not None and meta is not None and self.stack.takes(meta):
+            h = self.stack(h, cos, sin, meta)
+        else:
+            for layer in self.layers:
+                h = layer(h, cos, sin)
         h = self.norm(h, self.final_norm)
         if isinstance(keep, torch.Tensor):
             h = h[:, keep, :]
@@ -219,3 +224,86 @@ def _split(x: torch.Tensor, bounds: list[int] | None) -> list[torch.Tensor]:
     """The column ranges of a fused projection's output, as its slices return them."""
     assert bounds is not None
     return [x[..., start:end] for start, end in itertools.pairwise(bounds)]
+
+
+class DecodeStack:
+    """Every layer of a decode-only step in one C++ call (csrc/decode_layers.cpp): the same
+    operations as `_Layer` and the paged attention, so bitwise the same logits, without ~100
+    Python-level calls a layer. For bf16 on CPU, where every layer's projections are fused and
+    packed for kvray's kernel, its norms and rotary embedding are kvray's ops and its MLP's
+    activation is SiLU; `build` returns None for anything else, which keeps `_Layer`."""
+
+    def __init__(self, op: Callable, config: Any, layers: list[_Layer]) -> None:
+        self.op = op
+        self.kernel = cpu_kernels.paged_decode_attention()
+        head_dim = layers[0].head_dim
+        self.head_sizes = [config.num_attention_heads, config.num_key_value_heads, head_dim]
+        self.layer_ids = [int(layer.attn.layer_idx) for layer in layers]  # type: ignore[arg-type]
+        self.weights: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+        self.floats: list[float] = []
+        none = torch.empty(0)
+        for layer in layers:
+            q_norm, k_norm = layer.q_norm, layer.k_norm
+            assert layer.qkv_bounds is not None and layer.gate_up_bounds is not None
+            linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
+            qkv, o, gate_up, down = (_packed(m) for m in linears)
+            self.weights += [
+                layer.norm1.weight, *qkv,
+                none if q_norm is None else q_norm.weight,
+                none if k_norm is None else k_norm.weight,
+                *o, layer.norm2.weight, *gate_up, *down,
+            ]  # fmt: skip
+            _, q_end, k_end, qkv_out = layer.qkv_bounds
+            self.sizes += [qkv_out, q_end, k_end - q_end, config.hidden_size,
+                           layer.gate_up_bounds[1], layer.sliding_window or 0]  # fmt: skip
+            self.floats += [
+                layer.norm1.variance_epsilon, layer.norm2.variance_epsilon,
+                0.0 if q_norm is None else q_norm.variance_epsilon,
+                0.0 if k_norm is None else k_norm.variance_epsilon,
+                head_dim**-0.5 if layer.scaling is None else layer.scaling,
+            ]  # fmt: skip
+
+    @classmethod
+    def build(cls, config: Any, layers: list[_Layer]) -> DecodeStack | None:
+        from kvray.workers.packed_linear import PackedLinear
+
+        op = cpu_kernels.decode_layers()
+        if op is None or getattr(config, "hidden_act", None) != "silu":
+            return None
+        for layer in layers:
+            linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
+            if not all(type(m) is PackedLinear and m.kernel == "kvray" for m in linears):
+                return None
+            assert layer.gate_up_bounds is not None
+            gate, up = itertools.pairwise(layer.gate_up_bounds)
+            if gate[1] - gate[0] != up[1] - up[0] or type(layer.act).__name__ != "SiLUActivation":
+                return None
+            if layer.rotate is not cpu_kernels.rotary_embedding() or layer.norm.__name__ != "fused":
+                return None
+        return cls(op, config, layers)
+
+    def takes(self, meta: attention.AttentionMetadata) -> bool:
+        """Whether this step is one the stack runs: every sequence decodes one token, with
+        kvray's CPU decode kernel."""
+        return not meta.prefills and meta.num_decodes > 0 and meta.decode_kernel is self.kernel
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: attention.AttentionMetadata,
+    ) -> torch.Tensor:
+        assert meta.decode_block_ids is not None
+        caches = [cache for i in self.layer_ids for cache in meta.kv_caches[i]]
+        return self.op(
+            h, cos, sin, meta.slot_mapping, meta.decode_block_ids.view(meta.num_decodes, -1),
+            meta.decode_context_lens, self.weights, caches,
+            [*self.head_sizes, meta.block_size, *self.sizes], self.floats,
+        )  # fmt: skip
+
+
+def _packed(linear: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PackedLinear's packed weight and bias (an empty tensor for none), as the op takes them."""
+    return linear.packed_weight, torch.empty(0) if linear.bias is None else linear.bias

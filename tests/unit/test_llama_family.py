@@ -76,6 +76,20 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
         assert runner.forward.norm.__name__ == "fused"
     else:
         assert runner.forward.norm.__name__ == "_norm"
+    # decode steps of packed bf16 layers run as one C++ call where the kernels are built
+    stacked = ops and dtype == "bfloat16" and cpu_kernels.decode_layers() is not None
+    assert (runner.forward.stack is not None) == stacked
+    stack_calls = 0
+    if stacked:
+        stack = runner.forward.stack
+        op = stack.op
+
+        def counted(*args):
+            nonlocal stack_calls
+            stack_calls += 1
+            return op(*args)
+
+        stack.op = counted
     theirs = transformers_forward(model)
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (11, 19)]
@@ -102,6 +116,7 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
             if seq.samples:
                 row = step.order.index(i)
                 tokens[i].append(int(got[0, row].argmax()))
+    assert stack_calls == (3 if stacked else 0)  # the three decode steps, not the prompts
 
 
 def test_other_architectures_keep_transformers_forward():

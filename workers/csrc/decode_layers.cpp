@@ -1,0 +1,138 @@
+// A decode step's decoder layers in one call, for kvray's Llama-family forward (bf16, CPU).
+//
+// With every layer's arithmetic already in kvray's kernels (packed bf16 linears, RMSNorm, rotary
+// embedding, paged decode attention), what a one-stream decode step of SmolLM2-135M still spent
+// in Python was the glue: ~100 Python-level calls a layer (module forwards, views, slices,
+// keyword plumbing), a quarter of the step. This runs the same operations, in the same order
+// and on the same dtypes, as workers/llama_family.py's `_Layer` with
+// `paged_attention_forward` for a step in which every sequence computes one token, so its
+// results are bitwise those of the Python path (and so of transformers' forward).
+//
+//   h            [1, n, hidden] bf16: the embedded tokens, one per sequence
+//   cos, sin     [1, n, head_dim] bf16: the rotary embedding of each token's position
+//   slot_mapping [n] int64: the cache slot each token's key and value go to
+//   block_table  [n, blocks] int64, context_lens [n] int64: as paged_decode_attention reads them
+//   weights      per layer, kPerLayer tensors (see `Weight`)
+//   caches       per layer, its key cache then its value cache ([slots, kv_heads, head_dim])
+//   sizes        num_heads, num_kv_heads, head_dim, block_size, then per layer kInts (`Size`)
+//   floats       per layer kFloats (`Float`)
+// Returns h after the last layer, [1, n, hidden] bf16.
+
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_features,
+                          c10::optional<torch::Tensor> bias);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k,
+                                                          torch::Tensor cos, torch::Tensor sin);
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
+                                     torch::Tensor value_cache, torch::Tensor block_table,
+                                     torch::Tensor context_lens, int64_t block_size, double scale,
+                                     int64_t window);
+
+#if defined(__AVX512BF16__)
+namespace {
+
+// A layer's tensors, in this order (packed weights as PackedLinear keeps them, biases in fp32;
+// an empty tensor for an absent bias or norm).
+enum Weight {
+  kNorm1, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kNorm2, kGateUp, kGateUpBias, kDown,
+  kDownBias, kPerLayer
+};
+enum Size { kQkvOut, kQSize, kKSize, kHidden, kIntermediate, kWindow, kInts };
+enum Float { kEps1, kEps2, kQEps, kKEps, kScale, kFloats };
+
+c10::optional<torch::Tensor> maybe(const torch::Tensor& t) {
+  return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+}
+
+// A packed linear layer as PackedLinear.forward calls it: rows in, [..., out] back.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
+                     const torch::Tensor& bias) {
+  auto shape = x.sizes().vec();
+  auto out = bf16_linear(x.reshape({-1, x.size(-1)}), packed, out_features, maybe(bias));
+  shape.back() = out_features;
+  return out.view(shape);
+}
+
+// llama_family's norm: the one-call op for contiguous rows, else transformers' operations.
+torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (x.is_contiguous()) return rms_norm(x, weight, eps);
+  auto h = x.to(torch::kFloat32);
+  const auto variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * torch::rsqrt(variance + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor slot_mapping, torch::Tensor block_table,
+                            torch::Tensor context_lens, std::vector<torch::Tensor> weights,
+                            std::vector<torch::Tensor> caches, std::vector<int64_t> sizes,
+                            std::vector<double> floats) {
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.scalar_type() == torch::kBFloat16,
+              "h must be [1, n, hidden] bf16");
+  TORCH_CHECK(sizes.size() >= 4, "sizes must start with heads, kv heads, head_dim, block_size");
+  const int64_t num_layers = static_cast<int64_t>(weights.size()) / kPerLayer;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_layers * kPerLayer &&
+                  static_cast<int64_t>(caches.size()) == 2 * num_layers &&
+                  static_cast<int64_t>(sizes.size()) == 4 + kInts * num_layers &&
+                  static_cast<int64_t>(floats.size()) == kFloats * num_layers,
+              "weights, caches, sizes and floats must describe the same number of layers");
+  const int64_t heads = sizes[0], kv_heads = sizes[1], head_dim = sizes[2], block_size = sizes[3];
+  const int64_t n = h.size(1);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const torch::Tensor* w = weights.data() + l * kPerLayer;
+    const int64_t* s = sizes.data() + 4 + l * kInts;
+    const double* f = floats.data() + l * kFloats;
+    const int64_t qkv_out = s[kQkvOut], q_size = s[kQSize], k_size = s[kKSize];
+    const int64_t hidden = s[kHidden], inter = s[kIntermediate];
+    // attention: norm, fused q/k/v, q/k norms (Qwen3), rotary, cache write, paged attention
+    const auto x = norm(h, w[kNorm1], f[kEps1]);
+    const auto qkv = linear(x, w[kQkv], qkv_out, w[kQkvBias]);
+    auto q = qkv.slice(-1, 0, q_size).view({1, n, -1, head_dim});
+    auto k = qkv.slice(-1, q_size, q_size + k_size).view({1, n, -1, head_dim});
+    const auto v = qkv.slice(-1, q_size + k_size, qkv_out).view({1, n, -1, head_dim});
+    if (w[kQNorm].numel() && w[kKNorm].numel()) {
+      q = norm(q, w[kQNorm], f[kQEps]);
+      k = norm(k, w[kKNorm], f[kKEps]);
+    }
+    auto rotated = rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin);
+    const auto q_rows = std::get<0>(rotated)[0].transpose(0, 1);  // [n, heads, head_dim]
+    const auto k_rows = std::get<1>(rotated)[0].transpose(0, 1);
+    const auto v_rows = v[0];  // [n, kv_heads, head_dim]
+    caches[2 * l].index_copy_(0, slot_mapping, k_rows);
+    caches[2 * l + 1].index_copy_(0, slot_mapping, v_rows);
+    const auto attended = paged_decode_attention(q_rows, caches[2 * l], caches[2 * l + 1],
+                                                 block_table, context_lens, block_size, f[kScale],
+                                                 s[kWindow]);
+    TORCH_CHECK(attended.size(1) == heads && k_rows.size(1) == kv_heads, "head counts differ");
+    h = h + linear(attended.reshape({1, n, -1}).contiguous(), w[kO], hidden, w[kOBias]);
+    // MLP: norm, fused gate/up, SiLU(gate) * up, down
+    const auto gate_up = linear(norm(h, w[kNorm2], f[kEps2]), w[kGateUp], 2 * inter, w[kGateUpBias]);
+    const auto act = torch::silu(gate_up.slice(-1, 0, inter)) * gate_up.slice(-1, inter, 2 * inter);
+    h = h + linear(act, w[kDown], hidden, w[kDownBias]);
+  }
+  return h;
+}
+#endif
+
+TORCH_LIBRARY_FRAGMENT(kvray, m) {
+#if defined(__AVX512BF16__)
+  // NOTE: where bf16_linear exists (AVX512-BF16 builds); elsewhere the Python layers run.
+  m.def(
+      "decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_table, "
+      "Tensor context_lens, Tensor[] weights, Tensor(a!)[] caches, int[] sizes, float[] floats) "
+      "-> Tensor");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(kvray, CPU, m) {
+#if defined(__AVX512BF16__)
+  m.impl("decode_layers", &decode_layers);
+#endif
+}
