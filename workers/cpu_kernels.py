@@ -1,7 +1,7 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
-`rotary_embedding()`, `rms_norm()` and `decode_layers()` return the compiled ops (`torch.ops.kvray.*`), or None
+`rotary_embedding()`, `rms_norm()`, `decode_layers()` and `int8_panel()` return the compiled ops (`torch.ops.kvray.*`), or None
 where they cannot be built (no C++ compiler,
 `KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
 torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
@@ -39,6 +39,7 @@ _SOURCES = [
         "rotary.cpp",
         "rms_norm.cpp",
         "decode_layers.cpp",
+        "int8_panel.cpp",
     )
 ]
 
@@ -82,6 +83,22 @@ def decode_layers() -> Callable[..., torch.Tensor] | None:
     if not _build() or not hasattr(torch.ops.kvray, "decode_layers"):
         return None
     return torch.ops.kvray.decode_layers
+
+
+class Int8Panel(NamedTuple):
+    """csrc/int8_panel.cpp, for int8 weights in bf16_linear's panels and bf16 activations:
+    `linear(x, packed, scales, group_size, out_features, bias)` and
+    `dequantize(packed, scales, group_size)` (bf16 panels, for `Bf16Linear.unpack`)."""
+
+    linear: Callable[..., torch.Tensor]
+    dequantize: Callable[..., torch.Tensor]
+
+
+def int8_panel() -> Int8Panel | None:
+    """The ops, or None where they were not built or the build does not target AVX512-BF16."""
+    if not _build() or not hasattr(torch.ops.kvray, "int8_panel_linear"):
+        return None
+    return Int8Panel(torch.ops.kvray.int8_panel_linear, torch.ops.kvray.int8_panel_dequantize)
 
 
 class Bf16Linear(NamedTuple):

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvray.workers import attention, cpu_kernels
+from kvray.workers import attention, cpu_kernels, quantization
 from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
+from kvray.workers.packed_linear import PackedLinear
+from kvray.workers.quantization import Int8Linear
 
 # model_type -> the class-name prefix of its transformers modules
 PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -229,9 +231,9 @@ def _split(x: torch.Tensor, bounds: list[int] | None) -> list[torch.Tensor]:
 class DecodeStack:
     """Every layer of a decode-only step in one C++ call (csrc/decode_layers.cpp): the same
     operations as `_Layer` and the paged attention, so bitwise the same logits, without ~100
-    Python-level calls a layer. For bf16 on CPU, where every layer's projections are fused and
-    packed for kvray's kernel, its norms and rotary embedding are kvray's ops and its MLP's
-    activation is SiLU; `build` returns None for anything else, which keeps `_Layer`."""
+    Python-level calls a layer. For bf16 models on CPU whose every layer has fused projections
+    in kvray's panels (bf16 `PackedLinear`s or int8 `Int8Linear`s), kvray's norm and rotary ops
+    and a SiLU MLP; `build` returns None for anything else, which keeps `_Layer`."""
 
     def __init__(self, op: Callable, config: Any, layers: list[_Layer]) -> None:
         self.op = op
@@ -266,14 +268,12 @@ class DecodeStack:
 
     @classmethod
     def build(cls, config: Any, layers: list[_Layer]) -> DecodeStack | None:
-        from kvray.workers.packed_linear import PackedLinear
-
         op = cpu_kernels.decode_layers()
         if op is None or getattr(config, "hidden_act", None) != "silu":
             return None
         for layer in layers:
             linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
-            if not all(type(m) is PackedLinear and m.kernel == "kvray" for m in linears):
+            if not all(_in_panels(m) for m in linears):
                 return None
             assert layer.gate_up_bounds is not None
             gate, up = itertools.pairwise(layer.gate_up_bounds)
@@ -300,10 +300,23 @@ class DecodeStack:
         return self.op(
             h, cos, sin, meta.slot_mapping, meta.decode_block_ids.view(meta.num_decodes, -1),
             meta.decode_context_lens, self.weights, caches,
-            [*self.head_sizes, meta.block_size, *self.sizes], self.floats,
+            [*self.head_sizes, meta.block_size, quantization.GROUP_SIZE,
+             quantization.KERNEL_MAX_ROWS, *self.sizes],
+            self.floats,
         )  # fmt: skip
 
 
-def _packed(linear: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A PackedLinear's packed weight and bias (an empty tensor for none), as the op takes them."""
-    return linear.packed_weight, torch.empty(0) if linear.bias is None else linear.bias
+def _in_panels(linear: Any) -> bool:
+    """A linear layer whose weights are in kvray's panels, bf16 or int8."""
+    if type(linear) is PackedLinear:
+        return linear.kernel == "kvray"
+    return type(linear) is Int8Linear and linear.layout == "panels"
+
+
+def _packed(linear: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear layer as the op takes it: weight, scales, bias (an empty tensor for none)."""
+    none = torch.empty(0)
+    bias = none if linear.bias is None else linear.bias
+    if type(linear) is Int8Linear:
+        return linear.weight_int8, linear.scale, bias
+    return linear.packed_weight, none, bias

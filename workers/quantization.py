@@ -29,23 +29,36 @@ KERNEL_MAX_ROWS = 64
 
 
 class Int8Linear(nn.Module):
-    """`nn.Linear` with int8 weights and a bf16 scale per group of GROUP_SIZE weights."""
+    """`nn.Linear` with int8 weights and a bf16 scale per group of GROUP_SIZE weights.
 
-    weight_int8: torch.Tensor  # [out_features, in_features]
-    scale: torch.Tensor  # [out_features, in_features // GROUP_SIZE] bf16
+    A bf16 layer keeps them in bf16_linear's panels of 32 output features (`PANEL`), for
+    csrc/int8_panel.cpp, where that kernel is built; others (fp32 layers, CPUs without
+    AVX512-BF16) keep rows, for csrc/int8_linear.cpp."""
+
+    weight_int8: torch.Tensor  # rows: [out, in]; panels: [ceil(out / 32), in / 2, 32, 2]
+    scale: torch.Tensor  # bf16; rows: [out, in / GROUP_SIZE]; panels: [panels, in / GROUP_SIZE, 32]
     bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scale = quantize_int8(linear.weight.detach())
+        on_cpu = weight.device.type == "cpu"
+        self._panel = (
+            cpu_kernels.int8_panel() if on_cpu and linear.weight.dtype == torch.bfloat16 else None
+        )
+        if self._panel is not None:
+            weight, scale = to_panels(weight, scale)
         self.register_buffer("weight_int8", weight, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
-        on_cpu = weight.device.type == "cpu"
         self._kernel = cpu_kernels.int8_linear() if on_cpu else None
         self._dequantize = cpu_kernels.int8_dequantize() if on_cpu else None
+
+    @property
+    def layout(self) -> str:
+        return "rows" if self._panel is None else "panels"
 
     @property
     def weight(self) -> torch.Tensor:  # [out_features, in_features], fp32
@@ -54,19 +67,52 @@ class Int8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # [out_features, in_features]
         """`dtype(weight_int8 * scale)`: the weights every path multiplies by."""
+        if self._panel is not None and dtype == torch.bfloat16:
+            panels = self._panel.dequantize(self.weight_int8, self.scale, GROUP_SIZE)
+            return panels.permute(0, 2, 1, 3).reshape(-1, self.in_features)[: self.out_features]
+        weight, scale = self.rows()
         if self._dequantize is not None and dtype in (torch.bfloat16, torch.float32):
-            return self._dequantize(self.weight_int8, self.scale, GROUP_SIZE, dtype)
-        groups = self.weight_int8.view(self.out_features, -1, GROUP_SIZE).float()
-        product = groups * self.scale.float()[:, :, None]  # exact in fp32
+            return self._dequantize(weight, scale, GROUP_SIZE, dtype)
+        groups = weight.view(self.out_features, -1, GROUP_SIZE).float()
+        product = groups * scale.float()[:, :, None]  # exact in fp32
         return product.view(self.out_features, -1).to(dtype)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 [out, in], bf16 scales [out, in / GROUP_SIZE]), from either layout."""
+        if self._panel is None:
+            return self.weight_int8, self.scale
+        weight = self.weight_int8.permute(0, 2, 1, 3).reshape(-1, self.in_features)
+        scale = self.scale.permute(0, 2, 1).reshape(-1, self.scale.shape[1])
+        return weight[: self.out_features], scale[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features]
         rows = x.reshape(-1, self.in_features)
-        if self._kernel is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
+        few = rows.shape[0] <= KERNEL_MAX_ROWS
+        if self._panel is not None and few and x.dtype == torch.bfloat16:
+            out = self._panel.linear(
+                rows, self.weight_int8, self.scale, GROUP_SIZE, self.out_features, self.bias
+            )
+        elif self._panel is None and self._kernel is not None and few:
             out = self._kernel(rows, self.weight_int8, self.scale, GROUP_SIZE, self.bias)
         else:
             out = F.linear(rows, self.dequantized(x.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+PANEL = 32  # output features per panel (csrc/bf16_linear.cpp, csrc/int8_panel.cpp)
+
+
+def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8`'s rows as panels: int8 [panels, in / 2, 32, 2] (each k-pair row the 32
+    features' weights for inputs 2i, 2i + 1) and bf16 scales [panels, in / GROUP_SIZE, 32];
+    out_features padded to whole panels with zero weights (scale 1)."""
+    out_features, in_features = weight.shape
+    pad = -out_features % PANEL
+    weight = F.pad(weight, (0, 0, 0, pad))
+    scale = F.pad(scale, (0, 0, 0, pad), value=1.0)
+    panels = weight.shape[0] // PANEL
+    packed = weight.view(panels, PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return packed, scale.view(panels, PANEL, -1).permute(0, 2, 1).contiguous()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

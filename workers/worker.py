@@ -95,8 +95,8 @@ class ModelWorker:
         )
         # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
         cast(torch.nn.Module, model).to(self.device).eval()
-        # NOTE: not fp32, which stays HF's exactly; not int8, where it measured no faster.
-        if self.dtype != torch.float32 and self.config.quantization is None:
+        # NOTE: not fp32, which stays HF's exactly.
+        if self.dtype != torch.float32:
             logger.info("fused %d sets of sibling projections", fuse_projections(model))
         if self.config.quantization == "int8":  # on CPU: checked before loading
             logger.info("quantized %d linear layers to int8", quantize_linears(model))

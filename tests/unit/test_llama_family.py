@@ -47,12 +47,11 @@ def build(arch: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
     if dtype == "float32":
         return model.eval()
     model = model.to(torch.bfloat16).eval()
-    if dtype == "bfloat16-int8":  # as the worker prepares each (workers/worker.py)
+    fuse_projections(model)  # as the worker prepares each (workers/worker.py)
+    if dtype == "bfloat16-int8":
         quantize_linears(model)
-    else:
-        fuse_projections(model)
-        if device == "cpu":
-            pack_linears(model)
+    elif device == "cpu":
+        pack_linears(model)
     return model
 
 
@@ -60,6 +59,14 @@ def build(arch: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8"])
 def test_logits_equal_transformers_bitwise(arch, dtype):
     check_logits_equal_transformers(arch, dtype, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases
+def test_int8_layers_widened_for_many_rows_equal_transformers_bitwise(arch, monkeypatch):
+    from kvray.workers import quantization
+
+    monkeypatch.setattr(quantization, "KERNEL_MAX_ROWS", 0)  # every step's weights widened
+    check_logits_equal_transformers(arch, "bfloat16-int8", "cpu")
 
 
 def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
@@ -77,7 +84,7 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
     else:
         assert runner.forward.norm.__name__ == "_norm"
     # decode steps of packed bf16 layers run as one C++ call where the kernels are built
-    stacked = ops and dtype == "bfloat16" and cpu_kernels.decode_layers() is not None
+    stacked = ops and cpu_kernels.decode_layers() is not None
     assert (runner.forward.stack is not None) == stacked
     stack_calls = 0
     if stacked:

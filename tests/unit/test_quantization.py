@@ -68,3 +68,24 @@ def test_the_compiled_dequantization_equals_the_torch_one():
         assert compiled.dtype == dtype
         assert torch.equal(compiled, layer.dequantized(dtype))
         layer._dequantize = kernel
+
+
+def test_panels_hold_the_same_weights_as_rows():
+    """A bf16 layer keeps its int8 weights in panels (csrc/int8_panel.cpp): its rows, its
+    dequantized weight and its outputs are those of the row layout's."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40).to(torch.bfloat16)  # 40 features: a padded second panel
+    layer = Int8Linear(linear)
+    assert layer.layout == "panels"  # the kernels build on the suite's machines
+    weight, scale = quantize_int8(linear.weight.detach())
+    got_weight, got_scale = layer.rows()
+    assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
+    panel_kernel, layer._panel = layer._panel, None  # the row layout's paths from here
+    layer.weight_int8, layer.scale = weight, scale
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    expected_weight, expected = layer.dequantized(torch.bfloat16), layer(x)
+    layer._panel = panel_kernel
+    layer.weight_int8, layer.scale = quantization.to_panels(weight, scale)
+    assert torch.equal(layer.dequantized(torch.bfloat16), expected_weight)
+    # both kernels sum bf16(weight * scale) * x in fp32, in different orders
+    torch.testing.assert_close(layer(x).float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -1,6 +1,7 @@
-// A decode step's decoder layers in one call, for kvray's Llama-family forward (bf16, CPU).
+// A decode step's decoder layers in one call, for kvray's Llama-family forward (bf16 or int8
+// weights, bf16 activations, CPU).
 //
-// With every layer's arithmetic already in kvray's kernels (packed bf16 linears, RMSNorm, rotary
+// With every layer's arithmetic already in kvray's kernels (packed linears, RMSNorm, rotary
 // embedding, paged decode attention), what a one-stream decode step of SmolLM2-135M still spent
 // in Python was the glue: ~100 Python-level calls a layer (module forwards, views, slices,
 // keyword plumbing), a quarter of the step. This runs the same operations, in the same order
@@ -14,7 +15,7 @@
 //   block_table  [n, blocks] int64, context_lens [n] int64: as paged_decode_attention reads them
 //   weights      per layer, kPerLayer tensors (see `Weight`)
 //   caches       per layer, its key cache then its value cache ([slots, kv_heads, head_dim])
-//   sizes        num_heads, num_kv_heads, head_dim, block_size, then per layer kInts (`Size`)
+//   sizes        kHeadSizes (`Head`), then per layer kInts (`Size`)
 //   floats       per layer kFloats (`Float`)
 // Returns h after the last layer, [1, n, hidden] bf16.
 
@@ -25,6 +26,10 @@
 
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_features,
                           c10::optional<torch::Tensor> bias);
+torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                                int64_t group_size, int64_t out_features,
+                                c10::optional<torch::Tensor> bias);
+torch::Tensor int8_panel_dequantize(torch::Tensor packed, torch::Tensor scales, int64_t group_size);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k,
                                                           torch::Tensor cos, torch::Tensor sin);
@@ -36,12 +41,14 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
 #if defined(__AVX512BF16__)
 namespace {
 
-// A layer's tensors, in this order (packed weights as PackedLinear keeps them, biases in fp32;
-// an empty tensor for an absent bias or norm).
+// A layer's tensors, in this order: each linear layer as its weight, scales and bias, as
+// PackedLinear (bf16 panels, no scales, an fp32 bias) or Int8Linear (int8 panels, bf16 scales,
+// the model's bias) keeps them; an empty tensor for an absent scale, bias or norm.
 enum Weight {
-  kNorm1, kQkv, kQkvBias, kQNorm, kKNorm, kO, kOBias, kNorm2, kGateUp, kGateUpBias, kDown,
-  kDownBias, kPerLayer
+  kNorm1, kQkv, kQkvScale, kQkvBias, kQNorm, kKNorm, kO, kOScale, kOBias, kNorm2,
+  kGateUp, kGateUpScale, kGateUpBias, kDown, kDownScale, kDownBias, kPerLayer
 };
+enum Head { kHeads, kKvHeads, kHeadDim, kBlockSize, kGroupSize, kKernelMaxRows, kHeadSizes };
 enum Size { kQkvOut, kQSize, kKSize, kHidden, kIntermediate, kWindow, kInts };
 enum Float { kEps1, kEps2, kQEps, kKEps, kScale, kFloats };
 
@@ -49,12 +56,30 @@ c10::optional<torch::Tensor> maybe(const torch::Tensor& t) {
   return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
 }
 
-// A packed linear layer as PackedLinear.forward calls it: rows in, [..., out] back.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
-                     const torch::Tensor& bias) {
+struct Linear {
+  const torch::Tensor *weight, *scale, *bias;
+};
+
+// A linear layer as PackedLinear.forward or Int8Linear.forward computes it: rows in, [..., out]
+// back. int8 past `max_rows` rows: the weights widened for one matmul, as Int8Linear does.
+torch::Tensor linear(const torch::Tensor& x, const Linear& l, int64_t out_features,
+                     const int64_t* head) {
   auto shape = x.sizes().vec();
-  auto out = bf16_linear(x.reshape({-1, x.size(-1)}), packed, out_features, maybe(bias));
   shape.back() = out_features;
+  const auto rows = x.reshape({-1, x.size(-1)});
+  torch::Tensor out;
+  if (l.weight->scalar_type() == torch::kBFloat16) {
+    out = bf16_linear(rows, *l.weight, out_features, maybe(*l.bias));
+  } else if (rows.size(0) <= head[kKernelMaxRows]) {
+    out = int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize], out_features,
+                            maybe(*l.bias));
+  } else {
+    const auto dense = int8_panel_dequantize(*l.weight, *l.scale, head[kGroupSize])
+                           .permute({0, 2, 1, 3})
+                           .reshape({-1, rows.size(1)})
+                           .narrow(0, 0, out_features);
+    out = torch::linear(rows, dense, maybe(*l.bias));
+  }
   return out.view(shape);
 }
 
@@ -76,24 +101,25 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
                             std::vector<double> floats) {
   TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.scalar_type() == torch::kBFloat16,
               "h must be [1, n, hidden] bf16");
-  TORCH_CHECK(sizes.size() >= 4, "sizes must start with heads, kv heads, head_dim, block_size");
+  TORCH_CHECK(sizes.size() >= kHeadSizes, "sizes must start with the `Head` sizes");
   const int64_t num_layers = static_cast<int64_t>(weights.size()) / kPerLayer;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_layers * kPerLayer &&
                   static_cast<int64_t>(caches.size()) == 2 * num_layers &&
-                  static_cast<int64_t>(sizes.size()) == 4 + kInts * num_layers &&
+                  static_cast<int64_t>(sizes.size()) == kHeadSizes + kInts * num_layers &&
                   static_cast<int64_t>(floats.size()) == kFloats * num_layers,
               "weights, caches, sizes and floats must describe the same number of layers");
-  const int64_t heads = sizes[0], kv_heads = sizes[1], head_dim = sizes[2], block_size = sizes[3];
+  const int64_t* head = sizes.data();
+  const int64_t heads = head[kHeads], kv_heads = head[kKvHeads], head_dim = head[kHeadDim];
   const int64_t n = h.size(1);
   for (int64_t l = 0; l < num_layers; ++l) {
     const torch::Tensor* w = weights.data() + l * kPerLayer;
-    const int64_t* s = sizes.data() + 4 + l * kInts;
+    const int64_t* s = sizes.data() + kHeadSizes + l * kInts;
     const double* f = floats.data() + l * kFloats;
     const int64_t qkv_out = s[kQkvOut], q_size = s[kQSize], k_size = s[kKSize];
     const int64_t hidden = s[kHidden], inter = s[kIntermediate];
     // attention: norm, fused q/k/v, q/k norms (Qwen3), rotary, cache write, paged attention
     const auto x = norm(h, w[kNorm1], f[kEps1]);
-    const auto qkv = linear(x, w[kQkv], qkv_out, w[kQkvBias]);
+    const auto qkv = linear(x, {&w[kQkv], &w[kQkvScale], &w[kQkvBias]}, qkv_out, head);
     auto q = qkv.slice(-1, 0, q_size).view({1, n, -1, head_dim});
     auto k = qkv.slice(-1, q_size, q_size + k_size).view({1, n, -1, head_dim});
     const auto v = qkv.slice(-1, q_size + k_size, qkv_out).view({1, n, -1, head_dim});
@@ -108,14 +134,16 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
     caches[2 * l].index_copy_(0, slot_mapping, k_rows);
     caches[2 * l + 1].index_copy_(0, slot_mapping, v_rows);
     const auto attended = paged_decode_attention(q_rows, caches[2 * l], caches[2 * l + 1],
-                                                 block_table, context_lens, block_size, f[kScale],
+                                                 block_table, context_lens, head[kBlockSize], f[kScale],
                                                  s[kWindow]);
     TORCH_CHECK(attended.size(1) == heads && k_rows.size(1) == kv_heads, "head counts differ");
-    h = h + linear(attended.reshape({1, n, -1}).contiguous(), w[kO], hidden, w[kOBias]);
+    h = h + linear(attended.reshape({1, n, -1}).contiguous(), {&w[kO], &w[kOScale], &w[kOBias]},
+                   hidden, head);
     // MLP: norm, fused gate/up, SiLU(gate) * up, down
-    const auto gate_up = linear(norm(h, w[kNorm2], f[kEps2]), w[kGateUp], 2 * inter, w[kGateUpBias]);
+    const auto gate_up = linear(norm(h, w[kNorm2], f[kEps2]),
+                                {&w[kGateUp], &w[kGateUpScale], &w[kGateUpBias]}, 2 * inter, head);
     const auto act = torch::silu(gate_up.slice(-1, 0, inter)) * gate_up.slice(-1, inter, 2 * inter);
-    h = h + linear(act, w[kDown], hidden, w[kDownBias]);
+    h = h + linear(act, {&w[kDown], &w[kDownScale], &w[kDownBias]}, hidden, head);
   }
   return h;
 }

@@ -1,0 +1,201 @@
+// Weight-only int8 linear layer for bf16 activations, in bf16_linear.cpp's panel layout.
+//
+// int8_linear.cpp streams one output feature's weights at a time and reduces 16 lanes per
+// output, which kept a decode at 8-18 GB/s of int8 weights (against the ~27 packed bf16 reaches:
+// slower than bf16 per token). Here the weights sit in panels of 32 output features, each k-pair
+// row the 32 features' weights for inputs 2i and 2i + 1 (vdpbf16ps's operand order), so a panel
+// is one contiguous stream and a tile of up to 12 rows keeps its 24 accumulators in registers,
+// as in bf16_linear.cpp. Each 64-byte row is widened in registers: int8 -> fp32, times its
+// feature's group scale (an exact product), rounded to bf16 (nearest even): the weights every
+// other int8 path multiplies by, `bf16(weight * scale)`.
+//
+//   packed [panels, in_features / 2, 32, 2]        int8 (out_features padded with zeros)
+//   scales [panels, in_features / group_size, 32]  bf16
+//   x      [rows, in_features]                     bf16
+//   bias   [out_features] or None                  any float dtype, added in fp32
+// group_size is a multiple of 2 dividing in_features (32 by default). Returns [rows, out] bf16.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "vec.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kPanel = 32;  // output features per panel
+constexpr int kTileRows = 12;   // rows per tile: 24 accumulators of the 32 registers
+
+using kvray::with_rows;
+
+// The 32 features' scales of one group, as the fp32 lanes of each quarter of a widened k-pair
+// row: quarter q holds features 8q .. 8q + 7, each twice (its two inputs).
+struct GroupScales {
+  __m512 q[4];
+  explicit GroupScales(const c10::BFloat16* s) {
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const __m512 lo = kvray::load_bf16x16(s), hi = kvray::load_bf16x16(s + 16);
+    q[0] = _mm512_permutexvar_ps(first, lo);
+    q[1] = _mm512_permutexvar_ps(second, lo);
+    q[2] = _mm512_permutexvar_ps(first, hi);
+    q[3] = _mm512_permutexvar_ps(second, hi);
+  }
+};
+
+inline __m512 widen(const int8_t* w, __m512 scale) {  // 16 weights times their scales
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)w))),
+                       scale);
+}
+
+// One k-pair row (64 weights) as two vectors of 16 bf16 pairs: features 0-15, then 16-31.
+inline void weights(const int8_t* w, const GroupScales& s, __m512bh* w0, __m512bh* w1) {
+  *w0 = _mm512_cvtne2ps_pbh(widen(w + 16, s.q[1]), widen(w, s.q[0]));
+  *w1 = _mm512_cvtne2ps_pbh(widen(w + 48, s.q[3]), widen(w + 32, s.q[2]));
+}
+
+inline int32_t input_pair(const c10::BFloat16* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return pair;
+}
+
+template <int kRows>
+inline void tile(const c10::BFloat16* x, int64_t pairs, int64_t group_pairs, const int8_t* panel,
+                 const c10::BFloat16* scales, float* sums) {
+  __m512 acc[kRows][2];
+  for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g * group_pairs < pairs; ++g) {
+    const GroupScales s(scales + g * kPanel);
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      __m512bh w0, w1;
+      weights(panel + p * 2 * kPanel, s, &w0, &w1);
+      for (int m = 0; m < kRows; ++m) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(input_pair(x + 2 * (m * pairs + p)));
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+      }
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    _mm512_storeu_ps(sums + m * kPanel, acc[m][0]);
+    _mm512_storeu_ps(sums + m * kPanel + 16, acc[m][1]);
+  }
+}
+
+void check(const torch::Tensor& packed, const torch::Tensor& scales, int64_t group_size,
+           int64_t out_features) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2 &&
+                  packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
+              "packed must be contiguous int8 [panels, in_features / 2, 32, 2]");
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && (packed.size(1) * 2) % group_size == 0,
+              "group_size must be even and divide in_features, got ", group_size);
+  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.is_contiguous() &&
+                  scales.dim() == 3 && scales.size(0) == packed.size(0) &&
+                  scales.size(1) == packed.size(1) * 2 / group_size && scales.size(2) == kPanel,
+              "scales must be contiguous bf16 [panels, in_features / group_size, 32]");
+  TORCH_CHECK(out_features > packed.size(0) * kPanel - kPanel &&
+                  out_features <= packed.size(0) * kPanel,
+              "out_features ", out_features, " does not match ", packed.size(0), " panels");
+}
+
+}  // namespace
+
+torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                                int64_t group_size, int64_t out_features,
+                                c10::optional<torch::Tensor> bias) {
+  check(packed, scales, group_size, out_features);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be 2-d bf16");
+  TORCH_CHECK(x.size(1) == packed.size(1) * 2, "x has ", x.size(1), " features, weight expects ",
+              packed.size(1) * 2);
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
+                out_features, " out_features");
+    bias_f = bias->to(torch::kFloat32).contiguous();
+  }
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
+  const int64_t groups = scales.size(1), group_pairs = group_size / 2;
+  auto out = torch::empty({rows, out_features}, x.options());
+  const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float sums[kTileRows * kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      const int8_t* panel = w + p * pairs * 2 * kPanel;
+      const c10::BFloat16* panel_scales = s + p * groups * kPanel;
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, out_features - n0);
+      const __mmask16 lo_cols = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
+      const __mmask16 hi_cols = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
+      const __m512 bias_lo = b ? _mm512_maskz_loadu_ps(lo_cols, b + n0) : _mm512_setzero_ps();
+      const __m512 bias_hi = b ? _mm512_maskz_loadu_ps(hi_cols, b + n0 + 16) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
+        const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
+        with_rows<kTileRows>(count, [&](auto tile_rows) {
+          tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, group_pairs, panel,
+                                           panel_scales, sums);
+        });
+        for (int64_t m = 0; m < count; ++m) {
+          const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);
+          const __m512 hi = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel + 16), bias_hi);
+          const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+          const __mmask32 mask = cols == kPanel ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
+          _mm512_mask_storeu_epi16(y + (m0 + m) * out_features + n0, mask, rounded);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// bf16(weight * scale) as bf16_pack's panels, [panels, in_features / 2, 32, 2]: for inputs of
+// many rows (prompt chunks), where one oneDNN matmul over the widened weights is faster.
+torch::Tensor int8_panel_dequantize(torch::Tensor packed, torch::Tensor scales, int64_t group_size) {
+  check(packed, scales, group_size, packed.size(0) * kPanel);
+  auto out = torch::empty(packed.sizes(), packed.options().dtype(torch::kBFloat16));
+  const int64_t pairs = packed.size(1), groups = scales.size(1), group_pairs = group_size / 2;
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, packed.size(0) * groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // i: one group of one panel
+      const int64_t p = i / groups, g = i % groups;
+      const GroupScales gs(s + i * kPanel);
+      for (int64_t k = g * group_pairs; k < (g + 1) * group_pairs; ++k) {
+        const int64_t at = (p * pairs + k) * 2 * kPanel;
+        __m512bh w0, w1;
+        weights(w + at, gs, &w0, &w1);
+        _mm512_storeu_si512((void*)(y + at), (__m512i)w0);
+        _mm512_storeu_si512((void*)(y + at + 32), (__m512i)w1);
+      }
+    }
+  });
+  return out;
+}
+#endif
+
+TORCH_LIBRARY_FRAGMENT(kvray, m) {
+#if defined(__AVX512BF16__)
+  // NOTE: only where the compiler targets AVX512-BF16; elsewhere int8 keeps int8_linear.cpp.
+  m.def("int8_panel_linear(Tensor x, Tensor packed, Tensor scales, int group_size, "
+        "int out_features, Tensor? bias) -> Tensor");
+  m.def("int8_panel_dequantize(Tensor packed, Tensor scales, int group_size) -> Tensor");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(kvray, CPU, m) {
+#if defined(__AVX512BF16__)
+  m.impl("int8_panel_linear", &int8_panel_linear);
+  m.impl("int8_panel_dequantize", &int8_panel_dequantize);
+#endif
+}
