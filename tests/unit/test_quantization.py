@@ -82,10 +82,11 @@ def test_panels_hold_the_same_weights_as_rows():
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
     panel_kernel, layer._panel = layer._panel, None  # the row layout's paths from here
     layer.weight_int8, layer.scale = weight, scale
-    x = torch.randn(3, 96).to(torch.bfloat16)
-    expected_weight, expected = layer.dequantized(torch.bfloat16), layer(x)
+    # 3 rows: widened in registers; 30: each panel widened once for several tiles of rows
+    xs = [torch.randn(n, 96).to(torch.bfloat16) for n in (3, 30)]
+    expected_weight, expected = layer.dequantized(torch.bfloat16), [layer(x) for x in xs]
     layer._panel = panel_kernel
     layer.weight_int8, layer.scale = quantization.to_panels(weight, scale)
     assert torch.equal(layer.dequantized(torch.bfloat16), expected_weight)
-    # both kernels sum bf16(weight * scale) * x in fp32, in different orders
-    torch.testing.assert_close(layer(x).float(), expected.float(), atol=2e-2, rtol=2e-2)
+    for x, e in zip(xs, expected):  # both sum bf16(weight * scale) * x in fp32, in two orders
+        torch.testing.assert_close(layer(x).float(), e.float(), atol=2e-2, rtol=2e-2)

@@ -26,18 +26,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "panel.h"
 #include "vec.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
-namespace {
-
-constexpr int64_t kPanel = 32;  // output features per panel: two vectors of 16 fp32 sums
-constexpr int kTileRows = 12;   // rows per tile: 24 accumulators of the 32 registers
-
-}  // namespace
+using kvray::kPanel;
 
 torch::Tensor bf16_pack(torch::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16,
@@ -61,38 +57,8 @@ torch::Tensor bf16_unpack(torch::Tensor packed, int64_t out_features) {
 }
 
 #if defined(__AVX512BF16__)
-namespace {
-
+using kvray::kTileRows;
 using kvray::with_rows;
-
-inline int32_t input_pair(const c10::BFloat16* x) {  // two bf16 inputs as one 32-bit lane
-  int32_t pair;
-  std::memcpy(&pair, x, sizeof(pair));
-  return pair;
-}
-
-// sums[m][0..32) = x[m] . panel over all pairs.
-template <int kRows>
-inline void tile(const c10::BFloat16* x, int64_t pairs, const c10::BFloat16* panel,
-                 float* sums) {
-  __m512 acc[kRows][2];
-  for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 2 * kPanel));
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 2 * kPanel + 32));
-    for (int m = 0; m < kRows; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(input_pair(x + 2 * (m * pairs + p)));
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
-    }
-  }
-  for (int m = 0; m < kRows; ++m) {
-    _mm512_storeu_ps(sums + m * kPanel, acc[m][0]);
-    _mm512_storeu_ps(sums + m * kPanel + 16, acc[m][1]);
-  }
-}
-
-}  // namespace
 
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_features,
                           c10::optional<torch::Tensor> bias) {
@@ -130,7 +96,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_fea
       for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
         const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
         with_rows<kTileRows>(count, [&](auto tile_rows) {
-          tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, panel, sums);
+          kvray::tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, panel, sums);
         });
         for (int64_t m = 0; m < count; ++m) {
           const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);

@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "panel.h"
 #include "vec.h"
 
 #if defined(__AVX512BF16__)
@@ -29,9 +31,9 @@
 
 namespace {
 
-constexpr int64_t kPanel = 32;  // output features per panel
-constexpr int kTileRows = 12;   // rows per tile: 24 accumulators of the 32 registers
-
+using kvray::input_pair;
+using kvray::kPanel;
+using kvray::kTileRows;
 using kvray::with_rows;
 
 // The 32 features' scales of one group, as the fp32 lanes of each quarter of a widened k-pair
@@ -60,12 +62,6 @@ inline void weights(const int8_t* w, const GroupScales& s, __m512bh* w0, __m512b
   *w1 = _mm512_cvtne2ps_pbh(widen(w + 48, s.q[3]), widen(w + 32, s.q[2]));
 }
 
-inline int32_t input_pair(const c10::BFloat16* x) {
-  int32_t pair;
-  std::memcpy(&pair, x, sizeof(pair));
-  return pair;
-}
-
 template <int kRows>
 inline void tile(const c10::BFloat16* x, int64_t pairs, int64_t group_pairs, const int8_t* panel,
                  const c10::BFloat16* scales, float* sums) {
@@ -86,6 +82,20 @@ inline void tile(const c10::BFloat16* x, int64_t pairs, int64_t group_pairs, con
   for (int m = 0; m < kRows; ++m) {
     _mm512_storeu_ps(sums + m * kPanel, acc[m][0]);
     _mm512_storeu_ps(sums + m * kPanel + 16, acc[m][1]);
+  }
+}
+
+// One panel as bf16(weight * scale), in the same layout: [pairs, 32, 2] bf16.
+void widen_panel(const int8_t* panel, const c10::BFloat16* scales, int64_t pairs,
+                 int64_t group_pairs, c10::BFloat16* out) {
+  for (int64_t g = 0; g * group_pairs < pairs; ++g) {
+    const GroupScales s(scales + g * kPanel);
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      __m512bh w0, w1;
+      weights(panel + p * 2 * kPanel, s, &w0, &w1);
+      _mm512_storeu_si512((void*)(out + p * 2 * kPanel), (__m512i)w0);
+      _mm512_storeu_si512((void*)(out + p * 2 * kPanel + 32), (__m512i)w1);
+    }
   }
 }
 
@@ -131,6 +141,9 @@ torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Te
   c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float sums[kTileRows * kPanel];
+    // NOTE: past one tile of rows, each panel is widened once, into this thread's scratch (in
+    // its L2: 2 * in_features * 64 bytes), and every tile reads it as bf16_linear's would.
+    std::vector<c10::BFloat16> widened(rows > kTileRows ? pairs * 2 * kPanel : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int8_t* panel = w + p * pairs * 2 * kPanel;
       const c10::BFloat16* panel_scales = s + p * groups * kPanel;
@@ -139,11 +152,16 @@ torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Te
       const __mmask16 hi_cols = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
       const __m512 bias_lo = b ? _mm512_maskz_loadu_ps(lo_cols, b + n0) : _mm512_setzero_ps();
       const __m512 bias_hi = b ? _mm512_maskz_loadu_ps(hi_cols, b + n0 + 16) : _mm512_setzero_ps();
+      if (rows > kTileRows) widen_panel(panel, panel_scales, pairs, group_pairs, widened.data());
       for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
         const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
         with_rows<kTileRows>(count, [&](auto tile_rows) {
-          tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, group_pairs, panel,
-                                           panel_scales, sums);
+          constexpr int kRows = decltype(tile_rows)::value;
+          if (rows > kTileRows) {
+            kvray::tile<kRows>(x_ptr + m0 * 2 * pairs, pairs, widened.data(), sums);
+          } else {
+            tile<kRows>(x_ptr + m0 * 2 * pairs, pairs, group_pairs, panel, panel_scales, sums);
+          }
         });
         for (int64_t m = 0; m < count; ++m) {
           const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);
@@ -167,17 +185,10 @@ torch::Tensor int8_panel_dequantize(torch::Tensor packed, torch::Tensor scales, 
   const int8_t* w = packed.data_ptr<int8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
   c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, packed.size(0) * groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {  // i: one group of one panel
-      const int64_t p = i / groups, g = i % groups;
-      const GroupScales gs(s + i * kPanel);
-      for (int64_t k = g * group_pairs; k < (g + 1) * group_pairs; ++k) {
-        const int64_t at = (p * pairs + k) * 2 * kPanel;
-        __m512bh w0, w1;
-        weights(w + at, gs, &w0, &w1);
-        _mm512_storeu_si512((void*)(y + at), (__m512i)w0);
-        _mm512_storeu_si512((void*)(y + at + 32), (__m512i)w1);
-      }
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t at = p * pairs * 2 * kPanel;
+      widen_panel(w + at, s + p * groups * kPanel, pairs, group_pairs, y + at);
     }
   });
   return out;
