@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvray.workers import attention, cpu_kernels, quantization
+from kvray.workers import attention, cpu_kernels
 from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
 from kvray.workers.packed_linear import PackedLinear
-from kvray.workers.quantization import Int8Linear
+from kvray.workers.quantization import GROUP_SIZE, Int8Linear
 
 # model_type -> the class-name prefix of its transformers modules
 PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -300,8 +300,7 @@ class DecodeStack:
         return self.op(
             h, cos, sin, meta.slot_mapping, meta.decode_block_ids.view(meta.num_decodes, -1),
             meta.decode_context_lens, self.weights, caches,
-            [*self.head_sizes, meta.block_size, quantization.GROUP_SIZE,
-             quantization.KERNEL_MAX_ROWS, *self.sizes],
+            [*self.head_sizes, meta.block_size, GROUP_SIZE, *self.sizes],
             self.floats,
         )  # fmt: skip
 

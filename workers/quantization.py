@@ -3,11 +3,16 @@
 Every group of `GROUP_SIZE` consecutive weights of an output feature is scaled to [-127, 127]
 and rounded, with one bf16 scale per group (llama.cpp's Q8_0 layout: 8.5 bits per weight);
 activations stay in the model's dtype. A decode step reads every weight once, so halving the
-bytes per weight against bf16 is what makes it faster: kvray's kernel (csrc/int8_linear.cpp)
-multiplies a few rows straight from the int8 weights, about 3x packed bf16 for one row and 1.5x
-for eight. Past ~8 rows the step is compute-bound and int8 is slower than bf16 (0.7x at 32
-rows); past 64 (prompt chunks) the weights are widened to the activations' dtype for one oneDNN
-matmul, about as fast as bf16. Both paths multiply by the same dequantized weights, `dtype(weight * scale)`.
+bytes per weight against bf16 is what makes it faster. Every path multiplies by the same
+dequantized weights, `dtype(weight * scale)`:
+
+- bf16 models, where csrc/int8_panel.cpp is built (AVX512-BF16): the weights in bf16_linear's
+  panels, widened in registers, for any number of rows. On SmolLM2-135M's shapes (2 cores): a
+  decode step 1.44x bf16's at one stream, 1.05x at 8, 0.84x at 32 (compute-bound: widening
+  costs more than the bytes saved); a 128-row prompt chunk 1.0-1.2x bf16's time.
+- fp32 models, and CPUs without AVX512-BF16: the weights in rows, csrc/int8_linear.cpp up to
+  `KERNEL_MAX_ROWS` rows; past that (prompt chunks) the layer is widened to the activations'
+  dtype for one oneDNN matmul.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from kvray.workers import cpu_kernels
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # weights per scale; the kernel needs a multiple of 32 dividing in_features
-# Rows up to which the kernel beats widening the weights for oneDNN (bench: 30 layers of
-# SmolLM2-135M's shapes, bf16, 2 cores: 32 rows 64 against 149 ms, 64 rows 146 against 155).
+# Rows up to which the row-layout kernel beats widening the weights for oneDNN (bench: 30 layers
+# of SmolLM2-135M's shapes, bf16, 2 cores: 32 rows 64 against 149 ms, 64 rows 146 against 155).
 KERNEL_MAX_ROWS = 64
 
 
@@ -88,7 +93,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features]
         rows = x.reshape(-1, self.in_features)
         few = rows.shape[0] <= KERNEL_MAX_ROWS
-        if self._panel is not None and few and x.dtype == torch.bfloat16:
+        if self._panel is not None and x.dtype == torch.bfloat16:  # any number of rows
             out = self._panel.linear(
                 rows, self.weight_int8, self.scale, GROUP_SIZE, self.out_features, self.bias
             )

@@ -43,11 +43,13 @@ def test_the_kernel_path_and_the_widened_path_agree(dtype, monkeypatch):
     layer = Int8Linear(linear)
     x = torch.randn(2, 5, 96).to(dtype)  # 10 rows: the kernel's path
     via_kernel = layer(x)
-    monkeypatch.setattr(quantization, "KERNEL_MAX_ROWS", 0)  # every input widened for oneDNN
-    widened = layer(x)
+    widened = torch.nn.functional.linear(x, layer.dequantized(dtype), layer.bias)
     assert via_kernel.shape == widened.shape == (2, 5, 40)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(via_kernel.float(), widened.float(), atol=tol, rtol=tol)
+    if layer.layout == "rows":  # past KERNEL_MAX_ROWS rows, the layer widens its weights
+        monkeypatch.setattr(quantization, "KERNEL_MAX_ROWS", 0)
+        assert torch.equal(layer(x), widened)
     # And both are the layer's own output to within the int8 rounding of its weights.
     torch.testing.assert_close(widened.float(), linear(x).float(), atol=0.05, rtol=0.05)
 

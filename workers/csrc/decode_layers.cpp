@@ -29,7 +29,6 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_fea
 torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                                 int64_t group_size, int64_t out_features,
                                 c10::optional<torch::Tensor> bias);
-torch::Tensor int8_panel_dequantize(torch::Tensor packed, torch::Tensor scales, int64_t group_size);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k,
                                                           torch::Tensor cos, torch::Tensor sin);
@@ -48,7 +47,7 @@ enum Weight {
   kNorm1, kQkv, kQkvScale, kQkvBias, kQNorm, kKNorm, kO, kOScale, kOBias, kNorm2,
   kGateUp, kGateUpScale, kGateUpBias, kDown, kDownScale, kDownBias, kPerLayer
 };
-enum Head { kHeads, kKvHeads, kHeadDim, kBlockSize, kGroupSize, kKernelMaxRows, kHeadSizes };
+enum Head { kHeads, kKvHeads, kHeadDim, kBlockSize, kGroupSize, kHeadSizes };
 enum Size { kQkvOut, kQSize, kKSize, kHidden, kIntermediate, kWindow, kInts };
 enum Float { kEps1, kEps2, kQEps, kKEps, kScale, kFloats };
 
@@ -61,25 +60,16 @@ struct Linear {
 };
 
 // A linear layer as PackedLinear.forward or Int8Linear.forward computes it: rows in, [..., out]
-// back. int8 past `max_rows` rows: the weights widened for one matmul, as Int8Linear does.
+// back.
 torch::Tensor linear(const torch::Tensor& x, const Linear& l, int64_t out_features,
                      const int64_t* head) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   const auto rows = x.reshape({-1, x.size(-1)});
-  torch::Tensor out;
-  if (l.weight->scalar_type() == torch::kBFloat16) {
-    out = bf16_linear(rows, *l.weight, out_features, maybe(*l.bias));
-  } else if (rows.size(0) <= head[kKernelMaxRows]) {
-    out = int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize], out_features,
-                            maybe(*l.bias));
-  } else {
-    const auto dense = int8_panel_dequantize(*l.weight, *l.scale, head[kGroupSize])
-                           .permute({0, 2, 1, 3})
-                           .reshape({-1, rows.size(1)})
-                           .narrow(0, 0, out_features);
-    out = torch::linear(rows, dense, maybe(*l.bias));
-  }
+  const auto out = l.weight->scalar_type() == torch::kBFloat16
+                       ? bf16_linear(rows, *l.weight, out_features, maybe(*l.bias))
+                       : int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize],
+                                           out_features, maybe(*l.bias));
   return out.view(shape);
 }
 
