@@ -19,7 +19,8 @@
 //   bias [out_features] or None, any float dtype (added in fp32 before the rounding to bf16)
 // Returns [rows, out_features] bf16.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -35,19 +36,19 @@
 
 using kvray::kPanel;
 
-torch::Tensor bf16_pack(torch::Tensor weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16,
+at::Tensor bf16_pack(at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
               "weight must be a 2-d bf16 tensor");
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   TORCH_CHECK(in_features % 2 == 0, "in_features must be even, got ", in_features);
   const int64_t padded = (out_features + kPanel - 1) / kPanel * kPanel;
-  return torch::constant_pad_nd(weight.contiguous(), {0, 0, 0, padded - out_features})
+  return at::constant_pad_nd(weight.contiguous(), {0, 0, 0, padded - out_features})
       .view({padded / kPanel, kPanel, in_features / 2, 2})
       .permute({0, 2, 1, 3})
       .contiguous();
 }
 
-torch::Tensor bf16_unpack(torch::Tensor packed, int64_t out_features) {
+at::Tensor bf16_unpack(at::Tensor packed, int64_t out_features) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2,
               "packed must be [panels, in_features / 2, 32, 2]");
   return packed.permute({0, 2, 1, 3})
@@ -60,27 +61,27 @@ torch::Tensor bf16_unpack(torch::Tensor packed, int64_t out_features) {
 using kvray::kTileRows;
 using kvray::with_rows;
 
-torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_features,
-                          c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be 2-d bf16");
+at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
+                          c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be 2-d bf16");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2 &&
-                  packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
+                  packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),
               "packed must be bf16_pack's [panels, in_features / 2, 32, 2]");
   TORCH_CHECK(x.size(1) == packed.size(1) * 2, "x has ", x.size(1), " features, weight expects ",
               packed.size(1) * 2);
   TORCH_CHECK(out_features > packed.size(0) * kPanel - kPanel &&
                   out_features <= packed.size(0) * kPanel,
               "out_features ", out_features, " does not match ", packed.size(0), " panels");
-  const torch::Tensor xc = x.contiguous();
-  torch::Tensor bias_f;  // NOTE: PackedLinear keeps its bias in fp32, so no copy per call
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bias_f;  // NOTE: PackedLinear keeps its bias in fp32, so no copy per call
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
                 out_features, " out_features");
-    bias_f = bias->to(torch::kFloat32).contiguous();
+    bias_f = bias->to(at::kFloat).contiguous();
   }
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
-  auto out = torch::empty({rows, out_features}, x.options());
+  auto out = at::empty({rows, out_features}, x.options());
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   const c10::BFloat16* w = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* y = out.data_ptr<c10::BFloat16>();

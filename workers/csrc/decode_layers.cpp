@@ -19,22 +19,23 @@
 //   floats       per layer kFloats (`Float`)
 // Returns h after the last layer, [1, n, hidden] bf16.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
-torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor packed, int64_t out_features,
-                          c10::optional<torch::Tensor> bias);
-torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
+                          c10::optional<at::Tensor> bias);
+at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
                                 int64_t group_size, int64_t out_features,
-                                c10::optional<torch::Tensor> bias);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k,
-                                                          torch::Tensor cos, torch::Tensor sin);
-torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
-                                     torch::Tensor value_cache, torch::Tensor block_table,
-                                     torch::Tensor context_lens, int64_t block_size, double scale,
+                                c10::optional<at::Tensor> bias);
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k,
+                                                          at::Tensor cos, at::Tensor sin);
+at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
+                                     at::Tensor value_cache, at::Tensor block_table,
+                                     at::Tensor context_lens, int64_t block_size, double scale,
                                      int64_t window);
 
 #if defined(__AVX512BF16__)
@@ -51,22 +52,22 @@ enum Head { kHeads, kKvHeads, kHeadDim, kBlockSize, kGroupSize, kHeadSizes };
 enum Size { kQkvOut, kQSize, kKSize, kHidden, kIntermediate, kWindow, kInts };
 enum Float { kEps1, kEps2, kQEps, kKEps, kScale, kFloats };
 
-c10::optional<torch::Tensor> maybe(const torch::Tensor& t) {
-  return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
 struct Linear {
-  const torch::Tensor *weight, *scale, *bias;
+  const at::Tensor *weight, *scale, *bias;
 };
 
 // A linear layer as PackedLinear.forward or Int8Linear.forward computes it: rows in, [..., out]
 // back.
-torch::Tensor linear(const torch::Tensor& x, const Linear& l, int64_t out_features,
+at::Tensor linear(const at::Tensor& x, const Linear& l, int64_t out_features,
                      const int64_t* head) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   const auto rows = x.reshape({-1, x.size(-1)});
-  const auto out = l.weight->scalar_type() == torch::kBFloat16
+  const auto out = l.weight->scalar_type() == at::kBFloat16
                        ? bf16_linear(rows, *l.weight, out_features, maybe(*l.bias))
                        : int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize],
                                            out_features, maybe(*l.bias));
@@ -74,22 +75,22 @@ torch::Tensor linear(const torch::Tensor& x, const Linear& l, int64_t out_featur
 }
 
 // llama_family's norm: the one-call op for contiguous rows, else transformers' operations.
-torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (x.is_contiguous()) return rms_norm(x, weight, eps);
-  auto h = x.to(torch::kFloat32);
+  auto h = x.to(at::kFloat);
   const auto variance = h.pow(2).mean(-1, /*keepdim=*/true);
-  h = h * torch::rsqrt(variance + eps);
+  h = h * at::rsqrt(variance + eps);
   return weight * h.to(x.scalar_type());
 }
 
 }  // namespace
 
-torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor sin,
-                            torch::Tensor slot_mapping, torch::Tensor block_table,
-                            torch::Tensor context_lens, std::vector<torch::Tensor> weights,
-                            std::vector<torch::Tensor> caches, std::vector<int64_t> sizes,
+at::Tensor decode_layers(at::Tensor h, at::Tensor cos, at::Tensor sin,
+                            at::Tensor slot_mapping, at::Tensor block_table,
+                            at::Tensor context_lens, std::vector<at::Tensor> weights,
+                            std::vector<at::Tensor> caches, std::vector<int64_t> sizes,
                             std::vector<double> floats) {
-  TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.scalar_type() == torch::kBFloat16,
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.scalar_type() == at::kBFloat16,
               "h must be [1, n, hidden] bf16");
   TORCH_CHECK(sizes.size() >= kHeadSizes, "sizes must start with the `Head` sizes");
   const int64_t num_layers = static_cast<int64_t>(weights.size()) / kPerLayer;
@@ -102,7 +103,7 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
   const int64_t heads = head[kHeads], kv_heads = head[kKvHeads], head_dim = head[kHeadDim];
   const int64_t n = h.size(1);
   for (int64_t l = 0; l < num_layers; ++l) {
-    const torch::Tensor* w = weights.data() + l * kPerLayer;
+    const at::Tensor* w = weights.data() + l * kPerLayer;
     const int64_t* s = sizes.data() + kHeadSizes + l * kInts;
     const double* f = floats.data() + l * kFloats;
     const int64_t qkv_out = s[kQkvOut], q_size = s[kQSize], k_size = s[kKSize];
@@ -132,7 +133,7 @@ torch::Tensor decode_layers(torch::Tensor h, torch::Tensor cos, torch::Tensor si
     // MLP: norm, fused gate/up, SiLU(gate) * up, down
     const auto gate_up = linear(norm(h, w[kNorm2], f[kEps2]),
                                 {&w[kGateUp], &w[kGateUpScale], &w[kGateUpBias]}, 2 * inter, head);
-    const auto act = torch::silu(gate_up.slice(-1, 0, inter)) * gate_up.slice(-1, inter, 2 * inter);
+    const auto act = at::silu(gate_up.slice(-1, 0, inter)) * gate_up.slice(-1, inter, 2 * inter);
     h = h + linear(act, {&w[kDown], &w[kDownScale], &w[kDownBias]}, hidden, head);
   }
   return h;

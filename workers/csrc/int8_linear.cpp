@@ -16,7 +16,8 @@
 //   bias   [out_features] or None                 any float dtype
 // group_size is a multiple of 32 that divides in_features. Returns [rows, out_features], x's dtype.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -117,8 +118,8 @@ inline void dot_rows_f32(const float* x, const Layer& L, int64_t n, float* out) 
 }
 
 template <typename T>
-void linear_f32(const torch::Tensor& x, const Layer& L, T* out) {
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+void linear_f32(const at::Tensor& x, const Layer& L, T* out) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* x_ptr = xf.data_ptr<float>();
   at::parallel_for(0, L.out_features, 16, [&](int64_t begin, int64_t end) {
     float sums[kF32Rows];
@@ -191,8 +192,8 @@ inline void dot_block(const c10::BFloat16* x, const Layer& L, int64_t n0, float*
   }
 }
 
-void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
-  const torch::Tensor xc = x.contiguous();
+void linear_bf16(const at::Tensor& x, const Layer& L, c10::BFloat16* out) {
+  const at::Tensor xc = x.contiguous();
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   auto store = [&](int64_t m, int64_t n, float sum) {
     out[m * L.out_features + n] = static_cast<c10::BFloat16>(L.finish(n, sum));
@@ -238,32 +239,32 @@ void linear_bf16(const torch::Tensor& x, const Layer& L, c10::BFloat16* out) {
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
-                          int64_t group_size, c10::optional<torch::Tensor> bias) {
+at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scale,
+                          int64_t group_size, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x and weight must be 2-d");
   TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features, weight expects ",
               weight.size(1));
-  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous(),
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight must be contiguous int8");
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && weight.size(1) % group_size == 0,
               "group_size must be a multiple of 32 that divides in_features, got ", group_size);
-  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.dim() == 2 &&
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.dim() == 2 &&
                   scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1) / group_size,
               "scale must be bf16 [out_features, in_features / group_size]");
-  const torch::Tensor scale_c = scale.contiguous();
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(torch::kFloat32).contiguous();
+  const at::Tensor scale_c = scale.contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
   const Layer L{x.size(0), x.size(1), weight.size(0), group_size, weight.data_ptr<int8_t>(),
                 scale_c.data_ptr<c10::BFloat16>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr};
-  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  if (x.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512BF16__)
     linear_bf16(x, L, out.data_ptr<c10::BFloat16>());
 #else
     linear_f32<c10::BFloat16>(x, L, out.data_ptr<c10::BFloat16>());
 #endif
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be bf16 or fp32");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be bf16 or fp32");
     linear_f32<float>(x, L, out.data_ptr<float>());
   }
   return out;
@@ -271,20 +272,20 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor s
 
 // dtype(weight * scale) as a dense [out_features, in_features] tensor, in one pass: for big
 // inputs (prompt chunks), where one oneDNN matmul over the widened weights beats the kernel.
-torch::Tensor int8_dequantize(torch::Tensor weight, torch::Tensor scale, int64_t group_size,
+at::Tensor int8_dequantize(at::Tensor weight, at::Tensor scale, int64_t group_size,
                               c10::ScalarType dtype) {
-  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous() && weight.dim() == 2,
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2,
               "weight must be contiguous 2-d int8");
   TORCH_CHECK(group_size > 0 && weight.size(1) % group_size == 0 &&
-                  scale.scalar_type() == torch::kBFloat16 && scale.numel() * group_size == weight.numel(),
+                  scale.scalar_type() == at::kBFloat16 && scale.numel() * group_size == weight.numel(),
               "scale must be bf16 with one entry per group");
-  TORCH_CHECK(dtype == torch::kBFloat16 || dtype == torch::kFloat32, "dtype must be bf16 or fp32");
-  const torch::Tensor scale_c = scale.contiguous();
-  auto out = torch::empty(weight.sizes(), weight.options().dtype(dtype));
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dtype must be bf16 or fp32");
+  const at::Tensor scale_c = scale.contiguous();
+  auto out = at::empty(weight.sizes(), weight.options().dtype(dtype));
   const int8_t* w = weight.data_ptr<int8_t>();
   const c10::BFloat16* s = scale_c.data_ptr<c10::BFloat16>();
   const int64_t groups = weight.numel() / group_size;
-  const bool to_bf16 = dtype == torch::kBFloat16;
+  const bool to_bf16 = dtype == at::kBFloat16;
   uint16_t* out_bf16 = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) : nullptr;
   float* out_f32 = to_bf16 ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, groups, 256, [&](int64_t begin, int64_t end) {

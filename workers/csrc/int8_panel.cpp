@@ -15,7 +15,8 @@
 //   bias   [out_features] or None                  any float dtype, added in fp32
 // group_size is a multiple of 2 dividing in_features (32 by default). Returns [rows, out] bf16.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -99,14 +100,14 @@ void widen_panel(const int8_t* panel, const c10::BFloat16* scales, int64_t pairs
   }
 }
 
-void check(const torch::Tensor& packed, const torch::Tensor& scales, int64_t group_size,
+void check(const at::Tensor& packed, const at::Tensor& scales, int64_t group_size,
            int64_t out_features) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2 &&
-                  packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
+                  packed.scalar_type() == at::kChar && packed.is_contiguous(),
               "packed must be contiguous int8 [panels, in_features / 2, 32, 2]");
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && (packed.size(1) * 2) % group_size == 0,
               "group_size must be even and divide in_features, got ", group_size);
-  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.is_contiguous() &&
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
                   scales.dim() == 3 && scales.size(0) == packed.size(0) &&
                   scales.size(1) == packed.size(1) * 2 / group_size && scales.size(2) == kPanel,
               "scales must be contiguous bf16 [panels, in_features / group_size, 32]");
@@ -117,24 +118,24 @@ void check(const torch::Tensor& packed, const torch::Tensor& scales, int64_t gro
 
 }  // namespace
 
-torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
                                 int64_t group_size, int64_t out_features,
-                                c10::optional<torch::Tensor> bias) {
+                                c10::optional<at::Tensor> bias) {
   check(packed, scales, group_size, out_features);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16, "x must be 2-d bf16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be 2-d bf16");
   TORCH_CHECK(x.size(1) == packed.size(1) * 2, "x has ", x.size(1), " features, weight expects ",
               packed.size(1) * 2);
-  const torch::Tensor xc = x.contiguous();
-  torch::Tensor bias_f;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
                 out_features, " out_features");
-    bias_f = bias->to(torch::kFloat32).contiguous();
+    bias_f = bias->to(at::kFloat).contiguous();
   }
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
   const int64_t groups = scales.size(1), group_pairs = group_size / 2;
-  auto out = torch::empty({rows, out_features}, x.options());
+  auto out = at::empty({rows, out_features}, x.options());
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   const int8_t* w = packed.data_ptr<int8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
@@ -178,9 +179,9 @@ torch::Tensor int8_panel_linear(torch::Tensor x, torch::Tensor packed, torch::Te
 
 // bf16(weight * scale) as bf16_pack's panels, [panels, in_features / 2, 32, 2]: for inputs of
 // many rows (prompt chunks), where one oneDNN matmul over the widened weights is faster.
-torch::Tensor int8_panel_dequantize(torch::Tensor packed, torch::Tensor scales, int64_t group_size) {
+at::Tensor int8_panel_dequantize(at::Tensor packed, at::Tensor scales, int64_t group_size) {
   check(packed, scales, group_size, packed.size(0) * kPanel);
-  auto out = torch::empty(packed.sizes(), packed.options().dtype(torch::kBFloat16));
+  auto out = at::empty(packed.sizes(), packed.options().dtype(at::kBFloat16));
   const int64_t pairs = packed.size(1), groups = scales.size(1), group_pairs = group_size / 2;
   const int8_t* w = packed.data_ptr<int8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();

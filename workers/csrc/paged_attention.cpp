@@ -15,7 +15,8 @@
 //   window       > 0: attend to the last `window` tokens only (sliding-window models)
 // Returns [num_seqs, num_heads, head_dim] in the query's dtype.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -120,10 +121,10 @@ inline void axpy(float* acc, float p, const T* v, int64_t dim) {
 }
 
 template <typename T>
-void attend(const torch::Tensor& query, const torch::Tensor& key_cache,
-            const torch::Tensor& value_cache, const torch::Tensor& block_table,
-            const torch::Tensor& context_lens, int64_t block_size, double scale, int64_t window,
-            torch::Tensor& out) {
+void attend(const at::Tensor& query, const at::Tensor& key_cache,
+            const at::Tensor& value_cache, const at::Tensor& block_table,
+            const at::Tensor& context_lens, int64_t block_size, double scale, int64_t window,
+            at::Tensor& out) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), dim = query.size(2);
   const int64_t num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_table.size(1);
@@ -279,10 +280,10 @@ inline void weigh_values(const float* p, int64_t span, const c10::BFloat16* v_pt
 }
 
 template <int kDim>
-void attend_bf16(const torch::Tensor& query, const torch::Tensor& key_cache,
-                 const torch::Tensor& value_cache, const torch::Tensor& block_table,
-                 const torch::Tensor& context_lens, int64_t block_size, double scale,
-                 int64_t window, torch::Tensor& out) {
+void attend_bf16(const at::Tensor& query, const at::Tensor& key_cache,
+                 const at::Tensor& value_cache, const at::Tensor& block_table,
+                 const at::Tensor& context_lens, int64_t block_size, double scale,
+                 int64_t window, at::Tensor& out) {
   constexpr int kMaxHeads = 256 / kDim;  // output rows kept in registers at once
   const int64_t num_seqs = query.size(0), num_heads = query.size(1);
   const int64_t num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
@@ -330,9 +331,9 @@ void attend_bf16(const torch::Tensor& query, const torch::Tensor& key_cache,
 #endif
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cache,
-                                     torch::Tensor value_cache, torch::Tensor block_table,
-                                     torch::Tensor context_lens, int64_t block_size, double scale,
+at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
+                                     at::Tensor value_cache, at::Tensor block_table,
+                                     at::Tensor context_lens, int64_t block_size, double scale,
                                      int64_t window) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3, "query and caches must be 3-d");
   TORCH_CHECK(query.size(2) % kLanes == 0, "head_dim must be a multiple of ", kLanes);
@@ -341,13 +342,13 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() &&
                   value_cache.scalar_type() == query.scalar_type(),
               "query and caches must share a dtype");
-  TORCH_CHECK(block_table.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_table and context_lens must be int64");
   query = query.contiguous();
   block_table = block_table.contiguous();
   context_lens = context_lens.contiguous();
-  auto out = torch::empty_like(query);
-  if (query.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty_like(query);
+  if (query.scalar_type() == at::kBFloat16) {
 #if defined(__AVX512BF16__)
     if (query.size(2) == 64) {
       attend_bf16<64>(query, key_cache, value_cache, block_table, context_lens, block_size, scale,
@@ -363,7 +364,7 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor key_cach
     attend<c10::BFloat16>(query, key_cache, value_cache, block_table, context_lens, block_size,
                           scale, window, out);
   } else {
-    TORCH_CHECK(query.scalar_type() == torch::kFloat32, "query must be bf16 or fp32");
+    TORCH_CHECK(query.scalar_type() == at::kFloat, "query must be bf16 or fp32");
     attend<float>(query, key_cache, value_cache, block_table, context_lens, block_size, scale,
                   window, out);
   }

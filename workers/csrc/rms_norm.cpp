@@ -13,7 +13,8 @@
 //   weight [D] bf16, contiguous
 // Returns [..., D] bf16.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -21,17 +22,17 @@
 
 #include "vec.h"
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.dim() >= 1,
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() >= 1,
               "x must be a contiguous bf16 tensor");
   const int64_t dim = x.size(-1);
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.is_contiguous() &&
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
                   weight.dim() == 1 && weight.size(0) == dim,
               "weight must be a contiguous bf16 vector of x's last size");
   const int64_t rows = dim == 0 ? 0 : x.numel() / dim;
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   // `h.pow(2)`: each widened value times itself, as ATen's pow by 2 computes it (one rounding)
-  auto squares = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+  auto squares = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   float* sp = squares.data_ptr<float>();
   at::parallel_for(0, rows * dim, 4096, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
@@ -48,7 +49,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   });
   // `.mean(-1, keepdim=True)`: ATen's own reduction, so the same order of additions
   const auto variance = squares.mean(-1, /*keepdim=*/true).contiguous();
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float* vp = variance.data_ptr<float>();
   const c10::BFloat16* wp = weight.data_ptr<c10::BFloat16>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();

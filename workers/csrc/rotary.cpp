@@ -14,7 +14,8 @@
 // Returns (q_out, k_out): [B, H, S, D] and [B, KH, S, D] views of token-major memory
 // ([B, S, H, D]), the layout the paged attention reads.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -55,15 +56,15 @@ void rotate_row(const BF16* x, const BF16* c, const BF16* s, BF16* out, int64_t 
   }
 }
 
-torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kBFloat16 && x.stride(3) == 1,
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.stride(3) == 1,
               "q and k must be [batch, heads, tokens, head_dim] bf16 with unit stride in head_dim");
   const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2), dim = x.size(3);
   TORCH_CHECK(dim % 2 == 0, "head_dim must be even, got ", dim);
   TORCH_CHECK(cos.size(1) == tokens && cos.size(2) == dim && sin.sizes() == cos.sizes() &&
                   (cos.size(0) == batch || cos.size(0) == 1),
               "cos and sin must be [batch or 1, tokens, head_dim]");
-  auto out = torch::empty({batch, tokens, heads, dim}, x.options()).transpose(1, 2);
+  auto out = at::empty({batch, tokens, heads, dim}, x.options()).transpose(1, 2);
   const BF16* xp = x.data_ptr<BF16>();
   const BF16* cp = cos.data_ptr<BF16>();
   const BF16* sp = sin.data_ptr<BF16>();
@@ -85,10 +86,10 @@ torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const tor
 
 }  // namespace
 
-std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k,
-                                                          torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(cos.dim() == 3 && cos.scalar_type() == torch::kBFloat16 && cos.stride(2) == 1 &&
-                  sin.dim() == 3 && sin.scalar_type() == torch::kBFloat16 && sin.stride(2) == 1,
+std::tuple<at::Tensor, at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k,
+                                                          at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(cos.dim() == 3 && cos.scalar_type() == at::kBFloat16 && cos.stride(2) == 1 &&
+                  sin.dim() == 3 && sin.scalar_type() == at::kBFloat16 && sin.stride(2) == 1,
               "cos and sin must be 3-d bf16 with unit stride in head_dim");
   return {rotate(q, cos, sin), rotate(k, cos, sin)};
 }
