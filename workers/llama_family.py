@@ -268,8 +268,7 @@ class DecodeStack:
 
     @classmethod
     def build(cls, config: Any, layers: list[_Layer]) -> DecodeStack | None:
-        op = cpu_kernels.decode_layers()
-        if op is None or getattr(config, "hidden_act", None) != "silu":
+        if getattr(config, "hidden_act", None) != "silu":
             return None
         for layer in layers:
             linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
@@ -281,7 +280,9 @@ class DecodeStack:
                 return None
             if layer.rotate is not cpu_kernels.rotary_embedding() or layer.norm.__name__ != "fused":
                 return None
-        return cls(op, config, layers)
+        # NOTE: last: panels mean the kernels are built; a GPU worker never builds them here.
+        op = cpu_kernels.decode_layers()
+        return None if op is None else cls(op, config, layers)
 
     def takes(self, meta: attention.AttentionMetadata) -> bool:
         """Whether this step is one the stack runs: every sequence decodes one token, with
