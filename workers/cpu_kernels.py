@@ -167,10 +167,19 @@ def _register_fakes() -> None:
     fake("kvray::bf16_unpack")(
         lambda packed, out_features: packed.new_empty((out_features, packed.shape[1] * 2))
     )
-    if hasattr(torch.ops.kvray, "bf16_linear"):
+    if hasattr(torch.ops.kvray, "bf16_linear"):  # the AVX512-BF16 ops
         fake("kvray::bf16_linear")(
             lambda x, packed, out_features, bias: x.new_empty((x.shape[0], out_features))
         )
+        fake("kvray::int8_panel_linear")(
+            lambda x, packed, scales, group, out_features, bias: x.new_empty(
+                (x.shape[0], out_features)
+            )
+        )
+        fake("kvray::int8_panel_dequantize")(
+            lambda packed, scales, group: packed.new_empty(packed.shape, dtype=torch.bfloat16)
+        )
+        fake("kvray::decode_layers")(lambda h, *_: torch.empty_like(h))
     fake("kvray::rotary_embedding")(
         lambda q, k, cos, sin: tuple(
             x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2)

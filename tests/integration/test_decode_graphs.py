@@ -27,8 +27,11 @@ def _generate(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(_prompts(), params)]
 
 
-def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir):
-    kwargs = dict(cache_dir=model_cache_dir, dtype="bfloat16", max_model_len=256)
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_bf16_decode_graphs_give_the_eager_tokens(model_cache_dir, quantization):
+    kwargs = dict(
+        cache_dir=model_cache_dir, dtype="bfloat16", max_model_len=256, quantization=quantization
+    )
     eager = LLM("tiny", decode_graphs="off", **kwargs)
     assert eager.worker.runner.graphs is None
     expected = _generate(eager)
