@@ -62,7 +62,7 @@ using kvray::kTileRows;
 using kvray::with_rows;
 
 at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
-                          c10::optional<at::Tensor> bias) {
+                       c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be 2-d bf16");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2 &&
                   packed.scalar_type() == at::kBFloat16 && packed.is_contiguous(),

@@ -26,17 +26,17 @@
 #include <vector>
 
 at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
-                          c10::optional<at::Tensor> bias);
+                       c10::optional<at::Tensor> bias);
 at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
-                                int64_t group_size, int64_t out_features,
-                                c10::optional<at::Tensor> bias);
+                             int64_t group_size, int64_t out_features,
+                             c10::optional<at::Tensor> bias);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k,
-                                                          at::Tensor cos, at::Tensor sin);
+                                                    at::Tensor cos, at::Tensor sin);
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
-                                     at::Tensor value_cache, at::Tensor block_table,
-                                     at::Tensor context_lens, int64_t block_size, double scale,
-                                     int64_t window);
+                                  at::Tensor value_cache, at::Tensor block_table,
+                                  at::Tensor context_lens, int64_t block_size, double scale,
+                                  int64_t window);
 
 #if defined(__AVX512BF16__)
 namespace {
@@ -63,7 +63,7 @@ struct Linear {
 // A linear layer as PackedLinear.forward or Int8Linear.forward computes it: rows in, [..., out]
 // back.
 at::Tensor linear(const at::Tensor& x, const Linear& l, int64_t out_features,
-                     const int64_t* head) {
+                  const int64_t* head) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   const auto rows = x.reshape({-1, x.size(-1)});
@@ -86,10 +86,10 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }  // namespace
 
 at::Tensor decode_layers(at::Tensor h, at::Tensor cos, at::Tensor sin,
-                            at::Tensor slot_mapping, at::Tensor block_table,
-                            at::Tensor context_lens, std::vector<at::Tensor> weights,
-                            std::vector<at::Tensor> caches, std::vector<int64_t> sizes,
-                            std::vector<double> floats) {
+                         at::Tensor slot_mapping, at::Tensor block_table,
+                         at::Tensor context_lens, std::vector<at::Tensor> weights,
+                         std::vector<at::Tensor> caches, std::vector<int64_t> sizes,
+                         std::vector<double> floats) {
   TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.scalar_type() == at::kBFloat16,
               "h must be [1, n, hidden] bf16");
   TORCH_CHECK(sizes.size() >= kHeadSizes, "sizes must start with the `Head` sizes");
@@ -124,9 +124,9 @@ at::Tensor decode_layers(at::Tensor h, at::Tensor cos, at::Tensor sin,
     const auto v_rows = v[0];  // [n, kv_heads, head_dim]
     caches[2 * l].index_copy_(0, slot_mapping, k_rows);
     caches[2 * l + 1].index_copy_(0, slot_mapping, v_rows);
-    const auto attended = paged_decode_attention(q_rows, caches[2 * l], caches[2 * l + 1],
-                                                 block_table, context_lens, head[kBlockSize], f[kScale],
-                                                 s[kWindow]);
+    const auto attended =
+        paged_decode_attention(q_rows, caches[2 * l], caches[2 * l + 1], block_table,
+                               context_lens, head[kBlockSize], f[kScale], s[kWindow]);
     TORCH_CHECK(attended.size(1) == heads && k_rows.size(1) == kv_heads, "head counts differ");
     h = h + linear(attended.reshape({1, n, -1}).contiguous(), {&w[kO], &w[kOScale], &w[kOBias]},
                    hidden, head);

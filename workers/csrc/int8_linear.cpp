@@ -240,7 +240,7 @@ void linear_bf16(const at::Tensor& x, const Layer& L, c10::BFloat16* out) {
 }  // namespace
 
 at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scale,
-                          int64_t group_size, c10::optional<at::Tensor> bias) {
+                       int64_t group_size, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "x and weight must be 2-d");
   TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features, weight expects ",
               weight.size(1));
@@ -273,7 +273,7 @@ at::Tensor int8_linear(at::Tensor x, at::Tensor weight, at::Tensor scale,
 // dtype(weight * scale) as a dense [out_features, in_features] tensor, in one pass: for big
 // inputs (prompt chunks), where one oneDNN matmul over the widened weights beats the kernel.
 at::Tensor int8_dequantize(at::Tensor weight, at::Tensor scale, int64_t group_size,
-                              c10::ScalarType dtype) {
+                           c10::ScalarType dtype) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2,
               "weight must be contiguous 2-d int8");
   TORCH_CHECK(group_size > 0 && weight.size(1) % group_size == 0 &&

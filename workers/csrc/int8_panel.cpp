@@ -119,8 +119,8 @@ void check(const at::Tensor& packed, const at::Tensor& scales, int64_t group_siz
 }  // namespace
 
 at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
-                                int64_t group_size, int64_t out_features,
-                                c10::optional<at::Tensor> bias) {
+                             int64_t group_size, int64_t out_features,
+                             c10::optional<at::Tensor> bias) {
   check(packed, scales, group_size, out_features);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be 2-d bf16");
   TORCH_CHECK(x.size(1) == packed.size(1) * 2, "x has ", x.size(1), " features, weight expects ",

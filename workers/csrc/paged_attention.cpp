@@ -332,9 +332,9 @@ void attend_bf16(const at::Tensor& query, const at::Tensor& key_cache,
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
-                                     at::Tensor value_cache, at::Tensor block_table,
-                                     at::Tensor context_lens, int64_t block_size, double scale,
-                                     int64_t window) {
+                                  at::Tensor value_cache, at::Tensor block_table,
+                                  at::Tensor context_lens, int64_t block_size, double scale,
+                                  int64_t window) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 3, "query and caches must be 3-d");
   TORCH_CHECK(query.size(2) % kLanes == 0, "head_dim must be a multiple of ", kLanes);
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "num_heads must be a multiple of kv heads");

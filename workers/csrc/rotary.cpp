@@ -87,7 +87,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k,
-                                                          at::Tensor cos, at::Tensor sin) {
+                                                    at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(cos.dim() == 3 && cos.scalar_type() == at::kBFloat16 && cos.stride(2) == 1 &&
                   sin.dim() == 3 && sin.scalar_type() == at::kBFloat16 && sin.stride(2) == 1,
               "cos and sin must be 3-d bf16 with unit stride in head_dim");
