@@ -9,9 +9,10 @@ the fused layer, the others return their columns of the same output. The model's
 unchanged.
 
 NOTE: only where exactness is not promised (bf16, fp16): a fused fp32 matmul may sum in another
-order than Hugging Face's three. With int8 layers it measured no faster, so the worker skips it. Only for model types whose attention and MLP are known to pass
-the same tensor to every sibling; a slice given another input computes its own result anyway,
-so a wrong guess costs time, never correctness.
+order than Hugging Face's three. int8 layers are fused too (quantized per row after fusing, so
+to the same values), which the one-call decode step needs. Only for model types whose attention
+and MLP are known to pass the same tensor to every sibling; a slice given another input
+computes its own result anyway, so a wrong guess costs time, never correctness.
 """
 
 from __future__ import annotations

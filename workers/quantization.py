@@ -8,7 +8,7 @@ dequantized weights, `dtype(weight * scale)`:
 
 - bf16 models, where csrc/int8_panel.cpp is built (AVX512-BF16): the weights in bf16_linear's
   panels, widened in registers, for any number of rows. On SmolLM2-135M's shapes (2 cores): a
-  decode step 1.44x bf16's at one stream, 1.05x at 8, 0.84x at 32 (compute-bound: widening
+  decode step 1.48x bf16's at one stream, 1.05x at 8, 0.85x at 32 (compute-bound: widening
   costs more than the bytes saved); a 128-row prompt chunk 1.0-1.2x bf16's time.
 - fp32 models, and CPUs without AVX512-BF16: the weights in rows, csrc/int8_linear.cpp up to
   `KERNEL_MAX_ROWS` rows; past that (prompt chunks) the layer is widened to the activations'
@@ -74,7 +74,7 @@ class Int8Linear(nn.Module):
         """`dtype(weight_int8 * scale)`: the weights every path multiplies by."""
         if self._panel is not None and dtype == torch.bfloat16:
             panels = self._panel.dequantize(self.weight_int8, self.scale, GROUP_SIZE)
-            return panels.permute(0, 2, 1, 3).reshape(-1, self.in_features)[: self.out_features]
+            return from_panels(panels, self.out_features)
         weight, scale = self.rows()
         if self._dequantize is not None and dtype in (torch.bfloat16, torch.float32):
             return self._dequantize(weight, scale, GROUP_SIZE, dtype)
@@ -86,9 +86,8 @@ class Int8Linear(nn.Module):
         """(int8 [out, in], bf16 scales [out, in / GROUP_SIZE]), from either layout."""
         if self._panel is None:
             return self.weight_int8, self.scale
-        weight = self.weight_int8.permute(0, 2, 1, 3).reshape(-1, self.in_features)
         scale = self.scale.permute(0, 2, 1).reshape(-1, self.scale.shape[1])
-        return weight[: self.out_features], scale[: self.out_features]
+        return from_panels(self.weight_int8, self.out_features), scale[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features]
         rows = x.reshape(-1, self.in_features)
@@ -118,6 +117,11 @@ def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
     panels = weight.shape[0] // PANEL
     packed = weight.view(panels, PANEL, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
     return packed, scale.view(panels, PANEL, -1).permute(0, 2, 1).contiguous()
+
+
+def from_panels(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`[panels, in / 2, 32, 2]` back to `[out_features, in]` (a view where it can be)."""
+    return packed.permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * 2)[:out_features]
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

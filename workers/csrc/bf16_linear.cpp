@@ -73,43 +73,17 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
                   out_features <= packed.size(0) * kPanel,
               "out_features ", out_features, " does not match ", packed.size(0), " panels");
   const at::Tensor xc = x.contiguous();
-  at::Tensor bias_f;  // NOTE: PackedLinear keeps its bias in fp32, so no copy per call
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
-                out_features, " out_features");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
-  auto out = at::empty({rows, out_features}, x.options());
+  const int64_t pairs = packed.size(1);
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   const c10::BFloat16* w = packed.data_ptr<c10::BFloat16>();
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float sums[kTileRows * kPanel];
-    for (int64_t p = begin; p < end; ++p) {
-      const c10::BFloat16* panel = w + p * pairs * 2 * kPanel;
-      const int64_t n0 = p * kPanel, cols = std::min(kPanel, out_features - n0);
-      const __mmask16 lo_cols = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
-      const __mmask16 hi_cols = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
-      const __m512 bias_lo = b ? _mm512_maskz_loadu_ps(lo_cols, b + n0) : _mm512_setzero_ps();
-      const __m512 bias_hi = b ? _mm512_maskz_loadu_ps(hi_cols, b + n0 + 16) : _mm512_setzero_ps();
-      for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
-        const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
-        with_rows<kTileRows>(count, [&](auto tile_rows) {
-          kvray::tile<decltype(tile_rows)::value>(x_ptr + m0 * 2 * pairs, pairs, panel, sums);
+  return kvray::panel_linear(
+      xc, packed.size(0), out_features, bias, [](int64_t) {},
+      [&](int64_t p, int64_t m0, int64_t count, float* sums) {
+        with_rows<kTileRows>(count, [&](auto rows) {
+          kvray::tile<decltype(rows)::value>(x_ptr + m0 * 2 * pairs, pairs,
+                                             w + p * pairs * 2 * kPanel, sums);
         });
-        for (int64_t m = 0; m < count; ++m) {
-          const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);
-          const __m512 hi = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel + 16), bias_hi);
-          const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // nearest even
-          const __mmask32 mask = cols == kPanel ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
-          _mm512_mask_storeu_epi16(y + (m0 + m) * out_features + n0, mask, rounded);
-        }
-      }
-    }
-  });
-  return out;
+      });
 }
 #endif
 

@@ -32,7 +32,6 @@
 
 namespace {
 
-using kvray::input_pair;
 using kvray::kPanel;
 using kvray::kTileRows;
 using kvray::with_rows;
@@ -66,24 +65,16 @@ inline void weights(const int8_t* w, const GroupScales& s, __m512bh* w0, __m512b
 template <int kRows>
 inline void tile(const c10::BFloat16* x, int64_t pairs, int64_t group_pairs, const int8_t* panel,
                  const c10::BFloat16* scales, float* sums) {
-  __m512 acc[kRows][2];
-  for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  kvray::TileSums<kRows> t;
   for (int64_t g = 0; g * group_pairs < pairs; ++g) {
     const GroupScales s(scales + g * kPanel);
     for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
       __m512bh w0, w1;
       weights(panel + p * 2 * kPanel, s, &w0, &w1);
-      for (int m = 0; m < kRows; ++m) {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32(input_pair(x + 2 * (m * pairs + p)));
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
-      }
+      t.add(x, pairs, p, w0, w1);
     }
   }
-  for (int m = 0; m < kRows; ++m) {
-    _mm512_storeu_ps(sums + m * kPanel, acc[m][0]);
-    _mm512_storeu_ps(sums + m * kPanel + 16, acc[m][1]);
-  }
+  t.store(sums);
 }
 
 // One panel as bf16(weight * scale), in the same layout: [pairs, 32, 2] bf16.
@@ -126,55 +117,35 @@ at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
   TORCH_CHECK(x.size(1) == packed.size(1) * 2, "x has ", x.size(1), " features, weight expects ",
               packed.size(1) * 2);
   const at::Tensor xc = x.contiguous();
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == out_features, "bias has ", bias->numel(), " values for ",
-                out_features, " out_features");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const int64_t rows = x.size(0), pairs = packed.size(1), panels = packed.size(0);
+  const int64_t rows = x.size(0), pairs = packed.size(1);
   const int64_t groups = scales.size(1), group_pairs = group_size / 2;
-  auto out = at::empty({rows, out_features}, x.options());
   const c10::BFloat16* x_ptr = xc.data_ptr<c10::BFloat16>();
   const int8_t* w = packed.data_ptr<int8_t>();
   const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float sums[kTileRows * kPanel];
-    // NOTE: past one tile of rows, each panel is widened once, into this thread's scratch (in
-    // its L2: 2 * in_features * 64 bytes), and every tile reads it as bf16_linear's would.
-    std::vector<c10::BFloat16> widened(rows > kTileRows ? pairs * 2 * kPanel : 0);
-    for (int64_t p = begin; p < end; ++p) {
-      const int8_t* panel = w + p * pairs * 2 * kPanel;
-      const c10::BFloat16* panel_scales = s + p * groups * kPanel;
-      const int64_t n0 = p * kPanel, cols = std::min(kPanel, out_features - n0);
-      const __mmask16 lo_cols = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
-      const __mmask16 hi_cols = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
-      const __m512 bias_lo = b ? _mm512_maskz_loadu_ps(lo_cols, b + n0) : _mm512_setzero_ps();
-      const __m512 bias_hi = b ? _mm512_maskz_loadu_ps(hi_cols, b + n0 + 16) : _mm512_setzero_ps();
-      if (rows > kTileRows) widen_panel(panel, panel_scales, pairs, group_pairs, widened.data());
-      for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
-        const int64_t count = std::min<int64_t>(kTileRows, rows - m0);
+  // NOTE: past one tile of rows, each panel is widened once into its thread's scratch (in its
+  // L2: 2 * in_features * 64 bytes), and every tile reads it as bf16_linear's would.
+  thread_local std::vector<c10::BFloat16> widened;
+  const bool scratch = rows > kTileRows;
+  return kvray::panel_linear(
+      xc, packed.size(0), out_features, bias,
+      [&](int64_t p) {
+        if (!scratch) return;
+        widened.resize(pairs * 2 * kPanel);
+        widen_panel(w + p * pairs * 2 * kPanel, s + p * groups * kPanel, pairs, group_pairs,
+                    widened.data());
+      },
+      [&](int64_t p, int64_t m0, int64_t count, float* sums) {
         with_rows<kTileRows>(count, [&](auto tile_rows) {
           constexpr int kRows = decltype(tile_rows)::value;
-          if (rows > kTileRows) {
-            kvray::tile<kRows>(x_ptr + m0 * 2 * pairs, pairs, widened.data(), sums);
+          const c10::BFloat16* xs = x_ptr + m0 * 2 * pairs;
+          if (scratch) {
+            kvray::tile<kRows>(xs, pairs, widened.data(), sums);
           } else {
-            tile<kRows>(x_ptr + m0 * 2 * pairs, pairs, group_pairs, panel, panel_scales, sums);
+            tile<kRows>(xs, pairs, group_pairs, w + p * pairs * 2 * kPanel,
+                        s + p * groups * kPanel, sums);
           }
         });
-        for (int64_t m = 0; m < count; ++m) {
-          const __m512 lo = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel), bias_lo);
-          const __m512 hi = _mm512_add_ps(_mm512_load_ps(sums + m * kPanel + 16), bias_hi);
-          const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-          const __mmask32 mask = cols == kPanel ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
-          _mm512_mask_storeu_epi16(y + (m0 + m) * out_features + n0, mask, rounded);
-        }
-      }
-    }
-  });
-  return out;
+      });
 }
 
 // bf16(weight * scale) as bf16_pack's panels, [panels, in_features / 2, 32, 2]: for inputs of
