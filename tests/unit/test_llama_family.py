@@ -15,7 +15,7 @@ from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.llama_family import FamilyForward, family_forward, transformers_forward
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
-from kvray.workers.packed_linear import pack_linears
+from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.quantization import quantize_linears
 
 SHAPE = dict(
@@ -50,7 +50,7 @@ def build(arch: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
     fuse_projections(model)  # as the worker prepares each (workers/worker.py)
     if dtype == "bfloat16-int8":
         quantize_linears(model)
-    elif device == "cpu":
+    elif can_pack(torch.device(device), torch.bfloat16):  # as the worker decides
         pack_linears(model)
     return model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvray.workers import quantization
+from kvray.workers import cpu_kernels, quantization
 from kvray.workers.quantization import Int8Linear, quantize_int8, quantize_linears
 
 
@@ -76,9 +76,11 @@ def test_panels_hold_the_same_weights_as_rows():
     """A bf16 layer keeps its int8 weights in panels (csrc/int8_panel.cpp): its rows, its
     dequantized weight and its outputs are those of the row layout's."""
     torch.manual_seed(1)
+    if cpu_kernels.int8_panel() is None:
+        pytest.skip("needs kvray's CPU kernels built for AVX512-BF16 (csrc/int8_panel.cpp)")
     linear = torch.nn.Linear(96, 40).to(torch.bfloat16)  # 40 features: a padded second panel
     layer = Int8Linear(linear)
-    assert layer.layout == "panels"  # the kernels build on the suite's machines
+    assert layer.layout == "panels"  # the panel kernel is built: a bf16 layer takes it
     weight, scale = quantize_int8(linear.weight.detach())
     got_weight, got_scale = layer.rows()
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
