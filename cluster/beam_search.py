@@ -171,26 +171,26 @@ class BeamGroup:
     ) -> None:
         """`template`: the root sequence (the prompt and the request's parameters)."""
         self.template = template
-        self.params = template.sampling
+        self.sampling_params = template.sampling_params
         self.max_model_len = max_model_len
-        stop = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
+        stop = set(self.sampling_params.stop_token_ids)
+        if not self.sampling_params.ignore_eos:
             stop |= eos_token_ids
         self.stop_token_ids = frozenset(stop)
-        self.num_candidates = self.params.num_beam_candidates(eos_token_ids)
+        self.num_candidates = self.sampling_params.num_beam_candidates(eos_token_ids)
         self.make_detokenizer = make_detokenizer
         self.live: list[Sequence] = []
         self.search = self._new_search()
         self.candidates: dict[int, Candidates] = {}
 
     def _new_search(self) -> BeamSearch:
-        params = self.params
+        sampling_params = self.sampling_params
         room = self.max_model_len - self.template.num_prompt_tokens
         return BeamSearch(
-            num_beams=params.num_beams,
-            length_penalty=params.length_penalty,
-            early_stopping=params.early_stopping,
-            max_output_tokens=min(params.max_tokens or room, room),
+            num_beams=sampling_params.num_beams,
+            length_penalty=sampling_params.length_penalty,
+            early_stopping=sampling_params.early_stopping,
+            max_output_tokens=min(sampling_params.max_tokens or room, room),
             stop_token_ids=self.stop_token_ids,
             num_candidates=self.num_candidates,
         )
@@ -202,7 +202,7 @@ class BeamGroup:
             seq_id=next_seq_id(),
             request_id=t.request_id,
             prompt_token_ids=t.prompt_token_ids,
-            sampling=t.sampling,
+            sampling_params=t.sampling_params,
             arrival_time=t.arrival_time,
             num_cached_tokens=t.num_cached_tokens,
             first_scheduled_time=t.first_scheduled_time,

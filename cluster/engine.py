@@ -136,7 +136,7 @@ class EngineCore:
             if not seq.is_finished:
                 self.scheduler.finish(seq.seq_id, FinishReason.ABORT)
                 chunks.append(self._final_chunk(seq, [], None))
-        if not request.params.is_ranked:
+        if not request.sampling_params.is_ranked:
             return self._deliver(chunks)
         del self._requests[request_id]
         self.num_finished_requests += 1
@@ -208,7 +208,7 @@ class EngineCore:
         ranked = sorted(
             request.outputs.values(), key=lambda c: (-(c.cumulative_logprob or 0.0), c.index)
         )
-        asked = request.params.logprobs is not None
+        asked = request.sampling_params.logprobs is not None
         return [
             replace(chunk, index=rank, logprobs=chunk.logprobs if asked else None)
             for rank, chunk in enumerate(ranked[: request.num_outputs])
@@ -218,7 +218,7 @@ class EngineCore:
         """A finished beam search's n best beams, as chunks 0..n-1."""
         t = group.template
         chunks = []
-        for rank, hyp in enumerate(group.search.results(t.sampling.n)):
+        for rank, hyp in enumerate(group.search.results(t.sampling_params.n)):
             text = ""
             if group.make_detokenizer is not None:
                 detok = group.make_detokenizer()
@@ -234,7 +234,7 @@ class EngineCore:
                     hyp.token_ids,
                     text,
                     finish_reason=FinishReason.LENGTH if stop is None else FinishReason.STOP,
-                    stop_reason=stop if stop in t.sampling.stop_token_ids else None,
+                    stop_reason=stop if stop in t.sampling_params.stop_token_ids else None,
                     num_prompt_tokens=t.num_prompt_tokens,
                     num_output_tokens=len(hyp.token_ids),
                     num_cached_tokens=t.num_cached_tokens,
@@ -253,7 +253,7 @@ class EngineCore:
 
     def _chunk(self, event: TokenEvent) -> CompletionChunk:
         seq = event.seq
-        logprobs = [event.logprobs] if seq.sampling.logprobs is not None else None
+        logprobs = [event.logprobs] if seq.sampling_params.logprobs is not None else None
         detok = seq.detokenizer
         stop = detok.add_token(event.token_id) if detok is not None else None
         if stop is not None:
@@ -297,6 +297,6 @@ class EngineCore:
             num_cached_tokens=seq.num_cached_tokens,
             first_scheduled_time=seq.first_scheduled_time,
             cumulative_logprob=seq.cumulative_logprob
-            if seq.sampling.logprobs is not None
+            if seq.sampling_params.logprobs is not None
             else None,
         )

@@ -195,12 +195,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         token = await self._check(request, context)
         try:
-            params = sampling_params_from_proto(request)
+            sampling_params = sampling_params_from_proto(request)
             prompt = prompt_from_proto(request)
             with self.auth.slot(token) if self.auth and token else contextlib.nullcontext():
                 chunks = self.router.generate(
                     prompt,
-                    params,
+                    sampling_params,
                     request_id=request.request_id or None,
                     session_id=request.session_id or None,
                     resume=resume_from_proto(request),

@@ -88,7 +88,7 @@ class InputProcessor:
     async def process_async(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        sampling_params: SamplingParams,
         request_id: str,
         *,
         arrival_time: float | None = None,
@@ -98,7 +98,12 @@ class InputProcessor:
         the resumed tokens many (replaying them through the detokenizer costs ~16 µs each), so
         that the event loop (every other stream) never waits for it."""
         process = functools.partial(
-            self.process, prompt, params, request_id, arrival_time=arrival_time, resume=resume
+            self.process,
+            prompt,
+            sampling_params,
+            request_id,
+            arrival_time=arrival_time,
+            resume=resume,
         )
         resumed = sum(len(r.token_ids) for r in (resume or {}).values())
         return await self._off_loop_if_large(prompt, process, inline=resumed <= INLINE_TOKENS)
@@ -122,32 +127,32 @@ class InputProcessor:
     def process(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        sampling_params: SamplingParams,
         request_id: str,
         *,
         arrival_time: float | None = None,
         resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
-        """A validated request with its `params.n` sequences, queued nowhere yet. With
+        """A validated request with its `sampling_params.n` sequences, queued nowhere yet. With
         `resume` (by sample index), those samples continue after the tokens they had.
 
         Raises:
             ValueError: a prompt or parameter the model cannot take (the message says why).
         """
         token_ids = self.tokenize(prompt)
-        self.check_params(params, len(token_ids))
+        self.check_params(sampling_params, len(token_ids))
         resume = resume or {}
-        self._check_resume(resume, params, len(token_ids))
+        self._check_resume(resume, sampling_params, len(token_ids))
         now = time.monotonic() if arrival_time is None else arrival_time
-        request = Request(request_id, token_ids, [], now, params)
-        if params.prompt_logprobs is not None:
+        request = Request(request_id, token_ids, [], now, sampling_params)
+        if sampling_params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
-        if params.num_beams > 1:
+        if sampling_params.num_beams > 1:
             request.beam = self._make_beam_group(request)
             request.seqs = request.beam.live
             request.beam.restart()
             return request
-        request.seqs = [self._make_sequence(request, i) for i in range(params.num_samples)]
+        request.seqs = [self._make_sequence(request, i) for i in range(sampling_params.num_samples)]
         for index, resumed in resume.items():
             _resume(request.seqs[index], resumed)
         if not resume and len(token_ids) > 1:  # the samples compute the prompt once
@@ -160,7 +165,7 @@ class InputProcessor:
             seq_id=-1,
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            sampling=request.params,
+            sampling_params=request.sampling_params,
             arrival_time=request.arrival_time,
             prompt_logprobs=request.prompt_logprobs,
         )
@@ -170,7 +175,7 @@ class InputProcessor:
                 Detokenizer,
                 self.tokenizer,
                 request.prompt_token_ids,
-                skip_special_tokens=request.params.skip_special_tokens,
+                skip_special_tokens=request.sampling_params.skip_special_tokens,
             )
         return BeamGroup(
             template,
@@ -180,27 +185,29 @@ class InputProcessor:
         )
 
     def _check_resume(
-        self, resume: Mapping[int, Resumed], params: SamplingParams, num_prompt_tokens: int
+        self, resume: Mapping[int, Resumed], sampling_params: SamplingParams, num_prompt_tokens: int
     ) -> None:
-        if resume and params.is_ranked:
+        if resume and sampling_params.is_ranked:
             raise InvalidParameterError(
                 "resume",
                 "a beam search or best_of request returns its samples only at the end: there is "
                 "nothing to resume; send it again",
             )
-        if resume and len(resume) == params.n and all(r.finished for r in resume.values()):
+        if resume and len(resume) == sampling_params.n and all(r.finished for r in resume.values()):
             raise InvalidParameterError("resume", "every sample is finished: nothing to resume")
         for index, resumed in resume.items():
             at = f"resume[index={index}]"
-            if not 0 <= index < params.n:
-                raise InvalidParameterError("resume", f"{at}: index must be in [0, n={params.n})")
+            if not 0 <= index < sampling_params.n:
+                raise InvalidParameterError(
+                    "resume", f"{at}: index must be in [0, n={sampling_params.n})"
+                )
             if any(not 0 <= t < self.info.vocab_size for t in resumed.token_ids):
                 raise InvalidParameterError(
                     "resume", f"{at}: token ids must be in [0, {self.info.vocab_size})"
                 )
             if resumed.num_text_chars < 0:
                 raise InvalidParameterError("resume", f"{at}: num_text_chars must be >= 0")
-            num_tokens, max_tokens = len(resumed.token_ids), params.max_tokens or 2**31
+            num_tokens, max_tokens = len(resumed.token_ids), sampling_params.max_tokens or 2**31
             if num_tokens > max_tokens or num_prompt_tokens + num_tokens > self.info.max_model_len:
                 raise InvalidParameterError(
                     "resume", f"{at}: more tokens than max_tokens or the context allow"
@@ -289,50 +296,54 @@ class InputProcessor:
         # NOTE: the template writes the special tokens (BOS, turn markers) itself.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+    def check_params(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
-        if params.num_beams > 1:
-            self._check_beam_blocks(params, num_prompt_tokens)
-        if params.stop and self.tokenizer is None:
+        if sampling_params.num_beams > 1:
+            self._check_beam_blocks(sampling_params, num_prompt_tokens)
+        if sampling_params.stop and self.tokenizer is None:
             raise InvalidParameterError(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
-        for t in params.stop_token_ids:
+        for t in sampling_params.stop_token_ids:
             if t >= self.info.vocab_size:
                 raise InvalidParameterError(
                     "stop_token_ids",
                     f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}",
                 )
 
-    def _check_beam_blocks(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+    def _check_beam_blocks(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> None:
         """Refuse a beam search that could outgrow the KV cache even alone (it would restart
         forever): every beam may hold its own blocks past the prompt's full ones."""
         bs, num_blocks = self.info.block_size, self.info.num_kv_blocks
         room = self.info.max_model_len - num_prompt_tokens
-        length = num_prompt_tokens + min(params.max_tokens or room, room)
+        length = num_prompt_tokens + min(sampling_params.max_tokens or room, room)
         shared = num_prompt_tokens // bs
-        need = shared + params.num_beams * (-(-length // bs) - shared)
+        need = shared + sampling_params.num_beams * (-(-length // bs) - shared)
         if need > num_blocks:
             raise InvalidParameterError(
                 "num_beams",
-                f"num_beams={params.num_beams} over this prompt and max_tokens may need {need} "
+                f"num_beams={sampling_params.num_beams} over this prompt and max_tokens may need {need} "
                 f"KV blocks; a replica has {num_blocks}: lower num_beams or max_tokens",
             )
 
     def _make_sequence(self, request: Request, index: int) -> Sequence:
-        params = request.params
-        if params.num_samples > 1:  # each sample draws from its own seed
-            seed = None if params.seed is None else params.seed + index
-            ranked = params.is_ranked and params.logprobs is None
+        sampling_params = request.sampling_params
+        if sampling_params.num_samples > 1:  # each sample draws from its own seed
+            seed = None if sampling_params.seed is None else sampling_params.seed + index
+            ranked = sampling_params.is_ranked and sampling_params.logprobs is None
             # NOTE: a best_of sample needs its tokens' logprobs to be ranked (not streamed).
-            params = replace(
-                params, n=1, best_of=None, seed=seed, logprobs=0 if ranked else params.logprobs
+            sampling_params = replace(
+                sampling_params,
+                n=1,
+                best_of=None,
+                seed=seed,
+                logprobs=0 if ranked else sampling_params.logprobs,
             )
         seq = Sequence(
             seq_id=next_seq_id(),
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            sampling=params,
+            sampling_params=sampling_params,
             index=index,
             arrival_time=request.arrival_time,
             prompt_logprobs=request.prompt_logprobs,
@@ -341,9 +352,9 @@ class InputProcessor:
             seq.detokenizer = Detokenizer(
                 self.tokenizer,
                 request.prompt_token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=sampling_params.skip_special_tokens,
+                stop=sampling_params.stop,
+                include_stop_str_in_output=sampling_params.include_stop_str_in_output,
             )
         return seq
 

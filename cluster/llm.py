@@ -1,4 +1,4 @@
-"""The offline API: `LLM(model).generate(prompts, params)`, one replica in this process."""
+"""The offline API: `LLM(model).generate(prompts, sampling_params)`, one replica in this process."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ class LLM:
         return self.engine.step(self.worker.step)
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
+        self, prompt: Prompt, sampling_params: SamplingParams, *, request_id: str | None = None
     ) -> str:
         """Validate and queue one request (run it with `step`). Returns its id.
 
@@ -144,7 +144,7 @@ class LLM:
             ValueError: an invalid prompt or parameters, or a request_id already in use.
         """
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
-        self.engine.add(self.processor.process(prompt, params, request_id))
+        self.engine.add(self.processor.process(prompt, sampling_params, request_id))
         return request_id
 
     def _add_all(
@@ -156,8 +156,8 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Process everything first so that one bad prompt queues nothing.
         requests = [
-            self.processor.process(prompt, params, f"req-{next(self._request_ids)}")
-            for prompt, params in zip(prompt_list, params_list)
+            self.processor.process(prompt, one, f"req-{next(self._request_ids)}")
+            for prompt, one in zip(prompt_list, params_list)
         ]
         for request in requests:
             self.engine.add(request)
@@ -194,16 +194,16 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def _as_params_list(
-    params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
 ) -> list[SamplingParams]:
-    if params is None:
+    if sampling_params is None:
         return [SamplingParams()] * num_prompts
-    if isinstance(params, SamplingParams):
-        return [params] * num_prompts
-    params = list(params)
-    if len(params) != num_prompts:
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    per_prompt = list(sampling_params)
+    if len(per_prompt) != num_prompts:
         raise ValueError(
-            f"sampling_params has {len(params)} entries for {num_prompts} prompts; "
+            f"sampling_params has {len(per_prompt)} entries for {num_prompts} prompts; "
             "give one SamplingParams or one per prompt"
         )
-    return params
+    return per_prompt

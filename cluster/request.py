@@ -23,7 +23,7 @@ class Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]  # one per sample; for beam search, the live beams (`beam.live`)
     arrival_time: float  # the router's clock when it was admitted (moves keep it: FCFS)
-    params: SamplingParams = field(default_factory=SamplingParams)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
     beam: BeamGroup | None = None
     # Entry 0 is None (the first token has no context); filled as the prompt is computed.
     prompt_logprobs: list[Logprobs | None] | None = None
@@ -34,12 +34,12 @@ class Request:
     @property
     def is_best_of(self) -> bool:
         """Samples more than it returns (best_of > n): it streams nothing until it ends."""
-        return self.params.num_samples > self.params.n and self.beam is None
+        return self.sampling_params.num_samples > self.sampling_params.n and self.beam is None
 
     @property
     def num_outputs(self) -> int:
         """Samples the caller gets back: n (of best_of samples, or of num_beams beams)."""
-        return self.params.n
+        return self.sampling_params.n
 
     @property
     def is_finished(self) -> bool:

@@ -174,7 +174,7 @@ class Router:
     def submit(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        sampling_params: SamplingParams,
         *,
         request_id: str | None = None,
         session_id: str | None = None,
@@ -191,13 +191,13 @@ class Router:
         """
         processor = self._processor()
         request_id = check_ids(request_id, session_id)
-        request = processor.process(prompt, params, request_id, arrival_time=self.clock())
+        request = processor.process(prompt, sampling_params, request_id, arrival_time=self.clock())
         return self._enqueue(request, session_id)
 
     async def admit(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        sampling_params: SamplingParams,
         *,
         request_id: str | None = None,
         session_id: str | None = None,
@@ -209,7 +209,7 @@ class Router:
         processor = self._processor()
         request_id = check_ids(request_id, session_id)
         request = await processor.process_async(
-            prompt, params, request_id, arrival_time=self.clock(), resume=resume
+            prompt, sampling_params, request_id, arrival_time=self.clock(), resume=resume
         )
         return self._enqueue(request, session_id)
 
@@ -240,7 +240,7 @@ class Router:
             request.request_id,
             request.num_outputs,
             arrival_time=request.arrival_time,
-            is_ranked=request.params.is_ranked,
+            is_ranked=request.sampling_params.is_ranked,
         )
         stream.num_finished = sum(s.is_finished for s in request.seqs)  # resumed, finished
         self._streams[request.request_id] = stream
@@ -254,7 +254,7 @@ class Router:
     async def generate(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        sampling_params: SamplingParams,
         *,
         request_id: str | None = None,
         session_id: str | None = None,
@@ -262,7 +262,7 @@ class Router:
     ) -> AsyncIterator[CompletionChunk]:
         """Admit a request and yield its chunks. Leaving early (cancel, error) aborts it."""
         stream = await self.admit(
-            prompt, params, request_id=request_id, session_id=session_id, resume=resume
+            prompt, sampling_params, request_id=request_id, session_id=session_id, resume=resume
         )
         async for chunk in self.chunks(stream):
             yield chunk

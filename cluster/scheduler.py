@@ -191,7 +191,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted while a step was in flight; its last token is not back yet
-            family = seq.sampling.num_beams if seq.beam is not None else 1 + len(seq.unborn)
+            family = seq.sampling_params.num_beams if seq.beam is not None else 1 + len(seq.unborn)
             if self.running and seats + family > self.config.max_num_seqs:
                 break
             seats += family
@@ -223,7 +223,7 @@ class Scheduler:
                     seq_id=seq.seq_id,
                     token_ids=seq.all_token_ids,
                     num_prompt_tokens=seq.num_prompt_tokens,
-                    sampling=seq.sampling,
+                    sampling_params=seq.sampling_params,
                     block_ids=list(seq.block_ids),
                     num_computed_tokens=num_cached,
                 )
@@ -235,7 +235,9 @@ class Scheduler:
 
     def _num_seats(self) -> int:
         """Sequences the running ones will be once forked (a beam search is num_beams)."""
-        beams = {id(s.beam): s.sampling.num_beams for s in self.running if s.beam is not None}
+        beams = {
+            id(s.beam): s.sampling_params.num_beams for s in self.running if s.beam is not None
+        }
         singles = sum(1 + len(s.unborn) for s in self.running if s.beam is None)
         return singles + sum(beams.values())
 
@@ -258,7 +260,7 @@ class Scheduler:
 
     def _may_sample(self, seq: Sequence) -> bool:
         """Whether computing the last token would yield a token the sequence may still emit."""
-        max_tokens = seq.sampling.max_tokens
+        max_tokens = seq.sampling_params.max_tokens
         if max_tokens is not None and seq.num_output_tokens >= max_tokens:
             return False
         return seq.num_tokens < self.max_model_len
@@ -317,7 +319,7 @@ class Scheduler:
         child.is_known_to_worker = True
         self.seqs[child.seq_id] = child
         self.running.insert(self.running.index(parent) + 1, child)
-        forks.append(Fork(child.seq_id, parent.seq_id, child.sampling))
+        forks.append(Fork(child.seq_id, parent.seq_id, child.sampling_params))
 
     def _advance_beams(self, group: BeamGroup) -> None:
         """Run a beam search step: drop and fork beams (the worker hears next step)."""

@@ -44,7 +44,7 @@ class Sequence:
     seq_id: int
     request_id: str
     prompt_token_ids: list[int]
-    sampling: SamplingParams
+    sampling_params: SamplingParams
     index: int = 0  # which of the request's n samples
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -97,13 +97,13 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def copy(self, *, seq_id: int, sampling: SamplingParams | None = None) -> Sequence:
+    def copy(self, *, seq_id: int, sampling_params: SamplingParams | None = None) -> Sequence:
         """A new sequence with this one's tokens and progress so far, holding no KV blocks."""
         return Sequence(
             seq_id=seq_id,
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            sampling=sampling or self.sampling,
+            sampling_params=sampling_params or self.sampling_params,
             index=self.index,
             arrival_time=self.arrival_time,
             output_token_ids=list(self.output_token_ids),
@@ -118,14 +118,14 @@ class Sequence:
     ) -> tuple[FinishReason | None, int | None]:
         """Whether the token just appended ends the sequence: (reason, stop token id) or
         (None, None). EOS and stop ids count from min_tokens on; max_tokens and the context."""
-        params = self.sampling
+        sampling_params = self.sampling_params
         num_output = len(self.output_token_ids)
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token_id in eos_token_ids:
+        if num_output >= sampling_params.min_tokens:
+            if not sampling_params.ignore_eos and token_id in eos_token_ids:
                 return FinishReason.STOP, None
-            if token_id in params.stop_token_ids:
+            if token_id in sampling_params.stop_token_ids:
                 return FinishReason.STOP, token_id
-        if params.max_tokens is not None and num_output >= params.max_tokens:
+        if sampling_params.max_tokens is not None and num_output >= sampling_params.max_tokens:
             return FinishReason.LENGTH, None
         if self.num_known_tokens >= max_model_len:
             return FinishReason.LENGTH, None

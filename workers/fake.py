@@ -78,8 +78,10 @@ class FakeWorker:
             if seq.num_computed_tokens != len(seq.token_ids):
                 continue
             token = self.next_token(seq.token_ids, self.info.vocab_size)
-            if seq.sampling.num_beams > 1:  # candidates: the scripted token first, then others
-                width = seq.sampling.num_beam_candidates(self.info.eos_token_ids)
+            if (
+                seq.sampling_params.num_beams > 1
+            ):  # candidates: the scripted token first, then others
+                width = seq.sampling_params.num_beam_candidates(self.info.eos_token_ids)
                 out.beam_seq_ids.append(seq_id)
                 out.beam_token_ids.append(
                     [(token + i) % self.info.vocab_size for i in range(width)]

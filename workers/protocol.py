@@ -232,7 +232,7 @@ class NewSequence:
     seq_id: int
     token_ids: list[int]  # prompt, then any tokens generated before a preemption
     num_prompt_tokens: int  # how many of token_ids are prompt (penalties and min_tokens need it)
-    sampling: SamplingParams
+    sampling_params: SamplingParams
     block_ids: list[int]  # KV blocks, in order; more arrive in StepInput.new_block_ids
     num_computed_tokens: int = 0  # > 0 when a cached prefix already holds these tokens' KV
 
@@ -244,7 +244,7 @@ class Fork:
 
     child_id: int
     parent_id: int
-    sampling: SamplingParams  # the child's own (its seed)
+    sampling_params: SamplingParams  # the child's own (its seed)
 
 
 @dataclass

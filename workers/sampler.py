@@ -21,7 +21,7 @@ _MASK64 = (1 << 64) - 1
 class SamplingRow:
     """What the sampler needs to know about one sequence this step."""
 
-    params: SamplingParams
+    sampling_params: SamplingParams
     token_ids: list[int]  # prompt + output so far
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
@@ -71,8 +71,8 @@ def token_seed(seed: int, output_index: int) -> int:
 def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
-    params = [r.params for r in rows]
-    temperature = [0.0 if p.is_greedy else p.temperature for p in params]
+    sampling_params = [r.sampling_params for r in rows]
+    temperature = [0.0 if p.is_greedy else p.temperature for p in sampling_params]
     sampled = [t > 0.0 for t in temperature]
 
     def column(values: list[float], neutral: float, dtype: torch.dtype) -> torch.Tensor | None:
@@ -82,22 +82,22 @@ def prepare_sampling_batch(
 
     generators = {}
     for i, row in enumerate(rows):
-        if sampled[i] and row.params.seed is not None:
+        if sampled[i] and row.sampling_params.seed is not None:
             g = torch.Generator(device=device)
-            g.manual_seed(token_seed(row.params.seed, row.num_output_tokens))
+            g.manual_seed(token_seed(row.sampling_params.seed, row.num_output_tokens))
             generators[i] = g
-    asked = [p.logprobs for p in params if p.logprobs is not None]
+    asked = [p.logprobs for p in sampling_params if p.logprobs is not None]
     return SamplingBatch(
         temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
         is_all_greedy=not any(sampled),
-        top_k=column([p.top_k or vocab_size for p in params], vocab_size, torch.long),
-        top_p=column([p.top_p for p in params], 1.0, torch.float32),
-        min_p=column([p.min_p for p in params], 0.0, torch.float32),
+        top_k=column([p.top_k or vocab_size for p in sampling_params], vocab_size, torch.long),
+        top_p=column([p.top_p for p in sampling_params], 1.0, torch.float32),
+        min_p=column([p.min_p for p in sampling_params], 0.0, torch.float32),
         penalties=_prepare_penalties(rows, vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         generators=generators,
         max_num_logprobs=max(asked) if asked else None,
-        num_logprobs=[p.logprobs for p in params],
+        num_logprobs=[p.logprobs for p in sampling_params],
     )
 
 
@@ -109,18 +109,22 @@ def _prepare_penalties(
             p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         )
 
-    if not any(active(r.params) for r in rows):
+    if not any(active(r.sampling_params) for r in rows):
         return None
-    prompts = [r.token_ids[: r.num_prompt_tokens] if active(r.params) else [] for r in rows]
-    outputs = [r.token_ids[r.num_prompt_tokens :] if active(r.params) else [] for r in rows]
+    prompts = [
+        r.token_ids[: r.num_prompt_tokens] if active(r.sampling_params) else [] for r in rows
+    ]
+    outputs = [
+        r.token_ids[r.num_prompt_tokens :] if active(r.sampling_params) else [] for r in rows
+    ]
 
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
     return _Penalties(
-        repetition=column([r.params.repetition_penalty for r in rows]),
-        presence=column([r.params.presence_penalty for r in rows]),
-        frequency=column([r.params.frequency_penalty for r in rows]),
+        repetition=column([r.sampling_params.repetition_penalty for r in rows]),
+        presence=column([r.sampling_params.presence_penalty for r in rows]),
+        frequency=column([r.sampling_params.frequency_penalty for r in rows]),
         prompt_ids=_pad(prompts, vocab_size, device),
         output_ids=_pad(outputs, vocab_size, device),
     )
@@ -137,9 +141,9 @@ def _prepare_min_tokens_mask(
     row_idx: list[int] = []
     token_idx: list[int] = []
     for i, row in enumerate(rows):
-        if row.num_output_tokens < row.params.min_tokens:
-            stop_ids = set(row.params.stop_token_ids)
-            if not row.params.ignore_eos:
+        if row.num_output_tokens < row.sampling_params.min_tokens:
+            stop_ids = set(row.sampling_params.stop_token_ids)
+            if not row.sampling_params.ignore_eos:
                 stop_ids.update(row.eos_token_ids)
             row_idx.extend([i] * len(stop_ids))
             token_idx.extend(sorted(stop_ids))
@@ -261,7 +265,7 @@ def beam_candidates(
     if min_tokens_mask is not None:
         logprobs[min_tokens_mask] = float("-inf")
     vocab = logprobs.shape[-1]
-    widths = [min(r.params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]
+    widths = [min(r.sampling_params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]
     values, ids = logprobs.topk(max(widths), dim=-1)
     return (
         [row[:w] for row, w in zip(ids.tolist(), widths)],

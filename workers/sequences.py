@@ -16,7 +16,7 @@ class WorkerSequence:
     token_ids: list[int]  # prompt + every token sampled so far (including unseen by the router)
     num_prompt_tokens: int
     block_ids: list[int]
-    sampling: SamplingParams
+    sampling_params: SamplingParams
     num_computed_tokens: int = 0
 
 
@@ -44,13 +44,13 @@ class SequenceTable:
                 token_ids=list(new.token_ids),
                 num_prompt_tokens=new.num_prompt_tokens,
                 block_ids=list(new.block_ids),
-                sampling=new.sampling,
+                sampling_params=new.sampling_params,
                 num_computed_tokens=new.num_computed_tokens,
             )
         # NOTE: every fork copies its parent before any beam token is appended.
         children = [(fork, self._copy(self.seqs[fork.parent_id])) for fork in step.forks]
         for fork, child in children:
-            child.sampling = fork.sampling
+            child.sampling_params = fork.sampling_params
             self.seqs[fork.child_id] = child
         for seq_id, token_id in step.beam_token_ids.items():
             self.seqs[seq_id].token_ids.append(token_id)

@@ -296,11 +296,11 @@ class ModelWorker:
             seq, first = seqs[i], scheduled[i].num_computed + 1
             count = scheduled[i].num_prompt_logits
             rows = logits[len(sampling_idx) + offset : len(sampling_idx) + offset + count]
-            assert seq.sampling.prompt_logprobs is not None
+            assert seq.sampling_params.prompt_logprobs is not None
             out.prompt_logprobs[step_input.seq_ids[i]] = (
                 first,
                 prompt_logprobs(
-                    rows, seq.token_ids[first : first + count], seq.sampling.prompt_logprobs
+                    rows, seq.token_ids[first : first + count], seq.sampling_params.prompt_logprobs
                 ),
             )
         self.table.advance(seqs, step_input)
@@ -315,13 +315,13 @@ class ModelWorker:
         step_input: StepInput,
     ) -> None:
         """Sample the next token of each sampling row, or list a beam's candidates."""
-        beams = [k for k, (_, seq) in enumerate(rows) if seq.sampling.num_beams > 1]
-        samples = [k for k, (_, seq) in enumerate(rows) if seq.sampling.num_beams == 1]
+        beams = [k for k, (_, seq) in enumerate(rows) if seq.sampling_params.num_beams > 1]
+        samples = [k for k, (_, seq) in enumerate(rows) if seq.sampling_params.num_beams == 1]
 
         def sampling_rows(ks: list[int]) -> list[SamplingRow]:
             return [
                 SamplingRow(
-                    rows[k][1].sampling,
+                    rows[k][1].sampling_params,
                     rows[k][1].token_ids,
                     rows[k][1].num_prompt_tokens,
                     self.eos_token_ids,
@@ -353,6 +353,6 @@ class ModelWorker:
 
 def _num_prompt_logits(seq: WorkerSequence, num_computed: int, num_tokens: int) -> int:
     """Rows of a scheduled chunk whose logits score a prompt token (prompt_logprobs asked)."""
-    if seq.sampling.prompt_logprobs is None:
+    if seq.sampling_params.prompt_logprobs is None:
         return 0
     return max(0, min(num_computed + num_tokens, seq.num_prompt_tokens - 1) - num_computed)

@@ -240,7 +240,9 @@ def test_prompt_logprobs_score_at_most_max_prompt_logits_tokens_per_step():
         engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=1))
     engine.add_request([7] * 900, GREEDY)  # no prompt logprobs: not limited
     drive(engine, worker)
-    scored = {n.seq_id for s in worker.steps for n in s.new_seqs if n.sampling.prompt_logprobs}
+    scored = {
+        n.seq_id for s in worker.steps for n in s.new_seqs if n.sampling_params.prompt_logprobs
+    }
     rows = [
         sum(k for i, k in zip(s.seq_ids, s.num_scheduled_tokens) if i in scored and k > 1)
         for s in worker.steps
