@@ -122,6 +122,9 @@ class ModelInfo:
     has_chat_template: bool = False
     quantization: str = ""  # "int8", or "" for none
     decode_graph_batch_sizes: list[int] = field(default_factory=list)  # [] = eager decode steps
+    # What requests that leave temperature, top_k, top_p, min_p or repetition_penalty unset
+    # sample with (the model's generation_config.json)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def _logprobs(entries: Any) -> list[TokenLogprob]:
@@ -197,10 +200,12 @@ def info_from_proto(resp: pb.ModelInfo) -> ModelInfo:
 
 
 def _scalars(message: Any) -> dict[str, Any]:
-    """A message's non-message fields by name (repeated scalars as lists)."""
+    """A message's non-message fields by name (repeated scalars as lists, maps as dicts)."""
     out: dict[str, Any] = {}
     for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
         if f.message_type is None:
-            value = getattr(message, f.name)
             out[f.name] = list(value) if f.is_repeated else value
+        elif f.message_type.GetOptions().map_entry:
+            out[f.name] = dict(value)
     return out

@@ -240,6 +240,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             has_chat_template=bool(getattr(self.router.tokenizer, "chat_template", None)),
             quantization=info.quantization or "",
             decode_graph_batch_sizes=list(info.decode_graph_batch_sizes),
+            sampling_defaults=info.sampling_defaults,
         )
 
     async def GetClusterStatus(

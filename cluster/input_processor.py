@@ -133,13 +133,15 @@ class InputProcessor:
         arrival_time: float | None = None,
         resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
-        """A validated request with its `sampling_params.n` sequences, queued nowhere yet. With
-        `resume` (by sample index), those samples continue after the tokens they had.
+        """A validated request with its `sampling_params.n` sequences, queued nowhere yet: the
+        sampling knobs it leaves unset take the model's defaults. With `resume` (by sample
+        index), those samples continue after the tokens they had.
 
         Raises:
             ValueError: a prompt or parameter the model cannot take (the message says why).
         """
         token_ids = self.tokenize(prompt)
+        sampling_params = sampling_params.with_defaults(self.info.sampling_defaults)
         self.check_params(sampling_params, len(token_ids))
         resume = resume or {}
         self._check_resume(resume, sampling_params, len(token_ids))
@@ -298,6 +300,14 @@ class InputProcessor:
 
     def check_params(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""
+        max_tokens, max_len = sampling_params.max_tokens, self.info.max_model_len
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+            raise InvalidParameterError(
+                "max_tokens",
+                f"the prompt's {num_prompt_tokens} tokens + max_tokens={max_tokens} exceed the "
+                f"model's context (max_model_len) of {max_len} tokens: ask for at most "
+                f"{max_len - num_prompt_tokens}",
+            )
         if sampling_params.num_beams > 1:
             self._check_beam_blocks(sampling_params, num_prompt_tokens)
         if sampling_params.stop and self.tokenizer is None:

@@ -27,10 +27,10 @@ class EngineWithInput(EngineCore):
         self._ids = itertools.count()
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
+        self, prompt: Prompt, sampling_params: SamplingParams, *, request_id: str | None = None
     ) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.add(self.processor.process(prompt, params, request_id))
+        self.add(self.processor.process(prompt, sampling_params, request_id))
         return request_id
 
 

@@ -67,8 +67,18 @@ class WorkerConfig:
         None, "tokens per sequence, prompt + output (default: the model's context)"
     )
     seed: int = setting(0, "torch seed of each worker")
+    generation_config: str = setting(
+        "auto",
+        "auto: requests that leave temperature, top_k, top_p, min_p or repetition_penalty unset "
+        "take the model's defaults (its generation_config.json; smollm2: temperature 0.2, "
+        "top_p 0.9); none: they take the neutral values (temperature 1.0, no filters)",
+    )
 
     def __post_init__(self) -> None:
+        if self.generation_config not in ("auto", "none"):
+            raise ValueError(
+                f"generation_config must be auto or none, got {self.generation_config!r}"
+            )
         if self.quantization is not None and self.quantization not in ("int8", "none"):
             raise ValueError(f"quantization must be int8 or none, got {self.quantization!r}")
         if self.quantization == "none":

@@ -7,7 +7,9 @@ lists, ints and small dataclasses so that it pickles cheaply across a Ray actor 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 _MAX_LOGPROBS = 20
 _MAX_N = 16
@@ -24,12 +26,26 @@ class InvalidParameterError(ValueError):
         self.param = param
 
 
+# The sampling knobs a model may set defaults for (its generation_config.json), and what each
+# means when neither the request nor the model sets it: no change to the model's distribution.
+NEUTRAL_KNOBS: dict[str, float] = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops. Validated on construction.
 
-    Defaults follow vLLM's `SamplingParams`: temperature 1.0 (set 0 for greedy), 16 new
-    tokens. Penalties follow their usual meanings: `repetition_penalty` (HF/CTRL style, over
+    Defaults follow vLLM's `SamplingParams`: 16 new tokens; the sampling knobs (`temperature`,
+    `top_k`, `top_p`, `min_p`, `repetition_penalty`) left unset (None) take the served model's
+    defaults (its generation_config.json, `WorkerInfo.sampling_defaults`; see `with_defaults`),
+    else their neutral values (`NEUTRAL_KNOBS`: temperature 1.0, the filters off). Temperature 0
+    is greedy. Penalties follow their usual meanings: `repetition_penalty` (HF/CTRL style, over
     prompt and output, 1.0 = off) divides positive and multiplies negative logits of seen
     tokens; `presence_penalty` and `frequency_penalty` (OpenAI style, output only, 0 = off)
     subtract a flat amount once / per occurrence.
@@ -39,11 +55,11 @@ class SamplingParams:
     """
 
     n: int = 1
-    temperature: float = 1.0
-    top_k: int = 0  # 0 (or -1) keeps every token
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float | None = None  # None: the model's default, else 1.0; 0: greedy
+    top_k: int | None = None  # None: the model's default, else 0; 0 (or -1) keeps every token
+    top_p: float | None = None  # None: the model's default, else 1.0 (every token)
+    min_p: float | None = None  # None: the model's default, else 0.0 (off)
+    repetition_penalty: float | None = None  # None: the model's default, else 1.0 (off)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -76,11 +92,16 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check_int("n", self.n, 1, _MAX_N)
-        _check_float("temperature", self.temperature, 0.0, 100.0)
-        _check_int("top_k", self.top_k, 0, 2**31 - 1, hint="0 or -1 disables it")
-        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_float("min_p", self.min_p, 0.0, 1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
+        if self.temperature is not None:
+            _check_float("temperature", self.temperature, 0.0, 100.0)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 0, 2**31 - 1, hint="0 or -1 disables it")
+        if self.top_p is not None:
+            _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.min_p is not None:
+            _check_float("min_p", self.min_p, 0.0, 1.0)
+        if self.repetition_penalty is not None:
+            _check_float("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
@@ -141,16 +162,17 @@ class SamplingParams:
             raise InvalidParameterError(
                 "n", f"n must be <= num_beams ({self.num_beams}): it is how many beams to return"
             )
-        # NOTE: temperature 1.0 is the default, so "unset" and 1.0 cannot be told apart.
-        if self.temperature not in (0.0, 1.0):
+        if self.temperature not in (None, 0.0):
             raise InvalidParameterError(
-                "temperature", "beam search is deterministic: leave temperature unset (or 0)"
+                "temperature",
+                "beam search is deterministic: leave temperature unset (or 0), got "
+                f"{self.temperature}",
             )
         unsupported = {
-            "top_k": self.top_k != 0,
-            "top_p": self.top_p != 1.0,
-            "min_p": self.min_p != 0.0,
-            "repetition_penalty": self.repetition_penalty != 1.0,
+            "top_k": self.top_k not in (None, 0),
+            "top_p": self.top_p not in (None, 1.0),
+            "min_p": self.min_p not in (None, 0.0),
+            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
             "presence_penalty": self.presence_penalty != 0.0,
             "frequency_penalty": self.frequency_penalty != 0.0,
             "best_of": self.best_of is not None,
@@ -164,6 +186,28 @@ class SamplingParams:
                     f"{name} does not combine with beam search (num_beams > 1); leave it unset "
                     "(each beam's cumulative_logprob is returned)",
                 )
+
+    def with_defaults(self, defaults: Mapping[str, float]) -> SamplingParams:
+        """The parameters a request runs with: each sampling knob it left unset takes the
+        model's default from `defaults` (`WorkerInfo.sampling_defaults`), else its neutral value
+        (`NEUTRAL_KNOBS`). A beam search takes none (its knobs stay unset: beams do not sample).
+
+        Raises:
+            ValueError: the combination is invalid once resolved (`n > 1` over a greedy default).
+        """
+        if self.num_beams > 1:
+            return self
+        unset: dict[str, Any] = {
+            name: defaults.get(name, neutral)
+            for name, neutral in NEUTRAL_KNOBS.items()
+            if getattr(self, name) is None
+        }
+        return replace(self, **unset) if unset else self
+
+    def knob(self, name: str) -> float:
+        """A sampling knob's value (`NEUTRAL_KNOBS`), its neutral one where it is unset."""
+        value = getattr(self, name)
+        return NEUTRAL_KNOBS[name] if value is None else value
 
     @property
     def num_samples(self) -> int:
@@ -185,7 +229,8 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         """Whether the next token is always the most likely one. The one greedy rule: the
-        sampler takes the argmax for these rows, and `n > 1` is refused for them."""
+        sampler takes the argmax for these rows, and `n > 1` is refused for them. An unset
+        knob is not greedy (until `with_defaults` gives it the model's value)."""
         return self.temperature == 0.0 or self.top_k == 1
 
 
@@ -223,6 +268,9 @@ class WorkerInfo:
     weights_bytes: int  # bytes held by the model's parameters
     quantization: str | None = None  # "int8", or None
     decode_graph_batch_sizes: tuple[int, ...] = ()  # replayed decode sizes; () = eager steps
+    # The model's sampling defaults (`NEUTRAL_KNOBS` names; its generation_config.json, or a
+    # built-in model's own): what a request that leaves a knob unset samples with.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

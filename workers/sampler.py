@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvray.workers.protocol import Logprobs, SamplingParams
+from kvray.workers.protocol import NEUTRAL_KNOBS, Logprobs, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,10 +33,11 @@ class SamplingRow:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors; a field is None when no row uses it."""
+    """Per-row sampling parameters as tensors; a field is None when no sampled row uses it."""
 
-    temperature: torch.Tensor  # [batch] float, 0 for greedy rows
+    is_greedy: torch.Tensor  # [batch] bool: the row takes the argmax (SamplingParams.is_greedy)
     is_all_greedy: bool
+    temperature: torch.Tensor | None  # [batch] float, each row's own (0 for some greedy rows)
     top_k: torch.Tensor | None  # [batch] long, vocab size where disabled
     top_p: torch.Tensor | None  # [batch] float
     min_p: torch.Tensor | None  # [batch] float
@@ -72,27 +73,32 @@ def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
     sampling_params = [r.sampling_params for r in rows]
-    temperature = [0.0 if p.is_greedy else p.temperature for p in sampling_params]
-    sampled = [t > 0.0 for t in temperature]
+    is_greedy = [p.is_greedy for p in sampling_params]
 
-    def column(values: list[float], neutral: float, dtype: torch.dtype) -> torch.Tensor | None:
-        if all(v == neutral for v, s in zip(values, sampled) if s):
+    def column(name: str, dtype: torch.dtype, neutral: float, values: list) -> torch.Tensor | None:
+        """A knob's values, or None when no sampled row moves it off its neutral value."""
+        if all(v == neutral for v, greedy in zip(values, is_greedy) if not greedy):
             return None
         return torch.tensor(values, dtype=dtype, device=device)
 
+    def knob(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        return column(name, dtype, NEUTRAL_KNOBS[name], [p.knob(name) for p in sampling_params])
+
     generators = {}
     for i, row in enumerate(rows):
-        if sampled[i] and row.sampling_params.seed is not None:
+        if not is_greedy[i] and row.sampling_params.seed is not None:
             g = torch.Generator(device=device)
             g.manual_seed(token_seed(row.sampling_params.seed, row.num_output_tokens))
             generators[i] = g
     asked = [p.logprobs for p in sampling_params if p.logprobs is not None]
+    top_k = [int(p.knob("top_k")) or vocab_size for p in sampling_params]  # 0: every token
     return SamplingBatch(
-        temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
-        is_all_greedy=not any(sampled),
-        top_k=column([p.top_k or vocab_size for p in sampling_params], vocab_size, torch.long),
-        top_p=column([p.top_p for p in sampling_params], 1.0, torch.float32),
-        min_p=column([p.min_p for p in sampling_params], 0.0, torch.float32),
+        is_greedy=torch.tensor(is_greedy, dtype=torch.bool, device=device),
+        is_all_greedy=all(is_greedy),
+        temperature=knob("temperature", torch.float32),
+        top_k=column("top_k", torch.long, vocab_size, top_k),
+        top_p=knob("top_p", torch.float32),
+        min_p=knob("min_p", torch.float32),
         penalties=_prepare_penalties(rows, vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         generators=generators,
@@ -106,7 +112,9 @@ def _prepare_penalties(
 ) -> _Penalties | None:
     def active(p: SamplingParams) -> bool:
         return (
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            p.knob("repetition_penalty") != 1.0
+            or p.presence_penalty != 0.0
+            or p.frequency_penalty != 0.0
         )
 
     if not any(active(r.sampling_params) for r in rows):
@@ -122,7 +130,7 @@ def _prepare_penalties(
         return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
     return _Penalties(
-        repetition=column([r.sampling_params.repetition_penalty for r in rows]),
+        repetition=column([r.sampling_params.knob("repetition_penalty") for r in rows]),
         presence=column([r.sampling_params.presence_penalty for r in rows]),
         frequency=column([r.sampling_params.frequency_penalty for r in rows]),
         prompt_ids=_pad(prompts, vocab_size, device),
@@ -174,15 +182,17 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not batch.is_all_greedy:
             sampled = self._sample_random(logits, batch)
-            tokens = torch.where(batch.temperature > 0, sampled, tokens)
+            tokens = torch.where(batch.is_greedy, tokens, sampled)
         token_ids: list[int] = tokens.tolist()
         if raw_logprobs is None:
             return token_ids, None
         return token_ids, _gather_logprobs(raw_logprobs, tokens, batch)
 
     def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-        logits = logits / temperature[:, None]
+        """A draw for every row; the caller keeps the argmax for greedy rows."""
+        if batch.temperature is not None:
+            # NOTE: a greedy row's temperature may be 0; its draw is discarded, so divide it by 1.
+            logits = logits / batch.temperature.masked_fill(batch.is_greedy, 1.0)[:, None]
         if batch.top_k is not None or batch.top_p is not None:
             logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         probs = torch.softmax(logits, dim=-1)

@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 
 from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
-from kvray.workers.checkpoints import resolve_model
+from kvray.workers.checkpoints import BUILTIN_SAMPLING_DEFAULTS, resolve_model
 from kvray.workers.config import EngineConfig
 from kvray.workers.decode_graphs import batch_sizes
 from kvray.workers.fused_projections import fuse_projections
+from kvray.workers.generation_config import sampling_defaults
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.packed_linear import can_pack, pack_linears
@@ -60,6 +61,7 @@ class ModelWorker:
         self.vocab_size = int(text_config.vocab_size)
         self.max_model_len = self._max_model_len(text_config)
         self.eos_token_ids = self._eos_token_ids()
+        self.sampling_defaults = self._sampling_defaults()
         self.kv_spec = KVCacheSpec.from_model_config(self.model.config, self.dtype)
         self.sampler = Sampler()
         self.kv_cache: KVCache | None = None
@@ -129,6 +131,19 @@ class ModelWorker:
             return ()
         return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
 
+    def _sampling_defaults(self) -> dict[str, float]:
+        if self.config.generation_config == "none":
+            return {}
+        defaults = sampling_defaults(
+            self.model_path,
+            builtin=BUILTIN_SAMPLING_DEFAULTS.get(self.config.model, {}),
+            revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code,
+        )
+        if defaults:
+            logger.info("the model's sampling defaults for unset parameters: %s", defaults)
+        return defaults
+
     # ------------------------------------------------------------------ lifecycle
 
     def warmup(self) -> WorkerInfo:
@@ -177,6 +192,7 @@ class ModelWorker:
             ),
             quantization=self.config.quantization,
             decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
+            sampling_defaults=self.sampling_defaults,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",

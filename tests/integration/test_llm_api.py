@@ -193,3 +193,23 @@ def test_a_bf16_checkpoint_runs_in_bf16_on_a_cpu_with_native_bf16(model_cache_di
     )
     out = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4
+
+
+def test_unset_sampling_knobs_take_the_models_generation_config(tmp_path, tiny_model_path):
+    import json
+
+    path = tmp_path / "greedy-by-default"
+    shutil.copytree(tiny_model_path, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    unset = SamplingParams(max_tokens=12, ignore_eos=True, seed=5)
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+
+    llm = LLM(str(path), max_model_len=128)
+    assert llm.engine.info.sampling_defaults == {"temperature": 0.0}
+    expected = llm.generate("Hello", greedy)[0].token_ids
+    assert llm.generate("Hello", unset)[0].token_ids == expected
+
+    neutral = LLM(str(path), max_model_len=128, generation_config="none")
+    assert neutral.engine.info.sampling_defaults == {}
+    assert neutral.generate("Hello", unset)[0].token_ids != expected  # sampled at 1.0

@@ -160,3 +160,31 @@ def test_logprobs_are_the_models_log_softmax():
     assert lp.top_token_ids == [1, 2]
     assert lp.top_logprobs == pytest.approx([float(ref[1]), float(ref[2])])
     assert logprobs[1] is None
+
+
+def test_the_batch_keeps_each_rows_temperature_and_marks_greedy_rows_apart():
+    rows = [
+        SamplingParams(temperature=0.7, top_k=1),  # greedy by top_k, its temperature kept
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.5, seed=3),
+    ]
+    batch = prepare_sampling_batch([SamplingRow(p, [0], 1) for p in rows], vocab_size=4, device=CPU)
+    assert batch.is_greedy.tolist() == [True, True, False] and not batch.is_all_greedy
+    assert batch.temperature is not None
+    assert batch.temperature.tolist() == pytest.approx([0.7, 0.0, 0.5])
+    assert list(batch.generators) == [2]  # only the sampled row draws
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    tokens, _ = Sampler().sample(logits, batch)
+    assert tokens[:2] == [1, 1]
+
+
+def test_unset_knobs_sample_as_their_neutral_values():
+    logits = torch.randn(1, 50)
+    seeded = {"seed": 11, "max_tokens": 4}
+    unset, _ = sample(logits, [SamplingParams(**seeded)])
+    neutral, _ = sample(
+        logits,
+        [SamplingParams(**seeded, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                        repetition_penalty=1.0)],
+    )  # fmt: skip
+    assert unset == neutral

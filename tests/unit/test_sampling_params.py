@@ -97,3 +97,28 @@ def test_best_of_below_n_or_greedy_is_refused():
         SamplingParams(best_of=2, temperature=0)
     assert SamplingParams(n=2, best_of=2).is_ranked is False
     assert SamplingParams(n=2, best_of=3).is_ranked is True
+
+
+def test_unset_knobs_take_the_models_defaults_then_their_neutral_values():
+    unset = SamplingParams(top_k=7)
+    assert (unset.temperature, unset.top_p, unset.min_p, unset.repetition_penalty) == (None,) * 4
+    got = unset.with_defaults({"temperature": 0.2, "top_p": 0.9, "top_k": 50})
+    assert (got.temperature, got.top_p, got.top_k) == (0.2, 0.9, 7)  # the request's top_k stays
+    assert (got.min_p, got.repetition_penalty) == (0.0, 1.0)
+    assert got.with_defaults({"temperature": 0.5}) == got  # resolved once, for good
+    assert SamplingParams(temperature=0).with_defaults({"temperature": 0.7}).is_greedy
+
+
+def test_beams_take_no_sampling_defaults_and_refuse_an_explicit_temperature():
+    beams = SamplingParams(num_beams=4, n=2)
+    assert beams.with_defaults({"temperature": 0.2, "top_p": 0.9}) is beams
+    assert SamplingParams(num_beams=4, temperature=0).num_beams == 4
+    with pytest.raises(ValueError, match="beam search is deterministic: leave temperature unset"):
+        SamplingParams(num_beams=4, temperature=1.0)  # the old default: no longer "unset"
+    assert SamplingParams(num_beams=4, top_p=1.0, top_k=0).num_beams == 4  # off is fine
+
+
+def test_n_samples_over_a_greedy_model_default_are_refused():
+    with pytest.raises(ValueError, match="n > 1 needs random sampling"):
+        SamplingParams(n=2).with_defaults({"temperature": 0.0})
+    assert SamplingParams(n=2).with_defaults({"temperature": 0.3}).temperature == 0.3
