@@ -1,11 +1,12 @@
-"""The OpenAI-compatible HTTP API on the router: `/v1/models`, `/v1/completions` and
-`/v1/chat/completions` (whole or streamed as server-sent events), `/health` and `/metrics`.
+"""The OpenAI-compatible HTTP API on the router: `/v1/models` (and `/v1/models/{id}`),
+`/v1/completions` and `/v1/chat/completions` (whole or streamed as server-sent events),
+`/health` and `/metrics`.
 
 Served by uvicorn in the router's own event loop, beside the gRPC server: the same `Router`,
 scheduler and failover. Errors are OpenAI's error JSON: 400 names the parameter, 404 an
-unknown model, 429 a full queue, 503 no ready replica, 504 a request past its deadline
-(`http_request_timeout_s`, or the `X-Request-Timeout` header in seconds). A client that
-disconnects aborts its requests, which frees their KV blocks at once.
+unknown model or path, 405 a wrong method, 429 a full queue, 503 no ready replica, 504 a
+request past its deadline (`http_request_timeout_s`, or the `X-Request-Timeout` header in
+seconds). A client that disconnects aborts its requests, which frees their KV blocks at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from kvray.cluster.asgi_server import BodyLimit
 from kvray.cluster.engine import CompletionChunk
@@ -49,15 +51,18 @@ class ModelNotFound(Exception):
 
 def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """OpenAI's error body and the HTTP status for an exception."""
-    param = None
-    if isinstance(exc, UnauthenticatedError):
+    param, code = None, None
+    if isinstance(exc, HTTPException):  # routing's own: an unknown path, a wrong method
+        status = exc.status_code
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+    elif isinstance(exc, UnauthenticatedError):
         status, kind = 401, "authentication_error"
     elif isinstance(exc, InvalidParameterError):
         status, kind, param = 400, "invalid_request_error", exc.param
     elif isinstance(exc, ValueError | TypeError):
         status, kind = 400, "invalid_request_error"
     elif isinstance(exc, ModelNotFound):
-        status, kind, param = 404, "not_found_error", "model"
+        status, kind, param, code = 404, "not_found_error", "model", "model_not_found"
     elif isinstance(exc, OverloadedError):
         status, kind = 429, "rate_limit_error"
     elif isinstance(exc, UnavailableError):
@@ -67,14 +72,22 @@ def error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     else:
         logger.error("internal error", exc_info=exc)
         status, kind = 500, "server_error"
-    message = str(exc) if status != 500 else f"internal error: {type(exc).__name__}: {exc}"
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    if isinstance(exc, HTTPException):
+        message = exc.detail
+    elif status == 500:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    else:
+        message = str(exc)
+    error = {"message": message, "type": kind, "param": param, "code": code or status}
+    return status, {"error": error}
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
     status, body = error_json(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}  # 405's Allow
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def build_app(
@@ -86,8 +99,9 @@ def build_app(
 ) -> FastAPI:
     """The HTTP app. `drain()` begins a graceful shutdown and returns once the streams are
     done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it). With
-    `auth`, the `/v1` routes need `Authorization: Bearer <token>` (401 without); `/health` and
-    `/metrics` stay open for probes and Prometheus."""
+    `auth`, every `/v1/` path needs `Authorization: Bearer <token>` (401 without, before the
+    path is looked up: an unknown one is 401 too); `/health` and `/metrics` stay open for
+    probes and Prometheus."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit)
     app.add_middleware(TokenGate, auth=auth)  # NOTE: added last, runs first: before the body
@@ -101,6 +115,13 @@ def build_app(
         where = ".".join(loc) or "body"
         return _error_response(InvalidParameterError(param or "", f"{where}: {first['msg']}"))
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        return _error_response(
+            HTTPException(exc.status_code, f"{exc.detail}: {where}", exc.headers)
+        )
+
     @app.get("/health")
     async def health() -> Response:
         if router.is_serving:
@@ -111,10 +132,7 @@ def build_app(
     async def admin_drain(request: Request) -> Response:
         client = request.client.host if request.client else ""
         if drain is None or not _is_loopback(client):
-            return JSONResponse(
-                {"error": {"message": "not found", "type": "not_found_error", "param": None, "code": 404}},
-                status_code=404,
-            )  # fmt: skip
+            raise HTTPException(404)
         await drain()
         return JSONResponse({"drained": True})
 
@@ -122,17 +140,25 @@ def build_app(
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> Response:
+    def model() -> dict[str, Any]:
         info = router.info
-        model = {
+        return {
             "id": router.config.model_name,
             "object": "model",
             "created": started,
             "owned_by": "kvray",
             "max_model_len": info.max_model_len if info else None,
         }
-        return JSONResponse({"object": "list", "data": [model]})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [model()]})
+
+    @app.get("/v1/models/{model_id:path}")  # NOTE: a path: served names hold slashes
+    async def retrieve_model(model_id: str) -> Response:
+        if model_id != router.config.model_name:
+            return _error_response(_model_not_found(router, model_id))
+        return JSONResponse(model())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -175,11 +201,17 @@ async def _generate(
         if auth is not None and token is not None:
             held.enter_context(auth.slot(token))
         if body.model != router.config.model_name:
-            raise ModelNotFound(f"the model {body.model!r} is not served here; it is {router.config.model_name!r}")  # fmt: skip
+            raise _model_not_found(router, body.model)
         deadline = _deadline(request, request_timeout_s)
         for prompt in prompts:
             streams.append(await router.admit(prompt, params))
-        renderer = Renderer(kind, router.config.model_name, router.tokenizer)
+        renderer = Renderer(
+            kind,
+            router.config.model_name,
+            router.tokenizer,
+            include_usage=body.include_usage,
+            continuous_usage=body.continuous_usage,
+        )
         choices = Choices(len(prompts), params.n)
         chunks = _merged(router, streams)
         if not body.stream:
@@ -192,7 +224,7 @@ async def _generate(
         for stream in streams:
             router.abort(stream)
         return _error_response(exc)
-    events = _events(first, chunks, choices, renderer, body.include_usage, deadline, held)
+    events = _events(first, chunks, choices, renderer, deadline, held)
 
     async def release() -> None:
         await events.aclose()  # type: ignore[attr-defined]
@@ -235,6 +267,11 @@ class TokenGate:
                 return
             scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)
+
+
+def _model_not_found(router: Router, name: str) -> ModelNotFound:
+    served = router.config.model_name
+    return ModelNotFound(f"the model {name!r} is not served here; it is {served!r}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -351,7 +388,6 @@ async def _events(
     chunks: AsyncIterator[tuple[int, CompletionChunk]],
     choices: Choices,
     renderer: Renderer,
-    include_usage: bool,
     deadline: float | None,
     held: contextlib.ExitStack,
 ) -> AsyncIterator[str]:
@@ -361,7 +397,7 @@ async def _events(
         item = first
         while item is not None:
             index, chunk = item
-            event = renderer.chunk(choices.add(index, chunk), chunk, include_usage=include_usage)
+            event = renderer.chunk(choices.add(index, chunk), chunk)
             if event is not None:
                 yield event
             try:
@@ -370,7 +406,7 @@ async def _events(
                 item = None
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("the request ran past its deadline") from None
-        if include_usage:
+        if renderer.include_usage:
             yield renderer.usage_chunk(choices)
     except Exception as exc:
         yield sse(error_json(exc)[1])

@@ -20,6 +20,7 @@ from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk too (needs include_usage)
 
 
 class _SamplingRequest(BaseModel):
@@ -56,6 +57,13 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries its choice's usage so far, as vLLM's
+        `continuous_usage_stats` (which, as there, needs `include_usage`)."""
+        options = self.stream_options
+        return self.include_usage and options is not None and options.continuous_usage_stats
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams from the shared fields. Raises InvalidParameterError."""
@@ -115,6 +123,11 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
 
+# OpenAI's roles that chat templates do not know, as the role they mean. NOTE: most templates
+# know only system/user/assistant, and some raise on any other role.
+_ROLES = {"developer": "system"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -134,11 +147,17 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict[str, Any] | None = None
 
     def prompt(self) -> ChatPrompt:
-        for name in ("tools", "response_format"):
-            if getattr(self, name):
-                raise InvalidParameterError(name, f"{name} is not supported")
+        if self.tools:
+            raise InvalidParameterError("tools", "tools is not supported")
+        kind = "text" if self.response_format is None else self.response_format.get("type")
+        if kind != "text":  # OpenAI's default, plain text, is no constraint
+            raise InvalidParameterError(
+                "response_format",
+                f"response_format {kind!r}: structured output is not supported yet; only 'text'",
+            )
         messages = tuple(
-            {"role": m.role, "content": _text(m.content, i)} for i, m in enumerate(self.messages)
+            {"role": _ROLES.get(m.role, m.role), "content": _text(m.content, i)}
+            for i, m in enumerate(self.messages)
         )
         return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt)
 

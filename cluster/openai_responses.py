@@ -69,10 +69,23 @@ class Choices:
 
 
 class Renderer:
-    """OpenAI JSON for one API call: its id, creation time, model name and token strings."""
+    """OpenAI JSON for one API call: its id, creation time, model name and token strings.
 
-    def __init__(self, kind: str, model: str, tokenizer: Any | None) -> None:
+    When streamed, `include_usage` ends the stream with a usage event, and `continuous_usage`
+    (vLLM's `continuous_usage_stats`) adds each choice's usage so far to every chunk."""
+
+    def __init__(
+        self,
+        kind: str,
+        model: str,
+        tokenizer: Any | None,
+        *,
+        include_usage: bool = False,
+        continuous_usage: bool = False,
+    ) -> None:
         self.chat = kind == "chat"
+        self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
         prefix = "chatcmpl" if self.chat else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -107,7 +120,7 @@ class Renderer:
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._envelope(obj, items), "usage": choices.usage.to_json()}
 
-    def chunk(self, choice: Choice, delta: CompletionChunk, *, include_usage: bool) -> str | None:
+    def chunk(self, choice: Choice, delta: CompletionChunk) -> str | None:
         """One streamed event for `delta`, which was folded into `choice`; None when it has
         nothing to say (a token whose text waits for the rest of a character)."""
         logprobs = [lp for lp in delta.logprobs or () if lp is not None]
@@ -130,7 +143,12 @@ class Renderer:
             item["text"] = delta.text
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         event = self._envelope(obj, [item])
-        if include_usage:
+        if self.continuous_usage:  # this choice's so far, as vLLM sends it
+            prompt, done = delta.num_prompt_tokens, delta.num_output_tokens
+            event["usage"] = {
+                "prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done
+            }  # fmt: skip
+        elif self.include_usage:
             event["usage"] = None
         return sse(event)
 

@@ -9,14 +9,19 @@ import contextlib
 import json
 import socket
 import threading
+import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from kvray.client import KvrayClient, MessageTooLargeError
+from kvray.cluster.http_server import build_app
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES
+from kvray.cluster.security import TokenAuth
 from tests.helpers import free_port
 from tests.integration.conftest import start_cluster, wait_for
 
@@ -51,6 +56,59 @@ def kv_blocks_used(grpc) -> int:
 def test_models_lists_the_served_model(client):
     (model,) = client.models.list().data
     assert model.id == "tiny" and model.owned_by == "kvray"
+
+
+def test_a_model_is_retrieved_by_its_name(client):
+    (listed,) = client.models.list().data
+    assert client.models.retrieve("tiny") == listed
+
+
+def test_retrieving_another_model_is_404_model_not_found(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4")
+    assert err.value.body["code"] == "model_not_found"
+    assert err.value.body["param"] == "model" and "gpt-4" in err.value.body["message"]
+
+
+def http_error(cluster, method: str, path: str) -> tuple[int, dict, str | None]:
+    """The status, JSON body and Allow header of a request that fails."""
+    url = cluster.http_url.removesuffix("/v1") + path
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(url, method=method))
+    return err.value.code, json.load(err.value), err.value.headers.get("allow")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/embeddings", 404),
+        ("GET", "/nowhere", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ],
+)
+def test_unknown_paths_and_wrong_methods_get_openai_errors(cluster, method, path, status):
+    got, body, allow = http_error(cluster, method, path)
+    assert got == status
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == status and path in body["error"]["message"]
+    assert (allow is not None) == (status == 405)
+
+
+def test_with_tokens_on_unknown_paths_and_models_need_a_token_first(tmp_path):
+    (tmp_path / "tokens").write_text("secret\n")
+    router = SimpleNamespace(config=SimpleNamespace(model_name="org/tiny"), info=None)
+    http = TestClient(build_app(router, auth=TokenAuth(tmp_path / "tokens")))
+    token = {"authorization": "Bearer secret"}
+    for method, path, status in [
+        ("GET", "/v1/models/org/tiny", 200), ("GET", "/v1/models/gpt-4", 404),
+        ("GET", "/v1/nowhere", 404), ("PUT", "/v1/completions", 405),
+    ]:  # fmt: skip
+        refused = http.request(method, path)
+        assert refused.status_code == 401, (path, refused.json())
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert http.request(method, path, headers=token).status_code == status, path
+    assert http.get("/v1/models/org/tiny", headers=token).json()["id"] == "org/tiny"
 
 
 def test_completion_is_token_for_token_the_grpc_answer(client, grpc):
@@ -99,6 +157,45 @@ def test_streamed_chat_says_who_speaks_once_and_reports_usage(client):
     assert events[-1].usage.completion_tokens == 12  # 2 samples x 6 tokens
 
 
+CONTINUOUS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+def assert_running_usage(events, num_tokens, *, n: int, max_tokens: int) -> None:
+    """Every chunk but the last (the whole usage) carries its choice's usage so far;
+    `num_tokens(choice)` counts the tokens a chunk brings."""
+    whole = events[-1].usage
+    assert events[-1].choices == [] and whole.completion_tokens == n * max_tokens
+    sent: dict[int, int] = {}
+    for e in events[:-1]:
+        (choice,) = e.choices
+        sent[choice.index] = sent.get(choice.index, 0) + num_tokens(choice)
+        assert e.usage.prompt_tokens == whole.prompt_tokens
+        assert e.usage.completion_tokens == sent[choice.index], (choice.index, e.usage)
+        assert e.usage.total_tokens == whole.prompt_tokens + sent[choice.index]
+    assert sent == dict.fromkeys(range(n), max_tokens)
+
+
+def test_continuous_usage_counts_the_tokens_of_every_completion_chunk(client):
+    events = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, stream=True, stream_options=CONTINUOUS, logprobs=0,
+            n=2, temperature=0.8, seed=3, max_tokens=7, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert_running_usage(events, lambda c: len(c.logprobs.tokens), n=2, max_tokens=7)
+
+
+def test_continuous_usage_counts_the_tokens_of_every_chat_chunk(client):
+    events = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, stream=True, stream_options=CONTINUOUS,
+            logprobs=True, n=2, temperature=0.8, seed=7, max_tokens=6,
+            extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert_running_usage(events, lambda c: len(c.logprobs.content), n=2, max_tokens=6)
+
+
 def test_async_client_streams_and_completes(cluster):
     async def run():
         client = openai.AsyncOpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
@@ -112,6 +209,46 @@ def test_async_client_streams_and_completes(cluster):
 
     whole, streamed = asyncio.run(run())
     assert whole == streamed and whole
+
+
+def test_a_developer_message_is_a_system_message(client):
+    def chat(role):
+        messages = [{"role": role, "content": "Answer in French."}, *MESSAGES]
+        return client.chat.completions.create(
+            model="tiny", messages=messages, logprobs=True, **GREEDY
+        )
+
+    developer, system = chat("developer"), chat("system")
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    logprobs = [[t.logprob for t in r.choices[0].logprobs.content] for r in (developer, system)]
+    assert logprobs[0] == logprobs[1]  # the same prompt, to the last bit
+
+
+def test_response_format_text_is_no_constraint(client):
+    free = client.chat.completions.create(model="tiny", messages=MESSAGES, **GREEDY)
+    for text in ({"type": "text"}, None):
+        extra_body = {"response_format": text, "ignore_eos": True}  # None: sent as null
+        got = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, **{**GREEDY, "extra_body": extra_body}
+        )
+        assert got.choices[0].message.content == free.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    ],
+)
+def test_structured_output_is_refused_by_name(client, response_format):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, response_format=response_format
+        )
+    assert err.value.body["param"] == "response_format"
+    assert "structured output is not supported yet" in err.value.body["message"]
 
 
 def test_n_seed_stop_and_logprobs(client):
