@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,13 +81,13 @@ def build_app(
     router: Router,
     *,
     request_timeout_s: float | None = None,
-    drain: Callable[[], Awaitable[None]] | None = None,
+    drain: Callable[[], Awaitable[Mapping[str, int] | None]] | None = None,
     auth: TokenAuth | None = None,
 ) -> FastAPI:
     """The HTTP app. `drain()` begins a graceful shutdown and returns once the streams are
-    done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it). With
-    `auth`, the `/v1` routes need `Authorization: Bearer <token>` (401 without); `/health` and
-    `/metrics` stay open for probes and Prometheus."""
+    done, with counts of them for the answer (`POST /admin/drain`, from loopback only:
+    Kubernetes' preStop hook calls it). With `auth`, the `/v1` routes need `Authorization:
+    Bearer <token>` (401 without); `/health` and `/metrics` stay open for probes and Prometheus."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit)
     app.add_middleware(TokenGate, auth=auth)  # NOTE: added last, runs first: before the body
@@ -115,8 +115,8 @@ def build_app(
                 {"error": {"message": "not found", "type": "not_found_error", "param": None, "code": 404}},
                 status_code=404,
             )  # fmt: skip
-        await drain()
-        return JSONResponse({"drained": True})
+        closed = await drain()
+        return JSONResponse({"drained": True, **(closed or {})})
 
     @app.get("/metrics")
     async def metrics() -> Response:
