@@ -3,23 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import sys
 import time
+from pathlib import Path
 
 from google.protobuf.descriptor import FieldDescriptor
 
 from kvray.client.client import KvrayClient
 from kvray.client.connection import Progress
 from kvray.client.errors import KvrayError
+from kvray.protos.kvray.v1 import generation_pb2
 from kvray.wire import param_fields
 
 DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MAX_TOKENS = 64  # sent when --max-tokens is left out (the wire's default is 16)
 _TYPES = {
     FieldDescriptor.TYPE_FLOAT: float,
     FieldDescriptor.TYPE_INT32: int,
     FieldDescriptor.TYPE_INT64: int,
     FieldDescriptor.TYPE_STRING: str,
 }
+_PROTO = Path(generation_pb2.__file__).with_name("generation.proto")
+_FIELD = re.compile(r"^\s*(?:optional |repeated )?[\w.]+ (\w+) = \d+;")
+_BLOCK = re.compile(r"^\s*(message|oneof|enum|service) (\w+) \{")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with each option's default appended when it has one (not None, not the
+    False of a switch), so unset options do not read "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "%(default)" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+@functools.cache
+def proto_comments() -> dict[tuple[str, str], str]:
+    """The comment above each field of generation.proto, by (message, field) and joined into
+    one line: the wire contract documents every parameter, and the flags repeat it."""
+    comments: dict[tuple[str, str], str] = {}
+    blocks: list[str] = []  # the messages each line is in (a oneof counts as its message)
+    lines: list[str] = []
+    for line in _PROTO.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("//"):
+            lines.append(stripped[2:].strip())
+            continue
+        if block := _BLOCK.match(line):
+            blocks.append(block[2] if block[1] != "oneof" else blocks[-1])
+        elif stripped == "}" and blocks:
+            blocks.pop()
+        elif (field := _FIELD.match(line)) and blocks:
+            comments[blocks[-1], field[1]] = " ".join(lines)
+        lines = []
+    return comments
+
+
+def _param_help(f: FieldDescriptor) -> str:
+    message = f.containing_type.name if f.containing_type is not None else ""
+    text = proto_comments().get((message, f.name), "")
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
@@ -53,26 +107,54 @@ def _client(args: argparse.Namespace) -> KvrayClient:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="stream a completion from a kvray server")
-    p.add_argument("prompt")
+    about = "stream a completion from a kvray server"
+    p = sub.add_parser(
+        "generate",
+        help=about,
+        description=f"{about[0].upper()}{about[1:]}. Sampling flags left out are not sent: "
+        "the server applies the default their help names (the wire contract's, "
+        "protos/kvray/v1/generation.proto).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("prompt", help="the prompt text")
     _connection_flags(p)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument(
         "--resume", action="store_true", help="continue on the next router if one goes away"
     )
     for name, f in param_fields().items():  # one flag per wire parameter
-        flag = "--" + name.replace("_", "-")
-        if f.is_repeated:
-            p.add_argument(flag, dest=name, action="append", type=_TYPES[f.type], help="repeatable")
-        elif f.type == FieldDescriptor.TYPE_BOOL:
-            p.add_argument(flag, dest=name, action="store_true", default=None)
-        else:
-            p.add_argument(flag, dest=name, type=_TYPES[f.type], default=None)
-    p.set_defaults(func=generate, max_tokens=64)
+        _add_param_flag(p, name, f)
+    p.set_defaults(func=generate)
 
-    p = sub.add_parser("status", help="print a kvray cluster's replicas and load")
+    about = "print a kvray cluster's replicas and load"
+    p = sub.add_parser(
+        "status", help=about, description=f"{about[0].upper()}{about[1:]}.",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     _connection_flags(p)
     p.set_defaults(func=status)
+
+
+def _add_param_flag(p: argparse.ArgumentParser, name: str, f: FieldDescriptor) -> None:
+    """A flag for one wire parameter, its help the proto's comment. Unset (None) unless given,
+    so the server applies its own default; --max-tokens alone has one here."""
+    flag, text = "--" + name.replace("_", "-"), _param_help(f)
+    if f.is_repeated:
+        p.add_argument(
+            flag, dest=name, action="append", type=_TYPES[f.type], help=f"{text} Repeatable."
+        )
+    elif f.type == FieldDescriptor.TYPE_BOOL:
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
+    elif name == "max_tokens":
+        p.add_argument(
+            flag,
+            dest=name,
+            type=int,
+            default=DEFAULT_MAX_TOKENS,
+            help=f"{text} This command's default: %(default)s.",
+        )
+    else:
+        p.add_argument(flag, dest=name, type=_TYPES[f.type], default=None, help=text)
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -94,14 +94,14 @@ def build_app(
     router: Router,
     *,
     request_timeout_s: float | None = None,
-    drain: Callable[[], Awaitable[None]] | None = None,
+    drain: Callable[[], Awaitable[Mapping[str, int] | None]] | None = None,
     auth: TokenAuth | None = None,
 ) -> FastAPI:
     """The HTTP app. `drain()` begins a graceful shutdown and returns once the streams are
-    done (`POST /admin/drain`, from loopback only: Kubernetes' preStop hook calls it). With
-    `auth`, every `/v1/` path needs `Authorization: Bearer <token>` (401 without, before the
-    path is looked up: an unknown one is 401 too); `/health` and `/metrics` stay open for
-    probes and Prometheus."""
+    done, with counts of them for the answer (`POST /admin/drain`, from loopback only:
+    Kubernetes' preStop hook calls it). With `auth`, every `/v1/` path needs `Authorization:
+    Bearer <token>` (401 without, before the path is looked up: an unknown one is 401 too);
+    `/health` and `/metrics` stay open for probes and Prometheus."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit)
     app.add_middleware(TokenGate, auth=auth)  # NOTE: added last, runs first: before the body
@@ -133,8 +133,8 @@ def build_app(
         client = request.client.host if request.client else ""
         if drain is None or not _is_loopback(client):
             raise HTTPException(404)
-        await drain()
-        return JSONResponse({"drained": True})
+        closed = await drain()
+        return JSONResponse({"drained": True, **(closed or {})})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -95,6 +95,7 @@ class Cluster:
         self.http_port: int | None = None  # None: HTTP is off
         self.stop_requested = asyncio.Event()  # by `kvray drain` (POST /admin/drain)
         self.streams_closed = asyncio.Event()  # every stream has finished or been ended
+        self.closed_streams = {"num_streams": 0, "num_ended": 0}  # what closing them found
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -155,12 +156,14 @@ class Cluster:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
         await asyncio.shield(self._stopping)
 
-    async def drain(self) -> None:
+    async def drain(self) -> dict[str, int]:
         """`kvray drain` (a Kubernetes preStop hook): begin stopping, as SIGTERM would, and
-        return once every stream has finished or been ended."""
+        return once every stream has finished or been ended: how many were running
+        (`num_streams`) and how many of them were ended at `shutdown_timeout_s` (`num_ended`)."""
         self.stop_requested.set()
         asyncio.get_running_loop().create_task(self.stop())
         await self.streams_closed.wait()
+        return self.closed_streams
 
     async def _stop(self) -> None:
         if self.router is None:
@@ -173,7 +176,8 @@ class Cluster:
         grpc_stopped = asyncio.gather(
             *(s.stop(grace=timeout + STOP_MARGIN_S) for s in self.servers)
         )
-        await self.router.close_streams(timeout)
+        num_streams, num_ended = await self.router.close_streams(timeout)
+        self.closed_streams = {"num_streams": num_streams, "num_ended": num_ended}
         self.streams_closed.set()
         await grpc_stopped
         if self.http is not None:

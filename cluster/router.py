@@ -83,19 +83,23 @@ class Router:
         if self.autoscaler.is_enabled:
             self._tasks.spawn(self.autoscaler.run())
 
-    async def close_streams(self, timeout_s: float) -> None:
+    async def close_streams(self, timeout_s: float) -> tuple[int, int]:
         """Shutdown: wait up to `timeout_s` for running streams to finish, then end the rest
-        with UNAVAILABLE."""
+        with UNAVAILABLE. Returns the number of streams open when it began, and of those it
+        ended."""
+        num_open = len(self._streams)
         deadline = self.clock() + timeout_s
         while self._streams and self.clock() < deadline:
             await asyncio.sleep(0.05)
-        for stream in list(self._streams.values()):
+        ended = list(self._streams.values())
+        for stream in ended:
             self.abort(stream)
             stream.queue.put_nowait(
                 UnavailableError(
                     "the server is shutting down (its streams had shutdown_timeout_s to finish)"
                 )
             )
+        return num_open, len(ended)
 
     async def shutdown(self) -> None:
         self.pool.is_closing = True  # NOTE: first, so no failure handling starts a replacement

@@ -62,6 +62,14 @@ def make_tokenizer_into(out: Path) -> None:
     make_tokenizer().save_pretrained(out)
 
 
+def builtin_models() -> list[str]:
+    """Every name `resolve_model` builds or fetches itself (`kvray serve --model`'s help lists
+    them). Standard library only, like its callers' imports."""
+    from kvray.workers.tiny_model import TINY_MODELS
+
+    return ["smollm2", *TINY_MODELS]
+
+
 def _builtin(name: str) -> Callable[[Path], str] | None:
     """The builder of a built-in name, or None."""
     from kvray.workers.tiny_model import TINY_MODELS, TINY_VERSION, make_tiny_model

@@ -2,7 +2,8 @@
 (`SchedulerConfig`), and both together (`EngineConfig`), which the worker and the router's
 scheduler share, so each limit is defined once.
 
-Standard library only. Every field carries its help text (`setting`): `kvray serve` builds its
+Standard library only (and `checkpoints`' list of built-in model names, itself standard library
+at import). Every field carries its help text (`setting`): `kvray serve` builds its
 flags from it and the README's settings table lists the same keys.
 """
 
@@ -12,6 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvray.workers.checkpoints import builtin_models
 
 
 def setting(default: Any, help: str) -> Any:
@@ -24,7 +27,9 @@ class WorkerConfig:
     """What a ModelWorker loads and how it sizes its KV cache."""
 
     model: str = setting(
-        "tiny", "built-in name (tiny, tiny-qwen2, tiny-gpt2, fake), local directory or hub id"
+        "tiny",
+        f"built-in name ({', '.join([*builtin_models(), 'fake'])}), local directory, hub id or "
+        ".gguf file, which is converted once into cache_dir",
     )
     revision: str | None = setting(None, "model revision on the hub (branch, tag or commit)")
     trust_remote_code: bool = setting(False, "run Python code that ships with the model")
@@ -43,8 +48,8 @@ class WorkerConfig:
         "auto",
         "decode steps replay a prepared forward: auto (on a GPU, a CUDA graph per padded batch "
         "size with the Triton paged kernel, bf16/fp16; off on CPU), on (on CPU too: one "
-        "torch.compile for every batch size: a start ~115 s longer on 2 cores, ~55 s with "
-        "inductor's disk cache), off",
+        "torch.compile for every batch size: a start then takes ~170 s on 2 cores, ~70 s with "
+        "inductor's disk cache reused), off",
     )
     max_graph_batch: int | None = setting(
         None,
@@ -129,7 +134,9 @@ class EngineConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache_dir: str | None = setting(
-        None, "where built-in tiny models are built (default ~/.cache/kvray)"
+        None,
+        "where built-in models are built and GGUF checkpoints converted: the tiny models, "
+        "smollm2 when the hub is unreachable, --model x.gguf (default: ~/.cache/kvray)",
     )
 
     @classmethod

@@ -124,3 +124,35 @@ def test_an_open_front_door_beyond_loopback_is_warned_about(
     with caplog.at_level("WARNING", logger="kvray.cluster.launcher"):
         _warn_if_open(ClusterConfig(host=host), auth)
     assert ("without authentication" in caplog.text) is warned
+
+
+def serve_flags(*argv: str) -> dict:
+    from kvray.cluster.cli import build_parser
+    from kvray.cluster.config import settings
+
+    args = build_parser().parse_args(["serve", *argv])
+    return {name: getattr(args, name) for name in settings()}
+
+
+def test_bool_settings_are_switch_pairs():
+    flags = serve_flags("--no-enable-prefix-caching", "--trust-remote-code")
+    assert flags["enable_prefix_caching"] is False and flags["trust_remote_code"] is True
+    config = load(flags, environ={})
+    assert config.engine.scheduler.enable_prefix_caching is False
+    assert config.engine.worker.trust_remote_code is True
+    config = load(
+        serve_flags("--enable-prefix-caching"), environ={"KVRAY_ENABLE_PREFIX_CACHING": "0"}
+    )
+    assert config.engine.scheduler.enable_prefix_caching is True  # the flag over the environment
+
+
+def test_a_switch_left_out_lets_the_environment_decide():
+    flags = serve_flags()
+    assert flags["enable_prefix_caching"] is None
+    config = load(flags, environ={"KVRAY_ENABLE_PREFIX_CACHING": "false"})
+    assert config.engine.scheduler.enable_prefix_caching is False
+
+
+def test_a_switch_takes_no_value():
+    with pytest.raises(SystemExit):
+        serve_flags("--enable-prefix-caching", "false")
