@@ -3,7 +3,8 @@ environment variables and command-line flags into a `ClusterConfig`.
 
 Every key is a field of `ClusterConfig`, `AutoscalingConfig`, `WorkerConfig` or
 `SchedulerConfig` (or `cache_dir`), taken flat; `settings()` lists them with their types and
-help, for the CLI and the docs. Nothing else in kvray reads `os.environ`.
+help, for the CLI and the docs. Nothing else in kvray reads kvray's settings from `os.environ`;
+the other programs' variables read elsewhere are listed in docs/architecture.md ("Config").
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def load(
                 ignored.append(name)
     if ignored:
         # NOTE: not an error: Kubernetes adds service-link variables (KVRAY_GRPC_PORT=tcp://...)
-        # for a Service named kvray-*, and kvray's tooling has its own (KVRAY_TORCH_INDEX).
+        # for a Service named kvray-*, and ./dev reads KVRAY_TORCH_INDEX.
         logger.warning(
             "ignoring environment variable(s) %s: not kvray settings", ", ".join(sorted(ignored))
         )

@@ -51,6 +51,11 @@ class WorkerConfig:
         "torch.compile for every batch size: a start then takes ~170 s on 2 cores, ~70 s with "
         "inductor's disk cache reused), off",
     )
+    cpu_kernels: bool = setting(
+        True,
+        "kvray's C++ kernels on CPU (decode attention, bf16 and int8 layers, a decode step in "
+        "one call), built with the machine's compiler on first use; false keeps torch's paths",
+    )
     max_graph_batch: int | None = setting(
         None,
         "largest decode batch run as a replay; bigger ones run eagerly "
@@ -88,6 +93,8 @@ class WorkerConfig:
             raise ValueError(f"quantization must be int8 or none, got {self.quantization!r}")
         if self.quantization == "none":
             object.__setattr__(self, "quantization", None)  # one spelling of "not quantized"
+        if not isinstance(self.cpu_kernels, bool):  # NOTE: a string such as "false" is truthy
+            raise TypeError(f"cpu_kernels must be True or False, got {self.cpu_kernels!r}")
         if self.decode_graphs not in ("auto", "on", "off"):
             raise ValueError(f"decode_graphs must be auto, on or off, got {self.decode_graphs!r}")
         if self.max_graph_batch is not None and self.max_graph_batch < 1:

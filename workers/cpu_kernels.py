@@ -1,14 +1,14 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
-`rotary_embedding()`, `rms_norm()`, `decode_layers()` and `int8_panel()` return the compiled ops (`torch.ops.kvray.*`), or None
-where they cannot be built (no C++ compiler,
-`KVRAY_CPU_KERNELS=0`, or for `bf16_linear` a CPU without AVX512-BF16); callers then keep their
-torch path, which gives the same results (or, for bf16, oneDNN's) more slowly. The build
-goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine and
-source version, then loads from `TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
-up, so no step waits for a compiler.
+`rotary_embedding()`, `rms_norm()`, `decode_layers()` and `int8_panel()` return the compiled
+ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler, or for
+`bf16_linear` a CPU without AVX512-BF16) or are turned off (the worker's `cpu_kernels` setting,
+passed to `set_enabled`); callers then keep their torch path, which gives the same results
+(or, for bf16, oneDNN's) more slowly. The build goes through `torch.utils.cpp_extension`: it
+takes ~40 s (2 cores) once per machine and source version, then loads from
+`TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) in well under a second. Workers
+build it while loading or warming up, so no step waits for a compiler.
 """
 
 from __future__ import annotations
@@ -44,43 +44,56 @@ _SOURCES = [
 ]
 
 
+# NOTE: one switch per process, as the build is: ModelWorker sets it from its config's
+# `cpu_kernels` before it loads a model, so every op asked for while loading and warming up
+# follows the worker's setting.
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Allow kvray's CPU kernels in this process (the `cpu_kernels` setting), or not: while off,
+    every function here returns None. Ops handed out before stay with their holders."""
+    global _enabled
+    _enabled = on
+
+
 def enabled() -> bool:
-    return os.environ.get("KVRAY_CPU_KERNELS", "1") != "0"
+    return _enabled
 
 
 def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     """`paged_decode_attention(query, key_cache, value_cache, block_table, context_lens,
     block_size, scale, window)`, see csrc/paged_attention.cpp; or None."""
-    return torch.ops.kvray.paged_decode_attention if _build() else None
+    return torch.ops.kvray.paged_decode_attention if _ready() else None
 
 
 def int8_linear() -> Callable[..., torch.Tensor] | None:
     """`int8_linear(x, weight, scale, group_size, bias)`, see csrc/int8_linear.cpp; or None."""
-    return torch.ops.kvray.int8_linear if _build() else None
+    return torch.ops.kvray.int8_linear if _ready() else None
 
 
 def int8_dequantize() -> Callable[..., torch.Tensor] | None:
     """`int8_dequantize(weight, scale, group_size, dtype)`, see csrc/int8_linear.cpp; or None."""
-    return torch.ops.kvray.int8_dequantize if _build() else None
+    return torch.ops.kvray.int8_dequantize if _ready() else None
 
 
 def rotary_embedding() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     """`rotary_embedding(q, k, cos, sin)`, bf16, bitwise transformers' `apply_rotary_pos_emb`;
     see csrc/rotary.cpp; or None."""
-    return torch.ops.kvray.rotary_embedding if _build() else None
+    return torch.ops.kvray.rotary_embedding if _ready() else None
 
 
 def rms_norm() -> Callable[..., torch.Tensor] | None:
     """`rms_norm(x, weight, eps)`, bf16, bitwise transformers' `LlamaRMSNorm.forward`; see
     csrc/rms_norm.cpp; or None."""
-    return torch.ops.kvray.rms_norm if _build() else None
+    return torch.ops.kvray.rms_norm if _ready() else None
 
 
 def decode_layers() -> Callable[..., torch.Tensor] | None:
     """`decode_layers(h, cos, sin, slot_mapping, block_table, context_lens, weights, caches,
     sizes, floats)`: a decode step's Llama-family layers in one call, see
     csrc/decode_layers.cpp; or None (also where the build lacks AVX512-BF16)."""
-    if not _build() or not hasattr(torch.ops.kvray, "decode_layers"):
+    if not _ready() or not hasattr(torch.ops.kvray, "decode_layers"):
         return None
     return torch.ops.kvray.decode_layers
 
@@ -96,7 +109,7 @@ class Int8Panel(NamedTuple):
 
 def int8_panel() -> Int8Panel | None:
     """The ops, or None where they were not built or the build does not target AVX512-BF16."""
-    if not _build() or not hasattr(torch.ops.kvray, "int8_panel_linear"):
+    if not _ready() or not hasattr(torch.ops.kvray, "int8_panel_linear"):
         return None
     return Int8Panel(torch.ops.kvray.int8_panel_linear, torch.ops.kvray.int8_panel_dequantize)
 
@@ -112,17 +125,20 @@ class Bf16Linear(NamedTuple):
 
 def bf16_linear() -> Bf16Linear | None:
     """The ops, or None where they were not built or the build does not target AVX512-BF16."""
-    if not _build() or not hasattr(torch.ops.kvray, "bf16_linear"):
+    if not _ready() or not hasattr(torch.ops.kvray, "bf16_linear"):
         return None
     ops = torch.ops.kvray
     return Bf16Linear(ops.bf16_pack, ops.bf16_linear, ops.bf16_unpack)
 
 
+def _ready() -> bool:
+    """Whether the ops may be used here: allowed, and built (the first call builds them)."""
+    return _enabled and _build()
+
+
 @functools.cache
 def _build() -> bool:
     """Compile (or load the cached build of) every kernel once per process; False if not."""
-    if not enabled():
-        return False
     try:
         from torch.utils.cpp_extension import load
     except ImportError as e:  # pragma: no cover - torch always ships it
@@ -144,8 +160,8 @@ def _build() -> bool:
     except Exception as e:  # a missing compiler or ninja, a full disk: slower, never broken
         logger.warning(
             "kvray's CPU kernels did not build (%s: %s); decode attention and bf16 and int8 "
-            "layers take the slower torch path. Install a C++ compiler, or set "
-            "KVRAY_CPU_KERNELS=0 to skip.",
+            "layers take the slower torch path. Install a C++ compiler, or turn the setting "
+            "cpu_kernels off (KVRAY_CPU_KERNELS=0, --no-cpu-kernels) to skip.",
             type(e).__name__,
             str(e).strip().splitlines()[-1] if str(e).strip() else "",
         )
@@ -194,7 +210,8 @@ def _register_fakes() -> None:
 
 def _put_ninja_on_path() -> None:
     """torch looks for `ninja` on PATH; the pip package's copy is there only in an activated
-    virtual environment."""
+    virtual environment. (PATH is one of the other programs' variables kvray may read and
+    write; docs/architecture.md lists them.)"""
     if shutil.which("ninja") is not None:
         return
     try:

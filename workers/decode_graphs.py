@@ -19,6 +19,7 @@ steps keep the eager path, where the arithmetic, not the overhead, dominates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvray.workers import device as devices
 from kvray.workers.attention import AttentionMetadata, DecodeKernel, attention_context
 from kvray.workers.kv_cache import KVCache
 from kvray.workers.llama_family import Forward
@@ -127,13 +129,10 @@ class DecodeGraphs:
         pool = None
         for b in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory
             self._forward(b)  # NOTE: outside capture: Triton compiles its kernel on first use
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(b)
-            pool = graph.pool()
-            self._replays[b] = _replay(graph, logits)
-        torch.cuda.synchronize(self.device)
+            self._replays[b], pool = devices.capture_graph(
+                functools.partial(self._forward, b), self.device, pool=pool
+            )
+        devices.synchronize(self.device)
 
     def _compile(self) -> None:
         import torch._dynamo
@@ -178,14 +177,6 @@ class DecodeGraphs:
             self.block_table[n:batch, 0] = self.null_block
         self.num_replays += 1
         return self._replays[batch]()[0, :n]
-
-
-def _replay(graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> Callable[[], torch.Tensor]:
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return logits
-
-    return replay
 
 
 def _call(compiled: Callable[[int], torch.Tensor], batch: int) -> Callable[[], torch.Tensor]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,12 +19,16 @@ _DTYPES = {
 }
 
 
+def is_cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU. Raises ValueError for a device that is absent."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if is_cuda_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not is_cuda_available():
         raise ValueError(f"device={name!r} was asked for but CUDA is not available")
     return device
 
@@ -64,6 +70,24 @@ def cpu_flags() -> frozenset[str]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def capture_graph(
+    forward: Callable[[], torch.Tensor], device: torch.device, *, pool: Any = None
+) -> tuple[Callable[[], torch.Tensor], Any]:
+    """Capture `forward` as a CUDA graph on `device`: a function that replays it and returns the
+    tensor it wrote (the same tensor every replay), and the graph's memory pool, which a later
+    capture may share by passing it as `pool`. `forward` must have run once outside capture."""
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return output
+
+    return replay, graph.pool()
 
 
 def reset_peak_memory(device: torch.device) -> None:

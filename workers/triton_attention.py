@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from kvray.workers import device as devices
+
 try:
     import triton  # type: ignore[import-untyped,import-not-found,unused-ignore]
     import triton.language as tl  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -34,7 +36,9 @@ def available() -> bool:
     """Whether `paged_decode_attention` can run here: Triton, and CUDA or the interpreter."""
     if triton is None:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    # NOTE: TRITON_INTERPRET is Triton's own variable, not a kvray setting (docs/architecture.md
+    # lists the other programs' variables kvray reads).
+    return devices.is_cuda_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

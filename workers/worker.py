@@ -16,6 +16,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+from kvray.workers import cpu_kernels
 from kvray.workers import device as devices
 from kvray.workers.attention import register as register_attention
 from kvray.workers.checkpoints import BUILTIN_SAMPLING_DEFAULTS, resolve_model
@@ -45,6 +46,7 @@ class ModelWorker:
         """Load the model (weights only; the KV cache is sized and allocated by `warmup`)."""
         self.config = engine_config.worker
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
+        cpu_kernels.set_enabled(self.config.cpu_kernels)  # before loading: packing asks for them
         self.device = devices.resolve_device(self.config.device)
         if self.config.quantization == "int8" and self.device.type != "cpu":
             raise ValueError(
@@ -156,6 +158,7 @@ class ModelWorker:
         """
         if self.info is not None:
             return self.info
+        cpu_kernels.set_enabled(self.config.cpu_kernels)  # again: the runner asks for its ops
         block_bytes = self.kv_spec.bytes_per_block(self.config.block_size)
         min_blocks = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes

@@ -120,14 +120,52 @@ def test_the_decode_path_uses_the_kernel_for_bf16_on_cpu_only_and_both_paths_agr
     torch.testing.assert_close(kernel_path.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_kernels_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("KVRAY_CPU_KERNELS", "0")
-    cpu_kernels._build.cache_clear()
+def test_kernels_can_be_turned_off():
+    assert cpu_kernels.paged_decode_attention() is not None
+    cpu_kernels.set_enabled(False)
     try:
         assert cpu_kernels.paged_decode_attention() is None
+        assert cpu_kernels.bf16_linear() is None and cpu_kernels.int8_panel() is None
     finally:
-        monkeypatch.delenv("KVRAY_CPU_KERNELS")
-        cpu_kernels._build.cache_clear()
+        cpu_kernels.set_enabled(True)
+    assert cpu_kernels.paged_decode_attention() is not None
+
+
+def test_cpu_kernels_is_a_setting_the_worker_config_carries(caplog):
+    from kvray.cluster.config import load
+    from kvray.cluster.worker_actor import worker_factory
+    from kvray.workers.config import WorkerConfig
+
+    with caplog.at_level("WARNING"):
+        config = load({}, environ={"KVRAY_CPU_KERNELS": "0"})
+    assert config.engine.worker.cpu_kernels is False
+    assert "KVRAY_CPU_KERNELS" not in caplog.text  # a setting, not an ignored variable
+    assert load({"cpu_kernels": "true"}, environ={}).engine.worker.cpu_kernels is True
+    assert worker_factory(config).args == (config.engine,)  # what a Ray worker is built from
+    with pytest.raises(TypeError, match="cpu_kernels must be True or False"):
+        WorkerConfig(cpu_kernels="false")
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_worker_passes_its_cpu_kernels_setting(on, model_cache_dir):
+    from kvray.workers.config import EngineConfig
+    from kvray.workers.worker import ModelWorker
+
+    config = EngineConfig.from_kwargs(
+        model="tiny",
+        dtype="bfloat16",
+        cpu_kernels=on,
+        num_kv_blocks=16,
+        max_model_len=64,
+        cache_dir=model_cache_dir,
+    )
+    try:
+        worker = ModelWorker(config)
+        worker.warmup()
+        assert worker.runner is not None
+        assert (worker.runner.decode_kernel is not None) == on
+    finally:
+        cpu_kernels.set_enabled(True)
 
 
 # ---------------------------------------------------------------------- int8 linear
