@@ -43,10 +43,12 @@ def test_every_command_has_a_one_line_description():
 
 def test_generate_flags_take_their_help_from_the_proto():
     temperature = flag_help("generate", "temperature")
-    assert temperature == "Softmax temperature; 0 means greedy. Default 1.0. Range [0, 100]."
+    assert temperature == (
+        "Softmax temperature; 0 means greedy. Default: the model's, else 1.0. Range [0, 100]."
+    )
     assert "Repeatable" in flag_help("generate", "stop")
     help_text = " ".join(subcommand("generate").format_help().split())  # unwrapped
-    assert "context length also ends a sample. This command's default: 64." in help_text
+    assert "(INVALID_ARGUMENT naming max_tokens). This command's default: 64." in help_text
     assert "(default: None)" not in help_text
 
 
