@@ -15,16 +15,8 @@ from kvray.client.errors import (
     RequestCancelledError,
     UnavailableError,
 )
-from kvray.client.types import (
-    Choice,
-    ClusterStatus,
-    Completion,
-    GenerationChunk,
-    ModelInfo,
-    ReplicaStatus,
-    ScalingDecision,
-    TokenLogprob,
-)
+from kvray.client.types import ClusterStatus, ModelInfo, ReplicaStatus, ScalingDecision
+from kvray.outputs import Choice, Completion, GenerationChunk, TokenLogprob
 
 __all__ = [
     "AsyncKvrayClient",

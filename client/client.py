@@ -26,15 +26,14 @@ from kvray.client.connection import (
 )
 from kvray.client.errors import UnavailableError, from_rpc_error
 from kvray.client.types import (
-    Accumulator,
     ClusterStatus,
-    Completion,
-    GenerationChunk,
     ModelInfo,
     chunk_from_proto,
+    completion_of,
     info_from_proto,
     status_from_proto,
 )
+from kvray.outputs import Accumulator, Completion, GenerationChunk
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.protos.kvray.v1 import generation_pb2_grpc as pb_grpc
 
@@ -116,7 +115,7 @@ class KvrayClient(ClientBase):
         acc = Accumulator()
         for chunk in self.stream(prompt, timeout=timeout, **params):
             acc.add(chunk)
-        return acc.result()
+        return completion_of(acc)
 
     def tokenize(self, text: str, *, timeout: float | None = 30) -> list[int]:
         resp = self._unary("Tokenize", pb.TokenizeRequest(text=text), timeout)
@@ -220,7 +219,7 @@ class AsyncKvrayClient(ClientBase):
         acc = Accumulator()
         async for chunk in self.stream(prompt, timeout=timeout, **params):
             acc.add(chunk)
-        return acc.result()
+        return completion_of(acc)
 
     async def tokenize(self, text: str, *, timeout: float | None = 30) -> list[int]:
         resp = await self._unary("Tokenize", pb.TokenizeRequest(text=text), timeout)

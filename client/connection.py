@@ -13,7 +13,7 @@ from typing import Any, cast
 import grpc
 
 from kvray.client.errors import KvrayError, UnavailableError, from_rpc_error
-from kvray.client.types import GenerationChunk
+from kvray.outputs import GenerationChunk
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.wire import set_request_params
 

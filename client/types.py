@@ -1,5 +1,6 @@
-"""The client's own types: what `KvrayClient` returns instead of protobuf messages, and the
-conversions from the `kvray.v1` messages."""
+"""The client's own types: what `KvrayClient` returns instead of protobuf messages (the
+generation results are `kvray.outputs`', shared with the offline `LLM`), and the conversions
+from the `kvray.v1` messages."""
 
 from __future__ import annotations
 
@@ -7,74 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvray.client.errors import KvrayError
+from kvray.outputs import Accumulator, Completion, GenerationChunk, TokenLogprob
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 
 _FINISH = {1: "stop", 2: "length", 3: "abort"}
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-
-
-@dataclass
-class GenerationChunk:
-    """New tokens of one sample since its previous chunk."""
-
-    request_id: str
-    index: int  # which of the n samples
-    text: str  # text delta
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "abort" on a sample's last chunk
-    stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    prompt_tokens: int | None = None  # on the last chunk
-    completion_tokens: int | None = None  # on the last chunk
-    cached_tokens: int | None = None  # on the last chunk: prompt tokens from the prefix cache
-    cumulative_logprob: float | None = None  # on the last chunk of a beam, best_of or logprobs
-    # On a request's first chunk, when prompt_logprobs was asked: one per prompt token after the
-    # first
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    completion_tokens: int = 0
-    cumulative_logprob: float | None = None  # beams, best_of samples, and with logprobs
-
-
-@dataclass
-class Completion:
-    """A finished request. `.text`, `.token_ids` and `.finish_reason` are sample 0's (with beam
-    search or best_of: the best one's; choices are ranked best first)."""
-
-    request_id: str
-    choices: list[Choice]
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt tokens, how many came from the prefix cache
-    # With prompt_logprobs: one per prompt token after the first (it has no context)
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return self.choices[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.choices[0].token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.choices[0].finish_reason
 
 
 @dataclass
@@ -141,8 +78,9 @@ def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
         text=resp.text,
         token_ids=list(resp.token_ids),
         logprobs=_logprobs(resp.logprobs),
-        prompt_logprobs=_logprobs(resp.prompt_logprobs),
     )
+    if resp.prompt_logprobs:  # the wire leaves out the first prompt token's (it has none)
+        chunk.prompt_logprobs = [None, *_logprobs(resp.prompt_logprobs)]
     if resp.HasField("cumulative_logprob"):
         chunk.cumulative_logprob = resp.cumulative_logprob
     if resp.HasField("finish_reason"):
@@ -155,35 +93,11 @@ def chunk_from_proto(resp: pb.GenerateResponse) -> GenerationChunk:
     return chunk
 
 
-class Accumulator:
-    """Joins a request's chunks into its Completion."""
-
-    def __init__(self) -> None:
-        self.completion: Completion | None = None
-
-    def add(self, chunk: GenerationChunk) -> None:
-        if self.completion is None:
-            self.completion = Completion(chunk.request_id, [])
-        choices = self.completion.choices
-        while len(choices) <= chunk.index:
-            choices.append(Choice(index=len(choices)))
-        choice = choices[chunk.index]
-        choice.text += chunk.text
-        choice.token_ids.extend(chunk.token_ids)
-        choice.logprobs.extend(chunk.logprobs)
-        self.completion.prompt_logprobs.extend(chunk.prompt_logprobs)
-        if chunk.finish_reason is not None:
-            choice.finish_reason, choice.stop_reason = chunk.finish_reason, chunk.stop_reason
-            choice.cumulative_logprob = chunk.cumulative_logprob
-            choice.completion_tokens = chunk.completion_tokens or 0
-            self.completion.prompt_tokens = chunk.prompt_tokens or 0
-            self.completion.cached_tokens = chunk.cached_tokens or 0
-
-    def result(self) -> Completion:
-        """The completion. Raises KvrayError if the stream ended without a chunk."""
-        if self.completion is None:
-            raise KvrayError("the server ended the stream without a response")
-        return self.completion
+def completion_of(acc: Accumulator) -> Completion:
+    """The accumulated completion. Raises KvrayError if the stream ended without a chunk."""
+    if acc.completion is None:
+        raise KvrayError("the server ended the stream without a response")
+    return acc.completion
 
 
 def status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:

@@ -11,50 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.block_manager import BlockManager
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.request import Request
 from kvray.cluster.scheduler import Scheduler, TokenEvent
 from kvray.cluster.sequence import FinishReason, Sequence
 from kvray.workers.config import SchedulerConfig
 from kvray.workers.protocol import Logprobs, StepInput, StepOutput, WorkerInfo
-
-
-@dataclass
-class CompletionChunk:
-    """What one sequence produced in one step: new tokens, their text, and the end if reached."""
-
-    request_id: str
-    index: int  # which of the request's n samples
-    token_ids: list[int]
-    text: str  # text delta; may be empty while a multi-byte character or a stop string is pending
-    logprobs: list[Logprobs | None] | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0  # cumulative, for usage
-    # On a sequence's last chunk: prompt tokens served from the prefix cache, and when it was
-    # first scheduled (the engine's clock; None if it never was).
-    num_cached_tokens: int = 0
-    first_scheduled_time: float | None = None
-    cumulative_logprob: float | None = None  # on the last chunk, of beams and when logprobs asked
-    # On a request's first chunk, when asked: each prompt token's logprobs (entry 0 is None).
-    prompt_logprobs: list[Logprobs | None] | None = None
-
-    def merge(self, later: CompletionChunk) -> CompletionChunk:
-        """This chunk followed by a later one of the same sample, as one chunk."""
-        logprobs = None
-        if self.logprobs is not None or later.logprobs is not None:
-            logprobs = (self.logprobs or []) + (later.logprobs or [])
-        return replace(
-            later,
-            token_ids=self.token_ids + later.token_ids,
-            text=self.text + later.text,
-            logprobs=logprobs,
-            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
-        )
 
 
 class EngineCore:

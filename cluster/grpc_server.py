@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvray.cluster.background import BackgroundTasks
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.errors import UnauthenticatedError, status_for
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES, ChatPrompt, Prompt, Resumed
 from kvray.cluster.router import Router

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from kvray.cluster.asgi_server import BodyLimit
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.errors import OverloadedError, UnauthenticatedError, UnavailableError
 from kvray.cluster.input_processor import Prompt
 from kvray.cluster.openai_api import ChatCompletionRequest, CompletionRequest

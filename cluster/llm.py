@@ -1,61 +1,24 @@
-"""The offline API: `LLM(model).generate(prompts, sampling_params)`, one replica in this process."""
+"""The offline API: `LLM(model).generate(prompts, sampling_params)`, one replica in this process.
+
+It returns what the gRPC clients return (`kvray.outputs`): a `Completion` per prompt, its
+`GenerationChunk`s when streamed."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
-from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.chunks import to_generation_chunk
+from kvray.cluster.engine import EngineCore
 from kvray.cluster.input_processor import ChatPrompt, InputProcessor, Prompt
 from kvray.cluster.tokenizer import load_tokenizer
+from kvray.outputs import Accumulator, Completion, GenerationChunk
 from kvray.workers.config import EngineConfig
-from kvray.workers.protocol import Logprobs, SamplingParams
+from kvray.workers.protocol import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompletionOutput:
-    """One of a request's n samples."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprobs | None] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    stop_reason: str | int | None = None  # the stop string or stop token id that matched
-    cumulative_logprob: float | None = None  # beams, and samples whose logprobs were asked for
-
-
-@dataclass
-class RequestOutput:
-    """A finished request. `.text`, `.token_ids`, `.finish_reason` and `.stop_reason` are sample
-    0's (with beam search or best_of, the best one's: outputs are ranked best first)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    # With prompt_logprobs: one entry per prompt token, the first None (it has no context).
-    prompt_logprobs: list[Logprobs | None] | None = None
-
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.outputs[0].finish_reason
-
-    @property
-    def stop_reason(self) -> str | int | None:
-        return self.outputs[0].stop_reason
 
 
 class LLM:
@@ -84,23 +47,23 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order.
+    ) -> list[Completion]:
+        """Run every prompt to completion; completions come back in prompt order.
 
-        A prompt is a string or a list of token ids. Raises ValueError for an invalid prompt or
-        parameters (nothing is run then).
+        A prompt is a string, a list of token ids or a `ChatPrompt`. Raises ValueError for an
+        invalid prompt or parameters (nothing is run then).
         """
         request_ids, prompt_ids = self._add_all(prompts, sampling_params)
-        results = {rid: RequestOutput(rid, ids, []) for rid, ids in zip(request_ids, prompt_ids)}
+        accumulators = {rid: Accumulator() for rid in request_ids}
         for chunk in self._run():
-            result = results[chunk.request_id]
-            if chunk.prompt_logprobs is not None:
-                result.prompt_logprobs = chunk.prompt_logprobs
-            outputs = result.outputs
-            while len(outputs) <= chunk.index:
-                outputs.append(CompletionOutput(index=len(outputs)))
-            _accumulate(outputs[chunk.index], chunk)
-        return [results[rid] for rid in request_ids]
+            accumulators[chunk.request_id].add(chunk)
+        completions = []
+        for rid, ids in zip(request_ids, prompt_ids):
+            completion = accumulators[rid].completion
+            assert completion is not None  # every request ends with a chunk per sample
+            completion.prompt_token_ids = ids
+            completions.append(completion)
+        return completions
 
     def chat(
         self,
@@ -108,7 +71,7 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         *,
         add_generation_prompt: bool = True,
-    ) -> RequestOutput:
+    ) -> Completion:
         """Answer one conversation: `messages` are {"role", "content"} turns, rendered with the
         model's chat template. Raises ValueError (no template, bad messages or parameters)."""
         chat = ChatPrompt(tuple(dict(m) for m in messages), add_generation_prompt)
@@ -118,12 +81,12 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> Iterator[CompletionChunk]:
-        """Like `generate`, but yields each sequence's new tokens and text after every step."""
+    ) -> Iterator[GenerationChunk]:
+        """Like `generate`, but yields each sample's new tokens and text after every step."""
         self._add_all(prompts, sampling_params)
         yield from self._run()
 
-    def _run(self) -> Iterator[CompletionChunk]:
+    def _run(self) -> Iterator[GenerationChunk]:
         try:
             while self.engine.has_unfinished():
                 yield from self.step()
@@ -131,9 +94,9 @@ class LLM:
             # A caller that stops iterating early (or an error) must not leave requests behind.
             self.engine.abort_all()
 
-    def step(self) -> list[CompletionChunk]:
-        """One scheduler step through the in-process worker."""
-        return self.engine.step(self.worker.step)
+    def step(self) -> list[GenerationChunk]:
+        """One scheduler step through the in-process worker: what each sample produced."""
+        return [to_generation_chunk(c) for c in self.engine.step(self.worker.step)]
 
     def add_request(
         self, prompt: Prompt, sampling_params: SamplingParams, *, request_id: str | None = None
@@ -162,17 +125,6 @@ class LLM:
         for request in requests:
             self.engine.add(request)
         return [r.request_id for r in requests], [r.prompt_token_ids for r in requests]
-
-
-def _accumulate(out: CompletionOutput, chunk: CompletionChunk) -> None:
-    out.text += chunk.text
-    out.token_ids.extend(chunk.token_ids)
-    if chunk.logprobs is not None:
-        out.logprobs = (out.logprobs or []) + chunk.logprobs
-    if chunk.finish_reason is not None:
-        out.finish_reason = chunk.finish_reason.value
-        out.stop_reason = chunk.stop_reason
-        out.cumulative_logprob = chunk.cumulative_logprob
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.stats import ClusterStats, ReplicaState
 from kvray.cluster.streams import RequestStream
 

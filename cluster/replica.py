@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.engine import EngineCore
 from kvray.cluster.stats import ReplicaState, ReplicaStats
 from kvray.cluster.step_loop import StepLoop
 

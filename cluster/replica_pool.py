@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.config import ClusterConfig
-from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.engine import EngineCore
 from kvray.cluster.errors import UnavailableError
 from kvray.cluster.placement import choose_replicas_to_remove
 from kvray.cluster.replica import ReplicaHandle

@@ -14,7 +14,7 @@ from kvray.workers.protocol import Logprobs, SamplingParams
 
 if TYPE_CHECKING:
     from kvray.cluster.beam_search import BeamGroup
-    from kvray.cluster.engine import CompletionChunk
+    from kvray.cluster.chunks import CompletionChunk
 
 
 @dataclass(eq=False)

@@ -17,9 +17,9 @@ from typing import Any
 
 from kvray.cluster.autoscaler import Autoscaler
 from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.dispatcher import Dispatcher
-from kvray.cluster.engine import CompletionChunk
 from kvray.cluster.errors import OverloadedError, UnavailableError
 from kvray.cluster.input_processor import InputProcessor, Prompt, Resumed, check_ids
 from kvray.cluster.metrics import ServingMetrics

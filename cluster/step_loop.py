@@ -14,7 +14,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.engine import EngineCore
 from kvray.workers.protocol import StepInput, StepOutput
 
 PIPELINE_MAX_STEP_S = 0.025  # keep a step in flight only while steps are shorter than this

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 
 
 @dataclass(eq=False)

@@ -9,7 +9,8 @@ import socket
 from collections import defaultdict
 from typing import Any
 
-from kvray.cluster.engine import CompletionChunk, EngineCore
+from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.engine import EngineCore
 from kvray.cluster.input_processor import InputProcessor, Prompt
 from kvray.cluster.step_loop import StepLoop, in_process
 from kvray.workers.config import SchedulerConfig

@@ -72,10 +72,10 @@ def case(request, model_cache_dir):
 def assert_beams_equal(outputs, refs, params):
     ended = 0
     for out, ref, p in zip(outputs, refs, params):
-        got = [o.token_ids for o in out.outputs]
+        got = [o.token_ids for o in out.choices]
         assert got == ref, f"{p}:\n kvray: {got}\n    hf: {ref}"
-        ended += sum(o.finish_reason == "stop" for o in out.outputs)
-        scores = [o.cumulative_logprob / len(o.token_ids) ** p.length_penalty for o in out.outputs]
+        ended += sum(o.finish_reason == "stop" for o in out.choices)
+        scores = [o.cumulative_logprob / len(o.token_ids) ** p.length_penalty for o in out.choices]
         assert scores == sorted(scores, reverse=True)
     assert ended > 0  # some beams ended on a stop id, not only on max_tokens
 
@@ -89,7 +89,7 @@ def test_beams_match_hf_in_a_batch_with_greedy_and_sampled_requests(case, model_
     assert_beams_equal(outputs[: len(prompts)], refs, params)
     model.generation_config.eos_token_id = None
     assert outputs[-2].token_ids == hf_greedy(model, prompts[3], 20)
-    assert [len(o.token_ids) for o in outputs[-1].outputs] == [20, 20]
+    assert [len(o.token_ids) for o in outputs[-1].choices] == [20, 20]
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
@@ -180,13 +180,13 @@ def test_best_of_returns_the_samples_with_the_highest_cumulative_logprob(model_c
     llm = LLM("tiny", cache_dir=model_cache_dir, max_model_len=256)
     prompt = [11, 12, 13, 14, 15]
     every = llm.generate(prompt, SamplingParams(n=4, seed=5, max_tokens=10, logprobs=0))[0]
-    sums = {tuple(o.token_ids): sum(lp.logprob for lp in o.logprobs) for o in every.outputs}
+    sums = {tuple(o.token_ids): sum(lp.logprob for lp in o.logprobs) for o in every.choices}
     best = llm.generate(prompt, SamplingParams(n=2, best_of=4, seed=5, max_tokens=10))[0]
     expected = sorted(sums, key=lambda t: -sums[t])[:2]
-    assert [tuple(o.token_ids) for o in best.outputs] == expected
-    for o in best.outputs:
+    assert [tuple(o.token_ids) for o in best.choices] == expected
+    for o in best.choices:
         assert o.cumulative_logprob == pytest.approx(sums[tuple(o.token_ids)], abs=1e-4)
-        assert o.logprobs is None  # not asked for
+        assert o.logprobs == []  # not asked for
 
 
 def test_beams_match_hf_when_more_candidates_end_than_there_are_beams(case, model_cache_dir):
@@ -212,4 +212,4 @@ def test_beams_match_hf_when_more_candidates_end_than_there_are_beams(case, mode
             max_new_tokens=6,
             stop_token_ids={model.config.eos_token_id, *stop},
         )
-        assert [o.token_ids for o in llm.generate(prompt, params)[0].outputs] == ref
+        assert [o.token_ids for o in llm.generate(prompt, params)[0].choices] == ref

@@ -235,18 +235,19 @@ def test_beam_searches_through_grpc_return_the_offline_beams(cluster, client, mo
         prompts, SamplingParams(**params)
     )
     for got, want in zip(served, offline):
-        assert [c.token_ids for c in got.choices] == [o.token_ids for o in want.outputs]
-        assert [c.text for c in got.choices] == [o.text for o in want.outputs]
-        assert [c.finish_reason for c in got.choices] == [o.finish_reason for o in want.outputs]
-        for c, o in zip(got.choices, want.outputs):
+        assert [c.token_ids for c in got.choices] == [o.token_ids for o in want.choices]
+        assert [c.text for c in got.choices] == [o.text for o in want.choices]
+        assert [c.finish_reason for c in got.choices] == [o.finish_reason for o in want.choices]
+        for c, o in zip(got.choices, want.choices):
             assert c.cumulative_logprob == pytest.approx(o.cumulative_logprob, abs=1e-4)
 
 
 def test_prompt_logprobs_and_best_of_through_grpc(client):
     prompt = [3, 14, 15, 92, 65, 35]
     out = client.generate(prompt, max_tokens=4, n=2, best_of=3, seed=2, prompt_logprobs=2)
-    assert [lp.token_id for lp in out.prompt_logprobs] == prompt[1:]
-    assert all(len(lp.top_token_ids) == 2 for lp in out.prompt_logprobs)
+    assert out.prompt_logprobs[0] is None  # the first prompt token has no context
+    assert [lp.token_id for lp in out.prompt_logprobs[1:]] == prompt[1:]
+    assert all(len(lp.top_token_ids) == 2 for lp in out.prompt_logprobs[1:])
     scores = [c.cumulative_logprob for c in out.choices]
     assert len(scores) == 2 and scores[0] >= scores[1]
 

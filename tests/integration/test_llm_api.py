@@ -98,16 +98,16 @@ def test_n_samples_are_distinct_and_complete(llm):
     out = llm.generate(
         "Hello", SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=12, ignore_eos=True)
     )[0]
-    assert [o.index for o in out.outputs] == [0, 1, 2]
-    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
-    assert all(o.finish_reason == "length" for o in out.outputs)
+    assert [o.index for o in out.choices] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.choices}) == 3
+    assert all(o.finish_reason == "length" for o in out.choices)
 
 
 def test_logprobs_come_with_every_token(llm):
     out = llm.generate(
         "Hello", SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)
     )[0]
-    lps = out.outputs[0].logprobs
+    lps = out.choices[0].logprobs
     assert [lp.token_id for lp in lps] == out.token_ids
     for lp in lps:
         assert len(lp.top_token_ids) == 3

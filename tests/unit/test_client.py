@@ -8,7 +8,7 @@ import pytest
 from kvray.client import errors
 from kvray.client.client import build_request
 from kvray.client.types import chunk_from_proto
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.grpc_server import chunk_to_proto, prompt_from_proto, sampling_params_from_proto
 from kvray.cluster.sequence import FinishReason
 from kvray.protos.kvray.v1 import generation_pb2 as pb

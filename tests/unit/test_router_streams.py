@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvray.cluster.engine import CompletionChunk
+from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.sequence import FinishReason
 from kvray.cluster.streams import coalesce as _coalesce
 from kvray.workers.protocol import Logprobs
