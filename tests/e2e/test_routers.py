@@ -4,7 +4,8 @@ uninterrupted run (no gap, no repeated token).
 
 The replicas run the fake model (scripted tokens that depend on every token before them) with
 100 ms steps: a stream of 120 tokens lasts 12 s at the least, so the kill, as soon as every
-stream has its first tokens, finds the victim's streams unfinished on any machine."""
+stream has its first tokens, finds the victim's streams unfinished however fast the machine
+(a slow one would have to take 12 s to start 50 streams)."""
 
 from __future__ import annotations
 
