@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
 import pytest
 
 
@@ -41,12 +47,34 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
         time.sleep(interval)
 
 
-def stream_tokens(client, prompt, started, **params) -> list[int]:
-    """Stream one request's tokens, waiting at the barrier `started` after its first chunk, so
-    a test can act (kill, drain) while every stream is running."""
-    chunks = client.stream(prompt, **params)
-    tokens = list(next(chunks).token_ids)
-    started.wait(timeout=60)
-    for chunk in chunks:
-        tokens.extend(chunk.token_ids)
-    return tokens
+def act_mid_stream(
+    cluster, act: Callable[[Any], Any], *, request_id: str | None = None
+) -> Future[Any]:
+    """Call `act(replica)` on the first ready replica that runs a sequence (of `request_id`, or
+    any) which has streamed tokens and has more to come; returns a future of what it returns
+    (awaited, when it is a coroutine). Start it before the requests it waits for.
+
+    It looks at every turn of the router's event loop and acts in the turn it finds one, so no
+    step output is applied in between: however fast the model, `act` (a kill, a drain) meets
+    that sequence unfinished, part streamed.
+    """
+
+    def is_mid_stream(replica) -> bool:
+        scheduler = replica.engine.scheduler
+        return any(
+            request_id in (None, seq.request_id)
+            and seq.output_token_ids
+            and seq.num_output_tokens < (seq.sampling.max_tokens or scheduler.max_model_len)
+            and seq.num_tokens < scheduler.max_model_len
+            for seq in scheduler.running
+        )
+
+    async def poll() -> Any:
+        while True:
+            for replica in cluster.router.pool.ready():
+                if is_mid_stream(replica):
+                    result = act(replica)
+                    return await result if inspect.isawaitable(result) else result
+            await asyncio.sleep(0)  # one turn of the loop: a step output may be applied
+
+    return asyncio.run_coroutine_threadsafe(poll(), cluster.loop)

@@ -1,6 +1,7 @@
-"""Autoscaling on a local Ray cluster with the tiny model: a step load grows and shrinks the
-replica count with no failed or altered stream; drains past their timeout move requests; with
-min_replicas 0 an idle cluster goes to zero and the next request still gets its answer."""
+"""Autoscaling on a local Ray cluster: a step load (fake model) grows and shrinks the replica
+count with no failed or altered stream, and the queue moves to the new replica; a drain past its
+timeout moves part-streamed requests exactly (tiny model); with min_replicas 0 an idle cluster
+goes to zero and the next request still gets its answer."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kvray.client import KvrayClient
-from tests.integration.conftest import start_cluster, stream_tokens, wait_for
+from tests.integration.conftest import act_mid_stream, start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
 
-GREEDY = {"temperature": 0, "max_tokens": 48, "ignore_eos": True}
+GREEDY = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
 PROMPTS = ["Hello, world!", "The quick brown fox", "Once upon a time", "def f(x):"]
 
 
@@ -24,65 +25,73 @@ def ready_count(client) -> int:
 
 
 def test_step_load_scales_up_and_back_down_without_losing_tokens(ray_session, model_cache_dir):
+    # Fake model, 50 ms steps: two blockers of 4,000 tokens hold the first replica's two
+    # slots for 200 s at the very least, so the burst behind them can only wait in its queue.
     settings = dict(
-        replicas=1, min_replicas=1, max_replicas=3, target_ongoing_requests=4,
-        upscale_delay_s=1.0, downscale_delay_s=3.0, metrics_interval_s=0.25, max_num_seqs=8,
+        model="fake", fake_step_ms=50, max_model_len=4096, max_num_seqs=2, replicas=1,
+        min_replicas=1, max_replicas=2, target_ongoing_requests=4, upscale_delay_s=1.0,
+        downscale_delay_s=3.0, metrics_interval_s=0.25,
     )  # fmt: skip
     with (
         start_cluster(model_cache_dir, **settings) as cluster,
         KvrayClient(cluster.target) as client,
+        ThreadPoolExecutor(16) as pool,
     ):
-        expected = {p: client.generate(p, **GREEDY).token_ids for p in PROMPTS}
-        concurrency = [1]
-        stop = threading.Event()
-        results, errors, peak = [], [], [0]
-        lock = threading.Lock()
+        replies = pool.map(lambda p: client.generate(p, **GREEDY).token_ids, PROMPTS)
+        expected = dict(zip(PROMPTS, replies))
+        blockers = [client.stream(p, max_tokens=4000, ignore_eos=True) for p in PROMPTS[:2]]
+        for blocker in blockers:
+            next(blocker)  # running: it holds one of the two slots
+        # The step up: 2 running + 8 queued = 10 ongoing, 2.5 replicas' worth. The autoscaler
+        # adds a replica only after more than 4 ongoing for a second, so at least 3 requests
+        # wait behind the blockers when the second replica becomes ready: some must move to it.
+        burst = [pool.submit(client.generate, PROMPTS[i % 4], **GREEDY) for i in range(8)]
+        wait_for(lambda: ready_count(client) == 2, timeout=120, interval=0.2)
+        peak = ready_count(client)
+        moved = client.status().num_rebalanced_requests  # moved as it became ready
 
-        def worker(slot: int) -> None:
-            i = slot
+        # The step down: the blockers go (what still waits behind them runs); one request at a
+        # time keeps coming while the cluster shrinks, and after.
+        for blocker in blockers:
+            blocker.close()
+        done = [f.result(timeout=120).token_ids for f in burst]
+        stop = threading.Event()
+        results: list[bool] = []
+        errors: list[Exception] = []
+
+        def trickle() -> None:
+            i = 0
             while not stop.is_set():
-                if slot >= concurrency[0]:
-                    time.sleep(0.05)
-                    continue
                 prompt = PROMPTS[i % len(PROMPTS)]
                 i += 1
                 try:
-                    tokens = client.generate(prompt, **GREEDY).token_ids
-                    with lock:
-                        results.append(tokens == expected[prompt])
+                    results.append(client.generate(prompt, **GREEDY).token_ids == expected[prompt])
                 except Exception as exc:
-                    with lock:
-                        errors.append(exc)
+                    errors.append(exc)
 
-        with ThreadPoolExecutor(32) as pool:
-            for slot in range(32):
-                pool.submit(worker, slot)
-            time.sleep(1.0)
-            concurrency[0] = 32
-            wait_for(lambda: ready_count(client) >= 2, timeout=120, interval=0.2)
-            peak[0] = ready_count(client)
-            served = len(results)  # full load on the grown cluster, for 40 more requests
-            wait_for(lambda: len(results) >= served + 40, timeout=120, interval=0.1)
-            concurrency[0] = 1
+        trickling = pool.submit(trickle)
+        try:
             wait_for(lambda: len(client.status().replicas) == 1, timeout=120, interval=0.2)
-            time.sleep(1.0)
+            served = len(results)
+            wait_for(lambda: len(results) >= served + 2, timeout=60)  # the one replica answers
+        finally:
             stop.set()
+        trickling.result(timeout=60)
 
+        wait_for(lambda: sum(r.kv_blocks_used for r in client.status().replicas) == 0)
         status = client.status()
-        assert not errors, errors[:3]
-        assert all(results), f"{results.count(False)} altered streams"
-        assert peak[0] >= 2
-        assert [r.state for r in status.replicas] == ["READY"]
-        ups = [d for d in status.recent_decisions if d.to_replicas > d.from_replicas]
-        downs = [d for d in status.recent_decisions if d.to_replicas < d.from_replicas]
-        assert ups and downs and "ongoing=" in ups[0].reason
-        assert sum(r.kv_blocks_used for r in status.replicas) == 0
-        # 24 requests were queued on the first replica when the second became ready: some moved.
-        assert status.num_rebalanced_requests > 0
-        print(
-            f"{len(results)} requests, peak {peak[0]} replicas, {status.num_rebalanced_requests} "
-            f"rebalanced, decisions: {[(d.from_replicas, d.to_replicas) for d in status.recent_decisions]}"
-        )
+    assert done == [expected[PROMPTS[i % 4]] for i in range(8)]
+    assert not errors, errors[:3]
+    assert all(results), f"{results.count(False)} altered streams"
+    assert peak == 2 and moved > 0
+    assert [r.state for r in status.replicas] == ["READY"]
+    ups = [d for d in status.recent_decisions if d.to_replicas > d.from_replicas]
+    downs = [d for d in status.recent_decisions if d.to_replicas < d.from_replicas]
+    assert ups and downs and "ongoing=" in ups[0].reason
+    print(
+        f"{len(done) + len(results)} requests, {moved} rebalanced, decisions: "
+        f"{[(d.from_replicas, d.to_replicas) for d in status.recent_decisions]}"
+    )
 
 
 def test_drain_past_its_timeout_moves_requests_exactly(ray_session, model_cache_dir):
@@ -92,29 +101,23 @@ def test_drain_past_its_timeout_moves_requests_exactly(ray_session, model_cache_
         KvrayClient(cluster.target) as client,
     ):
         expected = [client.generate(p, **params).token_ids for p in PROMPTS]
-        started = threading.Barrier(len(PROMPTS) + 1)
-
-        def stream(prompt):
-            return stream_tokens(client, prompt, started, **params)
-
+        # A replica found running a part-streamed sequence drains with no time to finish: its
+        # requests move at once, in the same turn of the router's loop.
+        drained = act_mid_stream(cluster, lambda replica: drain_now(cluster, replica))
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            futures = [pool.submit(stream, p) for p in PROMPTS]
-            started.wait(timeout=60)
-            victim = cluster.run(
-                lambda: max(
-                    cluster.router.pool.ready(), key=lambda r: r.engine.scheduler.num_running
-                )
-            )
-            assert cluster.run(lambda: victim.engine.scheduler.num_running) > 0
-            cluster.call(cluster.router.pool.drain(victim, 0.0))  # time out at once: move them
-            results = [f.result(timeout=300) for f in futures]
+            futures = [pool.submit(client.generate, p, **params) for p in PROMPTS]
+            results = [f.result(timeout=300).token_ids for f in futures]
+        victim_id = drained.result(timeout=60)
         assert results == expected
         status = client.status()
         assert status.num_moved_requests > 0
         # Only the other replica is left, still taking requests.
-        assert [(r.replica_id == victim.replica_id, r.state) for r in status.replicas] == [
-            (False, "READY")
-        ]
+        assert [(r.replica_id == victim_id, r.state) for r in status.replicas] == [(False, "READY")]
+
+
+async def drain_now(cluster, replica) -> str:
+    await cluster.router.pool.drain(replica, 0.0)  # time out at once: move them
+    return replica.replica_id
 
 
 def test_scale_to_zero_then_the_next_request_is_answered(ray_session, model_cache_dir):

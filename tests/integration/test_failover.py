@@ -1,15 +1,16 @@
-"""A worker actor killed mid-stream: every stream completes with exactly the uninterrupted tokens,
-and the dead replica is replaced."""
+"""A worker process killed mid-stream: every stream completes with exactly the uninterrupted
+tokens, and the dead replica is replaced."""
 
 from __future__ import annotations
 
-import threading
+import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from kvray.client import KvrayClient
-from tests.integration.conftest import start_cluster, stream_tokens, wait_for
+from tests.integration.conftest import act_mid_stream, start_cluster, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -32,25 +33,24 @@ def test_killed_worker_streams_continue_exactly(ray_session, model_cache_dir):
     ):
         expected = [client.generate(p, **params).token_ids for p in PROMPTS]
         expected_seeded = client.generate(PROMPTS[0], **seeded).token_ids
+        pids = {
+            r.replica_id: ray_session.get(r.actor.__ray_call__.remote(lambda _: os.getpid()))
+            for r in cluster.run(lambda: cluster.router.pool.ready())
+        }
 
-        started = threading.Barrier(len(PROMPTS) + 2)
+        def kill(replica) -> str:
+            # NOTE: SIGKILL, not ray.kill: the process is gone when this returns, so it cannot
+            # step on to the end of the sequence that was found mid-stream.
+            os.kill(pids[replica.replica_id], signal.SIGKILL)
+            return replica.replica_id
 
-        def stream(prompt, kwargs):
-            return stream_tokens(client, prompt, started, **kwargs)
-
+        # The replica running the seeded stream dies once that stream has streamed a token.
+        killed = act_mid_stream(cluster, kill, request_id="seeded")
         with ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
-            futures = [pool.submit(stream, p, params) for p in PROMPTS]
-            futures.append(pool.submit(stream, PROMPTS[0], seeded))
-            started.wait(timeout=60)  # every stream has its first tokens
-            busiest = cluster.run(
-                lambda: max(
-                    cluster.router.pool.ready(), key=lambda r: r.engine.scheduler.num_running
-                )
-            )
-            victim_id = busiest.replica_id
-            assert cluster.run(lambda: busiest.engine.scheduler.num_running) > 0
-            ray_session.kill(busiest.actor, no_restart=True)
-            results = [f.result(timeout=300) for f in futures]
+            futures = [pool.submit(client.generate, p, **params) for p in PROMPTS]
+            futures.append(pool.submit(client.generate, PROMPTS[0], request_id="seeded", **seeded))
+            results = [f.result(timeout=300).token_ids for f in futures]
+        victim_id = killed.result(timeout=60)
 
         assert cluster.run(lambda: cluster.router.dispatcher.num_moved_requests) > 0
         assert results[:-1] == expected
