@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API with the official `openai` client, sync and async, against
-a local cluster (tiny model; a fake-model cluster for the error statuses): the same tokens as
-gRPC, the parameters, every error status, and a dropped stream freeing its KV blocks."""
+a local cluster (tiny model; a fake-model cluster with slow steps where a request must outlast
+the test's next move): the same tokens as gRPC, the parameters, every error status, and a
+dropped stream freeing its KV blocks."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import openai
@@ -314,17 +315,6 @@ def test_an_unknown_model_is_404(client):
     assert err.value.body["param"] == "model"
 
 
-def test_a_dropped_stream_frees_its_kv_blocks(client, grpc):
-    stream = client.completions.create(
-        model="tiny", prompt=PROMPT, stream=True, temperature=0, max_tokens=240,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    next(iter(stream))
-    assert kv_blocks_used(grpc) > 0
-    stream.close()  # the client goes away mid-stream
-    wait_for(lambda: kv_blocks_used(grpc) == 0 and grpc.status().num_running == 0, timeout=30)
-
-
 def scrape(cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample on /metrics, parsed by prometheus_client's own parser."""
     url = cluster.http_url.removesuffix("/v1") + "/metrics"
@@ -367,20 +357,6 @@ def test_metric_counters_equal_what_was_sent(cluster, client, grpc):
     assert delta("vllm:e2e_request_latency_seconds_count") == 5  # one per sample
     assert delta("vllm:inter_token_latency_seconds_count") == generated - 5
     assert delta("vllm:request_queue_time_seconds_count") == 5
-
-
-def test_an_aborted_stream_is_counted_as_abort(cluster, client, grpc):
-    before = scrape(cluster)
-    stream = client.completions.create(
-        model="tiny", prompt=PROMPT, stream=True, temperature=0, max_tokens=240,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    next(iter(stream))
-    stream.close()
-    wait_for(lambda: kv_blocks_used(grpc) == 0 and grpc.status().num_running == 0, timeout=30)
-    after = scrape(cluster)
-    aborted = metric(after, "vllm:request_success_total", finished_reason="abort")
-    assert aborted - metric(before, "vllm:request_success_total", finished_reason="abort") == 1
 
 
 def test_responses_are_not_held_back_by_nagle(cluster):
@@ -438,12 +414,13 @@ def test_a_grpc_message_over_the_limit_is_resource_exhausted(grpc):
     assert len(grpc.generate(PROMPT, temperature=0, max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
-# ---------------------------------------------------------------------- error statuses
+# ------------------------------------------- a fake model with slow steps: error statuses, aborts
 
 
 @pytest.fixture(scope="module")
 def slow(ray_session, model_cache_dir):
-    """A fake-model cluster with 300 ms steps, one running sequence and a queue of two."""
+    """A fake-model cluster with steps of at least 300 ms (a request of N tokens takes at least
+    0.3 N s on any machine), one running sequence and a queue of two."""
     settings = dict(
         model="fake", replicas=1, http_port=free_port(), fake_step_ms=300, max_num_seqs=1,
         max_queued_requests=2, max_model_len=2048,
@@ -452,44 +429,82 @@ def slow(ray_session, model_cache_dir):
         yield running, openai.OpenAI(base_url=running.http_url, api_key="x", max_retries=0)
 
 
-def test_metric_gauges_equal_the_cluster_status(slow):
+@pytest.fixture(scope="module")
+def slow_grpc(slow):
+    cluster, _ = slow
+    with KvrayClient(cluster.target, max_retries=0) as c:
+        yield c
+
+
+def long_stream(client):
+    """A running stream of 1,000 tokens (300 s at the least): it ends when the test closes it."""
+    stream = client.completions.create(model="fake", prompt=PROMPT, stream=True, max_tokens=1000)
+    next(iter(stream))  # a token came: it runs, and holds the one running slot
+    return stream
+
+
+def num_waiting(status) -> int:
+    """Sequences queued on replicas plus requests waiting for one (what max_queued_requests caps)."""
+    return sum(r.num_waiting for r in status.replicas) + status.queue_depth
+
+
+def test_a_dropped_stream_frees_its_kv_blocks(slow, slow_grpc):
+    _, client = slow
+    stream = long_stream(client)
+    assert kv_blocks_used(slow_grpc) > 0
+    stream.close()  # the client goes away mid-stream
+    wait_for(lambda: kv_blocks_used(slow_grpc) == 0 and slow_grpc.status().num_running == 0)
+
+
+def test_an_aborted_stream_is_counted_as_abort(slow, slow_grpc):
     cluster, client = slow
+    before = scrape(cluster)
+    long_stream(client).close()
+    wait_for(lambda: kv_blocks_used(slow_grpc) == 0 and slow_grpc.status().num_running == 0)
+    after = scrape(cluster)
 
-    def waiting(status):
-        return sum(r.num_waiting for r in status.replicas) + status.queue_depth
+    def delta(reason):
+        name, labels = "vllm:request_success_total", dict(model_name="fake", finished_reason=reason)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
-    def send(max_tokens):
-        client.completions.create(model="fake", prompt=PROMPT, max_tokens=max_tokens)
+    assert (delta("abort"), delta("length")) == (1, 0)
 
-    # One running and two waiting: the first must run before the others arrive, or the third
-    # finds two queued and is refused (max_queued_requests=2); it runs for 20 steps (6 s), long
-    # enough to still be running when the status is read.
-    senders = [threading.Thread(target=send, args=(n,)) for n in (20, 4, 4)]
-    with KvrayClient(cluster.target) as grpc_client:
-        senders[0].start()
-        wait_for(lambda: grpc_client.status().num_running == 1, timeout=30)
-        for t in senders[1:]:
-            t.start()
-        wait_for(lambda: waiting(grpc_client.status()) == 2, timeout=30)
-        for _ in range(5):  # both reads fall within one 300 ms step, normally at the first try
-            status, samples = grpc_client.status(), scrape(cluster)
-            if status == grpc_client.status():
-                break
+
+def test_metric_gauges_equal_the_cluster_status(slow, slow_grpc):
+    cluster, client = slow
+    snapshot: list = []
+
+    def read_consistent() -> bool:  # the status did not change while /metrics was read
+        snapshot[:] = [slow_grpc.status(), scrape(cluster)]
+        return snapshot[0] == slow_grpc.status()
+
+    # One running that cannot finish during the test, and two waiting behind it.
+    stream = long_stream(client)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            queued = [
+                pool.submit(client.completions.create, model="fake", prompt=PROMPT, max_tokens=4)
+                for _ in range(2)
+            ]
+            wait_for(lambda: num_waiting(slow_grpc.status()) == 2)
+            wait_for(read_consistent)
+        finally:
+            stream.close()
+        assert [f.result(timeout=60).usage.completion_tokens for f in queued] == [4, 4]
+    status, samples = snapshot
 
     def gauge(name, **labels):
         return samples[(name, tuple(sorted({"model_name": "fake", **labels}.items())))]
 
     (replica,) = status.replicas
     assert gauge("vllm:num_requests_running") == status.num_running == 1
-    assert gauge("vllm:num_requests_waiting") == replica.num_waiting + status.queue_depth == 2
+    assert gauge("vllm:num_requests_waiting") == num_waiting(status) == 2
     kv = replica.kv_blocks_used / replica.kv_blocks_total
     assert gauge("vllm:kv_cache_usage_perc") == pytest.approx(kv) and kv > 0
     assert gauge("kvray:replicas", state="READY") == 1
     assert gauge("kvray:target_replicas") == status.target_replicas == 1
     running = gauge("kvray:replica_num_requests_running", replica_id=replica.replica_id)
     assert running == replica.num_running
-    for t in senders:
-        t.join(timeout=60)
 
 
 def test_a_request_past_its_deadline_is_504(slow):
@@ -501,28 +516,29 @@ def test_a_request_past_its_deadline_is_504(slow):
     assert err.value.status_code == 504 and err.value.body["type"] == "timeout_error"
 
 
-def test_a_full_queue_is_429(slow):
+def test_a_full_queue_is_429(slow, slow_grpc):
     _, client = slow
-    results: list[object] = []
-
-    def send():
+    # The one running slot held by a stream that cannot end on its own, two requests queued
+    # behind it (max_queued_requests=2): the next one is refused at once.
+    stream = long_stream(client)
+    with ThreadPoolExecutor(2) as pool:
         try:
-            results.append(client.completions.create(model="fake", prompt=PROMPT, max_tokens=3))
-        except openai.APIStatusError as exc:
-            results.append(exc)
-
-    threads = [threading.Thread(target=send) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-    assert refused, results
-    assert "max_queued_requests=2" in refused[0].body["message"]
-    assert len(results) == 6 and all(
-        isinstance(r, openai.RateLimitError) or r.choices[0].finish_reason == "length"
-        for r in results
-    )
+            queued = [
+                pool.submit(client.completions.create, model="fake", prompt=PROMPT, max_tokens=3)
+                for _ in range(2)
+            ]
+            wait_for(lambda: num_waiting(slow_grpc.status()) == 2)
+            with pytest.raises(openai.RateLimitError) as err:  # not queued: no wait
+                client.with_options(timeout=30).completions.create(
+                    model="fake", prompt=PROMPT, max_tokens=3
+                )
+        finally:
+            stream.close()
+        done = [f.result(timeout=60) for f in queued]
+    assert "max_queued_requests=2" in err.value.body["message"]
+    assert [(r.choices[0].finish_reason, r.usage.completion_tokens) for r in done] == [
+        ("length", 3)
+    ] * 2
 
 
 def test_no_ready_replica_is_503_and_health_says_so(slow):
