@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from kvray.client import KvrayClient, UnavailableError
 from tests.helpers import free_port
+from tests.integration.conftest import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
@@ -33,15 +35,19 @@ def env(model_cache_dir):
     }
 
 
+# The fake model's context for the tests that serve it: room for a stream that outlasts a test.
+FAKE_MAX_MODEL_LEN = {"KVRAY_MAX_MODEL_LEN": "4096"}
+
+
 def test_sigterm_lets_running_streams_finish(env):
     port = free_port()
+    step_ms, max_tokens = 50, 200  # the stream's last step returns 10 s after it is sent, or later
+    settings = {
+        **env, **FAKE_MAX_MODEL_LEN, "KVRAY_FAKE_STEP_MS": str(step_ms),
+        "KVRAY_SHUTDOWN_TIMEOUT_S": "120",  # 12 times what the stream needs at the fixed step time
+    }  # fmt: skip
     server = kvray(
-        "serve",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        env={**env, "KVRAY_SHUTDOWN_TIMEOUT_S": "60"},
+        "serve", "--model", "fake", "--port", str(port), "--host", "127.0.0.1", env=settings
     )
     try:
         with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
@@ -60,12 +66,16 @@ def test_sigterm_lets_running_streams_finish(env):
             assert (
                 status.returncode == 0 and "replica-0" in status.stdout and "READY" in status.stdout
             )
-            stream = client.stream("Hello", temperature=0, max_tokens=200, ignore_eos=True)
+            sent = time.monotonic()
+            stream = client.stream("Hello", max_tokens=max_tokens, ignore_eos=True)
             tokens = list(next(stream).token_ids)
             server.send_signal(signal.SIGTERM)
+            wait_for(lambda: not client.is_serving())  # the shutdown has begun
+            began = time.monotonic() - sent
+            assert began < max_tokens * step_ms / 1000, f"the stream may have ended first ({began})"
             for chunk in stream:
                 tokens.extend(chunk.token_ids)
-        assert len(tokens) == 200
+        assert len(tokens) == max_tokens
         assert server.wait(timeout=60) == 0
     finally:
         if server.poll() is None:
@@ -122,13 +132,13 @@ def test_serve_rejects_an_unknown_config_key_clearly(env, tmp_path):
 
 def test_a_client_notices_a_hung_server_within_seconds(env):
     port = free_port()
-    fake = {**env, "KVRAY_FAKE_STEP_MS": "20"}
+    fake = {**env, **FAKE_MAX_MODEL_LEN, "KVRAY_FAKE_STEP_MS": "20"}
     server = kvray("serve", "--model", "fake", "--port", str(port), "--host", "127.0.0.1", env=fake)
     outcome: list[BaseException] = []
     try:
         with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
             client.wait_until_serving(timeout=120)
-            stream = client.stream("Hello", max_tokens=100_000, ignore_eos=True)
+            stream = client.stream("Hello", max_tokens=4000, ignore_eos=True)  # 80 s at least
             next(stream)
             server.send_signal(signal.SIGSTOP)  # hung: its sockets stay open, nothing answers
 
@@ -154,14 +164,17 @@ def test_a_client_notices_a_hung_server_within_seconds(env):
 
 def test_drain_ends_the_server_and_a_stream_cut_at_the_deadline_says_why(env):
     port, http_port = free_port(), free_port()
-    settings = {**env, "KVRAY_FAKE_STEP_MS": "20", "KVRAY_SHUTDOWN_TIMEOUT_S": "2"}
+    # Steps of 20 ms at the least: the short stream's 20 take 0.4 s, a 25th of the 10 s the drain
+    # gives it; the long one's 4,000 take 80 s, more than the drain command may take (60 s).
+    settings = {**env, **FAKE_MAX_MODEL_LEN, "KVRAY_FAKE_STEP_MS": "20",
+                "KVRAY_SHUTDOWN_TIMEOUT_S": "10"}  # fmt: skip
     args = ["--model", "fake", "--port", str(port), "--http-port", str(http_port)]
     server = kvray("serve", *args, "--host", "127.0.0.1", env=settings)
     try:
         with KvrayClient(f"127.0.0.1:{port}", max_retries=0) as client:
             client.wait_until_serving(timeout=120)
-            short = client.stream("Hello", max_tokens=20, ignore_eos=True)  # ends in ~0.4 s
-            long = client.stream("Hello", max_tokens=100_000, ignore_eos=True)  # it cannot
+            short = client.stream("Hello", max_tokens=20, ignore_eos=True)
+            long = client.stream("Hello", max_tokens=4000, ignore_eos=True)
             first_short, _ = next(short), next(long)
             drain = subprocess.run(
                 [sys.executable, "-m", "kvray.cluster.cli", "drain", "--http-port", str(http_port)],
