@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvray: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, a file that cannot be read: the message says which
+        if args.verbose:
+            raise
+        print(f"kvray: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -223,6 +223,8 @@ async def _generate(
         held.close()
         for stream in streams:
             router.abort(stream)
+        if isinstance(exc, InvalidParameterError):  # from the router's checks (the context)
+            exc = body.as_callers(exc)
         return _error_response(exc)
     events = _events(first, chunks, choices, renderer, deadline, held)
 

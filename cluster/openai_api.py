@@ -54,6 +54,14 @@ class _SamplingRequest(BaseModel):
     length_penalty: float = 1.0
     early_stopping: bool = False
 
+    def caller_param(self, name: str) -> str:
+        """The body's field that carries `SamplingParams` field `name`, as the caller set it."""
+        return name
+
+    def as_callers(self, exc: InvalidParameterError) -> InvalidParameterError:
+        """The error, naming the field the caller set (a check past this body names kvray's)."""
+        return InvalidParameterError(self.caller_param(exc.param), str(exc))
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -171,11 +179,15 @@ class ChatCompletionRequest(_SamplingRequest):
             return self._sampling(
                 max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None
             )
-        except InvalidParameterError as exc:  # name the field the caller set
-            renamed = {"logprobs": "top_logprobs"}
-            if self.max_completion_tokens is not None:
-                renamed["max_tokens"] = "max_completion_tokens"
-            raise InvalidParameterError(renamed.get(exc.param, exc.param), str(exc)) from None
+        except InvalidParameterError as exc:
+            raise self.as_callers(exc) from None
+
+    def caller_param(self, name: str) -> str:
+        if name == "logprobs":
+            return "top_logprobs"
+        if name == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return name
 
 
 def _text(content: str | Sequence[dict[str, Any]] | None, index: int) -> str:

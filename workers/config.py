@@ -79,9 +79,9 @@ class WorkerConfig:
     seed: int = setting(0, "torch seed of each worker")
     generation_config: str = setting(
         "auto",
-        "auto: requests that leave temperature, top_k, top_p, min_p or repetition_penalty unset "
-        "take the model's defaults (its generation_config.json; smollm2: temperature 0.2, "
-        "top_p 0.9); none: they take the neutral values (temperature 1.0, no filters)",
+        "auto: requests that leave temperature, top_k, top_p, min_p or repetition_penalty "
+        "unset take the model's defaults (its generation_config.json; smollm2: greedy); "
+        "none: they take the neutral values (temperature 1.0, no filters)",
     )
 
     def __post_init__(self) -> None:

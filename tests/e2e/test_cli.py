@@ -130,6 +130,23 @@ def test_serve_rejects_an_unknown_config_key_clearly(env, tmp_path):
     assert "unknown config key(s) replicaz" in result.stderr
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line(env):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "kvray.cluster.cli", "serve", "--model", "fake",
+             "--host", "127.0.0.1", "--port", "0", "--http-port", str(port)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"kvray: error: HTTP: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_client_notices_a_hung_server_within_seconds(env):
     port = free_port()
     fake = {**env, **FAKE_MAX_MODEL_LEN, "KVRAY_FAKE_STEP_MS": "20"}

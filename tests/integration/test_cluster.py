@@ -214,6 +214,14 @@ def test_deadline_is_deadline_exceeded_and_request_is_aborted(slow):
     assert slow.generate("Hello", max_tokens=4).choices
 
 
+def test_a_prompt_plus_max_tokens_past_the_context_is_invalid_argument(client):
+    prompt = list(range(10, 50))  # 40 tokens of the 256-token context
+    with pytest.raises(InvalidRequestError, match="max_tokens") as err:
+        client.generate(prompt, max_tokens=217)
+    assert "at most 216" in str(err.value)
+    assert len(client.generate(prompt, max_tokens=216, ignore_eos=True).token_ids) == 216
+
+
 def test_tokenize_and_model_info(client, tiny_tokenizer):
     assert client.tokenize("Hello, world!") == tiny_tokenizer("Hello, world!")["input_ids"]
     info = client.model_info()

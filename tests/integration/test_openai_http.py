@@ -31,6 +31,7 @@ pytestmark = pytest.mark.ray
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 GREEDY = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+GREEDY_EXTRA = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +308,25 @@ def test_chat_parameter_names_are_the_callers(client):
             model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=99
         )
     assert err.value.body["param"] == "top_logprobs"
+
+
+def test_a_prompt_plus_max_tokens_past_the_context_is_400_not_a_shortened_answer(client, grpc):
+    max_model_len = grpc.model_info().max_model_len  # 256
+    num_prompt = len(grpc.tokenize(PROMPT))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=max_model_len)
+    assert err.value.body["param"] == "max_tokens"
+    assert f"at most {max_model_len - num_prompt}" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_completion_tokens=max_model_len
+        )
+    assert err.value.body["param"] == "max_completion_tokens"
+    fits = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=max_model_len - num_prompt, **GREEDY_EXTRA
+    )
+    assert fits.usage.completion_tokens == max_model_len - num_prompt
+    assert fits.choices[0].finish_reason == "length"
 
 
 def test_an_unknown_model_is_404(client):
