@@ -323,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local directory, hub id or .gguf file",
     )
     p.add_argument("--replicas", type=int, default=2, help="worker actors to start")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_sampling_flags(p, max_tokens=64, temperature=0.0)
     p.set_defaults(func=_demo)
 
     p = _add_parser(
@@ -333,9 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--model", default="tiny", help="built-in name, local directory or hub id")
-    p.add_argument("--max-tokens", type=int, default=48, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_sampling_flags(p, max_tokens=48, temperature=0.8)
     p.set_defaults(func=_offline)
 
     p = _add_parser(
@@ -357,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=_make_tiny_model)
     return parser
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def main(argv: list[str] | None = None) -> int:

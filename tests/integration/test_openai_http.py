@@ -468,6 +468,26 @@ def num_waiting(status) -> int:
     return sum(r.num_waiting for r in status.replicas) + status.queue_depth
 
 
+@contextlib.contextmanager
+def slot_held_and_two_queued(client, grpc, *, max_tokens: int):
+    """The slow cluster's one running slot held by a stream that cannot end during the test,
+    and two requests queued behind it (max_queued_requests=2): yields their futures. The
+    stream is closed on the way out, and the queued requests have run once the block ends."""
+    stream = long_stream(client)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            queued = [
+                pool.submit(
+                    client.completions.create, model="fake", prompt=PROMPT, max_tokens=max_tokens
+                )
+                for _ in range(2)
+            ]
+            wait_for(lambda: num_waiting(grpc.status()) == 2)
+            yield queued
+        finally:
+            stream.close()
+
+
 def test_a_dropped_stream_frees_its_kv_blocks(slow, slow_grpc):
     _, client = slow
     stream = long_stream(client)
@@ -498,19 +518,9 @@ def test_metric_gauges_equal_the_cluster_status(slow, slow_grpc):
         snapshot[:] = [slow_grpc.status(), scrape(cluster)]
         return snapshot[0] == slow_grpc.status()
 
-    # One running that cannot finish during the test, and two waiting behind it.
-    stream = long_stream(client)
-    with ThreadPoolExecutor(2) as pool:
-        try:
-            queued = [
-                pool.submit(client.completions.create, model="fake", prompt=PROMPT, max_tokens=4)
-                for _ in range(2)
-            ]
-            wait_for(lambda: num_waiting(slow_grpc.status()) == 2)
-            wait_for(read_consistent)
-        finally:
-            stream.close()
-        assert [f.result(timeout=60).usage.completion_tokens for f in queued] == [4, 4]
+    with slot_held_and_two_queued(client, slow_grpc, max_tokens=4) as queued:
+        wait_for(read_consistent)
+    assert [f.result(timeout=60).usage.completion_tokens for f in queued] == [4, 4]
     status, samples = snapshot
 
     def gauge(name, **labels):
@@ -538,23 +548,14 @@ def test_a_request_past_its_deadline_is_504(slow):
 
 def test_a_full_queue_is_429(slow, slow_grpc):
     _, client = slow
-    # The one running slot held by a stream that cannot end on its own, two requests queued
-    # behind it (max_queued_requests=2): the next one is refused at once.
-    stream = long_stream(client)
-    with ThreadPoolExecutor(2) as pool:
-        try:
-            queued = [
-                pool.submit(client.completions.create, model="fake", prompt=PROMPT, max_tokens=3)
-                for _ in range(2)
-            ]
-            wait_for(lambda: num_waiting(slow_grpc.status()) == 2)
-            with pytest.raises(openai.RateLimitError) as err:  # not queued: no wait
-                client.with_options(timeout=30).completions.create(
-                    model="fake", prompt=PROMPT, max_tokens=3
-                )
-        finally:
-            stream.close()
-        done = [f.result(timeout=60) for f in queued]
+    with (
+        slot_held_and_two_queued(client, slow_grpc, max_tokens=3) as queued,
+        pytest.raises(openai.RateLimitError) as err,  # not queued: no wait
+    ):
+        client.with_options(timeout=30).completions.create(
+            model="fake", prompt=PROMPT, max_tokens=3
+        )
+    done = [f.result(timeout=60) for f in queued]
     assert "max_queued_requests=2" in err.value.body["message"]
     assert [(r.choices[0].finish_reason, r.usage.completion_tokens) for r in done] == [
         ("length", 3)
