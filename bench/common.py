@@ -11,8 +11,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BENCH_CACHE = Path(os.path.expanduser("~/.cache/kvray/bench"))
+SHAPED_VOCAB_SIZE = 49152  # SmolLM2's
 
 
 def log(msg: str) -> None:
@@ -20,16 +22,25 @@ def log(msg: str) -> None:
 
 
 def smollm2_135m_shaped(out_dir: Path | None = None, *, seed: int = 0) -> Path:
-    """A random-weight Llama with SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3), built once."""
+    """A random-weight Llama with SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3) and a
+    tokenizer of its vocabulary, built once."""
     out = out_dir or BENCH_CACHE / "smollm2-135m-shape-random"
-    if (out / "config.json").exists():
-        return out
+    if not (out / "config.json").exists():
+        _save_shaped_model(out, seed=seed)
+    # NOTE: folders built before the model had a tokenizer get one; kvray loads the model's
+    # tokenizer (and warns when there is none), as it would SmolLM2's own.
+    if not (out / "tokenizer.json").exists():
+        make_vocab_tokenizer(SHAPED_VOCAB_SIZE).save_pretrained(out)
+    return out
+
+
+def _save_shaped_model(out: Path, *, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     log(f"building a random SmolLM2-135M-shaped model into {out} (once)")
     config = LlamaConfig(
-        vocab_size=49152,
+        vocab_size=SHAPED_VOCAB_SIZE,
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=30,
@@ -47,7 +58,18 @@ def smollm2_135m_shaped(out_dir: Path | None = None, *, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    return out
+
+
+def make_vocab_tokenizer(vocab_size: int) -> Any:
+    """A tokenizer with one word per token id (`t0` ... `t{vocab_size - 1}`, space-separated),
+    so that every id a random-weight model samples decodes to text. Built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
 
 
 @dataclass(frozen=True)
