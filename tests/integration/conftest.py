@@ -64,7 +64,7 @@ def act_mid_stream(
         return any(
             request_id in (None, seq.request_id)
             and seq.output_token_ids
-            and seq.num_output_tokens < (seq.sampling.max_tokens or scheduler.max_model_len)
+            and seq.num_output_tokens < (seq.sampling_params.max_tokens or scheduler.max_model_len)
             and seq.num_tokens < scheduler.max_model_len
             for seq in scheduler.running
         )
