@@ -195,13 +195,15 @@ def status(args: argparse.Namespace) -> int:
         print(f"kvray: {exc.code}: {exc}", file=sys.stderr)
         return 1
     print(
-        f"{'replica':<12} {'state':<9} {'waiting':>7} {'running':>7} {'KV used':>15} {'preempt':>7}  device"
+        f"{'replica':<12} {'state':<9} {'waiting':>7} {'running':>7} {'KV used':>15} "
+        f"{'preempt':>7} {'cache hit':>9}  device"
     )
     for r in st.replicas:
         kv = f"{r.kv_blocks_used}/{r.kv_blocks_total}"
+        hits = f"{r.num_prefix_hits / r.num_prefix_queries:.0%}" if r.num_prefix_queries else "-"
         print(
             f"{r.replica_id:<12} {r.state:<9} {r.num_waiting:>7} {r.num_running:>7} {kv:>15} "
-            f"{r.num_preemptions:>7}  {r.device}"
+            f"{r.num_preemptions:>7} {hits:>9}  {r.device}"
         )
     print(
         f"queue depth {st.queue_depth}, running {st.num_running}; requests moved after a failure"

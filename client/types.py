@@ -25,6 +25,8 @@ class ReplicaStatus:
     kv_blocks_total: int
     num_preemptions: int
     num_finished_requests: int
+    num_prefix_queries: int = 0  # prompt tokens looked up in its prefix cache
+    num_prefix_hits: int = 0  # of which were served from it
 
 
 @dataclass

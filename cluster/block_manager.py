@@ -10,6 +10,7 @@ writes into a shared, partly filled block gets its own copy of it (copy-on-write
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 
 from kvray.cluster.sequence import Sequence
@@ -21,6 +22,21 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()  # the block's tokens, kept to rule out hash collisions
+
+
+def prefix_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chained hashes of the full blocks of `token_ids` that a prefix-cache hit may cover
+    (not the block holding the last token: its logits are needed, so it is computed).
+
+    NOTE: a block's hash is `hash((parent's hash, its tokens))`, as `cache_full_blocks` makes
+    it, so equal hashes mean (up to a collision) equal prefixes.
+    """
+    hashes: list[int] = []
+    parent: int | None = None
+    for start in range(0, len(token_ids) - 1 - block_size + 1, block_size):
+        parent = hash((parent, tuple(token_ids[start : start + block_size])))
+        hashes.append(parent)
+    return hashes
 
 
 class BlockManager:
@@ -129,15 +145,25 @@ class BlockManager:
             return []
         bs = self.block_size
         matched: list[int] = []
-        parent: int | None = None
-        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
-            chunk = tuple(token_ids[start : start + bs])
-            parent = hash((parent, chunk))
-            block_id = self._cached.get(parent)
-            if block_id is None or self.blocks[block_id].token_ids != chunk:
+        for i, block_hash in enumerate(prefix_hashes(token_ids, bs)):
+            block_id = self._cached.get(block_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(
+                token_ids[i * bs : (i + 1) * bs]
+            ):
                 break
             matched.append(block_id)
         return matched
+
+    def num_cached_blocks(self, hashes: list[int], *, also: Container[int] = ()) -> int:
+        """How many of the leading prefix blocks `hashes` (`prefix_hashes`) are cached here, or
+        in `also`; read only. By hash alone: placement's estimate, which `match_prefix`
+        verifies token by token at admission."""
+        if not self.enable_prefix_caching:
+            return 0
+        for i, block_hash in enumerate(hashes):
+            if block_hash not in self._cached and block_hash not in also:
+                return i
+        return len(hashes)
 
     def num_free_after_acquiring(self, block_ids: list[int]) -> int:
         return len(self._free) - sum(1 for b in block_ids if self.blocks[b].ref_count == 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvray.cluster.autoscaling_policy import AutoscalingConfig
+from kvray.cluster.placement import ROUTING_POLICIES
 from kvray.workers.config import (
     EngineConfig,
     SchedulerConfig,
@@ -84,6 +85,11 @@ class ClusterConfig:
     fake_step_ms: float = setting(
         20.0, "model fake only (scripted tokens, no model): milliseconds per step"
     )
+    routing: str = setting(
+        "cache-aware",
+        "cache-aware: a request goes where its first token comes soonest, counting the prompt "
+        "blocks each replica's prefix cache holds; least-loaded: where the least work is queued",
+    )
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -101,6 +107,10 @@ class ClusterConfig:
         if self.http_request_timeout_s is not None and self.http_request_timeout_s <= 0:
             raise ValueError(
                 f"http_request_timeout_s must be > 0, got {self.http_request_timeout_s}"
+            )
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(
+                f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}"
             )
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")

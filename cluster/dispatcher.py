@@ -10,7 +10,7 @@ where each request runs and to fail those that can run nowhere.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 from kvray.cluster.config import ClusterConfig
@@ -48,21 +48,45 @@ class Dispatcher:
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session_id -> replica_id
         self.num_moved_requests = 0  # requests continued on another replica
         self.num_rebalanced_requests = 0  # queued requests moved to a less busy replica
+        # What decided each placement of a new or waiting request (`Placement.reason`)
+        self.num_routing_decisions: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ placing
 
-    def pick(self, session_id: str | None) -> ReplicaHandle | None:
-        """The replica a new request should go to (remembering a session's), or None."""
+    def pick(self, request: Request, session_id: str | None = None) -> ReplicaHandle | None:
+        """The replica `request` should go to (`placement.pick_replica`; remembering a
+        session's), or None while no replica is ready."""
         session_replica = self._sessions.get(session_id) if session_id is not None else None
-        replica_id = pick_replica(self.pool.stats(), session_replica_id=session_replica)
-        if replica_id is None:
+        placement = pick_replica(
+            self.pool.stats(),
+            routing=self.config.routing,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=self.cached_tokens(request),
+            session_replica_id=session_replica,
+        )
+        if placement is None:
             return None
+        self.num_routing_decisions[placement.reason] += 1
+        logger.debug("%s -> %s (%s)", request.request_id, placement.replica_id, placement.reason)
         if session_id is not None:
-            self._sessions[session_id] = replica_id
+            self._sessions[session_id] = placement.replica_id
             self._sessions.move_to_end(session_id)
             if len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        return self.pool.replicas[replica_id]
+        return self.pool.replicas[placement.replica_id]
+
+    def cached_tokens(self, request: Request) -> dict[str, int]:
+        """Prompt tokens of `request` each ready replica holds (cached, or coming with a request
+        queued there); only replicas holding some are listed."""
+        if self.config.routing != "cache-aware" or not request.prompt_hashes:
+            return {}
+        held = {}
+        for replica in self.pool.replicas.values():
+            if replica.engine is not None and replica.state is ReplicaState.READY:
+                blocks = replica.engine.num_prefix_blocks(request.prompt_hashes)
+                if blocks:
+                    held[replica.replica_id] = blocks * replica.engine.info.block_size
+        return held
 
     def place(self, request: Request, stream: RequestStream, replica: ReplicaHandle | None) -> None:
         """Queue `request` on `replica`, or, with None, until a replica can take it."""
@@ -79,7 +103,7 @@ class Dispatcher:
     def assign_waiting(self) -> None:
         """Give the requests waiting for a replica to the ready ones."""
         while self._unassigned:
-            replica = self.pick(None)
+            replica = self.pick(self._unassigned[0])
             if replica is None:
                 return
             request = self._unassigned.popleft()
@@ -130,12 +154,13 @@ class Dispatcher:
                         replica.replica_id,
                         request.num_unfinished_tokens,
                         request.arrival_time,
+                        self.cached_tokens(request),
                     )
                 )
                 requests[request.request_id] = request
         woken: set[str] = set()
         num_moved = 0
-        for move in plan_rebalance(self.pool.stats(), queued):
+        for move in plan_rebalance(self.pool.stats(), queued, routing=self.config.routing):
             stream = self._streams.get(move.request_id)
             source, dest = self.pool.replicas[move.source_id], self.pool.replicas[move.dest_id]
             if stream is None or source.engine is None or dest.engine is None:

@@ -10,6 +10,7 @@ steps it over Ray.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -43,6 +44,9 @@ class EngineCore:
             clock=clock,
         )
         self._requests: dict[str, Request] = {}
+        # Prompt blocks of the requests queued or running here, by hash: soon cached (or being
+        # computed), so placement counts them as this replica's (`num_prefix_blocks`)
+        self._incoming_hashes: Counter[int] = Counter()
         self.num_finished_requests = 0
 
     # ------------------------------------------------------------------ requests
@@ -57,6 +61,7 @@ class EngineCore:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
+        self._incoming_hashes.update(request.prompt_hashes)
         if request.beam is not None:  # new, or moved here: the search starts over
             self.scheduler.add(request.beam.restart())
             return
@@ -66,7 +71,7 @@ class EngineCore:
 
     def release(self, request: Request) -> Request:
         """Remove one request for another replica to `add`; its KV state here is dropped."""
-        del self._requests[request.request_id]
+        self._forget(request)
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq.seq_id)
@@ -104,7 +109,7 @@ class EngineCore:
                 chunks.append(self._final_chunk(seq, [], None))
         if not request.sampling_params.is_ranked:
             return self._deliver(chunks)
-        del self._requests[request_id]
+        self._forget(request)
         self.num_finished_requests += 1
         return [
             self._first(
@@ -153,13 +158,26 @@ class EngineCore:
                 request.outputs[chunk.index] = chunk if previous is None else previous.merge(chunk)
             else:
                 out.append(self._first(request, chunk))
-        for request_id, request in touched.items():
+        for request in touched.values():
             if request.is_finished:
                 if request.is_best_of:
                     out.extend(self._first(request, c) for c in self._best_samples(request))
-                del self._requests[request_id]
+                self._forget(request)
                 self.num_finished_requests += 1
         return out
+
+    def _forget(self, request: Request) -> None:
+        del self._requests[request.request_id]
+        self._incoming_hashes.subtract(request.prompt_hashes)
+        for block_hash in request.prompt_hashes:
+            if self._incoming_hashes[block_hash] <= 0:
+                del self._incoming_hashes[block_hash]
+
+    def num_prefix_blocks(self, hashes: list[int]) -> int:
+        """How many leading prompt blocks `hashes` (`block_manager.prefix_hashes`) this replica
+        holds for a new request: cached, or coming (the prompt of a request queued or running
+        here: computed before a request placed behind it would be). Read only."""
+        return self.block_manager.num_cached_blocks(hashes, also=self._incoming_hashes)
 
     @staticmethod
     def _first(request: Request, chunk: CompletionChunk) -> CompletionChunk:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvray.cluster.beam_search import BeamGroup
+from kvray.cluster.block_manager import prefix_hashes
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
 from kvray.cluster.sequence import Sequence, SequenceStatus, next_seq_id
@@ -147,6 +148,8 @@ class InputProcessor:
         self._check_resume(resume, sampling_params, len(token_ids))
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id, token_ids, [], now, sampling_params)
+        if sampling_params.prompt_logprobs is None:  # (these take no prefix-cache hit)
+            request.prompt_hashes = prefix_hashes(token_ids, self.info.block_size)
         if sampling_params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         if sampling_params.num_beams > 1:

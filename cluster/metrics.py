@@ -147,6 +147,10 @@ class _ClusterCollector(Collector):
         decisions.add_metric([m, "up"], s.num_scale_ups)
         decisions.add_metric([m, "down"], s.num_scale_downs)
         yield decisions
+        routing = CounterMetricFamily("kvray:routing_decisions", "Placements of new and waiting requests by what decided them.", labels=["model_name", "reason"])  # fmt: skip
+        for reason in ("prefix", "load", "session", "only-ready"):
+            routing.add_metric([m, reason], s.num_routing_decisions.get(reason, 0))
+        yield routing
         for name, doc, value in (
             ("kvray:moved_requests", "Requests continued on another replica (failure, drain timeout).", s.num_moved_requests),
             ("kvray:rebalanced_requests", "Queued requests moved to a less busy replica.", s.num_rebalanced_requests),
@@ -162,6 +166,7 @@ class _ClusterCollector(Collector):
             "num_waiting": GaugeMetricFamily("kvray:replica_num_requests_waiting", "Sequences queued on the replica.", labels=labels),
             "kv_cache_usage": GaugeMetricFamily("kvray:replica_kv_cache_usage_perc", "The replica's KV blocks in use (0-1).", labels=labels),
             "num_preemptions": GaugeMetricFamily("kvray:replica_num_preemptions", "Preemptions since the replica started.", labels=labels),
+            "prefix_cache_hit_rate": GaugeMetricFamily("kvray:replica_prefix_cache_hit_rate", "Of the prompt tokens looked up in the replica's prefix cache, the share served from it (0-1).", labels=labels),
         }  # fmt: skip
         for r in s.replicas:
             key = [self.model_name, r.replica_id]
@@ -169,4 +174,5 @@ class _ClusterCollector(Collector):
             families["num_waiting"].add_metric(key, r.num_waiting)
             families["kv_cache_usage"].add_metric(key, r.kv_cache_usage)
             families["num_preemptions"].add_metric(key, r.num_preemptions)
+            families["prefix_cache_hit_rate"].add_metric(key, r.prefix_cache_hit_rate)
         yield from families.values()

@@ -30,6 +30,9 @@ class Request:
     # best_of > n: each sample's output so far, kept until the request ends and the best are sent
     outputs: dict[int, CompletionChunk] = field(default_factory=dict)
     has_streamed: bool = False  # a chunk went out (prompt logprobs ride on the first)
+    # The prompt's full blocks as the prefix cache hashes them (`block_manager.prefix_hashes`):
+    # placement looks them up in each replica's cache
+    prompt_hashes: list[int] = field(default_factory=list)
 
     @property
     def is_best_of(self) -> bool:

@@ -233,7 +233,7 @@ class Router:
             raise InvalidParameterError(
                 "request_id", f"request_id {request.request_id!r} is already in use"
             )
-        replica = self.dispatcher.pick(session_id)
+        replica = self.dispatcher.pick(request, session_id)
         if (
             replica is None
             and not self.autoscaler.can_scale_from_zero
@@ -342,6 +342,7 @@ class Router:
             num_running=sum(r.num_running for r in replicas),
             num_moved_requests=self.dispatcher.num_moved_requests,
             num_rebalanced_requests=self.dispatcher.num_rebalanced_requests,
+            num_routing_decisions=dict(self.dispatcher.num_routing_decisions),
             min_replicas=policy.min_replicas,
             max_replicas=policy.max_replicas,
             target_replicas=self.autoscaler.target_replicas,

@@ -48,6 +48,11 @@ class ReplicaStats:
         return self.num_queued_tokens + self.num_running
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Of the prompt tokens looked up in its prefix cache, the share served from it."""
+        return self.num_prefix_hits / self.num_prefix_queries if self.num_prefix_queries else 0.0
+
+    @property
     def kv_cache_usage(self) -> float:
         """Fraction of its KV blocks in use (0..1)."""
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
@@ -88,6 +93,8 @@ class ClusterStats:
     num_scale_ups: int = 0  # autoscaler decisions
     num_scale_downs: int = 0
     block_size: int = 0  # tokens per KV block (0 before the first replica is ready)
+    # Placements of new and waiting requests by what decided them (`placement.Placement`)
+    num_routing_decisions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

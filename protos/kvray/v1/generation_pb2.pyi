@@ -223,7 +223,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "state", "device", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "num_finished_requests")
+    __slots__ = ("replica_id", "state", "device", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "num_finished_requests", "num_prefix_queries", "num_prefix_hits")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,8 @@ class ReplicaStatus(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: str
     device: str
@@ -242,7 +244,9 @@ class ReplicaStatus(_message.Message):
     kv_blocks_total: int
     num_preemptions: int
     num_finished_requests: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ...) -> None: ...
+    num_prefix_queries: int
+    num_prefix_hits: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_prefix_queries: _Optional[int] = ..., num_prefix_hits: _Optional[int] = ...) -> None: ...
 
 class ScalingDecision(_message.Message):
     __slots__ = ("time_unix", "from_replicas", "to_replicas", "reason")
