@@ -304,3 +304,32 @@ def test_best_of_and_beam_search_over_the_openai_api(cluster, client):
         )
     with pytest.raises(openai.BadRequestError, match="use_beam_search needs n or best_of > 1"):
         http.completions.create(model="tiny", prompt=prompt, extra_body={"use_beam_search": True})
+
+
+def test_each_chat_turn_over_http_is_served_from_its_historys_prefix_cache(cluster, client):
+    """A conversation's next turn, sent through the OpenAI API and rendered with the chat
+    template, reaches the placement rule with its prompt blocks and takes its history's blocks
+    from the prefix cache (which replica wins when they differ in load is
+    tests/unit/test_prefix_routing.py's)."""
+    import openai
+
+    api = openai.OpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0)
+    before = client.status().replicas
+    for conversation in range(4):
+        messages = [{"role": "system", "content": f"Assistant {conversation}."}]
+        previous_prompt = 0
+        for turn in range(3):
+            messages.append({"role": "user", "content": f"Q{turn}?"})
+            reply = api.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            # The last turn's prompt starts this one's: its full blocks are served from the
+            # cache (the answer, re-tokenized from text, may not match the generated ids).
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert cached >= previous_prompt // 16 * 16, (conversation, turn, cached)
+            previous_prompt = reply.usage.prompt_tokens
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    after = client.status().replicas
+    hits = sum(a.num_prefix_hits - b.num_prefix_hits for a, b in zip(after, before))
+    assert hits > 0
