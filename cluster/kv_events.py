@@ -132,11 +132,11 @@ class ReplicaKvEvents:
     cache, `flush` sends them as one batch (after each step), `clear` says the cache is gone."""
 
     def __init__(
-        self, publisher: KvEventPublisher, blocks: BlockManager, *, topic: str, rank: int
+        self, publisher: KvEventPublisher, blocks: BlockManager, *, topic: bytes, rank: int
     ) -> None:
         self._publisher = publisher
         self._blocks = blocks
-        self.topic = topic.encode()
+        self.topic = topic
         self.rank = rank
         blocks.cache_events = []
 
@@ -184,6 +184,7 @@ class KvEventPublisher:
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._ctx = zmq.Context()
         self._replay: zmq.Socket[bytes] | None = None
+        self.replay_endpoint: str | None = None
         try:
             self._pub: zmq.Socket[bytes] = self._ctx.socket(zmq.PUB)
             self._pub.set_hwm(HWM)
@@ -216,8 +217,14 @@ class KvEventPublisher:
         return self._next_seq
 
     def attach(self, replica_id: str, rank: int, blocks: BlockManager) -> ReplicaKvEvents:
-        """Start recording a replica's prefix-cache changes (its `BlockManager`, empty)."""
-        topic = self.topic.format(replica_id=replica_id, model=self.model)
+        """Start recording a replica's prefix-cache changes (its `BlockManager`, empty), and
+        publish `AllBlocksCleared` for it first.
+
+        NOTE: a replica starts empty, and a subscriber may still hold blocks under its name: a
+        router that died without its last word had a replica-0 too.
+        """
+        topic = self.topic.format(replica_id=replica_id, model=self.model).encode()
+        self.publish(topic, rank, blocks.block_size, [ALL_CLEARED])
         return ReplicaKvEvents(self, blocks, topic=topic, rank=rank)
 
     def publish(self, topic: bytes, rank: int, block_size: int, events: list[Any]) -> None:

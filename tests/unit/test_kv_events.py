@@ -221,20 +221,25 @@ def ask_replay(endpoint: str, first: int) -> list[tuple[int, bytes]]:
 
 
 def test_batches_are_numbered_and_replayed_from_a_sequence_number(publisher):
-    blocks = BlockManager(4, 2)
+    blocks = BlockManager(8, 2)
     stream = publisher.attach("replica-7", 7, blocks)
     for tokens in ([1, 2, 3], [4, 5, 6], [7, 8, 9]):
         blocks.free(compute(blocks, tokens))
         stream.flush()
     stream.flush()  # nothing recorded since: no batch
-    assert publisher.num_batches == 3
+    assert publisher.num_batches == 4  # AllBlocksCleared when it was attached, then 3
 
-    replayed = _replay_until(publisher, 1, count=2)
+    everything = _replay_until(publisher, 0, count=4)
+    replayed = _replay_until(publisher, 2, count=2)
 
-    assert [seq for seq, _ in replayed] == [1, 2]
-    batch = DECODER.decode(replayed[0][1])
-    assert batch.data_parallel_rank == 7
-    assert [type(e) for e in batch.events] == [BlockStored]
+    assert [seq for seq, _ in everything] == [0, 1, 2, 3]
+    assert [seq for seq, _ in replayed] == [2, 3]
+    assert replayed == everything[2:]
+    batches = [DECODER.decode(payload) for _, payload in everything]
+    assert [[type(e) for e in b.events] for b in batches] == [[AllBlocksCleared]] + [
+        [BlockStored]
+    ] * 3
+    assert {b.data_parallel_rank for b in batches} == {7}
     assert stream.topic == b"kv@replica-7@m"
 
 
@@ -282,17 +287,21 @@ def test_a_full_queue_drops_the_batch_counts_it_and_leaves_a_gap(publisher, monk
     stream.flush()
 
     assert publisher.num_dropped_batches == 1
-    assert [seq for seq, _ in _replay_until(publisher, 0, count=1)] == [1]  # 0 never sent
+    assert [seq for seq, _ in _replay_until(publisher, 0, count=2)] == [0, 2]  # 1 never sent
 
 
-def test_a_replica_that_goes_away_sends_all_blocks_cleared_and_stops_recording(publisher):
+def test_a_replica_is_cleared_when_it_starts_and_when_it_goes_away_then_records_nothing(
+    publisher,
+):
     blocks = BlockManager(8, 2)
-    stream = publisher.attach("replica-0", 0, blocks)
+    stream = publisher.attach("replica-0", 0, blocks)  # a previous router's replica-0 is gone
     stream.clear()
     blocks.free(compute(blocks, [1, 2, 3]))
     assert blocks.cache_events is None
-    ((_, payload),) = _replay_until(publisher, 0, count=1)
-    assert [type(e) for e in DECODER.decode(payload).events] == [AllBlocksCleared]
+    replayed = _replay_until(publisher, 0, count=2)
+    assert len(replayed) == 2
+    for _, payload in replayed:
+        assert [type(e) for e in DECODER.decode(payload).events] == [AllBlocksCleared]
 
 
 def test_close_past_its_timeout_still_stops_the_thread_before_closing_the_sockets():
