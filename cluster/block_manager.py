@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvray.cluster.sequence import Sequence
 
@@ -22,6 +23,20 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()  # the block's tokens, kept to rule out hash collisions
+
+
+class StoredBlock(NamedTuple):
+    """A block whose hash entered the prefix cache (`kv_events.py` publishes it)."""
+
+    block_hash: int
+    parent_block_hash: int | None  # None: the first block of a prompt
+    token_ids: tuple[int, ...]
+
+
+class EvictedBlock(NamedTuple):
+    """A block whose hash left the prefix cache: its block was handed out again."""
+
+    block_hash: int
 
 
 def prefix_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -52,6 +67,9 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.num_prefix_queries = 0  # prompt tokens looked up
         self.num_prefix_hits = 0  # of which served from the cache
+        # NOTE: None (the default) records nothing. A list gets every hash that enters or
+        # leaves `_cached`, in order, for whoever takes them (KV cache events, `kv_events.py`).
+        self.cache_events: list[StoredBlock | EvictedBlock] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -131,6 +149,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self._cached.get(block.hash) == block_id:
             del self._cached[block.hash]
+            if self.cache_events is not None:
+                self.cache_events.append(EvictedBlock(block.hash))
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block_id
 
@@ -194,9 +214,12 @@ class BlockManager:
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
-            parent = hash((parent, chunk))
-            seq.block_hashes.append(parent)
+            block_hash = hash((parent, chunk))
+            seq.block_hashes.append(block_hash)
             block = self.blocks[seq.block_ids[i]]
             if block.hash is None:
-                block.hash, block.token_ids = parent, chunk
-                self._cached.setdefault(parent, block.block_id)
+                block.hash, block.token_ids = block_hash, chunk
+                holder = self._cached.setdefault(block_hash, block.block_id)
+                if self.cache_events is not None and holder == block.block_id:
+                    self.cache_events.append(StoredBlock(block_hash, parent, chunk))
+            parent = block_hash

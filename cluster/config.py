@@ -31,6 +31,7 @@ from kvray.workers.config import (
 )
 
 ENV_PREFIX = "KVRAY_"
+ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,20 @@ class ClusterConfig:
         "cache-aware: a request goes where its first token comes soonest, counting the prompt "
         "blocks each replica's prefix cache holds; least-loaded: where the least work is queued",
     )
+    # KV cache events: vLLM's KVEventsConfig names, prefixed (its `endpoint`, `topic`, ...)
+    kv_events_endpoint: str | None = setting(
+        None,
+        "publish each replica's KV cache events in vLLM's format on this ZMQ endpoint "
+        "(tcp://*:5557 binds, tcp://host:5557 connects; none: off; needs the kv-events extra)",
+    )
+    kv_events_topic: str = setting(
+        "kv@{replica_id}@{model}",
+        "ZMQ topic of a replica's events; {replica_id}, {model} filled in",
+    )
+    kv_events_replay_endpoint: str | None = setting(
+        None, "ZMQ endpoint (bound) where subscribers ask for missed event batches by number"
+    )
+    kv_events_buffer_steps: int = setting(10_000, "event batches kept for replay")
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -120,11 +135,36 @@ class ClusterConfig:
             )
         if self.cpus_per_replica < 0 or (self.gpus_per_replica or 0) < 0:
             raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
+        self._check_kv_events()
         low, high = self.autoscaling.bounds(self.replicas)
         if not low <= self.replicas <= high:
             raise ValueError(
                 f"replicas={self.replicas} must be within [min_replicas, max_replicas] = [{low}, {high}]"
             )
+
+    def _check_kv_events(self) -> None:
+        endpoints = {
+            "kv_events_endpoint": self.kv_events_endpoint,
+            "kv_events_replay_endpoint": self.kv_events_replay_endpoint,
+        }
+        for key, endpoint in endpoints.items():
+            if endpoint is not None and not endpoint.startswith(ZMQ_TRANSPORTS):
+                raise ValueError(
+                    f"{key} must start with {', '.join(ZMQ_TRANSPORTS)}, got {endpoint!r}"
+                )
+        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
+            raise ValueError("kv_events_replay_endpoint needs kv_events_endpoint")
+        if self.kv_events_buffer_steps < 1:
+            raise ValueError(
+                f"kv_events_buffer_steps must be >= 1, got {self.kv_events_buffer_steps}"
+            )
+        try:
+            self.kv_events_topic.format(replica_id="", model="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"kv_events_topic may name only {{replica_id}} and {{model}}, got "
+                f"{self.kv_events_topic!r}"
+            ) from None
 
     @property
     def model(self) -> str:

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.chunks import CompletionChunk
@@ -29,6 +29,9 @@ from kvray.cluster.replica import ReplicaHandle
 from kvray.cluster.request import Request
 from kvray.cluster.stats import EngineTotals, ReplicaState, ReplicaStats
 from kvray.workers.protocol import WorkerInfo
+
+if TYPE_CHECKING:
+    from kvray.cluster.kv_events import KvEventPublisher, ReplicaKvEvents
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class ReplicaPool:
         self._ids = itertools.count()
         self._first_ready = asyncio.Lock()
         self._tasks = BackgroundTasks()
+        self.kv_events = _kv_event_publisher(config)  # None: off
+        self._kv_streams: dict[str, ReplicaKvEvents] = {}  # by replica id, while it has a cache
 
     # ------------------------------------------------------------------ views
 
@@ -151,11 +156,8 @@ class ReplicaPool:
             self._kill(replica)  # shut down (or given up on) while it was starting
             raise UnavailableError(f"{replica.replica_id} is no longer wanted")
         replica.state = ReplicaState.READY
-        replica.start(
-            EngineCore(info, self.config.engine.scheduler, clock=self.clock),
-            on_chunks=self._listener.on_chunks,
-            on_failure=self.fail,
-        )
+        engine = EngineCore(info, self.config.engine.scheduler, clock=self.clock)
+        replica.start(engine, on_chunks=self._step_listener(replica, engine), on_failure=self.fail)
         logger.info(
             "%s: ready on %s, %d KV blocks of %d tokens, started in %.1fs",
             replica.replica_id,
@@ -166,6 +168,23 @@ class ReplicaPool:
         )
         self._listener.on_replicas_changed()
         return replica
+
+    def _step_listener(
+        self, replica: ReplicaHandle, engine: EngineCore
+    ) -> Callable[[list[CompletionChunk]], None]:
+        """What the replica's step loop calls after each step: with KV cache events on, publish
+        the step's changes to its prefix cache, then pass its chunks on."""
+        if self.kv_events is None:
+            return self._listener.on_chunks
+        rank = int(replica.replica_id.rpartition("-")[2])  # `_spawn` names it replica-<n>
+        events = self.kv_events.attach(replica.replica_id, rank, engine.block_manager)
+        self._kv_streams[replica.replica_id] = events
+
+        def on_chunks(chunks: list[CompletionChunk]) -> None:
+            events.flush()
+            self._listener.on_chunks(chunks)
+
+        return on_chunks
 
     async def _warm_up_quietly(self, replica: ReplicaHandle) -> None:
         with contextlib.suppress(Exception):  # _warm_up logs its failures
@@ -238,6 +257,13 @@ class ReplicaPool:
         replica.cancel()
         self.replicas.pop(replica.replica_id, None)
         self._kill(replica)
+        self._clear_kv_events(replica)
+
+    def _clear_kv_events(self, replica: ReplicaHandle) -> None:
+        """A replica's cache is gone: tell the KV cache events' subscribers (once)."""
+        events = self._kv_streams.pop(replica.replica_id, None)
+        if events is not None:
+            events.clear()
 
     def _kill(self, replica: ReplicaHandle) -> None:
         with contextlib.suppress(Exception):
@@ -263,4 +289,26 @@ class ReplicaPool:
         for replica in list(self.replicas.values()):
             await replica.stop()
             self._kill(replica)
+            self._clear_kv_events(replica)
         self.replicas.clear()
+        if self.kv_events is not None:
+            await asyncio.to_thread(self.kv_events.close)  # sends what is queued, up to 1 s
+
+
+def _kv_event_publisher(config: ClusterConfig) -> KvEventPublisher | None:
+    """The KV cache event publisher `kv_events_endpoint` asks for (None: off).
+
+    Raises:
+        ValueError: the `kv-events` extra (pyzmq, msgspec) is not installed.
+        OSError: the endpoint cannot be bound or connected.
+    """
+    if config.kv_events_endpoint is None:
+        return None
+    try:
+        from kvray.cluster.kv_events import KvEventPublisher
+    except ImportError as exc:
+        raise ValueError(
+            f"kv_events_endpoint is set but {exc.name or 'a dependency'} is not installed: "
+            "pip install 'kvray[kv-events]' (pyzmq and msgspec)"
+        ) from exc
+    return KvEventPublisher.from_config(config)
