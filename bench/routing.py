@@ -15,7 +15,7 @@ their share of the ideal (every prompt token computed before, anywhere, served f
 cache: each system prompt and each conversation's history computed once), TTFT and output
 tokens/s; then cache-aware / least-loaded, and the targets (judged on the full run only).
 
-    python bench/routing.py              # fake part (~5 min), then smollm2 part (~5 min)
+    python bench/routing.py              # fake part (~5 min), then smollm2 part (~4 min)
     python bench/routing.py --quick      # the fake part only, smaller (~3 min)
     python bench/routing.py --part real  # smollm2 only
     python bench/routing.py --part fake --shared-rate 32   # system prompts at an overload
