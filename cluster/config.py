@@ -86,6 +86,11 @@ class ClusterConfig:
     fake_step_ms: float = setting(
         20.0, "model fake only (scripted tokens, no model): milliseconds per step"
     )
+    fake_token_ms: float = setting(
+        0.0,
+        "model fake only: milliseconds per token a step computes, added to fake_step_ms "
+        "(prompt tokens served from the prefix cache are not computed)",
+    )
     routing: str = setting(
         "cache-aware",
         "cache-aware: a request goes where its first token comes soonest, counting the prompt "
@@ -123,6 +128,8 @@ class ClusterConfig:
             raise ValueError(
                 f"http_request_timeout_s must be > 0, got {self.http_request_timeout_s}"
             )
+        if self.fake_token_ms < 0:
+            raise ValueError(f"fake_token_ms must be >= 0, got {self.fake_token_ms}")
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(
                 f"routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}"

@@ -63,7 +63,10 @@ def worker_factory(config: ClusterConfig) -> Callable[[], Any]:
         from kvray.workers.fake import FakeWorker
 
         return functools.partial(
-            FakeWorker.from_config, config.engine, step_delay_s=config.fake_step_ms / 1000
+            FakeWorker.from_config,
+            config.engine,
+            step_delay_s=config.fake_step_ms / 1000,
+            token_delay_s=config.fake_token_ms / 1000,
         )
     from kvray.workers.worker import ModelWorker
 

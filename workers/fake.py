@@ -5,6 +5,8 @@ and "samples" a scripted token: `(last token * 31 + position) % vocab_size`, so 
 only on a sequence's own tokens, like greedy decoding of a real model (a beam gets that token
 and the ones after it as candidates). `kvray serve --model
 fake` runs it in every replica, with the built-in tokenizer, to load-test the router.
+A step sleeps `step_delay_s + token_delay_s * tokens it computes`, so prompt tokens served from
+the prefix cache (never scheduled) cost nothing, as on a real model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class FakeWorker:
         vocab_size: int = 1000,
         eos_token_ids: tuple[int, ...] = (),
         step_delay_s: float = 0.0,
+        token_delay_s: float = 0.0,
         model_path: str = "fake",
     ) -> None:
         self.info = WorkerInfo(
@@ -41,11 +44,14 @@ class FakeWorker:
             weights_bytes=0,
         )
         self.step_delay_s = step_delay_s
+        self.token_delay_s = token_delay_s  # per token computed (`StepInput.num_tokens`)
         self.table = SequenceTable()
         self.steps: list[StepInput] = []  # every step received, for tests to inspect
 
     @classmethod
-    def from_config(cls, config: EngineConfig, *, step_delay_s: float = 0.02) -> FakeWorker:
+    def from_config(
+        cls, config: EngineConfig, *, step_delay_s: float = 0.02, token_delay_s: float = 0.0
+    ) -> FakeWorker:
         """A fake replica shaped by an EngineConfig, speaking the built-in tokenizer's vocabulary."""
         from kvray.workers.checkpoints import resolve_tokenizer_only
 
@@ -58,6 +64,7 @@ class FakeWorker:
             max_model_len=max_model_len,
             vocab_size=512,
             step_delay_s=step_delay_s,
+            token_delay_s=token_delay_s,
             model_path=resolve_tokenizer_only(cache_dir=config.cache_dir),
         )
 
@@ -91,8 +98,9 @@ class FakeWorker:
             seq.token_ids.append(token)
             out.seq_ids.append(seq_id)
             out.sampled_token_ids.append(token)
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
+        delay_s = self.step_delay_s + self.token_delay_s * step_input.num_tokens
+        if delay_s:
+            time.sleep(delay_s)
         return out
 
     @staticmethod

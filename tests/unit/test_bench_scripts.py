@@ -1,8 +1,10 @@
-"""The benchmark scripts import and parse their arguments (they are not run in CI), and
-engine_throughput's pieces that decide what a run prints and how big its baselines are."""
+"""The benchmark scripts import and parse their arguments (they are not run in CI),
+engine_throughput's pieces that decide what a run prints and how big its baselines are, and
+the routing benchmark's workloads: seeded, shaped as described, and their ideal cache hits."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 @pytest.mark.parametrize(
     "script",
     sorted(
-        p.name for p in BENCH.glob("*.py") if p.name not in ("clients.py", "common.py", "load.py")
+        p.name
+        for p in BENCH.glob("*.py")
+        if p.name not in ("clients.py", "common.py", "load.py", "routing_workloads.py")
     ),
 )
 def test_bench_script_shows_its_help(script):
@@ -92,3 +96,86 @@ def test_shaped_model_tokenizer_decodes_every_token_id(tmp_path):
     make_vocab_tokenizer(100).save_pretrained(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer.decode(list(range(100))).split() == [f"t{i}" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def workloads():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import routing_workloads
+    finally:
+        sys.path.remove(str(BENCH))
+    return routing_workloads
+
+
+def test_routing_workloads_are_the_same_for_the_same_seed(workloads):
+    for make in (
+        lambda seed: workloads.multi_turn(8, seed=seed, rate=4.0),
+        lambda seed: workloads.shared_system(4, 3, seed=seed, rate=16.0),
+        lambda seed: workloads.unique_prompts(8, seed=seed),
+    ):
+        assert make(0) == make(0)
+        assert make(0) != make(1)
+
+
+def test_multi_turn_conversations_grow_their_history_turn_by_turn(workloads):
+    convs = workloads.multi_turn(20, seed=0, rate=4.0)
+    assert len({c.session_id for c in convs}) == 20
+    assert [c.start_s for c in convs] == [i / 4.0 for i in range(20)]  # interleaved, steady
+    assert {len(c.turns) for c in convs} <= set(range(4, 9)) and len(
+        {len(c.turns) for c in convs}
+    ) > 2
+    for c in convs:
+        assert len(c.max_tokens) == len(c.turns) and len(c.think_s) == len(c.turns) - 1
+        assert 128 <= len(c.turns[0]) <= 384 and all(16 <= len(t) <= 96 for t in c.turns[1:])
+        assert all(1.0 <= p <= 3.0 for p in c.think_s) and not c.system
+    conv, history, prompts = convs[0], [], []
+    for i, turn in enumerate(conv.turns):
+        prompts.append(workloads.make_prompt(conv, history, turn, "tokens"))
+        history.append((turn, [7] * conv.max_tokens[i], ""))
+    for i in range(1, len(prompts)):  # the whole history, its answer, then the new message
+        earlier = prompts[i - 1] + [7] * conv.max_tokens[i - 1]
+        assert prompts[i] == earlier + list(conv.turns[i])
+
+
+def test_shared_system_requests_interleave_every_prompt_with_each_question(workloads):
+    convs = workloads.shared_system(4, 6, seed=0, rate=16.0, system_len=64)
+    assert len(convs) == 24 and [c.start_s for c in convs] == [i / 16.0 for i in range(24)]
+    systems = sorted({c.system for c in convs})
+    assert len(systems) == 4 and all(len(s) == 64 for s in systems)
+    assert len({c.session_id for c in convs}) == len({(c.session_id, c.system) for c in convs}) == 4
+    for c in convs:
+        assert len(c.turns) == 1 and 16 <= len(c.turns[0]) <= 48
+        assert workloads.make_prompt(c, [], c.turns[0], "tokens") == [*c.system, *c.turns[0]]
+    assert all(sum(c.system == s for c in convs) == 6 for s in systems)
+    assert sum(a.system == b.system for a, b in itertools.pairwise(convs)) < 12  # not grouped
+
+
+def test_unique_prompts_share_no_cached_block(workloads):
+    from kvray.cluster.block_manager import prefix_hashes
+
+    convs = workloads.unique_prompts(64, seed=0)
+    firsts = [prefix_hashes(list(c.turns[0]), 16)[0] for c in convs]
+    assert len(set(firsts)) == 64
+    assert all(128 <= len(c.turns[0]) <= 512 and c.start_s == 0 for c in convs)
+
+
+def test_ideal_counts_each_system_prompt_computed_once(workloads):
+    convs = workloads.shared_system(3, 4, seed=0, rate=16.0, system_len=64)  # 4 blocks of 16
+    sent = [(workloads.make_prompt(c, [], c.turns[0], "tokens"), [1, 2]) for c in convs]
+    assert workloads.ideal_cached_tokens(sent, 16) == 3 * 3 * 64  # all but each prompt's first
+
+
+def test_ideal_counts_a_turns_whole_history_but_the_last_answer_token(workloads):
+    first, answer = list(range(1, 41)), list(range(100, 110))  # 40 + 10 tokens: 49 computed
+    sent = [(first, answer), (first + answer + [200, 201], [])]
+    assert workloads.ideal_cached_tokens(sent, 16) == 48  # 3 full blocks of the 49
+
+
+def test_chat_turns_carry_their_history_as_messages(workloads):
+    conv = workloads.shared_system(1, 1, seed=0, rate=1.0, system_len=5, question=(3, 3))[0]
+    history = [((1, 2), [9], "an answer")]
+    messages = workloads.make_prompt(conv, history, (3,), "chat")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"] == workloads.words(conv.system)
+    assert messages[2]["content"] == "an answer" and len(messages[3]["content"].split()) == 1
