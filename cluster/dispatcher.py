@@ -155,6 +155,7 @@ class Dispatcher:
                         request.num_unfinished_tokens,
                         request.arrival_time,
                         self.cached_tokens(request),
+                        request.num_queued_work,
                     )
                 )
                 requests[request.request_id] = request

@@ -61,12 +61,16 @@ class EngineCore:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
+        held = self.num_prefix_blocks(request.prompt_hashes) * self.block_manager.block_size
         self._incoming_hashes.update(request.prompt_hashes)
         if request.beam is not None:  # new, or moved here: the search starts over
-            self.scheduler.add(request.beam.restart())
+            root = request.beam.restart()
+            root.num_held_tokens = held
+            self.scheduler.add(root)
             return
         for seq in request.seqs:
             if not seq.is_finished:
+                seq.num_held_tokens = held
                 self.scheduler.add(seq)
 
     def release(self, request: Request) -> Request:

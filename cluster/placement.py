@@ -3,8 +3,9 @@ which queued requests a rebalance moves, which replicas a scale-down removes.
 
 No Ray, no asyncio, no clock: the router gathers `ReplicaStats` (and, per request, how many of
 its prompt tokens each replica already holds) and applies the decisions. Work is counted one
-way everywhere: `ReplicaStats.work_tokens` (queued prompt tokens plus one decode per running
-sequence).
+way everywhere: `ReplicaStats.work_tokens`, the tokens its queued requests will compute (their
+known tokens but the prompt blocks the replica held for them when they were queued) plus one
+decode per running sequence.
 
 Routing a new request (`routing` setting):
 
@@ -81,9 +82,14 @@ class QueuedRequest:
 
     request_id: str
     replica_id: str
-    num_tokens: int  # its share of the replica's queued tokens
+    num_tokens: int  # its known tokens: what a replica holding none of its prompt computes
     arrival_time: float
     cached_tokens: Mapping[str, int] | None = None  # prompt tokens each replica holds for it
+    num_queued_work: int | None = None  # its share of its replica's work (None: num_tokens)
+
+    @property
+    def work_here(self) -> int:
+        return self.num_tokens if self.num_queued_work is None else self.num_queued_work
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ def plan_rebalance(
     work = {r.replica_id: r.work_tokens for r, _ in ready}  # without what may move
     for q in queued:
         if q.replica_id in work:
-            work[q.replica_id] -= q.num_tokens
+            work[q.replica_id] -= q.work_here
     if len(ready) < 2 and all(q.replica_id in work for q in queued):
         return []  # nowhere else to go
     moves = []
@@ -128,15 +134,15 @@ def plan_rebalance(
         # request are this request's own, coming, not cached.
         others = [(r, i) for r, i in ready if r.replica_id != q.replica_id]
         if not others:
-            work[q.replica_id] += q.num_tokens
+            work[q.replica_id] += q.work_here
             continue
         dest_stats, _ = min(others, key=lambda ri: (cost(ri[0]), ri[0].load[1], ri[1]))
         dest = dest_stats.replica_id
         if q.replica_id in work and work[q.replica_id] <= cost(dest_stats):
-            work[q.replica_id] += q.num_tokens  # no better place: it stays
+            work[q.replica_id] += q.work_here  # no better place: it stays
             continue
         moves.append(Move(q.request_id, q.replica_id, dest))
-        work[dest] += q.num_tokens
+        work[dest] = cost(dest_stats)
     return moves
 
 

@@ -59,5 +59,10 @@ class Request:
 
     @property
     def num_unfinished_tokens(self) -> int:
-        """Known tokens of its unfinished sequences: its share of a scheduler's queued tokens."""
+        """Known tokens of its unfinished sequences."""
         return sum(s.num_known_tokens for s in self.seqs if not s.is_finished)
+
+    @property
+    def num_queued_work(self) -> int:
+        """Its share of its replica's queued tokens (`Sequence.num_queued_work`), while queued."""
+        return sum(s.num_queued_work for s in self.seqs if not s.is_finished)

@@ -63,7 +63,9 @@ class Scheduler:
         self._step_id = 0
         self._prompt_logits_left = MAX_PROMPT_LOGITS
         self.num_preemptions = 0
-        self.num_queued_tokens = 0  # known tokens of waiting sequences (the router's load signal)
+        # Tokens its waiting sequences will compute: known tokens but the prompt tokens the
+        # replica held for them when queued (`Sequence.num_queued_work`; the router's load signal)
+        self.num_queued_tokens = 0
 
     # ------------------------------------------------------------------ admission
 
@@ -84,7 +86,7 @@ class Scheduler:
         while position > 0 and self.waiting[position - 1].arrival_time > seq.arrival_time:
             position -= 1
         self.waiting.insert(position, seq)
-        self.num_queued_tokens += seq.num_known_tokens
+        self.num_queued_tokens += seq.num_queued_work
 
     def finish(
         self, seq_id: int, reason: FinishReason, stop_reason: str | int | None = None
@@ -126,7 +128,7 @@ class Scheduler:
             self._dropped_seq_ids.append(seq.seq_id)
         else:
             self.waiting.remove(seq)
-            self.num_queued_tokens -= seq.num_known_tokens
+            self.num_queued_tokens -= seq.num_queued_work
 
     @property
     def num_waiting(self) -> int:
@@ -209,7 +211,7 @@ class Scheduler:
             if need > self.block_manager.num_free_after_acquiring(prefix):
                 break
             self.waiting.popleft()
-            self.num_queued_tokens -= seq.num_known_tokens
+            self.num_queued_tokens -= seq.num_queued_work
             self.block_manager.acquire_prefix(seq, prefix)
             seq.num_computed_tokens = num_cached
             if seq.first_scheduled_time is None:  # not on a recompute (preemption, failover)
@@ -287,7 +289,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        self.num_queued_tokens += seq.num_known_tokens
+        self.num_queued_tokens += seq.num_queued_work
 
     def _restart_beams(self, group: BeamGroup) -> None:
         for beam in list(group.live):
@@ -295,7 +297,7 @@ class Scheduler:
         root = group.restart()
         self.seqs[root.seq_id] = root
         self.waiting.appendleft(root)
-        self.num_queued_tokens += root.num_known_tokens
+        self.num_queued_tokens += root.num_queued_work
         self.num_preemptions += 1
 
     # ------------------------------------------------------------------ forks

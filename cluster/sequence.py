@@ -53,6 +53,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (or being written)
     num_pending_tokens: int = 0  # sampled by an in-flight step; ids not yet seen
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
+    # Prompt tokens its replica held for it when it was queued there (cached, or coming with a
+    # request ahead of it): not counted in the replica's queued work (`num_queued_work`)
+    num_held_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
     is_known_to_worker: bool = False  # False: send in full (new, or preempted) when scheduled
@@ -70,6 +73,11 @@ class Sequence:
     # computed all but the last prompt token, so the prompt is computed once for all samples.
     fork_parent: Sequence | None = None
     unborn: list[Sequence] = field(default_factory=list)  # samples waiting to fork from this one
+
+    @property
+    def num_queued_work(self) -> int:
+        """Tokens it will compute once admitted, as its replica's queued work counts them."""
+        return self.num_known_tokens - self.num_held_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

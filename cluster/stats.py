@@ -25,7 +25,9 @@ class ReplicaStats:
     device: str = ""
     num_waiting: int = 0  # sequences queued on it, not running yet
     num_running: int = 0  # sequences holding KV blocks
-    num_queued_tokens: int = 0  # known tokens of the waiting sequences (prefill work ahead)
+    # Tokens its waiting sequences will compute (prefill work ahead): their known tokens but the
+    # prompt tokens the replica held for them when they were queued
+    num_queued_tokens: int = 0
     max_num_batched_tokens: int = 1  # its step budget
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
@@ -44,7 +46,8 @@ class ReplicaStats:
 
     @property
     def work_tokens(self) -> int:
-        """Work ahead of a new request: queued prompt tokens plus one decode per running sequence."""
+        """Work ahead of a new request: queued tokens to compute plus one decode per running
+        sequence."""
         return self.num_queued_tokens + self.num_running
 
     @property

@@ -63,6 +63,27 @@ def test_a_burst_sharing_a_prefix_follows_the_first_request_that_brings_it(routi
     asyncio.run(main())
 
 
+def test_a_queued_request_counts_only_the_tokens_it_will_compute_so_a_burst_stays_together():
+    async def main() -> None:
+        local = LocalRouter(max_num_seqs=1)  # one running: the rest of the burst queues
+        router = local.router
+        replicas = [await router.pool.launch(), await router.pool.launch()]
+        for i in range(6):
+            router.submit([*SYSTEM, i, i], GREEDY, request_id=f"q{i}")
+            await settle()
+        placed = {router._streams[f"q{i}"].replica_id for i in range(6)}
+        assert placed == {replicas[0].replica_id}
+        # Five queued behind the first, each 2 tokens of work past the 32 held for it.
+        assert replicas[0].stats().num_queued_tokens == 5 * 2
+        local.step_gate.set()
+        for i in range(6):
+            await collect(router, router._streams[f"q{i}"])
+        assert replicas[0].stats().num_queued_tokens == 0
+        await router.shutdown()
+
+    asyncio.run(main())
+
+
 def test_the_next_turn_of_a_conversation_lands_where_its_history_is_cached():
     async def main() -> None:
         local = LocalRouter()
