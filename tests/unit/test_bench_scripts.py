@@ -4,6 +4,7 @@ the routing benchmark's workloads: seeded, shaped as described, and their ideal 
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import subprocess
 import sys
@@ -30,14 +31,18 @@ def test_bench_script_shows_its_help(script):
     assert "usage:" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def engine_throughput():
+def bench_module(name: str):
+    """A module of bench/ (a folder of scripts, not a package)."""
     sys.path.insert(0, str(BENCH))
     try:
-        import engine_throughput
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return engine_throughput
+
+
+@pytest.fixture(scope="module")
+def engine_throughput():
+    return bench_module("engine_throughput")
 
 
 def kvray_and(baseline: str, ratio: float) -> dict[str, dict]:
@@ -100,12 +105,7 @@ def test_shaped_model_tokenizer_decodes_every_token_id(tmp_path):
 
 @pytest.fixture(scope="module")
 def workloads():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import routing_workloads
-    finally:
-        sys.path.remove(str(BENCH))
-    return routing_workloads
+    return bench_module("routing_workloads")
 
 
 def test_routing_workloads_are_the_same_for_the_same_seed(workloads):
