@@ -295,7 +295,15 @@ FAKE = {
     "cpus_per_replica": 1,
 }
 SHARED_RATE = 16.0  # requests/s of the fake shared-system workload: busy, not overloaded
-REAL = {"model": "smollm2", "replicas": 2, "max_model_len": 2048, "cpus_per_replica": 1}
+# As on the fake replicas, a KV cache that holds only some of the prompts (128 blocks, the
+# least that holds one 2,048-token sequence), so where a prompt lands decides what stays cached
+REAL = {
+    "model": "smollm2",
+    "replicas": 2,
+    "max_model_len": 2048,
+    "cpus_per_replica": 1,
+    "num_kv_blocks": 128,
+}
 
 
 def fake_workloads(*, quick: bool, seed: int, shared_rate: float = SHARED_RATE) -> list[Workload]:
@@ -336,16 +344,17 @@ def fake_workloads(*, quick: bool, seed: int, shared_rate: float = SHARED_RATE) 
 def real_workloads(*, seed: int) -> list[Workload]:
     """Fewer, shorter requests (2 CPU cores); pieces become words (about a token each)."""
     chats = multi_turn(
-        4, seed=seed, rate=1.0, first=(48, 96), later=(8, 24), answer=(16, 16), think=(0.5, 1.5)
+        8, seed=seed, rate=1.0, first=(48, 96), later=(8, 24), answer=(16, 16), think=(0.5, 1.5)
     )
-    shared = shared_system(4, 5, seed=seed, rate=1.0, system_len=256, question=(6, 12), answer=16)
+    shared = shared_system(8, 4, seed=seed, rate=1.0, system_len=256, question=(6, 12), answer=16)
     return [
-        Workload("multi-turn", chats, "chat", about="4 chats of 4-8 turns, 0.5-1.5 s pauses"),
+        Workload("multi-turn", chats, "chat", about="8 chats of 4-8 turns, 0.5-1.5 s pauses"),
         Workload(
             "shared-system",
             shared,
             "chat",
-            about="4 system prompts of 256 words x 5 questions at 1 req/s",
+            about="8 system prompts of 256 words x 4 questions at 1 req/s; 128 KV blocks a "
+            "replica (2,048 tokens: about 5 of the system prompts)",
         ),
         Workload(
             "unique",
