@@ -344,11 +344,11 @@ def fake_workloads(*, quick: bool, seed: int, shared_rate: float = SHARED_RATE) 
 def real_workloads(*, seed: int) -> list[Workload]:
     """Fewer, shorter requests (2 CPU cores); pieces become words (about a token each)."""
     chats = multi_turn(
-        8, seed=seed, rate=1.0, first=(48, 96), later=(8, 24), answer=(16, 16), think=(0.5, 1.5)
+        12, seed=seed, rate=1.0, first=(48, 96), later=(8, 24), answer=(16, 16), think=(0.5, 1.5)
     )
     shared = shared_system(8, 4, seed=seed, rate=1.0, system_len=256, question=(6, 12), answer=16)
     return [
-        Workload("multi-turn", chats, "chat", about="8 chats of 4-8 turns, 0.5-1.5 s pauses"),
+        Workload("multi-turn", chats, "chat", about="12 chats of 4-8 turns, 0.5-1.5 s pauses"),
         Workload(
             "shared-system",
             shared,
