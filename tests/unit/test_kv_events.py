@@ -90,14 +90,20 @@ def test_the_block_manager_records_nothing_unless_asked():
     assert len(blocks._cached) == 2
 
 
-def test_stored_and_evicted_hashes_are_recorded_in_order():
+def stored_then_evicted() -> tuple[BlockManager, list[int], list[int]]:
+    """Two blocks cached, then both evicted by a sequence that takes every block: the manager
+    (recording) and the two sequences' block hashes."""
     blocks = BlockManager(4, 2)
     blocks.cache_events = []
     first = compute(blocks, [1, 2, 3, 4])
-    h1, h2 = first.block_hashes
+    first_hashes = list(first.block_hashes)  # (freeing clears them)
     blocks.free(first)
-    second = compute(blocks, [5, 6, 7, 8, 9, 10, 11, 12])  # every block: both cached ones go
-    g1, g2, g3, g4 = second.block_hashes
+    second = compute(blocks, [5, 6, 7, 8, 9, 10, 11, 12])
+    return blocks, first_hashes, second.block_hashes
+
+
+def test_stored_and_evicted_hashes_are_recorded_in_order():
+    blocks, (h1, h2), (g1, g2, g3, g4) = stored_then_evicted()
 
     assert blocks.cache_events == [
         StoredBlock(h1, None, (1, 2)),
@@ -143,12 +149,7 @@ def test_events_replay_to_the_cached_hashes_through_preemption_samples_and_beams
 
 
 def test_a_batch_is_vllm_0_11_msgpack_arrays_with_a_tag_first():
-    blocks = BlockManager(4, 2)
-    blocks.cache_events = []
-    first = compute(blocks, [1, 2, 3, 4])
-    h1, h2 = first.block_hashes
-    blocks.free(first)
-    second = compute(blocks, [5, 6, 7, 8, 9, 10, 11, 12])
+    blocks, (h1, h2), second_hashes = stored_then_evicted()
     batch = make_batch([*blocks.cache_events, ALL_CLEARED], block_size=2, rank=3, ts=1.5)
 
     raw = msgspec.msgpack.decode(msgspec.msgpack.encode(batch))
@@ -159,7 +160,7 @@ def test_a_batch_is_vllm_0_11_msgpack_arrays_with_a_tag_first():
             # a chain of stored blocks: one event, as vLLM stores a request's new blocks
             ["BlockStored", [h1, h2], None, [1, 2, 3, 4], 2, None, "GPU"],
             ["BlockRemoved", [h2, h1], "GPU"],  # consecutive evictions: one event
-            ["BlockStored", second.block_hashes, None, list(range(5, 13)), 2, None, "GPU"],
+            ["BlockStored", second_hashes, None, list(range(5, 13)), 2, None, "GPU"],
             ["AllBlocksCleared"],
         ],
         3,  # data_parallel_rank: the replica's index
