@@ -40,7 +40,7 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # Clients ping every 5 s to notice a hung server (kvray.client.CHANNEL_OPTIONS): allow it.
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
     ("grpc.http2.max_ping_strikes", 0),
     # And the server pings idle connections: a client gone without a word (a partition, a
     # NAT that forgot it) releases its streams and its token's slots within ~30 s.
