@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.config import ClusterConfig
 from kvray.cluster.errors import UnauthenticatedError, status_for
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES, ChatPrompt, Prompt, Resumed
 from kvray.cluster.router import Router
@@ -47,6 +48,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+# The accept backlog (`accept_backlog_options`): room beside the streams the router can hold
+# (gRPC's own cap, so the cap is never below gRPC's), for unary calls, health checks and
+# streams the router will refuse; and how long a call may wait there (in effect no limit: a
+# call's deadline bounds its wait).
+BACKLOG_ROOM = 3_000
+BACKLOG_WAIT_LIMIT_S = 24 * 3600
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,
     FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
@@ -275,6 +282,26 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
+def accept_backlog_options(config: ClusterConfig) -> list[tuple[str, int]]:
+    """gRPC's backlog of calls that arrived but that the server has not taken yet: it holds as
+    many as the router can run and queue at once (past that the router refuses them itself,
+    with RESOURCE_EXHAUSTED and a reason) plus `BACKLOG_ROOM`, for as long as they wait.
+
+    NOTE: grpc.aio takes one call from this backlog per turn of the event loop, so a burst of
+    streams, or a busy loop, fills it. gRPC's defaults cancel calls at random once more than
+    1,000 wait, every one past 3,000, and any that waited 30 s: the client gets CANCELLED with
+    no reason and the server logs nothing. Past this cap a call is still cancelled that way
+    (gRPC has no other answer there)."""
+    _, max_replicas = config.autoscaling.bounds(config.replicas)
+    held = max_replicas * config.engine.scheduler.max_num_seqs + config.max_queued_requests
+    return [
+        # Equal soft and hard limits: no call is dropped at random below the cap.
+        ("grpc.server.max_pending_requests", held + BACKLOG_ROOM),
+        ("grpc.server.max_pending_requests_hard_limit", held + BACKLOG_ROOM),
+        ("grpc.server_max_unrequested_time_in_server", BACKLOG_WAIT_LIMIT_S),
+    ]
+
+
 async def start_server(
     router: Router,
     *,
@@ -293,7 +320,7 @@ async def start_server(
     Raises:
         OSError: a port cannot be bound.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *accept_backlog_options(router.config)])
     add_servicer(GenerationServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
