@@ -38,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -263,8 +264,12 @@ def router_capacity(args: argparse.Namespace) -> dict:
             results = [RequestResult(**r) for rs, _ in outputs for r in rs]
             elapsed = max(e for _, e in outputs)
             summary = summarize(f"{level} streams", results, elapsed)
+            # Failures by error (type and message), most common first.
+            summary["errors"] = Counter(r.error for r in results if not r.ok).most_common()
             rows.append(summary)
             print_summary(summary)
+            for error, count in summary["errors"][:3]:
+                print(f"  {count} x {error}")
     sustained = [r for r in rows if r["itl_ms_p99"] < 50 and r["requests_failed"] == 0]
     best = max(sustained, key=lambda r: r["output_tokens_per_s"], default=None)
     print(f"\n## router capacity (fake worker, step time {args.fake_step_ms:.0f} ms)")
