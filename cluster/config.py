@@ -52,7 +52,8 @@ class ClusterConfig:
     )
     http_request_timeout_s: float | None = setting(
         None,
-        "longest an HTTP request may take, seconds (504 after it; X-Request-Timeout per request)",
+        "longest an HTTP request may take, seconds (504 after it; a request's X-Request-Timeout "
+        "may only shorten it)",
     )
     ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one")
     max_queued_requests: int = setting(
