@@ -19,14 +19,18 @@ from kvray.wire import set_request_params
 
 DEFAULT_TARGET = "localhost:50051"
 # NOTE: keepalive pings notice a dead or hung server (a stopped process keeps its sockets open,
-# so TCP alone never tells): a stream fails with UNAVAILABLE ~10 s after the server stops
-# answering, and a call never waits more than ~10 s to connect. The server allows these pings.
+# so TCP alone never tells). The keepalive timer restarts with every byte read: a ping goes out
+# 2 s after the server's last byte, and the connection closes when it is unanswered 3 s later
+# (gRPC 1.85 waits ping_timeout for a keepalive ping too, so both say 3 s). A stream thus fails
+# with UNAVAILABLE at most 5 s after the server stops answering, as the README says (a test
+# checks the sum), and a call never waits more than ~10 s to connect. The server permits these
+# pings (grpc_server.SERVER_OPTIONS).
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 5_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.ping_timeout_ms", 5_000),  # an unanswered ping closes the connection
+    ("grpc.http2.ping_timeout_ms", 3_000),  # an unanswered ping closes the connection
     ("grpc.min_reconnect_backoff_ms", 10_000),  # also the connect timeout
 ]
 

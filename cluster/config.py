@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -32,6 +33,10 @@ from kvray.workers.config import (
 
 ENV_PREFIX = "KVRAY_"
 ZMQ_TRANSPORTS = ("tcp://", "ipc://", "inproc://")
+# Kubernetes gives a pod `<SERVICE>_PORT=tcp://<cluster IP>:<port>` for every Service in its
+# namespace (service links): for Services named kvray, kvray-http and kvray-health these are
+# KVRAY_PORT, KVRAY_HTTP_PORT and KVRAY_HEALTH_PORT, names of kvray settings.
+SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://\S+:\d+")
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ class ClusterConfig:
     )
     http_request_timeout_s: float | None = setting(
         None,
-        "longest an HTTP request may take, seconds (504 after it; X-Request-Timeout per request)",
+        "longest an HTTP request may take, seconds (504 after it; a request's X-Request-Timeout "
+        "may only shorten it)",
     )
     ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one")
     max_queued_requests: int = setting(
@@ -213,7 +219,8 @@ def load(
     """Merge, lowest precedence first: defaults, the YAML file (`config_file`, or the file named by
     `KVRAY_CONFIG`), `KVRAY_<KEY>` environment variables, then `flags` (None values are skipped).
     Text values (environment, command line) are parsed as the key's type. `KVRAY_*` variables
-    that are not settings are ignored with a warning.
+    that are not settings, and Kubernetes service links in a setting's place (`KVRAY_PORT=
+    tcp://10.0.0.1:50051`), are ignored with a warning.
 
     Raises:
         ValueError: an unknown key in the file or the flags, a value of the wrong type, or one
@@ -229,10 +236,12 @@ def load(
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name[len(ENV_PREFIX) :].lower()
-            if key in known:
-                merged[key] = _parse(name, value, known[key].hint)
-            else:
+            if key not in known:
                 ignored.append(name)
+            elif name.endswith("_PORT") and SERVICE_LINK.fullmatch(value):
+                _warn_service_link(name)
+            else:
+                merged[key] = _parse(name, value, known[key].hint)
     if ignored:
         # NOTE: not an error: Kubernetes adds service-link variables (KVRAY_GRPC_PORT=tcp://...)
         # for a Service named kvray-*, and ./dev reads KVRAY_TORCH_INDEX.
@@ -258,6 +267,16 @@ def load(
         engine=engine,
         autoscaling=AutoscalingConfig(**pick(merged, AutoscalingConfig)),
         **{k: v for k, v in merged.items() if k in cluster_keys},
+    )
+
+
+def _warn_service_link(name: str) -> None:
+    service = name.removesuffix("_PORT").lower().replace("_", "-")
+    logger.warning(
+        "ignoring environment variable %s: its value is a Kubernetes service link (for a "
+        "Service named %s), not a setting (set enableServiceLinks: false on the pod)",
+        name,
+        service,
     )
 
 

@@ -284,7 +284,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _deadline(request: Request, default_s: float | None) -> float | None:
-    """The request's deadline on the monotonic clock, or None."""
+    """The request's deadline on the monotonic clock, or None. `X-Request-Timeout` may only
+    shorten the server's `http_request_timeout_s` (`default_s`), never lengthen it."""
     header = request.headers.get(TIMEOUT_HEADER)
     seconds = default_s
     if header is not None:
@@ -292,8 +293,10 @@ def _deadline(request: Request, default_s: float | None) -> float | None:
             seconds = float(header)
         except ValueError:
             seconds = -1.0
-        if not seconds > 0:
+        if not seconds > 0:  # NOTE: also NaN
             raise InvalidParameterError(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be seconds > 0")
+        if default_s is not None:
+            seconds = min(seconds, default_s)
     return None if seconds is None else time.monotonic() + seconds
 
 

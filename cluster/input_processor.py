@@ -342,7 +342,10 @@ class InputProcessor:
     def _make_sequence(self, request: Request, index: int) -> Sequence:
         sampling_params = request.sampling_params
         if sampling_params.num_samples > 1:  # each sample draws from its own seed
-            seed = None if sampling_params.seed is None else sampling_params.seed + index
+            seed = sampling_params.seed
+            if seed is not None:  # seed + index, wrapped into int64 (the proto's type)
+                # NOTE: the sampler reads a seed modulo 2**64, so the wrap changes no draw.
+                seed = (seed + index + 2**63) % 2**64 - 2**63
             ranked = sampling_params.is_ranked and sampling_params.logprobs is None
             # NOTE: a best_of sample needs its tokens' logprobs to be ranked (not streamed).
             sampling_params = replace(

@@ -43,6 +43,7 @@ def init_ray(config: ClusterConfig) -> None:
         logger.info("joining the Ray cluster at %s", config.ray_address)
     else:
         logger.info("starting a local Ray cluster")
+        keep_ray_token_private()  # NOTE: before ray.init, which writes the token into the folder
     ray.init(
         # NOTE: "local" starts a cluster of our own: without it, ray.init joins whatever
         # cluster RAY_ADDRESS or the last `ray start` on this machine left behind.
@@ -52,12 +53,31 @@ def init_ray(config: ClusterConfig) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    if not config.ray_address:
+        keep_ray_token_private()
     if ray_token_auth() is False:
         logger.warning(
             "Ray's token authentication is off (RAY_AUTH_MODE=%s): Ray's own ports listen on "
             "every interface and run any job sent to them; unset RAY_AUTH_MODE to turn it on",
             os.environ.get("RAY_AUTH_MODE", ""),
         )
+
+
+def keep_ray_token_private() -> None:
+    """Keep the token a local Ray generates (`~/.ray/auth_token`) to this user: the folder 0700
+    (made if missing), the file 0600. Ray 2.60 writes both with the process's umask (0755 and
+    0644 with the usual 022), and the token opens Ray's ports, which listen on every interface.
+    Only permissions are taken away, never given; a failure is logged, not raised."""
+    folder = Path.home() / ".ray"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for path, private in ((folder, 0o700), (folder / "auth_token", 0o600)):
+            mode = path.stat().st_mode & 0o777 if path.exists() else private
+            if mode & ~private:
+                path.chmod(mode & private)
+                logger.info("%s was mode %o, now %o", path, mode, mode & private)
+    except OSError as exc:
+        logger.warning("cannot keep Ray's token to this user (%s): %s", folder, exc)
 
 
 def ray_token_auth() -> bool | None:

@@ -101,6 +101,33 @@ def test_unknown_environment_variables_warn_and_are_ignored(caplog):
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "service"),
+    [
+        ("KVRAY_PORT", "tcp://10.0.0.1:50051", "kvray"),
+        ("KVRAY_HTTP_PORT", "tcp://10.0.0.2:8080", "kvray-http"),
+        ("KVRAY_HEALTH_PORT", "udp://[fd00::1]:50052", "kvray-health"),
+    ],
+)
+def test_a_kubernetes_service_link_in_a_settings_place_is_ignored_with_a_warning(
+    tmp_path, caplog, name, value, service
+):
+    path = tmp_path / "kvray.yaml"
+    path.write_text("port: 6000\nhttp_port: 6001\nhealth_port: 6002\n")
+    with caplog.at_level("WARNING"):
+        config = load({}, config_file=path, environ={name: value, "KVRAY_REPLICAS": "2"})
+    assert (config.port, config.http_port, config.health_port) == (6000, 6001, 6002)
+    assert config.replicas == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert name in warned and f"Service named {service}" in warned and value not in warned
+
+
+@pytest.mark.parametrize("value", ["http://10.0.0.1:50051", "tcp://10.0.0.1", "port-50051"])
+def test_a_bad_port_that_is_no_service_link_still_fails(value):
+    with pytest.raises(ValueError, match=f"KVRAY_PORT='{value}' is not a valid int"):
+        load({}, environ={"KVRAY_PORT": value})
+
+
+@pytest.mark.parametrize(
     ("host", "with_tokens", "warned"),
     [
         ("0.0.0.0", False, True),

@@ -27,6 +27,17 @@ def test_a_prompt_plus_max_tokens_past_the_context_is_refused():
     assert unbounded.sampling_params.max_tokens is None  # up to the end of the context
 
 
+def test_samples_of_the_largest_seed_wrap_into_int64_and_draw_as_seed_plus_index():
+    from kvray.workers.sampler import token_seed
+
+    largest = 2**63 - 1
+    request = processor().process([1, 2, 3], SamplingParams(n=3, seed=largest), "r")
+    assert [s.sampling_params.seed for s in request.seqs] == [largest, -(2**63), -(2**63) + 1]
+    for index, seq in enumerate(request.seqs):
+        assert seq.sampling_params.seed is not None
+        assert token_seed(seq.sampling_params.seed, 5) == token_seed(largest + index, 5)
+
+
 def test_unset_knobs_take_the_models_sampling_defaults():
     inputs = processor(sampling_defaults={"temperature": 0.2, "top_p": 0.9})
     request = inputs.process([1, 2, 3], SamplingParams(top_p=0.5), "r")
