@@ -34,8 +34,8 @@ def test_wheel_contains_every_package_and_the_protos(tmp_path):
     (wheel,) = tmp_path.glob("kvray-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, package in (("cluster", "cluster"), ("workers", "workers"), ("client", "client")):
-        for source in (ROOT / folder).glob("*.py"):
-            assert f"kvray/{package}/{source.name}" in names, source
+        for source in (ROOT / folder).rglob("*.py"):  # subpackages too (workers/models)
+            assert f"kvray/{package}/{source.relative_to(ROOT / folder)}" in names, source
     csrc = ROOT / "workers" / "csrc"
     for source in [*csrc.glob("*.cpp"), *csrc.glob("*.h")]:  # compiled on the user's machine
         assert f"kvray/workers/csrc/{source.name}" in names, source

@@ -1,0 +1,92 @@
+"""kvray's own models: a registry from Hugging Face `model_type` to a model built from
+kvray's layers (`layers.py`), which can be split over tensor-parallel ranks.
+
+Every other architecture runs on transformers' own modules, at tensor_parallel_size 1 only.
+`model_class` decides which, once, at load; `load_model` builds a rank's model and copies its
+shard of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+from kvray.workers.kv_cache import KVCacheSpec
+from kvray.workers.models.layers import Placement
+from kvray.workers.models.loader import Weight
+
+# model_type -> "module:class", imported on first use
+MODELS = {
+    "llama": "kvray.workers.models.llama:LlamaForCausalLM",
+    "mistral": "kvray.workers.models.llama:LlamaForCausalLM",
+    "qwen2": "kvray.workers.models.llama:LlamaForCausalLM",
+    "qwen3": "kvray.workers.models.llama:LlamaForCausalLM",
+}
+
+
+class CausalLM(Protocol):
+    """What the runner and the executor call on one rank's model."""
+
+    config: Any
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int
+    ) -> torch.Tensor:
+        """[1, n] token ids and positions -> [1, k, vocab] logits of the kept rows, on every
+        rank, inside `attention.attention_context` (this rank's KV cache)."""
+        ...
+
+    def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None: ...
+
+
+def supported_architectures() -> list[str]:
+    """The model types kvray has its own model for (the ones tensor parallelism can split)."""
+    return sorted(MODELS)
+
+
+def model_class(model_type: str, *, tensor_parallel_size: int = 1) -> type | None:
+    """kvray's model class for `model_type`, or None where transformers' modules run.
+
+    Raises:
+        ValueError: tensor_parallel_size > 1 for an architecture kvray has no model of.
+    """
+    target = MODELS.get(model_type)
+    if target is None:
+        if tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} needs one of kvray's own models; "
+                f"model_type {model_type!r} runs on transformers' modules, at "
+                f"tensor_parallel_size 1 only. Architectures kvray can split: "
+                f"{', '.join(supported_architectures())}"
+            )
+        return None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def load_model(
+    config: Any, weights: Iterable[tuple[str, Weight]], placement: Placement
+) -> CausalLM:
+    """Build this rank's model of `config` in `placement` and copy its shard of `weights`
+    ((Hugging Face name, tensor) pairs: a state dict's items, `loader.checkpoint_weights`).
+
+    Raises:
+        ValueError: no kvray model for `config.model_type`; a size tensor parallelism cannot
+            split (heads, key/value heads, intermediate size), naming tensor_parallel_size;
+            weights missing from the checkpoint.
+    """
+    size = placement.parallel.world_size
+    cls = model_class(config.model_type, tensor_parallel_size=size)
+    if cls is None:
+        raise ValueError(
+            f"kvray has no model of its own for model_type {config.model_type!r}; "
+            f"it has for {', '.join(supported_architectures())}"
+        )
+    model = cls(config, placement)
+    model.load_weights(weights)
+    return model.eval()

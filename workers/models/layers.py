@@ -1,0 +1,303 @@
+"""The layers kvray's own models are built from: norm, rotary embedding, and linear layers that
+hold one tensor-parallel rank's shard of their weights.
+
+Each layer's `load_weight(name, weight, shard)` copies its rank's part of a checkpoint tensor
+(`loader.narrow`: only that part is read). Column-parallel layers split output features and
+need no communication; row-parallel layers split input features and all-reduce their partial
+sums; the vocabulary layers split the vocabulary (the embedding all-reduces its masked lookup,
+the output layer all-gathers its logits). With one rank every collective is the identity and
+every layer computes what transformers' does, op for op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvray.workers.llama_family import rms_norm
+from kvray.workers.models.loader import Weight, narrow, shape_of, whole
+from kvray.workers.models.parallel import ParallelContext, shard_size
+
+# Which part of a fused layer a checkpoint tensor fills: "q", "k", "v"; 0 (gate), 1 (up).
+Shard = str | int | None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a layer's weights live: its rank in the tensor-parallel group, dtype, device."""
+
+    parallel: ParallelContext
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(
+            torch.empty(shape, dtype=self.dtype, device=self.device), requires_grad=False
+        )
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(
+            f"{name}: checkpoint shard {tuple(value.shape)}, expected {tuple(param.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(value)
+
+
+class RMSNorm(nn.Module):
+    """Replicated on every rank (a vector as wide as what it normalises)."""
+
+    def __init__(self, dim: int, eps: float, placement: Placement) -> None:
+        super().__init__()
+        self.weight = placement.empty(dim)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        return rms_norm(x, self.weight, self.eps)
+
+    def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
+        _copy(self.weight, whole(weight), name)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions, as transformers' Llama-family `*RotaryEmbedding` computes
+    them, for every rope type transformers knows (`rope_parameters["rope_type"]`): `default`,
+    and those of its `ROPE_INIT_FUNCTIONS` (`linear`, `llama3`, `yarn`, ...). Two types
+    depend on the step: `dynamic` (NTK) rescales once positions pass `max_position_embeddings`,
+    `longrope` takes its long factors there; both decide from the step's largest position, as
+    transformers does from its batch's. Replicated: no weights."""
+
+    def __init__(self, config: Any, head_dim: int, device: torch.device) -> None:
+        params = getattr(config, "rope_parameters", None) or {}
+        self.rope_type = params.get("rope_type", "default")
+        self.config, self.head_dim, self.device = config, head_dim, device
+        inv_freq, self.attention_scaling = self._init(None)
+        self.inv_freq = inv_freq  # [head_dim // 2] fp32
+        # NOTE: the length past which the step's frequencies change, as transformers decides it
+        self.original_max = int(
+            params["original_max_position_embeddings"]
+            if self.rope_type == "longrope"
+            else config.max_position_embeddings
+        )
+        self._long: tuple[torch.Tensor, float] | None = None
+
+    def _init(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            base = self.config.rope_parameters["rope_theta"]
+            dim = self.head_dim
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            return inv_freq.to(self.device), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_type {self.rope_type!r} is not one transformers knows")
+        # NOTE: on the CPU, then moved, as transformers computes them at init.
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None, seq_len=seq_len)
+        return inv_freq.to(self.device), float(scaling)
+
+    def _frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.rope_type not in ("dynamic", "longrope"):
+            return self.inv_freq, self.attention_scaling
+        seq_len = int(positions.max()) + 1
+        if seq_len <= self.original_max:
+            return self.inv_freq, self.attention_scaling
+        if self.rope_type == "dynamic":
+            return self._init(seq_len)
+        if self._long is None:
+            self._long = (self._init(self.original_max + 1)[0], self.attention_scaling)
+        return self._long
+
+    def __call__(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # positions [1, n] -> cos, sin [1, n, head_dim]
+        inv_freq, scaling = self._frequencies(positions)
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor,  # [1, heads, n, head_dim]
+    k: torch.Tensor,  # [1, kv_heads, n, head_dim]
+    cos: torch.Tensor,  # [1, n, head_dim]
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb`, op for op."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class _Linear(nn.Module):
+    """`weight` [out_features, in_features] of this rank, `bias` [out_features] or None."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, placement: Placement):
+        super().__init__()
+        self.parallel = placement.parallel
+        self.weight = placement.empty(out_features, in_features)
+        self.bias = placement.empty(out_features) if bias else None
+
+    def param(self, name: str) -> torch.Tensor:
+        param = self.weight if name.endswith("weight") else self.bias
+        if param is None:
+            raise ValueError(f"{name}: the checkpoint has a bias that the model's config denies")
+        return param
+
+
+class ColumnParallelLinear(_Linear):
+    """Output features split over ranks (rank r: the r-th contiguous part); no communication.
+    `output_sizes` are the parts of a fused layer (gate and up), each split on its own, so a
+    rank holds its columns of every part: shard ids 0, 1, ... in `load_weight`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        *,
+        bias: bool,
+        placement: Placement,
+        what: str,
+    ) -> None:
+        size = placement.parallel.world_size
+        self.local_sizes = [shard_size(n, size, what) for n in output_sizes]
+        super().__init__(in_features, sum(self.local_sizes), bias, placement)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out / tp]
+        return F.linear(x, self.weight, self.bias)
+
+    def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
+        part = shard if isinstance(shard, int) else 0
+        n = self.local_sizes[part]
+        offset = sum(self.local_sizes[:part])
+        rows = narrow(weight, 0, self.parallel.rank * n, n)
+        _copy(self.param(name)[offset : offset + n], rows, name)
+
+
+class QKVParallelLinear(_Linear):
+    """q, k and v projections as one column-parallel layer: rank r holds query heads
+    `[r * h / tp, (r + 1) * h / tp)` and the key/value heads they read. With fewer key/value
+    heads than ranks each key/value head is replicated on the `tp / kv_heads` ranks whose query
+    heads share it (GQA groups never straddle ranks)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        bias: bool,
+        placement: Placement,
+    ) -> None:
+        parallel = placement.parallel
+        size, rank = parallel.world_size, parallel.rank
+        self.head_dim = head_dim
+        self.num_heads = shard_size(num_heads, size, "num_attention_heads")
+        if num_kv_heads >= size:
+            self.num_kv_heads = shard_size(num_kv_heads, size, "num_key_value_heads")
+            self.first_kv_head = rank * self.num_kv_heads
+        elif size % num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads ({num_kv_heads}) neither divides nor is divisible by "
+                f"tensor_parallel_size ({size}); choose a tensor_parallel_size that "
+                f"{num_kv_heads} divides or that divides {num_kv_heads}"
+            )
+        else:  # NOTE: replicated: ranks r with the same r * kv_heads // tp share a head
+            self.num_kv_heads = 1
+            self.first_kv_head = rank * num_kv_heads // size
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.bounds = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        super().__init__(hidden_size, q + 2 * kv, bias, placement)
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [..., hidden] -> q, k, v [..., width]
+        qkv = F.linear(x, self.weight, self.bias)
+        _, k_start, v_start = (start for start, _ in self.bounds.values())
+        return qkv[..., :k_start], qkv[..., k_start:v_start], qkv[..., v_start:]
+
+    def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
+        start, end = self.bounds[str(shard)]
+        first = self.parallel.rank * self.num_heads if shard == "q" else self.first_kv_head
+        rows = narrow(weight, 0, first * self.head_dim, end - start)
+        _copy(self.param(name)[start:end], rows, name)
+
+
+class RowParallelLinear(_Linear):
+    """Input features split over ranks; the partial products are all-reduced, then the bias
+    (replicated) added once. Its input is a column-parallel layer's output, already split."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, placement: Placement, what: str
+    ) -> None:
+        local = shard_size(in_features, placement.parallel.world_size, what)
+        super().__init__(local, out_features, bias, placement)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in / tp] -> [..., out]
+        if self.parallel.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
+        if self.bias is not None and name.endswith("bias"):
+            _copy(self.bias, whole(weight), name)
+            return
+        n = self.weight.shape[1]
+        _copy(self.weight, narrow(weight, 1, self.parallel.rank * n, n), name)
+
+
+class _VocabParallel(nn.Module):
+    """The vocabulary split over ranks in contiguous parts of `ceil(vocab / tp)` rows, the last
+    padded with zero rows, so any vocabulary size splits: weight [ceil(vocab / tp), hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, placement: Placement) -> None:
+        super().__init__()
+        self.parallel = placement.parallel
+        self.vocab_size = vocab_size
+        self.num_rows = -(-vocab_size // self.parallel.world_size)
+        self.first_row = self.parallel.rank * self.num_rows
+        self.weight = placement.empty(self.num_rows, hidden_size)
+
+    def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
+        if shape_of(weight)[0] != self.vocab_size:
+            raise ValueError(f"{name}: {shape_of(weight)[0]} rows, vocab_size {self.vocab_size}")
+        rows = max(0, min(self.num_rows, self.vocab_size - self.first_row))
+        with torch.no_grad():
+            self.weight[rows:].zero_()
+        if rows:
+            _copy(self.weight[:rows], narrow(weight, 0, self.first_row, rows), name)
+
+
+class VocabParallelEmbedding(_VocabParallel):
+    """A rank looks up the ids in its part of the vocabulary, zeroes the rows of the others'
+    ids, and the ranks all-reduce: the sum is each id's one real row."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [1, n] -> [1, n, hidden]
+        if self.parallel.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first_row
+        outside = (local < 0) | (local >= self.num_rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.parallel.all_reduce(h.masked_fill_(outside[..., None], 0.0))
+
+
+class ParallelLMHead(_VocabParallel):
+    """The output layer, split like the embedding (tied weights: the same parameter). Each rank
+    computes its part of the vocabulary's logits; one all-gather gives every rank all of them,
+    so any rank can sample."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [1, k, hidden] -> [1, k, vocab]
+        logits = F.linear(h, self.weight)
+        if self.parallel.world_size == 1:
+            return logits
+        return self.parallel.all_gather(logits, dim=-1)[..., : self.vocab_size]

@@ -1,0 +1,236 @@
+"""kvray's Llama-family model (Llama, Mistral, Qwen2, Qwen3), built from `layers.py` so that a
+tensor-parallel rank holds only its shard of each weight and its own KV heads.
+
+The architectures differ only where the config says: Qwen2's q/k/v biases, Qwen3's q/k norms,
+Llama's optional attention and MLP biases, the sliding windows (Mistral: every layer; Qwen2 and
+Qwen3: the layers `layer_types` names). Attention is the worker's paged attention
+(`workers/attention.py`) over this rank's KV cache, laid out as the model runner expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvray.workers.attention import paged_attention_forward
+from kvray.workers.kv_cache import KVCacheSpec
+from kvray.workers.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    Placement,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+    apply_rotary,
+)
+from kvray.workers.models.loader import Weight
+
+logger = logging.getLogger(__name__)
+
+# a checkpoint's separate projections -> the fused layer that holds them, and the part
+FUSED: dict[str, tuple[str, Shard]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def num_kv_heads_of(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _sliding_window(config: Any, layer_idx: int) -> int | None:
+    """The window transformers gives this layer's attention (None: every position)."""
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer_idx] == "sliding_attention":
+        return getattr(config, "sliding_window", None)
+    return None
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, placement: Placement) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # NOTE: the paged attention finds this layer's cache by it
+        self.head_dim = head_dim_of(config)
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qwen2 = config.model_type == "qwen2"  # q/k/v biases, none on o_proj
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads, num_kv_heads_of(config),
+            bias=qwen2 or attention_bias, placement=placement,
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size,
+            bias=attention_bias and not qwen2, placement=placement,
+            what="num_attention_heads * head_dim",
+        )  # fmt: skip
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":  # per head, so replicated like any norm
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, placement)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, placement)
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = _sliding_window(config, layer_idx)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:  # h [1, n, hidden], cos/sin [1, n, head_dim] -> [1, n, hidden]
+        shape = h.shape[:-1]
+        heads = (*shape, -1, self.head_dim)
+        q, k, v = (x.view(heads) for x in self.qkv_proj(h))  # [1, n, this rank's heads, dim]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        out, _ = paged_attention_forward(
+            self, q, k, v.transpose(1, 2), None,
+            scaling=self.scaling, sliding_window=self.sliding_window,
+        )  # fmt: skip
+        return self.o_proj(out.reshape(*shape, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, placement: Placement) -> None:
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        size, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [size, size], bias=bias, placement=placement,
+            what="intermediate_size",
+        )  # fmt: skip
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, bias=bias, placement=placement, what="intermediate_size"
+        )
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [1, n, hidden] -> [1, n, hidden]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, placement: Placement) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, placement)
+        self.self_attn = LlamaAttention(config, layer_idx, placement)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, placement)
+        self.mlp = LlamaMLP(config, placement)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, placement: Placement) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, placement)
+        layers = [LlamaDecoderLayer(config, i, placement) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(layers)
+        qkv = layers[0].self_attn.qkv_proj
+        self.num_kv_heads, self.head_dim = qkv.num_kv_heads, qkv.head_dim  # this rank's
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, placement)
+        self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), placement.device)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:  # [1, n], [1, n] -> [1, n, hidden]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """One tensor-parallel rank of a Llama, Mistral, Qwen2 or Qwen3 model.
+
+    `model(input_ids, positions, keep)` is the runner's forward contract
+    (`llama_family.Forward`), inside `attention.attention_context`: the logits of rows `keep`
+    ([k] indices, or an int: the last `keep` rows, 0 for all) over the whole vocabulary, on
+    every rank. `kv_cache_spec` sizes this rank's cache (its own KV heads only);
+    `load_weights` copies this rank's shard of each checkpoint tensor.
+    """
+
+    def __init__(self, config: Any, placement: Placement) -> None:
+        super().__init__()
+        self.config = config
+        self.placement = placement
+        self.model = LlamaModel(config, placement)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, placement)
+        self.is_tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.is_tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int
+    ) -> torch.Tensor:  # [1, n], [1, n] -> [1, k, vocab]
+        h = self.model(input_ids, positions)
+        if isinstance(keep, torch.Tensor):
+            h = h[:, keep, :]
+        elif keep:
+            h = h[:, -keep:, :]
+        return self.lm_head(h)
+
+    def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
+        """This rank's KV cache: its own key/value heads (one where they are replicated)."""
+        base = self.model
+        return KVCacheSpec(self.config.num_hidden_layers, base.num_kv_heads, base.head_dim, dtype)
+
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
+        """Copy this rank's part of each (Hugging Face name, tensor); raise ValueError naming
+        any weight the checkpoint lacks. Tensors the model has no place for (a checkpoint's
+        rotary buffers, layers past `num_hidden_layers`) are skipped and logged."""
+        modules = dict(self.named_modules())
+        loaded: set[tuple[str, str, Shard]] = set()
+        skipped: list[str] = []
+        for name, weight in weights:
+            path, _, param = name.rpartition(".")
+            parent, _, leaf = path.rpartition(".")
+            shard: Shard = None
+            if leaf in FUSED:
+                fused, shard = FUSED[leaf]
+                path = f"{parent}.{fused}"
+            module = modules.get(path)
+            if module is None or not hasattr(module, "load_weight"):
+                skipped.append(name)
+                continue
+            module.load_weight(name, weight, shard)
+            loaded.add((path, param, shard))
+        missing = self._expected_weights() - loaded
+        if missing:
+            names = sorted(f"{path}.{param}" + (f" ({s})" if s is not None else "")
+                           for path, param, s in missing)  # fmt: skip
+            raise ValueError(f"the checkpoint lacks {len(names)} weights: {', '.join(names[:8])}")
+        if skipped:
+            logger.info("skipped %d checkpoint tensors: %s", len(skipped), ", ".join(skipped[:8]))
+
+    def _expected_weights(self) -> set[tuple[str, str, Shard]]:
+        expected: set[tuple[str, str, Shard]] = set()
+        for path, module in self.named_modules():
+            if not hasattr(module, "load_weight") or (module is self.lm_head and self.is_tied):
+                continue
+            if isinstance(module, QKVParallelLinear):
+                shards: list[Shard] = ["q", "k", "v"]
+            elif isinstance(module, ColumnParallelLinear) and len(module.local_sizes) > 1:
+                shards = list(range(len(module.local_sizes)))
+            else:
+                shards = [None]
+            for param, value in module.named_parameters(recurse=False):
+                if value is not None:
+                    expected |= {(path, param, s) for s in shards}
+        return expected
