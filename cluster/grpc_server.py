@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvray.cluster.background import BackgroundTasks
 from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.config import ClusterConfig
 from kvray.cluster.errors import UnauthenticatedError, status_for
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES, ChatPrompt, Prompt, Resumed
 from kvray.cluster.router import Router
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 LIVENESS_SERVICE = "kvray.liveness"  # grpc.health.v1 service name for liveness probes
+MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -46,7 +48,19 @@ SERVER_OPTIONS = [
     # NAT that forgot it) releases its streams and its token's slots within ~30 s.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Hostile clients: a connection must finish its handshake (TLS, HTTP/2's preface) in 30 s,
+    # and one with no call for 5 minutes is sent away (GOAWAY: the client reconnects on its next
+    # call). A call whose metadata is over 16 KiB gets RESOURCE_EXHAUSTED; gRPC's own default
+    # refuses at random between 8 and 16 KiB.
+    ("grpc.server_handshake_timeout_ms", 30_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+    # NOTE: no grpc.max_connection_age_ms: with a finite grace it would cut a long stream (a
+    # 30,000-token generation at 20 ms a step runs 10 minutes), and with an endless one it
+    # bounds nothing a hostile client holds.
 ]
+UNARY_CALLS_PER_CONNECTION = 1_000  # room for Tokenize, GetModelInfo, ... beside the streams
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,
     FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
@@ -275,6 +289,20 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
+def connection_options(config: ClusterConfig) -> list[tuple[str, int]]:
+    """The main port's caps: `max_connections` connections, and on each as many streams as
+    the router can run and queue at once (more would be refused anyway) plus unary calls.
+
+    NOTE: a connection asking for more streams than that gets UNAVAILABLE for the extra ones
+    (not a wait), so the cap must stay above what one client may rightly run."""
+    _, max_replicas = config.autoscaling.bounds(config.replicas)
+    streams = max_replicas * config.engine.scheduler.max_num_seqs + config.max_queued_requests
+    return [
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_concurrent_streams", streams + UNARY_CALLS_PER_CONNECTION),
+    ]
+
+
 async def start_server(
     router: Router,
     *,
@@ -293,7 +321,7 @@ async def start_server(
     Raises:
         OSError: a port cannot be bound.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *connection_options(router.config)])
     add_servicer(GenerationServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
