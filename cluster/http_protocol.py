@@ -101,9 +101,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._is_reading_head = False
         self._stop_deadline()
-        super().on_headers_complete()
+        super().on_headers_complete()  # starts the app (raises for a URL that does not parse)
+        self._is_reading_head = False
         self._start_deadline()  # the body's (stopped at once when there is none)
 
     def on_message_complete(self) -> None:
@@ -149,4 +149,4 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self._is_reading_head:
             return cycle is None or cycle.response_complete
-        return not cycle.response_started  # NOTE: the app answers before the body (a 401)
+        return not cycle.response_started  # NOTE: a 401 goes before the body: no second answer
