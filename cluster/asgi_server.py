@@ -1,7 +1,8 @@
 """uvicorn serving an ASGI app inside the running event loop: on a socket kvray binds itself
 (a TCP socket with TCP_NODELAY), optionally with TLS reloaded in place, and without signal
-handlers of its own (the launcher's SIGTERM drain stays in charge); `BodyLimit` caps request
-bodies before the app reads them."""
+handlers of its own (the launcher's SIGTERM drain stays in charge), on a protocol with the
+connection bounds of `http_protocol`; `BodyLimit` caps request bodies before the app reads them,
+and lets only the paths that take a body read one."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import uvicorn
 from fastapi.responses import JSONResponse
 
 from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.http_protocol import BoundedHttpProtocol, ConnectionLimits
 from kvray.cluster.input_processor import MAX_REQUEST_BYTES
 from kvray.cluster.security import RELOAD_CHECK_S, HttpTls
 
@@ -25,9 +27,24 @@ logger = logging.getLogger(__name__)
 class HttpServer:
     """uvicorn serving the app in the running event loop (no signal handlers of its own)."""
 
-    def __init__(self, app: Any, *, host: str, port: int, tls: HttpTls | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        tls: HttpTls | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.host, self.port = host, port
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            app,
+            http=BoundedHttpProtocol.bounded_by(limits or ConnectionLimits()),
+            ws="none",  # NOTE: no WebSocket: an upgraded connection would leave those bounds
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+        )
         config.load()
         self.tls = tls
         if tls is not None:
@@ -88,17 +105,28 @@ class _EmbeddedServer(uvicorn.Server):
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it.
 
-    The body is read here, counted as it arrives (chunked bodies have no Content-Length to
-    trust), and handed to the app whole."""
+    Only a POST to one of `body_paths` may carry a body. It is read here, counted as it arrives
+    (chunked bodies have no Content-Length to trust), and handed to the app whole. Any other
+    request is answered with its body unread (the app sees an empty one) and, when it declared
+    one, `Connection: close`, so the connection reads no more of it."""
 
-    def __init__(self, app: Any, limit: int = MAX_REQUEST_BYTES) -> None:
-        self.app, self.limit = app, limit
+    def __init__(
+        self, app: Any, *, body_paths: Collection[str], limit: int = MAX_REQUEST_BYTES
+    ) -> None:
+        self.app, self.body_paths, self.limit = app, frozenset(body_paths), limit
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if scope["method"] != "POST" or scope["path"] not in self.body_paths:
+            has_body = (
+                b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
+            )
+            await self.app(scope, _no_body(receive), _closing(send) if has_body else send)
+            return
+        declared = headers.get(b"content-length", b"")
         chunks: list[bytes] = []
         size = int(declared) if declared.isdigit() else 0
         if size <= self.limit:
@@ -129,3 +157,32 @@ class BodyLimit:
             return await receive()  # then the disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+
+def _no_body(receive: Any) -> Any:
+    """`receive` for a request whose body is not read: an empty body, then what comes after
+    the body (the disconnect)."""
+    told = False
+
+    async def no_body() -> Any:
+        nonlocal told
+        if not told:
+            told = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        while (message := await receive())["type"] == "http.request":
+            pass  # NOTE: reached only by a response that waits for the client to leave
+        return message
+
+    return no_body
+
+
+def _closing(send: Any) -> Any:
+    """`send` that adds `Connection: close` to the response (uvicorn then closes after it)."""
+
+    async def closing(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return closing

@@ -60,6 +60,12 @@ class ClusterConfig:
         "longest an HTTP request may take, seconds (504 after it; a request's X-Request-Timeout "
         "may only shorten it)",
     )
+    http_read_timeout_s: float = setting(
+        30.0, "an HTTP request's headers, then its body, must each arrive within this, seconds"
+    )
+    max_connections: int = setting(
+        4096, "open connections each API port holds (gRPC, HTTP); past it new ones are closed"
+    )
     ray_address: str | None = setting(None, "join this Ray cluster instead of starting a local one")
     max_queued_requests: int = setting(
         256, "waiting sequences (n samples count n) before RESOURCE_EXHAUSTED"
@@ -133,6 +139,11 @@ class ClusterConfig:
         if self.http_request_timeout_s is not None and self.http_request_timeout_s <= 0:
             raise ValueError(
                 f"http_request_timeout_s must be > 0, got {self.http_request_timeout_s}"
+            )
+        if self.http_read_timeout_s <= 0 or self.max_connections < 1:
+            raise ValueError(
+                "http_read_timeout_s must be > 0 and max_connections >= 1, got "
+                f"{self.http_read_timeout_s} and {self.max_connections}"
             )
         if self.fake_token_ms < 0:
             raise ValueError(f"fake_token_ms must be >= 0, got {self.fake_token_ms}")

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 LIVENESS_SERVICE = "kvray.liveness"  # grpc.health.v1 service name for liveness probes
+MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -48,6 +49,17 @@ SERVER_OPTIONS = [
     # NAT that forgot it) releases its streams and its token's slots within ~30 s.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Hostile clients: a connection must finish its handshake (TLS, HTTP/2's preface) in 30 s,
+    # and one with no call for 5 minutes is sent away (GOAWAY: the client reconnects on its next
+    # call). A call whose metadata is over 16 KiB gets RESOURCE_EXHAUSTED; gRPC's own default
+    # refuses at random between 8 and 16 KiB.
+    ("grpc.server_handshake_timeout_ms", 30_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+    # NOTE: no grpc.max_connection_age_ms: with a finite grace it would cut a long stream (a
+    # 30,000-token generation at 20 ms a step runs 10 minutes), and with an endless one it
+    # bounds nothing a hostile client holds.
 ]
 # The accept backlog (`accept_backlog_options`): room beside the streams the router can hold
 # (gRPC's own cap, so the cap is never below gRPC's), for unary calls, health checks and
@@ -55,6 +67,7 @@ SERVER_OPTIONS = [
 # call's deadline bounds its wait).
 BACKLOG_ROOM = 3_000
 BACKLOG_WAIT_LIMIT_S = 24 * 3600
+UNARY_CALLS_PER_CONNECTION = 1_000  # room for Tokenize, GetModelInfo, ... beside the streams
 _FINISH = {
     FinishReason.STOP: pb.GenerateResponse.STOP,
     FinishReason.LENGTH: pb.GenerateResponse.LENGTH,
@@ -314,6 +327,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
+def _router_capacity(config: ClusterConfig) -> int:
+    """The streams the router can run and queue at once, at its largest."""
+    _, max_replicas = config.autoscaling.bounds(config.replicas)
+    return max_replicas * config.engine.scheduler.max_num_seqs + config.max_queued_requests
+
+
 def accept_backlog_options(config: ClusterConfig) -> list[tuple[str, int]]:
     """gRPC's backlog of calls that arrived but that the server has not taken yet: it holds as
     many as the router can run and queue at once (past that the router refuses them itself,
@@ -324,13 +343,25 @@ def accept_backlog_options(config: ClusterConfig) -> list[tuple[str, int]]:
     1,000 wait, every one past 3,000, and any that waited 30 s: the client gets CANCELLED with
     no reason and the server logs nothing. Past this cap a call is still cancelled that way
     (gRPC has no other answer there)."""
-    _, max_replicas = config.autoscaling.bounds(config.replicas)
-    held = max_replicas * config.engine.scheduler.max_num_seqs + config.max_queued_requests
+    held = _router_capacity(config)
     return [
         # Equal soft and hard limits: no call is dropped at random below the cap.
         ("grpc.server.max_pending_requests", held + BACKLOG_ROOM),
         ("grpc.server.max_pending_requests_hard_limit", held + BACKLOG_ROOM),
         ("grpc.server_max_unrequested_time_in_server", BACKLOG_WAIT_LIMIT_S),
+    ]
+
+
+def connection_options(config: ClusterConfig) -> list[tuple[str, int]]:
+    """The main port's caps: `max_connections` connections, and on each as many streams as
+    the router can run and queue at once (more would be refused anyway) plus unary calls.
+
+    NOTE: a connection asking for more streams than that gets UNAVAILABLE for the extra ones
+    (not a wait), so the cap must stay above what one client may rightly run."""
+    streams = _router_capacity(config)
+    return [
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_concurrent_streams", streams + UNARY_CALLS_PER_CONNECTION),
     ]
 
 
@@ -352,7 +383,12 @@ async def start_server(
     Raises:
         OSError: a port cannot be bound.
     """
-    server = grpc.aio.server(options=[*SERVER_OPTIONS, *accept_backlog_options(router.config)])
+    options = [
+        *SERVER_OPTIONS,
+        *connection_options(router.config),
+        *accept_backlog_options(router.config),
+    ]
+    server = grpc.aio.server(options=options)
     add_servicer(GenerationServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -39,6 +39,7 @@ from kvray.workers.protocol import InvalidParameterError, SamplingParams
 logger = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-request-timeout"
+BODY_PATHS = ("/v1/completions", "/v1/chat/completions")  # POSTs with a body; no other reads one
 
 
 class DeadlineExceeded(Exception):
@@ -101,9 +102,10 @@ def build_app(
     done, with counts of them for the answer (`POST /admin/drain`, from loopback only:
     Kubernetes' preStop hook calls it). With `auth`, every `/v1/` path needs `Authorization:
     Bearer <token>` (401 without, before the path is looked up: an unknown one is 401 too);
-    `/health` and `/metrics` stay open for probes and Prometheus."""
+    `/health` and `/metrics` stay open for probes and Prometheus. Only `BODY_PATHS` read a
+    request body; any other request is answered with its body unread (`BodyLimit`)."""
     app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, body_paths=BODY_PATHS)
     app.add_middleware(TokenGate, auth=auth)  # NOTE: added last, runs first: before the body
     started = int(time.time())
 

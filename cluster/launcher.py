@@ -22,6 +22,7 @@ from typing import Any
 from kvray.cluster.asgi_server import HttpServer
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.grpc_server import start_server
+from kvray.cluster.http_protocol import ConnectionLimits
 from kvray.cluster.http_server import build_app
 from kvray.cluster.router import Router
 from kvray.cluster.security import HttpTls, TlsFiles, TokenAuth
@@ -150,6 +151,9 @@ class Cluster:
                 host=self.config.host,
                 port=self.config.http_port,
                 tls=HttpTls(tls) if tls else None,
+                limits=ConnectionLimits(
+                    self.config.max_connections, self.config.http_read_timeout_s
+                ),
             )
             self.http_port = await self.http.start()
             logger.info(

@@ -39,6 +39,8 @@ def test_config_file_from_environment(tmp_path):
         ({"environ": {"KVRAY_REPLICAS": "two"}}, "KVRAY_REPLICAS='two' is not a valid int"),
         ({"flags": {"replicas": 0}}, "replicas must be >= 1"),
         ({"flags": {"block_size": 3}}, "block_size must be a power of two"),
+        ({"flags": {"max_connections": 0}}, "max_connections >= 1, got 30.0 and 0"),
+        ({"flags": {"http_read_timeout_s": 0}}, "http_read_timeout_s must be > 0"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
