@@ -18,6 +18,7 @@ tokens/s; then cache-aware / least-loaded, and the targets (judged on the full r
     python bench/routing.py              # fake part (~5 min), then smollm2 part (~4 min)
     python bench/routing.py --quick      # the fake part only, smaller (~3 min)
     python bench/routing.py --part real  # smollm2 only
+    python bench/routing.py --part real --real-replicas 4 --workload multi-turn
     python bench/routing.py --part fake --shared-rate 32   # system prompts at an overload
 """
 
@@ -341,14 +342,25 @@ def fake_workloads(*, quick: bool, seed: int, shared_rate: float = SHARED_RATE) 
     ]
 
 
-def real_workloads(*, seed: int) -> list[Workload]:
+def real_workloads(*, seed: int, chats: int = 12, chat_rate: float = 1.0) -> list[Workload]:
     """Fewer, shorter requests (2 CPU cores); pieces become words (about a token each)."""
-    chats = multi_turn(
-        12, seed=seed, rate=1.0, first=(48, 96), later=(8, 24), answer=(16, 16), think=(0.5, 1.5)
+    convs = multi_turn(
+        chats,
+        seed=seed,
+        rate=chat_rate,
+        first=(48, 96),
+        later=(8, 24),
+        answer=(16, 16),
+        think=(0.5, 1.5),
     )
     shared = shared_system(8, 4, seed=seed, rate=1.0, system_len=256, question=(6, 12), answer=16)
     return [
-        Workload("multi-turn", chats, "chat", about="12 chats of 4-8 turns, 0.5-1.5 s pauses"),
+        Workload(
+            "multi-turn",
+            convs,
+            "chat",
+            about=f"{chats} chats of 4-8 turns starting at {chat_rate:g}/s, 0.5-1.5 s pauses",
+        ),
         Workload(
             "shared-system",
             shared,
@@ -378,12 +390,19 @@ def run_fake(*, quick: bool, seed: int, shared_rate: float) -> None:
         print_ratios(results, judge=not quick and shared_rate == SHARED_RATE)
 
 
-def run_real(*, seed: int) -> None:
-    workloads = real_workloads(seed=seed)
-    runs = [run_system(REAL, s, [w for w in workloads if s in systems_for(w)]) for s in SYSTEMS]
+def run_real(*, seed: int, replicas: int, only: str | None, chats: int, chat_rate: float) -> None:
+    workloads = [
+        w
+        for w in real_workloads(seed=seed, chats=chats, chat_rate=chat_rate)
+        if only in (None, w.name)
+    ]
+    settings = {**REAL, "replicas": replicas}
+    runs = [run_system(settings, s, [w for w in workloads if s in systems_for(w)]) for s in SYSTEMS]
     for w in workloads:
         results = [r for run in runs for r in run if r.workload == w.name]
-        print_table(f"{w.name}, 2 smollm2 replicas (CPU, 1 core each): {w.about}", results)
+        print_table(
+            f"{w.name}, {replicas} smollm2 replicas (CPU, 1 thread each): {w.about}", results
+        )
         print_ratios(results, judge=True)
 
 
@@ -400,15 +419,37 @@ def main() -> int:
         default=SHARED_RATE,
         help="requests/s of the fake shared-system workload (targets are judged at the default)",
     )
+    parser.add_argument(
+        "--real-replicas",
+        type=int,
+        default=REAL["replicas"],
+        help="smollm2 replicas of the real part (each a Ray CPU and one torch thread)",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=("multi-turn", "shared-system", "unique"),
+        help="run only this workload of the real part",
+    )
+    parser.add_argument("--chats", type=int, default=12, help="conversations of the real part")
+    parser.add_argument(
+        "--chat-rate", type=float, default=1.0, help="conversations started per second (real part)"
+    )
     args = parser.parse_args()
     import ray
 
     logging.basicConfig(level=logging.WARNING)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    num_cpus = max(4, args.real_replicas * int(REAL["cpus_per_replica"]))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     if args.part in ("all", "fake"):
         run_fake(quick=args.quick, seed=args.seed, shared_rate=args.shared_rate)
     if args.part in ("all", "real") and not args.quick:
-        run_real(seed=args.seed)
+        run_real(
+            seed=args.seed,
+            replicas=args.real_replicas,
+            only=args.workload,
+            chats=args.chats,
+            chat_rate=args.chat_rate,
+        )
     return 0
 
 
