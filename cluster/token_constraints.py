@@ -50,8 +50,9 @@ def with_bad_words_token_ids(
     sampling_params: SamplingParams, tokenizer: Any | None, info: WorkerInfo
 ) -> SamplingParams:
     """The parameters with `bad_words_token_ids` made from `bad_words` (what was there is
-    replaced), by vLLM's rule: each word as it starts a text, and also after a space where
-    that gives another first token and as many tokens.
+    replaced): each word as it starts a text, and as it follows a space where that gives other
+    tokens. vLLM takes the second only when it has as many tokens as the first; kvray takes it
+    unless the space is a token of its own (then the first sequence already bans the word).
 
     Raises:
         InvalidParameterError: a word gives no token, or the words too many.
@@ -64,7 +65,7 @@ def with_bad_words_token_ids(
             raise InvalidParameterError("bad_words", f"bad_words entry {word!r:.60} gives no token")
         words.append(plain)
         spaced = _encode(tokenizer, " " + word.lstrip())
-        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+        if spaced and spaced != plain and spaced[1:] != plain:
             words.append(spaced)
     num_tokens = sum(len(w) for w in words)
     if len(words) > MAX_BAD_WORDS or num_tokens > MAX_BAD_WORDS_TOKENS:

@@ -51,9 +51,10 @@ def test_token_constraints_outside_the_model_are_refused_before_queueing(params,
     assert err.value.param == param and message in str(err.value)
 
 
-# How a BPE tokenizer splits these texts: a word after a space starts with another token.
-WORD_TOKENS = {"darn": [10, 11], " darn": [12, 11], "heck": [13], " heck": [14], "x": [15]}
-WORD_TOKENS |= {" x": [15]}
+# How a BPE tokenizer may split these texts: a word after a space starts with another token
+# ("darn"), or is fewer tokens ("heck"), or the space is a token of its own ("x").
+WORD_TOKENS = {"darn": [10, 11], " darn": [12, 11], "heck": [13, 16], " heck": [14]}
+WORD_TOKENS |= {"x": [15], " x": [1, 15]}
 
 
 class WordTokenizer:
@@ -64,8 +65,7 @@ class WordTokenizer:
 def test_bad_words_become_token_ids_at_a_texts_start_and_after_a_space():
     inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
     request = inputs.process([1, 2], SamplingParams(bad_words=["darn", " heck", "x"]), "r")
-    # " x" gives the same first token as "x": one sequence for it.
-    want = ((10, 11), (12, 11), (13,), (14,), (15,))
+    want = ((10, 11), (12, 11), (13, 16), (14,), (15,))  # (1, 15) ends with (15,): banned
     assert request.sampling_params.bad_words_token_ids == want
     assert all(seq.sampling_params.bad_words_token_ids == want for seq in request.seqs)
 
