@@ -109,7 +109,7 @@ def prepare_sampling_batch(
         min_p=knob("min_p", torch.float32),
         penalties=_prepare_penalties(rows, vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
-        constraints=prepare_token_constraints(rows, vocab_size=vocab_size, device=device),
+        constraints=prepare_token_constraints(rows, device=device),
         generators=generators,
         max_num_logprobs=max(asked) if asked else None,
         num_logprobs=[p.logprobs for p in sampling_params],
@@ -288,7 +288,7 @@ def beam_candidates(
     if min_tokens_mask is not None:
         logprobs[min_tokens_mask] = float("-inf")
     vocab = logprobs.shape[-1]
-    constraints = prepare_token_constraints(rows, vocab_size=vocab, device=logits.device)
+    constraints = prepare_token_constraints(rows, device=logits.device)
     if constraints is not None:
         logprobs = apply_token_constraints(logprobs, constraints)
     widths = [min(r.sampling_params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]

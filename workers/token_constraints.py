@@ -8,6 +8,7 @@ bad words arrive as token ids (`SamplingParams.bad_words_token_ids`).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,7 +28,9 @@ class TokenConstraints:
     token_ids: torch.Tensor  # [num_entries] long
     values: torch.Tensor  # [num_entries] float32: a bias, or -inf for a bad word's banned token
     allowed_rows: torch.Tensor | None  # [num_allowed_rows] long: rows with allowed_token_ids
-    allowed: torch.Tensor | None  # [num_allowed_rows, vocab] bool: the ids each of them may take
+    # The (row, token id) pairs those rows may take; every other token of theirs is -inf.
+    allowed_entry_rows: torch.Tensor | None  # [num_allowed_entries] long
+    allowed_token_ids: torch.Tensor | None  # [num_allowed_entries] long
 
 
 def banned_by_bad_words(
@@ -48,48 +51,56 @@ def banned_by_bad_words(
 
 
 def prepare_token_constraints(
-    rows: Sequence[SamplingRow], *, vocab_size: int, device: torch.device
+    rows: Sequence[SamplingRow], *, device: torch.device
 ) -> TokenConstraints | None:
     """The batch's constraints, or None when no row has any (`has_token_constraints`)."""
     if not any(r.sampling_params.has_token_constraints for r in rows):
         return None
-    row_idx: list[int] = []
-    token_idx: list[int] = []
-    values: list[float] = []
-    allowed_rows: list[int] = []
-    allowed_row_idx: list[int] = []
-    allowed_token_idx: list[int] = []
+    # NOTE: ids gather in typed arrays, copied at C speed (torch.tensor of a Python list costs
+    # ~0.6 µs an element: 40 ms a step for 32 rows of 1,000 allowed ids).
+    entry_rows, token_ids, values = array("q"), array("q"), array("f")
+    allowed_ids, allowed_entry_rows, allowed_rows = array("q"), array("q"), []
     for i, row in enumerate(rows):
         params = row.sampling_params
-        for token_id, bias in params.logit_bias:
-            row_idx.append(i)
-            token_idx.append(token_id)
-            values.append(bias)
+        num_entries = len(token_ids)
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias)
+            token_ids.extend(ids)
+            values.extend(biases)
         if params.bad_words_token_ids:
-            longest = max(len(word) for word in params.bad_words_token_ids)
-            start = max(row.num_prompt_tokens, len(row.token_ids) - (longest - 1))
-            banned = banned_by_bad_words(params.bad_words_token_ids, row.token_ids[start:])
-            row_idx.extend([i] * len(banned))
-            token_idx.extend(sorted(banned))
+            banned = _banned_now(row)
+            token_ids.extend(banned)
             values.extend([float("-inf")] * len(banned))
+        entry_rows.extend(array("q", [i]) * (len(token_ids) - num_entries))
         if params.allowed_token_ids:
-            allowed_row_idx.extend([len(allowed_rows)] * len(params.allowed_token_ids))
-            allowed_token_idx.extend(params.allowed_token_ids)
+            allowed_ids.extend(params.allowed_token_ids)
+            allowed_entry_rows.extend(array("q", [i]) * len(params.allowed_token_ids))
             allowed_rows.append(i)
-    allowed = None
-    if allowed_rows:
-        allowed = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool, device=device)
-        allowed[
-            torch.tensor(allowed_row_idx, device=device),
-            torch.tensor(allowed_token_idx, device=device),
-        ] = True
+    has_allowed = bool(allowed_rows)
     return TokenConstraints(
-        rows=torch.tensor(row_idx, dtype=torch.long, device=device),
-        token_ids=torch.tensor(token_idx, dtype=torch.long, device=device),
-        values=torch.tensor(values, dtype=torch.float32, device=device),
-        allowed_rows=torch.tensor(allowed_rows, device=device) if allowed_rows else None,
-        allowed=allowed,
+        rows=_tensor(entry_rows, device),
+        token_ids=_tensor(token_ids, device),
+        values=_tensor(values, device),
+        allowed_rows=torch.tensor(allowed_rows, device=device) if has_allowed else None,
+        allowed_entry_rows=_tensor(allowed_entry_rows, device) if has_allowed else None,
+        allowed_token_ids=_tensor(allowed_ids, device) if has_allowed else None,
     )
+
+
+def _banned_now(row: SamplingRow) -> list[int]:
+    """The tokens a row's bad words ban this step (only its last tokens can matter)."""
+    words = row.sampling_params.bad_words_token_ids
+    longest = max(len(word) for word in words)
+    start = max(row.num_prompt_tokens, len(row.token_ids) - (longest - 1))
+    return sorted(banned_by_bad_words(words, row.token_ids[start:]))
+
+
+def _tensor(values: array, device: torch.device) -> torch.Tensor:
+    """A typed array as a tensor on `device` (int64 from "q", float32 from "f")."""
+    dtype = torch.long if values.typecode == "q" else torch.float32
+    if not values:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.frombuffer(values, dtype=dtype).to(device)
 
 
 def apply_token_constraints(
@@ -97,11 +108,13 @@ def apply_token_constraints(
     constraints: TokenConstraints,
 ) -> torch.Tensor:
     """Mask every token outside a row's allowed ids to -inf, then add the biases and bans."""
-    if constraints.allowed_rows is not None and constraints.allowed is not None:
-        rows = constraints.allowed_rows
-        logits[rows] = logits[rows].masked_fill(~constraints.allowed, float("-inf"))
-    if constraints.rows.numel():
-        logits.index_put_(
-            (constraints.rows, constraints.token_ids), constraints.values, accumulate=True
-        )
+    c = constraints
+    if c.allowed_rows is not None:
+        assert c.allowed_entry_rows is not None and c.allowed_token_ids is not None
+        # NOTE: in place, no [rows, vocab] mask: keep the allowed logits, fill the rows, put back.
+        kept = logits[c.allowed_entry_rows, c.allowed_token_ids]
+        logits.index_fill_(0, c.allowed_rows, float("-inf"))
+        logits[c.allowed_entry_rows, c.allowed_token_ids] = kept
+    if c.rows.numel():
+        logits.index_put_((c.rows, c.token_ids), c.values, accumulate=True)
     return logits

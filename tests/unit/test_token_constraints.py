@@ -144,3 +144,10 @@ def test_a_beams_bias_adds_to_its_log_probabilities():
     raw = torch.log_softmax(LOGITS[0], -1)
     assert ids[0][0] == 5
     assert scores[0][0] == pytest.approx(float(raw[5]) + 10)
+
+
+def test_an_allowed_end_of_sequence_stays_masked_below_min_tokens():
+    params = greedy(allowed_token_ids=[0, 4], min_tokens=2)
+    rows = [SamplingRow(params, [9], 1, eos_token_ids=(0,))]
+    batch = prepare_sampling_batch(rows, vocab_size=6, device=CPU)
+    assert Sampler().sample(LOGITS, batch)[0] == [4]
