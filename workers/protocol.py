@@ -309,13 +309,13 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
     """logit_bias as sorted (token id, bias) pairs, from a mapping or pairs (checked later)."""
     if not value:
         return ()
     items = value.items() if isinstance(value, Mapping) else value
     try:
-        pairs = [(token_id, bias) for token_id, bias in items]  # type: ignore[attr-defined]
+        pairs = [(token_id, bias) for token_id, bias in items]
         return tuple(sorted(pairs, key=lambda pair: pair[0]))
     except (TypeError, ValueError):
         raise InvalidParameterError(
