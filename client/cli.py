@@ -26,7 +26,7 @@ _TYPES = {
     FieldDescriptor.TYPE_STRING: str,
 }
 _PROTO = Path(generation_pb2.__file__).with_name("generation.proto")
-_FIELD = re.compile(r"^\s*(?:optional |repeated )?[\w.]+ (\w+) = \d+;")
+_FIELD = re.compile(r"^\s*(?:optional |repeated )?(?:map<[\w, ]+>|[\w.]+) (\w+) = \d+;")
 _BLOCK = re.compile(r"^\s*(message|oneof|enum|service) (\w+) \{")
 
 
@@ -139,7 +139,12 @@ def _add_param_flag(p: argparse.ArgumentParser, name: str, f: FieldDescriptor) -
     """A flag for one wire parameter, its help the proto's comment. Unset (None) unless given,
     so the server applies its own default; --max-tokens alone has one here."""
     flag, text = "--" + name.replace("_", "-"), _param_help(f)
-    if f.is_repeated:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:  # logit_bias
+        p.add_argument(
+            flag, dest=name, action="append", type=_token_bias, metavar="TOKEN_ID=BIAS",
+            help=f"{text} Repeatable.",
+        )  # fmt: skip
+    elif f.is_repeated:
         p.add_argument(
             flag, dest=name, action="append", type=_TYPES[f.type], help=f"{text} Repeatable."
         )
@@ -155,6 +160,17 @@ def _add_param_flag(p: argparse.ArgumentParser, name: str, f: FieldDescriptor) -
         )
     else:
         p.add_argument(flag, dest=name, type=_TYPES[f.type], default=None, help=text)
+
+
+def _token_bias(text: str) -> tuple[int, float]:
+    """`--logit-bias 42=-100`: a token id and its bias."""
+    token_id, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
 
 
 def generate(args: argparse.Namespace) -> int:

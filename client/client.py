@@ -51,7 +51,8 @@ class KvrayClient(ClientBase):
 
     Keyword arguments of `generate`/`stream` are the sampling parameters (`kvray.wire`:
     temperature, top_k, top_p, min_p, the penalties, seed, n, max_tokens, min_tokens, stop,
-    stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, logprobs)
+    stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, logprobs,
+    logit_bias as {token_id: bias}, allowed_token_ids, bad_words, ...)
     plus request_id, session_id, add_generation_prompt, timeout (seconds) and resume.
     UNAVAILABLE and RESOURCE_EXHAUSTED are retried with backoff until the first token arrives
     (on the next router, given several); with `resume=True` a stream whose router goes away

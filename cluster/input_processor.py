@@ -23,6 +23,7 @@ from kvray.cluster.block_manager import prefix_hashes
 from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.request import Request
 from kvray.cluster.sequence import Sequence, SequenceStatus, next_seq_id
+from kvray.cluster.token_constraints import check_token_constraints, with_bad_words_token_ids
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
 
 
@@ -144,6 +145,7 @@ class InputProcessor:
         token_ids = self.tokenize(prompt)
         sampling_params = sampling_params.with_defaults(self.info.sampling_defaults)
         self.check_params(sampling_params, len(token_ids))
+        sampling_params = with_bad_words_token_ids(sampling_params, self.tokenizer, self.info)
         resume = resume or {}
         self._check_resume(resume, sampling_params, len(token_ids))
         now = time.monotonic() if arrival_time is None else arrival_time
@@ -323,6 +325,9 @@ class InputProcessor:
                     "stop_token_ids",
                     f"stop_token_ids must be < vocab size {self.info.vocab_size}, got {t}",
                 )
+        check_token_constraints(
+            sampling_params, self.info, has_tokenizer=self.tokenizer is not None
+        )
 
     def _check_beam_blocks(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> None:
         """Refuse a beam search that could outgrow the KV cache even alone (it would restart

@@ -3,8 +3,9 @@ validated, and turned into kvray prompts and `SamplingParams`.
 
 Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
-`include_stop_str_in_output`, `add_generation_prompt`). Fields kvray does not support yet are
-refused by name rather than ignored; unknown fields are ignored, as OpenAI SDKs send extras.
+`include_stop_str_in_output`, `add_generation_prompt`, `allowed_token_ids`, `bad_words`).
+Fields kvray does not support yet are refused by name rather than ignored; unknown fields are
+ignored, as OpenAI SDKs send extras.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's abuse-monitoring id
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token ids as strings (JSON keys) -> bias
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # Beam search, as vLLM's extra parameters: max(n, best_of) beams, the n best returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -75,13 +78,11 @@ class _SamplingRequest(BaseModel):
 
     def _sampling(self, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams from the shared fields. Raises InvalidParameterError."""
-        if self.logit_bias:
-            raise InvalidParameterError("logit_bias", "logit_bias is not supported")
         given = {
             name: getattr(self, name)
             for name in (
                 "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "stop_token_ids",
+                "frequency_penalty", "repetition_penalty", "stop_token_ids", "bad_words",
             )
             if getattr(self, name) is not None
         }  # fmt: skip
@@ -104,7 +105,31 @@ class _SamplingRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            logit_bias=self._logit_bias(),
+            allowed_token_ids=self._allowed_token_ids(),
         )
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias, whose keys are token ids written as strings."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise InvalidParameterError(
+                    "logit_bias", f"logit_bias keys must be token ids, got {key!r:.40}"
+                ) from None
+            if token_id in bias:
+                raise InvalidParameterError("logit_bias", f"logit_bias names token {key} twice")
+            bias[token_id] = value
+        return tuple(bias.items())
+
+    def _allowed_token_ids(self) -> tuple[int, ...]:
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidParameterError(
+                "allowed_token_ids", "allowed_token_ids is empty: no token could be sampled"
+            )
+        return tuple(self.allowed_token_ids or ())
 
 
 class CompletionRequest(_SamplingRequest):

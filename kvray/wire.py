@@ -37,6 +37,10 @@ def param_fields() -> dict[str, FieldDescriptor]:
     return fields
 
 
+def _is_map(f: FieldDescriptor) -> bool:
+    return f.message_type is not None and f.message_type.GetOptions().map_entry
+
+
 def _holder(req: pb.GenerateRequest, name: str) -> Message:
     """The message of `req` that carries parameter `name`."""
     for message in _MESSAGES:
@@ -55,7 +59,9 @@ def params_from_request(req: pb.GenerateRequest) -> dict[str, Any]:
         if f.has_presence and not holder.HasField(name):
             continue
         value = getattr(holder, name)
-        if f.is_repeated:
+        if _is_map(f):  # logit_bias: token id -> float32 bias
+            value = {key: round(v, _FLOAT_DIGITS) for key, v in value.items()}
+        elif f.is_repeated:
             value = tuple(value)
         elif f.type == FieldDescriptor.TYPE_FLOAT:
             value = round(value, _FLOAT_DIGITS)
@@ -79,7 +85,10 @@ def set_request_params(req: pb.GenerateRequest, params: Mapping[str, Any]) -> No
         if value is None:
             continue
         holder = _holder(req, name)
-        if fields[name].is_repeated:
+        if _is_map(fields[name]):  # a mapping, or (key, value) pairs
+            pairs = value.items() if isinstance(value, Mapping) else value
+            getattr(holder, name).update({int(key): v for key, v in pairs})
+        elif fields[name].is_repeated:
             getattr(holder, name).extend([value] if isinstance(value, str) else value)
         else:
             setattr(holder, name, value)

@@ -16,6 +16,15 @@ _MAX_N = 16
 MAX_STOP_STRINGS = 64  # a request's stop strings, each at most MAX_STOP_CHARS long
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+# logit_bias entries: OpenAI's own limit (its API refuses a larger map); a set of allowed tokens
+# of any size is allowed_token_ids.
+MAX_LOGIT_BIAS = 300
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: [-100, 100]
+# bad_words: strings, and the token sequences they become (vLLM's limits: 128 sequences,
+# 1,024 tokens in all); each word at most MAX_BAD_WORD_CHARS long.
+MAX_BAD_WORDS = 128
+MAX_BAD_WORDS_TOKENS = 1024
+MAX_BAD_WORD_CHARS = 256
 
 
 class InvalidParameterError(ValueError):
@@ -25,6 +34,10 @@ class InvalidParameterError(ValueError):
         super().__init__(message)
         self.param = param
 
+
+# SamplingParams fields that the router fills in (what a request sets is replaced): not request
+# parameters, so not on the wire.
+ROUTER_SET_FIELDS = frozenset({"bad_words_token_ids"})
 
 # The sampling knobs a model may set defaults for (its generation_config.json), and what each
 # means when neither the request nor the model sets it: no change to the model's distribution.
@@ -79,6 +92,17 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool = False  # end once num_beams beams have finished
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's and its top-k
+    # Added to the logits before sampling (OpenAI's logit_bias): token id -> bias in [-100,
+    # 100]; -100 in effect bans a token and +100 forces it. Given as a mapping (or pairs), kept
+    # as (token id, bias) pairs sorted by id, so the object stays hashable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # only these ids may be sampled; (): every id
+    # Words never generated (vLLM's bad_words): a word's last token is banned right after the
+    # output ends with the rest of the word (a one-token word: always).
+    bad_words: tuple[str, ...] = ()
+    # NOTE: not a request parameter (ROUTER_SET_FIELDS): the input processor sets it from
+    # bad_words with the model's tokenizer, so the worker needs none.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         # Accept lists (and a single stop string) for convenience; store tuples so the
@@ -86,6 +110,13 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else self.bad_words
+        object.__setattr__(self, "bad_words", tuple(words or ()))
+        object.__setattr__(
+            self, "bad_words_token_ids", tuple(tuple(w) for w in self.bad_words_token_ids or ())
+        )
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()
@@ -137,6 +168,7 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, _MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, _MAX_LOGPROBS)
+        self._validate_token_constraints()
         _check_int("num_beams", self.num_beams, 1, _MAX_N)
         _check_float("length_penalty", self.length_penalty, -10.0, 10.0)
         if not isinstance(self.early_stopping, bool):
@@ -156,6 +188,49 @@ class SamplingParams:
                 f"{param} > 1 needs random sampling (temperature > 0 and top_k != 1): greedy "
                 "samples would all be equal",
             )
+
+    def _validate_token_constraints(self) -> None:
+        """logit_bias, allowed_token_ids and bad_words; the vocabulary is the router's check."""
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameterError(
+                "logit_bias",
+                f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS} (use "
+                "allowed_token_ids to allow a set of tokens and no other)",
+            )
+        bound = MAX_LOGIT_BIAS_VALUE
+        for token_id, bias in self.logit_bias:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise InvalidParameterError(
+                    "logit_bias",
+                    f"logit_bias keys must be token ids (integers >= 0), got {token_id!r}",
+                )
+            is_number = isinstance(bias, int | float) and not isinstance(bias, bool)
+            if not is_number or not -bound <= bias <= bound:  # (NaN fails the range)
+                raise InvalidParameterError(
+                    "logit_bias",
+                    f"logit_bias[{token_id}] must be a number in [-{bound:g}, {bound:g}], got {bias!r}",
+                )
+        if len({token_id for token_id, _ in self.logit_bias}) < len(self.logit_bias):
+            raise InvalidParameterError("logit_bias", "logit_bias names a token id twice")
+        for t in self.allowed_token_ids:
+            _check_int("allowed_token_ids", t, 0, 2**31 - 1)
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidParameterError(
+                "bad_words", f"bad_words holds {len(self.bad_words)} words; at most {MAX_BAD_WORDS}"
+            )
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip() or len(word) > MAX_BAD_WORD_CHARS:
+                raise InvalidParameterError(
+                    "bad_words",
+                    "bad_words must hold words (not only spaces) of at most "
+                    f"{MAX_BAD_WORD_CHARS} characters, got {word!r:.60}",
+                )
+
+    @property
+    def has_token_constraints(self) -> bool:
+        """Whether the sampler changes this request's logits for logit_bias, allowed_token_ids
+        or bad_words."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
 
     def _validate_beam_search(self) -> None:
         if self.n > self.num_beams:
@@ -234,6 +309,20 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a mapping or pairs (checked later)."""
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(token_id, bias) for token_id, bias in items]
+        return tuple(sorted(pairs, key=lambda pair: pair[0]))
+    except (TypeError, ValueError):
+        raise InvalidParameterError(
+            "logit_bias", f"logit_bias must map token ids to biases, got {value!r:.60}"
+        ) from None
+
+
 def _check_int(name: str, value: object, low: int, high: int, *, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(name, f"{name} must be an integer, got {value!r}")
@@ -279,7 +368,7 @@ class NewSequence:
 
     seq_id: int
     token_ids: list[int]  # prompt, then any tokens generated before a preemption
-    num_prompt_tokens: int  # how many of token_ids are prompt (penalties and min_tokens need it)
+    num_prompt_tokens: int  # how many of token_ids are prompt (penalties, min_tokens, bad_words)
     sampling_params: SamplingParams
     block_ids: list[int]  # KV blocks, in order; more arrive in StepInput.new_block_ids
     num_computed_tokens: int = 0  # > 0 when a cached prefix already holds these tokens' KV
@@ -357,7 +446,8 @@ class StepOutput:
     sampled_token_ids: list[int] = field(default_factory=list)  # parallel to seq_ids
     logprobs: list[Logprobs | None] | None = None  # parallel to seq_ids when any asked for them
     # Beam search rows: instead of a sampled token, each beam's best next tokens
-    # (`SamplingParams.num_beam_candidates`) and their log-probabilities; the router picks the next beams (`BeamSearch`).
+    # (up to `SamplingParams.num_beam_candidates`; a banned token never) and their
+    # log-probabilities; the router picks the next beams (`BeamSearch`).
     beam_seq_ids: list[int] = field(default_factory=list)
     beam_token_ids: list[list[int]] = field(default_factory=list)  # parallel to beam_seq_ids
     beam_logprobs: list[list[float]] = field(default_factory=list)  # parallel to beam_seq_ids

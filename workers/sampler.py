@@ -1,7 +1,9 @@
 """The sampler: one next token per sequence from a batch of logits, vectorised over the batch.
 
 Order of operations (as in transformers' logits processors): min_tokens stop masking,
+token constraints (allowed_token_ids, bad_words, logit_bias: `token_constraints.py`),
 penalties, greedy argmax; for sampled rows temperature, top-k, top-p, min-p, then one draw.
+Logprobs are the model's own log-softmax, taken before all of these (vLLM's raw logprobs).
 Draws use the exponential-race trick (argmax of probs / Exp(1) noise), so a seeded row only
 needs its own noise vector: its tokens never depend on what else is in the batch.
 """
@@ -13,6 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from kvray.workers.protocol import NEUTRAL_KNOBS, Logprobs, SamplingParams
+from kvray.workers.token_constraints import (
+    TokenConstraints,
+    apply_token_constraints,
+    prepare_token_constraints,
+)
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,6 +50,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None  # [batch] float
     penalties: _Penalties | None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    constraints: TokenConstraints | None  # logit_bias, allowed_token_ids, bad_words; None: none
     generators: dict[int, torch.Generator]  # row -> generator seeded for this token
     max_num_logprobs: int | None
     num_logprobs: list[int | None]  # per row: None, or how many alternatives to return
@@ -101,6 +109,7 @@ def prepare_sampling_batch(
         min_p=knob("min_p", torch.float32),
         penalties=_prepare_penalties(rows, vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
+        constraints=prepare_token_constraints(rows, device=device),
         generators=generators,
         max_num_logprobs=max(asked) if asked else None,
         num_logprobs=[p.logprobs for p in sampling_params],
@@ -172,11 +181,14 @@ class Sampler:
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         )
-        if batch.min_tokens_mask is not None or batch.penalties is not None:
+        changes = (batch.min_tokens_mask, batch.constraints, batch.penalties)
+        if any(change is not None for change in changes):
             logits = logits.clone()
         if batch.min_tokens_mask is not None:
             mask_rows, mask_ids = batch.min_tokens_mask
             logits[mask_rows, mask_ids] = float("-inf")
+        if batch.constraints is not None:
+            logits = apply_token_constraints(logits, batch.constraints)
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         tokens = logits.argmax(dim=-1)
@@ -267,20 +279,26 @@ def beam_candidates(
     logits: torch.Tensor,  # [num_beams_in_batch, vocab]
     rows: list[SamplingRow],
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Each beam's best next tokens (`SamplingParams.num_beam_candidates`) and their
-    log-probabilities, as Hugging Face's beam search scores them: log-softmax, then EOS and stop
-    ids masked below min_tokens."""
+    """Each beam's best next tokens (`SamplingParams.num_beam_candidates`, fewer where the
+    rest are banned) and their log-probabilities, as Hugging Face's beam search scores them:
+    log-softmax, then EOS and stop ids masked below min_tokens, then the token constraints (a
+    bias adds to the score, as HF's `sequence_bias`). A banned token is never a candidate."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     min_tokens_mask = _prepare_min_tokens_mask(rows, logits.device)
     if min_tokens_mask is not None:
         logprobs[min_tokens_mask] = float("-inf")
     vocab = logprobs.shape[-1]
+    constraints = prepare_token_constraints(rows, device=logits.device)
+    if constraints is not None:
+        logprobs = apply_token_constraints(logprobs, constraints)
     widths = [min(r.sampling_params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]
     values, ids = logprobs.topk(max(widths), dim=-1)
-    return (
-        [row[:w] for row, w in zip(ids.tolist(), widths)],
-        [row[:w] for row, w in zip(values.tolist(), widths)],
-    )
+    ids_list, values_list = [], []
+    for token_ids, scores, width in zip(ids.tolist(), values.tolist(), widths):
+        kept = [k for k in range(width) if scores[k] != float("-inf")]
+        ids_list.append([token_ids[k] for k in kept])
+        values_list.append([scores[k] for k in kept])
+    return ids_list, values_list
 
 
 def prompt_logprobs(

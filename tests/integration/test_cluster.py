@@ -167,12 +167,28 @@ def test_cancel_mid_stream_frees_blocks(slow):
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 2, "temperature": 0.0}, "n > 1"),
         ({"logprobs": 50}, "logprobs"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {512: 1.0}}, "logit_bias"),  # past the tiny model's vocabulary
+        ({"allowed_token_ids": [3, 600]}, "allowed_token_ids"),
+        ({"bad_words": ["ok", ""]}, "bad_words"),
     ],
 )
 def test_bad_params_are_invalid_argument_naming_the_field(client, params, field):
     with pytest.raises(InvalidRequestError) as err:
         client.generate("Hello", **params)
     assert field in str(err.value)
+
+
+def test_logit_bias_plus_100_forces_and_minus_100_bans_over_grpc(client):
+    greedy = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
+    plain = client.generate("Hello", **greedy).token_ids
+    (forced,) = client.tokenize(" am")
+    assert forced not in plain
+    assert client.generate("Hello", **greedy, logit_bias={forced: 100}).token_ids == [forced] * 16
+    banned = client.generate("Hello", **greedy, logit_bias=dict.fromkeys(plain, -100)).token_ids
+    assert not set(banned) & set(plain)
+    sampled = {"temperature": 1.0, "seed": 4, "max_tokens": 16, "ignore_eos": True}
+    assert set(client.generate("Hello", **sampled, logit_bias={forced: 100}).token_ids) == {forced}
 
 
 def test_bad_prompts_are_invalid_argument(client):

@@ -56,6 +56,10 @@ def valid_at_the_bounds(rng: random.Random) -> bytes:
     req.stopping.max_tokens = rng.choice([1, 8])
     req.stopping.stop.extend("x" * 256 for _ in range(rng.choice([0, 64])))
     req.stopping.stop_token_ids.extend(range(256))
+    for token_id in rng.sample(range(MAX_MODEL_LEN), rng.choice([0, 300])):
+        req.sampling.logit_bias[token_id] = rng.choice([-100.0, 100.0])
+    req.sampling.allowed_token_ids.extend(range(rng.choice([0, 1, 512])))
+    req.sampling.bad_words.extend(rng.choice([[], ["x" * 256], ["ab", "c d"]]))
     req.logprobs = rng.choice([0, 20])
     req.request_id = "r" * 256
     req.session_id = "s" * 256
@@ -107,6 +111,15 @@ def random_request(rng: random.Random) -> bytes:
     if rng.random() < 0.2:
         st.stop_token_ids.extend(pick([-1, 0, 7, 511, 512]) for _ in range(pick([1, 256, 257])))
     if rng.random() < 0.2:
+        for _ in range(pick([1, 300, 301])):
+            s.logit_bias[pick([-1, 0, 7, 511, 512, INT32])] = pick(edge_floats(-100.0, 100.0))
+    if rng.random() < 0.2:
+        s.allowed_token_ids.extend(pick([-1, 0, 7, 511, 512]) for _ in range(pick([1, 600])))
+    if rng.random() < 0.2:
+        s.bad_words.extend(
+            random_text(rng, pick([0, 1, 256, 257])) for _ in range(pick([1, 2, 128, 129]))
+        )
+    if rng.random() < 0.2:
         st.ignore_eos = True
     if rng.random() < 0.2:
         req.logprobs = pick([-1, 0, 20, 21])
@@ -147,7 +160,9 @@ def random_http_body(rng: random.Random) -> bytes:
     for name, values in (
         ("temperature", [-1, 0, 100, 101, "hot"]), ("top_p", [0, 1, 2]), ("n", [0, 1, 17]),
         ("logprobs", [-1, 5, 21, True]), ("stop", ["x", [""], ["a"] * 65]), ("stream", [True, False]),
-        ("seed", [-1, 2**70]), ("logit_bias", [{"1": 1}]),
+        ("seed", [-1, 2**70]),
+        ("logit_bias", [{"1": 1}, {"x": 1}, {"-1": 1}, {"1": 101}, {"512": 1}, {"1": "x"}, ["1"]]),
+        ("allowed_token_ids", [[], [1], [-1], [512], "x"]), ("bad_words", [[""], ["a"], ["a"] * 129]),
     ):  # fmt: skip
         if rng.random() < 0.3:
             body[name] = rng.choice(values)

@@ -129,6 +129,42 @@ def test_chat_is_token_for_token_the_grpc_answer(client, grpc):
     assert got.usage.prompt_tokens == want.prompt_tokens
 
 
+def test_logit_bias_plus_100_forces_a_token_as_over_grpc(client, grpc):
+    (forced,) = grpc.tokenize(" am")
+    want = grpc.generate(
+        PROMPT, temperature=0, max_tokens=12, ignore_eos=True, logit_bias={forced: 100}
+    )
+    assert want.token_ids == [forced] * 12
+    got = client.completions.create(
+        model="tiny", prompt=PROMPT, logit_bias={str(forced): 100}, **GREEDY
+    )
+    assert got.choices[0].text == want.text == " am" * 12
+
+
+def test_logit_bias_minus_100_bans_tokens_in_chat_as_over_grpc(client, grpc):
+    greedy = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+    plain = grpc.generate(MESSAGES, **greedy).token_ids
+    want = grpc.generate(MESSAGES, **greedy, logit_bias=dict.fromkeys(plain, -100))
+    assert not set(want.token_ids) & set(plain)
+    bias = {str(t): -100 for t in plain}
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, logit_bias=bias, **GREEDY)
+    assert got.choices[0].message.content == want.text
+
+
+def test_allowed_token_ids_and_bad_words_are_vllms_extras(client, grpc):
+    greedy = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+    (the,) = grpc.tokenize("The")
+    allowed = grpc.tokenize(" am The")  # " am", " ", "The"
+    assert the in grpc.generate(PROMPT, **greedy, allowed_token_ids=allowed).token_ids
+    want = grpc.generate(PROMPT, **greedy, allowed_token_ids=allowed, bad_words=["The"])
+    assert the not in want.token_ids and set(want.token_ids) <= set(allowed)
+    extras = {"allowed_token_ids": allowed, "bad_words": ["The"], "ignore_eos": True}
+    got = client.completions.create(
+        model="tiny", prompt=PROMPT, temperature=0, max_tokens=12, extra_body=extras
+    )
+    assert got.choices[0].text == want.text
+
+
 def test_streamed_text_joins_into_the_whole_answer(client):
     whole = client.completions.create(model="tiny", prompt=PROMPT, **GREEDY).choices[0].text
     events = list(
@@ -289,7 +325,11 @@ def test_chat_logprobs_give_top_alternatives(client):
         ({"n": 2, "temperature": 0}, "n"),
         ({"max_tokens": "many"}, "max_tokens"),
         ({"prompt": ""}, "prompt"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"512": 1.0}}, "logit_bias"),  # past the tiny model's vocabulary
+        ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
+        ({"extra_body": {"bad_words": [""]}}, "bad_words"),
     ],
 )
 def test_bad_parameters_get_400_naming_them(client, params, param):

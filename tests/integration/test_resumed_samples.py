@@ -14,6 +14,12 @@ from tests.helpers import text_of, tokens_of
 PROMPT = "Once upon a time"
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, seed=3, max_tokens=40, ignore_eos=True)
+# bad_words read the output so far: this one bans " ho" right after "ain", which this sample
+# says at tokens 16 and 17 without it; resumed at 17, the ban must see the resumed "ain".
+CONSTRAINED = SamplingParams(
+    temperature=0.9, seed=3, max_tokens=40, ignore_eos=True, logit_bias={5: 4.0},
+    bad_words=["ain ho"],
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,9 @@ def second(model_cache_dir):
     return LLM("tiny", cache_dir=model_cache_dir, max_model_len=256)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "params", [GREEDY, SEEDED, CONSTRAINED], ids=["greedy", "seeded", "constrained"]
+)
 @pytest.mark.parametrize("cut", [1, 17, 39])
 def test_a_resumed_sample_continues_exactly_on_another_engine(first, second, params, cut):
     chunks = list(first.stream(PROMPT, params))

@@ -61,6 +61,16 @@ def test_generate_flags_left_out_are_not_sent():
     assert args.max_tokens == 64
 
 
+def test_generate_logit_bias_flags_are_token_id_bias_pairs():
+    args = build_parser().parse_args(
+        ["generate", "Hi", "--logit-bias", "42=-100", "--logit-bias", "7=2.5"]
+    )
+    assert args.logit_bias == [(42, -100.0), (7, 2.5)]
+    assert "(OpenAI's logit_bias)" in flag_help("generate", "logit_bias")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "Hi", "--logit-bias", "42"])
+
+
 def test_generate_bool_flags_are_switch_pairs():
     args = build_parser().parse_args(["generate", "Hi", "--no-skip-special-tokens", "--ignore-eos"])
     assert args.skip_special_tokens is False and args.ignore_eos is True

@@ -45,3 +45,50 @@ def test_unset_knobs_take_the_models_sampling_defaults():
     assert all(s.sampling_params.temperature == 0.2 for s in request.seqs)
     beams = inputs.process([1, 2, 3], SamplingParams(num_beams=2, max_tokens=4), "b")
     assert beams.sampling_params.temperature is None
+
+
+@pytest.mark.parametrize(
+    ("params", "param", "message"),
+    [
+        ({"logit_bias": {100: 5.0}}, "logit_bias", "outside the vocabulary [0, 100): [100]"),
+        ({"allowed_token_ids": [1, 250]}, "allowed_token_ids", "ids in [0, 100); got 2 ids"),
+        ({"allowed_token_ids": [1] * 101}, "allowed_token_ids", "at most 100 ids"),
+        ({"bad_words": ["darn"]}, "bad_words", "bad_words need a tokenizer"),
+    ],
+)
+def test_token_constraints_outside_the_model_are_refused_before_queueing(params, param, message):
+    with pytest.raises(InvalidParameterError) as err:
+        processor().process([1, 2, 3], SamplingParams(**params), "r")
+    assert err.value.param == param and message in str(err.value)
+
+
+# How a BPE tokenizer may split these texts: a word after a space starts with another token
+# ("darn"), or is fewer tokens ("heck"), or the space is a token of its own ("x").
+WORD_TOKENS = {"darn": [10, 11], " darn": [12, 11], "heck": [13, 16], " heck": [14]}
+WORD_TOKENS |= {"x": [15], " x": [1, 15]}
+
+
+class WordTokenizer:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": WORD_TOKENS[text]}
+
+
+def test_bad_words_become_token_ids_at_a_texts_start_and_after_a_space():
+    inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
+    request = inputs.process([1, 2], SamplingParams(bad_words=["darn", " heck", "x"]), "r")
+    want = ((10, 11), (12, 11), (13, 16), (14,), (15,))  # (1, 15) ends with (15,): banned
+    assert request.sampling_params.bad_words_token_ids == want
+    assert all(seq.sampling_params.bad_words_token_ids == want for seq in request.seqs)
+
+
+def test_bad_words_token_ids_a_caller_set_are_replaced():
+    inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
+    forged = SamplingParams(bad_words_token_ids=[(1,)])
+    assert inputs.process([1, 2], forged, "r").sampling_params.bad_words_token_ids == ()
+
+
+def test_bad_words_giving_too_many_token_sequences_are_refused():
+    inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
+    with pytest.raises(InvalidParameterError, match="give 130 token sequences") as err:
+        inputs.process([1, 2], SamplingParams(bad_words=["darn"] * 65), "r")
+    assert err.value.param == "bad_words"

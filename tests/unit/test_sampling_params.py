@@ -30,6 +30,15 @@ from kvray.workers.protocol import SamplingParams
         ("temperature", float("nan"), "temperature must be a number"),
         ("seed", 1.5, "seed must be an integer"),
         ("max_tokens", True, "max_tokens must be an integer"),
+        ("logit_bias", {5: 100.5}, "logit_bias[5] must be a number in [-100, 100], got 100.5"),
+        ("logit_bias", {5: float("nan")}, "logit_bias[5] must be a number in [-100, 100]"),
+        ("logit_bias", {"5": 1.0}, "logit_bias keys must be token ids (integers >= 0), got '5'"),
+        ("logit_bias", {-1: 1.0}, "logit_bias keys must be token ids (integers >= 0), got -1"),
+        ("logit_bias", [(5, 1.0), (5, 2.0)], "logit_bias names a token id twice"),
+        ("logit_bias", 5, "logit_bias must map token ids to biases"),
+        ("allowed_token_ids", [3, -1], "allowed_token_ids must be in [0, 2147483647]"),
+        ("bad_words", ["ok", " "], "bad_words must hold words (not only spaces)"),
+        ("bad_words", ["x" * 257], "of at most 256 characters"),
     ],
 )
 def test_out_of_range_field_is_named(field, value, message):
@@ -122,3 +131,24 @@ def test_n_samples_over_a_greedy_model_default_are_refused():
     with pytest.raises(ValueError, match="n > 1 needs random sampling"):
         SamplingParams(n=2).with_defaults({"temperature": 0.0})
     assert SamplingParams(n=2).with_defaults({"temperature": 0.3}).temperature == 0.3
+
+
+def test_logit_bias_holds_at_most_300_tokens():
+    assert len(SamplingParams(logit_bias=dict.fromkeys(range(300), 1.0)).logit_bias) == 300
+    with pytest.raises(ValueError, match="logit_bias holds 301 tokens; at most 300") as err:
+        SamplingParams(logit_bias=dict.fromkeys(range(301), 1.0))
+    assert err.value.param == "logit_bias"
+
+
+def test_bad_words_hold_at_most_128_words():
+    with pytest.raises(ValueError, match="bad_words holds 129 words; at most 128"):
+        SamplingParams(bad_words=[f"w{i}" for i in range(129)])
+
+
+def test_token_constraints_are_kept_as_sorted_tuples_and_stay_hashable():
+    p = SamplingParams(logit_bias={9: -1, 2: 100}, allowed_token_ids=[4, 1], bad_words="darn")
+    assert p.logit_bias == ((2, 100), (9, -1))
+    assert (p.allowed_token_ids, p.bad_words) == ((4, 1), ("darn",))
+    assert hash(p) == hash(
+        SamplingParams(logit_bias=[(9, -1), (2, 100)], allowed_token_ids=(4, 1), bad_words=["darn"])
+    )

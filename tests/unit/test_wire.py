@@ -15,11 +15,12 @@ from kvray.cluster.grpc_server import sampling_params_from_proto, status_to_prot
 from kvray.cluster.stats import ClusterStats, ReplicaState, ReplicaStats, ScalingEvent
 from kvray.protos.kvray.v1 import generation_pb2 as pb
 from kvray.wire import param_fields, params_from_request
-from kvray.workers.protocol import SamplingParams
+from kvray.workers.protocol import ROUTER_SET_FIELDS, SamplingParams
 
 
 def test_every_wire_parameter_is_a_sampling_params_field_and_back():
-    assert set(param_fields()) == {f.name for f in dataclasses.fields(SamplingParams)}
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(param_fields()) == fields - ROUTER_SET_FIELDS
 
 
 def test_a_request_with_nothing_set_carries_no_parameters():
@@ -30,6 +31,9 @@ def test_a_request_with_nothing_set_carries_no_parameters():
         "ignore_eos": False,
         "include_stop_str_in_output": False,
         "early_stopping": False,
+        "logit_bias": {},
+        "allowed_token_ids": (),
+        "bad_words": (),
     }  # proto3 scalars without presence: their zero values are SamplingParams' defaults
     assert sampling_params_from_proto(pb.GenerateRequest(text="x")) == SamplingParams()
 
@@ -41,6 +45,18 @@ def test_floats_arrive_as_they_were_written():
 
 def test_a_single_stop_string_is_one_stop_string():
     assert sampling_params_from_proto(build_request("x", stop="END")).stop == ("END",)
+
+
+def test_token_constraints_survive_the_wire():
+    request = build_request(
+        "x", logit_bias={"5": 0.9, 7: -100}, allowed_token_ids=[1, 2], bad_words="darn"
+    )
+    params = sampling_params_from_proto(request)
+    assert params.logit_bias == ((5, 0.9), (7, -100.0))  # OpenAI's string keys are ids too
+    assert (params.allowed_token_ids, params.bad_words) == ((1, 2), ("darn",))
+    assert sampling_params_from_proto(build_request("x", logit_bias=[(3, 1)])).logit_bias == (
+        (3, 1.0),
+    )
 
 
 def test_unknown_parameter_names_the_valid_ones():
