@@ -23,7 +23,8 @@ def check_token_constraints(
     """Model-dependent checks on top of SamplingParams' own.
 
     Raises:
-        InvalidParameterError: an id outside the vocabulary, or bad_words without a tokenizer.
+        InvalidParameterError: an id outside the vocabulary, bad_words without a tokenizer, or
+            allowed ids that all end the sequence while min_tokens forbids ending it.
     """
     vocab_size = info.vocab_size
     outside = [t for t, _ in sampling_params.logit_bias if t >= vocab_size]
@@ -40,6 +41,15 @@ def check_token_constraints(
             f"allowed_token_ids must hold at most {vocab_size} ids in [0, {vocab_size}); got "
             f"{len(allowed)} ids" + (f", {outside[:8]} outside" if outside else ""),
         )
+    if allowed and sampling_params.min_tokens:
+        eos = () if sampling_params.ignore_eos else info.eos_token_ids
+        if set(allowed) <= {*sampling_params.stop_token_ids, *eos}:
+            raise InvalidParameterError(
+                "allowed_token_ids",
+                f"every id in allowed_token_ids ends the sequence, which min_tokens "
+                f"({sampling_params.min_tokens}) forbids: nothing could be generated; allow "
+                "another token or drop min_tokens",
+            )
     if sampling_params.bad_words and not has_tokenizer:
         raise InvalidParameterError(
             "bad_words", "bad_words need a tokenizer; this model has none (use logit_bias)"
@@ -55,7 +65,8 @@ def with_bad_words_token_ids(
     unless the space is a token of its own (then the first sequence already bans the word).
 
     Raises:
-        InvalidParameterError: a word gives no token, or the words too many.
+        InvalidParameterError: a word gives no token, the words are too many, or every
+            allowed id is a one-token bad word.
     """
     words: list[tuple[int, ...]] = []
     for word in sampling_params.bad_words:
@@ -78,6 +89,13 @@ def with_bad_words_token_ids(
         raise InvalidParameterError(
             "bad_words",
             f"bad_words give token ids outside the model's vocabulary {info.vocab_size}",
+        )
+    allowed = sampling_params.allowed_token_ids
+    if allowed and set(allowed) <= {w[0] for w in words if len(w) == 1}:
+        raise InvalidParameterError(
+            "allowed_token_ids",
+            "every id in allowed_token_ids is a one-token word of bad_words: nothing could be "
+            "generated",
         )
     if tuple(words) == sampling_params.bad_words_token_ids:
         return sampling_params

@@ -81,6 +81,31 @@ def test_bad_words_become_token_ids_at_a_texts_start_and_after_a_space():
     assert all(seq.sampling_params.bad_words_token_ids == want for seq in request.seqs)
 
 
+def test_allowed_ids_that_bad_words_all_ban_are_refused():
+    inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
+    with pytest.raises(InvalidParameterError, match="one-token word of bad_words") as err:
+        inputs.process(
+            [1, 2], SamplingParams(allowed_token_ids=[15, 14], bad_words=["x", " heck"]), "r"
+        )
+    assert err.value.param == "allowed_token_ids"
+    # a word of two tokens bans its last one only after the first: allowed ids stay usable
+    request = inputs.process(
+        [1, 2], SamplingParams(allowed_token_ids=[11], bad_words=["darn"]), "r"
+    )
+    assert request.sampling_params.allowed_token_ids == (11,)
+
+
+def test_allowed_ids_that_all_end_the_sequence_below_min_tokens_are_refused():
+    eos = processor().info.eos_token_ids
+    stops = SamplingParams(allowed_token_ids=[*eos, 7], stop_token_ids=[7], min_tokens=2)
+    with pytest.raises(InvalidParameterError, match="min_tokens") as err:
+        processor().process([1, 2, 3], stops, "r")
+    assert err.value.param == "allowed_token_ids"
+    # with ignore_eos the end-of-sequence ids are ordinary tokens
+    ignored = SamplingParams(allowed_token_ids=list(eos), min_tokens=2, ignore_eos=True)
+    assert processor().process([1, 2, 3], ignored, "r").sampling_params.min_tokens == 2
+
+
 def test_bad_words_token_ids_a_caller_set_are_replaced():
     inputs = InputProcessor(processor().info, tokenizer=WordTokenizer())
     forged = SamplingParams(bad_words_token_ids=[(1,)])
