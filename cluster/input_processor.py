@@ -71,9 +71,7 @@ def input_cost(prompt: Prompt, *, num_resumed: int = 0) -> int:
     cost = RESUMED_TOKEN_COST * num_resumed
     if isinstance(prompt, ChatPrompt):
         return cost + chat_chars(prompt) + MESSAGE_COST * len(prompt.messages)
-    if isinstance(prompt, str):
-        return cost + len(prompt)
-    return cost + len(prompt)  # each id is checked against the vocabulary
+    return cost + len(prompt)  # characters to tokenize, or ids to check against the vocabulary
 
 
 MAX_ID_CHARS = 256  # request_id and session_id: the server stores and echoes them
