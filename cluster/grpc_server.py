@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from kvray.cluster.background import BackgroundTasks
+from kvray.cluster.chat_prompt import check_num_messages
 from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.config import ClusterConfig
 from kvray.cluster.errors import UnauthenticatedError, status_for
@@ -92,6 +93,7 @@ def prompt_from_proto(req: pb.GenerateRequest) -> Prompt:
         return list(req.token_ids.ids)
     if kind == "messages":
         chat = req.messages
+        check_num_messages(len(chat.messages))  # before a dict is made per message
         return ChatPrompt(
             tuple({"role": m.role, "content": m.content} for m in chat.messages),
             add_generation_prompt=(

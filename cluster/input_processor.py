@@ -1,38 +1,38 @@
 """The one input step: a prompt and its sampling parameters become a validated `Request`.
 
-Tokenizes a text prompt (or checks token ids), checks the parameters against the model
-(vocabulary, tokenizer, context length) and fans `n` out into sequences, each with its own
-seed and detokenizer. It runs once per request, in the router, before any replica sees it, and
-needs only the model's limits and tokenizer, so it works while no replica is running.
+Tokenizes a text prompt (or checks token ids, or renders a conversation), checks the parameters
+against the model (vocabulary, tokenizer, context length) and fans `n` out into sequences, each
+with its own seed and detokenizer. It runs once per request, in the router, before any replica
+sees it, and needs only the model's limits and tokenizer, so it works while no replica is
+running. Costly input work runs on the input pool, never on the caller's event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections.abc
 import functools
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvray.cluster.beam_search import BeamGroup
 from kvray.cluster.block_manager import prefix_hashes
+from kvray.cluster.chat_prompt import (
+    MAX_MESSAGES,
+    MESSAGE_COST,
+    ChatPrompt,
+    chat_chars,
+    check_chat,
+    render_chat,
+)
 from kvray.cluster.detokenizer import Detokenizer
+from kvray.cluster.input_pool import InputPool
 from kvray.cluster.request import Request
 from kvray.cluster.sequence import Sequence, SequenceStatus, next_seq_id
 from kvray.cluster.token_constraints import check_token_constraints, with_bad_words_token_ids
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A conversation as the prompt, rendered with the model's chat template."""
-
-    messages: tuple[dict[str, str], ...]  # {"role": ..., "content": ...}, oldest first
-    add_generation_prompt: bool = True  # end with the opening of an assistant turn
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,30 @@ T = TypeVar("T")
 
 MAX_CHARS_PER_TOKEN = 32  # a text prompt may hold this many characters per token of context
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a gRPC message or an HTTP body (gRPC's own default)
-INLINE_CHARS = 4096  # prompts up to this size are tokenized on the caller's thread
+INLINE_CHARS = 4096  # text prompts up to this size are tokenized on the caller's thread
 INLINE_TOKENS = 256  # and resumed samples with up to this many tokens in all replayed there
+# Input work up to this cost (in characters to tokenize) has a pool thread of its own: a burst
+# of large prompts never delays it.
+SMALL_INPUT_COST = 16 * 1024
+RESUMED_TOKEN_COST = 64  # replaying a token through the detokenizer costs ~16 µs
 
 
 def prompt_chars(prompt: Prompt) -> int:
-    """How much text a prompt holds (0 for token ids): what tokenizing it costs."""
+    """How much text a prompt holds (0 for token ids): for a conversation, every character of
+    every message (roles, names and tool fields too), all bounded as a text prompt is."""
     if isinstance(prompt, str):
         return len(prompt)
     if isinstance(prompt, ChatPrompt):
-        return sum(len(m.get("content") or "") for m in prompt.messages)
+        return chat_chars(prompt)
     return 0
+
+
+def input_cost(prompt: Prompt, *, num_resumed: int = 0) -> int:
+    """What processing a prompt costs, in characters to tokenize: the input pool's order."""
+    cost = RESUMED_TOKEN_COST * num_resumed
+    if isinstance(prompt, ChatPrompt):
+        return cost + chat_chars(prompt) + MESSAGE_COST * len(prompt.messages)
+    return cost + len(prompt)  # characters to tokenize, or ids to check against the vocabulary
 
 
 MAX_ID_CHARS = 256  # request_id and session_id: the server stores and echoes them
@@ -83,9 +96,7 @@ class InputProcessor:
     def __init__(self, info: WorkerInfo, tokenizer: Any | None) -> None:
         self.info = info
         self.tokenizer = tokenizer
-        # Large prompts are tokenized here, off the caller's event loop. One thread: the
-        # tokenizer is shared, and big prompts are rare.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kvray-input")
+        self._pool = InputPool(small_cost=SMALL_INPUT_COST)
 
     async def process_async(
         self,
@@ -96,9 +107,11 @@ class InputProcessor:
         arrival_time: float | None = None,
         resume: Mapping[int, Resumed] | None = None,
     ) -> Request:
-        """`process`, on the input thread when the prompt is large (more than INLINE_CHARS) or
-        the resumed tokens many (replaying them through the detokenizer costs ~16 µs each), so
-        that the event loop (every other stream) never waits for it."""
+        """`process`, with the prompt's bounds checked here and the work on the input pool
+        when it is costly: a conversation (its template), a text over INLINE_CHARS, resumed
+        samples of more than INLINE_TOKENS tokens (replaying them through the detokenizer costs
+        ~16 µs each). So the event loop (every other stream) never waits for it."""
+        self.check_prompt(prompt)
         process = functools.partial(
             self.process,
             prompt,
@@ -107,24 +120,27 @@ class InputProcessor:
             arrival_time=arrival_time,
             resume=resume,
         )
-        resumed = sum(len(r.token_ids) for r in (resume or {}).values())
-        return await self._off_loop_if_large(prompt, process, inline=resumed <= INLINE_TOKENS)
+        num_resumed = sum(len(r.token_ids) for r in (resume or {}).values())
+        return await self._off_loop_if_costly(prompt, process, num_resumed=num_resumed)
 
     async def tokenize_async(self, prompt: Prompt) -> list[int]:
-        """`tokenize`, on the input thread when the prompt is large."""
-        return await self._off_loop_if_large(prompt, functools.partial(self.tokenize, prompt))
+        """`tokenize`, on the input pool when it is costly (as `process_async`)."""
+        self.check_prompt(prompt)
+        return await self._off_loop_if_costly(prompt, functools.partial(self.tokenize, prompt))
 
-    async def _off_loop_if_large(
-        self, prompt: Prompt, fn: Callable[[], T], *, inline: bool = True
+    async def _off_loop_if_costly(
+        self, prompt: Prompt, fn: Callable[[], T], *, num_resumed: int = 0
     ) -> T:
-        # NOTE: the tokenizer is shared with the loop's thread (detokenizers, small prompts);
-        # encoding and decoding with fixed truncation and padding settings only read it.
-        if inline and prompt_chars(prompt) <= INLINE_CHARS:
+        # NOTE: the tokenizer is shared by the pool's threads and the loop's (detokenizers,
+        # small prompts); encoding and decoding with fixed truncation and padding settings only
+        # read it.
+        is_chat = isinstance(prompt, ChatPrompt)
+        if not is_chat and prompt_chars(prompt) <= INLINE_CHARS and num_resumed <= INLINE_TOKENS:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        return await self._pool.run(fn, cost=input_cost(prompt, num_resumed=num_resumed))
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     def process(
         self,
@@ -229,9 +245,9 @@ class InputProcessor:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated. Raises ValueError for a prompt the model cannot take."""
-        self._check_size(prompt)
+        self.check_prompt(prompt)
         if isinstance(prompt, ChatPrompt):
-            token_ids = self._render_chat(prompt)
+            token_ids = render_chat(self.tokenizer, prompt)
         elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidParameterError(
@@ -249,59 +265,43 @@ class InputProcessor:
                     )
         if not token_ids:
             raise InvalidParameterError("prompt", "prompt is empty: give at least one token")
-        max_len = self.info.max_model_len
-        if len(token_ids) >= max_len:
-            raise InvalidParameterError(
-                "prompt",
-                f"prompt has {len(token_ids)} tokens but the model's context (max_model_len) is "
-                f"{max_len}; shorten it to at most {max_len - 1}",
-            )
+        self._check_num_tokens(len(token_ids))
         return token_ids
 
-    def _check_size(self, prompt: Prompt) -> None:
-        """Refuse text that cannot fit the context before spending time tokenizing it."""
+    def check_prompt(self, prompt: Prompt) -> None:
+        """The prompt's bounds, checked before any costly work (tokenizing, rendering, checking
+        each id), cheap enough for the event loop: its characters (a conversation's every
+        string), messages and their roles, the number of token ids.
+
+        Raises:
+            InvalidParameterError: naming the field past its bound.
+        """
+        if isinstance(prompt, ChatPrompt):
+            check_chat(prompt, max_messages=min(MAX_MESSAGES, self.info.max_model_len))
+        elif not isinstance(prompt, str):
+            self._check_num_tokens(len(prompt))
         limit = MAX_CHARS_PER_TOKEN * self.info.max_model_len
-        if prompt_chars(prompt) > limit:
+        num_chars = prompt_chars(prompt)
+        if num_chars > limit:
             param = "messages" if isinstance(prompt, ChatPrompt) else "prompt"
             raise InvalidParameterError(
                 param,
-                f"{param} holds {prompt_chars(prompt)} characters; at most {limit} "
+                f"{param} holds {num_chars} characters; at most {limit} "
                 f"({MAX_CHARS_PER_TOKEN} per token of the model's {self.info.max_model_len})",
             )
-        if isinstance(prompt, ChatPrompt) and len(prompt.messages) > self.info.max_model_len:
+
+    def _check_num_tokens(self, num_tokens: int) -> None:
+        max_len = self.info.max_model_len
+        if num_tokens >= max_len:
             raise InvalidParameterError(
-                "messages", f"messages holds {len(prompt.messages)} messages; too many"
+                "prompt",
+                f"prompt has {num_tokens} tokens but the model's context (max_model_len) is "
+                f"{max_len}; shorten it to at most {max_len - 1}",
             )
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def _render_chat(self, chat: ChatPrompt) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
-        tokenizer = self.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise InvalidParameterError(
-                "messages", "this model has no chat template; send a text or token-id prompt"
-            )
-        if not chat.messages:
-            raise InvalidParameterError("messages", "messages is empty: give at least one message")
-        for i, message in enumerate(chat.messages):
-            for key in ("role", "content"):
-                if not isinstance(message.get(key), str):
-                    raise InvalidParameterError("messages", f"messages[{i}].{key} must be a string")
-        try:
-            text = tokenizer.apply_chat_template(
-                list(chat.messages),
-                add_generation_prompt=chat.add_generation_prompt,
-                tokenize=False,
-            )
-        except Exception as exc:  # the template rejects the conversation (jinja raise_exception)
-            raise InvalidParameterError(
-                "messages", f"the model's chat template rejected the messages: {exc}"
-            ) from None
-        # NOTE: the template writes the special tokens (BOS, turn markers) itself.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_params(self, sampling_params: SamplingParams, num_prompt_tokens: int) -> None:
         """Model-dependent checks on top of SamplingParams' own. Raises ValueError."""

@@ -6,16 +6,18 @@ Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_
 `include_stop_str_in_output`, `add_generation_prompt`, `allowed_token_ids`, `bad_words`).
 Fields kvray does not support yet are refused by name rather than ignored; unknown fields are
 ignored, as OpenAI SDKs send extras.
+A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template as given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
-from kvray.cluster.input_processor import ChatPrompt, Prompt
+from kvray.cluster.chat_prompt import ChatPrompt, check_num_messages
+from kvray.cluster.input_processor import Prompt
 from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 
@@ -161,15 +163,54 @@ class CompletionRequest(_SamplingRequest):
 _ROLES = {"developer": "system"}
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: list[ToolCall] | None = None  # an assistant message: the calls it made
+
+    def as_template_message(self, index: int) -> dict[str, Any]:
+        """The message as chat templates take it: role and content, and the other fields the
+        caller set."""
+        message: dict[str, Any] = {
+            "role": _ROLES.get(self.role, self.role),
+            "content": _text(self.content, index),
+        }
+        for name in ("name", "tool_call_id"):
+            if getattr(self, name) is not None:
+                message[name] = getattr(self, name)
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
+
+
+def _at_most_max_messages(value: Any) -> Any:
+    """Refuse too many messages before pydantic builds one model per message."""
+    if isinstance(value, list):
+        check_num_messages(len(value))
+    return value
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], BeforeValidator(_at_most_max_messages)]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -188,10 +229,7 @@ class ChatCompletionRequest(_SamplingRequest):
                 "response_format",
                 f"response_format {kind!r}: structured output is not supported yet; only 'text'",
             )
-        messages = tuple(
-            {"role": _ROLES.get(m.role, m.role), "content": _text(m.content, i)}
-            for i, m in enumerate(self.messages)
-        )
+        messages = tuple(m.as_template_message(i) for i, m in enumerate(self.messages))
         return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt)
 
     def sampling_params(self) -> SamplingParams:

@@ -1,7 +1,9 @@
 """Fuzzing the front doors: field values at and past every bound, raw garbage bytes and invalid
-UTF-8, over gRPC and HTTP, against a cluster with the fake model (the real tokenizer, scripted
-tokens). Only documented statuses come back; afterwards the server serves, holds no KV block
-and has not grown. The default run sends 400 requests; `-m slow` sends 5,000."""
+UTF-8, conversations of odd shapes (roles, names, tool fields, content parts of the wrong type,
+too many messages), over gRPC and HTTP, against a cluster with the fake model (the real
+tokenizer with the tiny models' chat template, scripted tokens). Only documented statuses come
+back; afterwards the server serves, holds no KV block and has not grown. The default run sends
+400 requests and 200 conversations; `-m slow` sends 5,000."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import random
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,6 +21,7 @@ import pytest
 
 from kvray.client import KvrayClient
 from kvray.protos.kvray.v1 import generation_pb2 as pb
+from kvray.workers.tiny_model import CHAT_TEMPLATE
 from tests.helpers import free_port
 from tests.integration.conftest import start_cluster, wait_for
 
@@ -66,6 +70,84 @@ def valid_at_the_bounds(rng: random.Random) -> bytes:
     return req.SerializeToString()
 
 
+ROLES = ["user", "system", "assistant", "tool", "developer", "", "User", "narrator", "日本語"]
+HUGE = 2**20  # a 1 MiB field: under the 4 MiB message, over the prompt's characters
+
+
+def odd_role(rng: random.Random) -> str:
+    return rng.choice([*ROLES, "x" * 300, "x" * HUGE, "\u0000"])
+
+
+def num_messages(rng: random.Random) -> int:
+    return rng.choice([0, 1, 2, 3, 1024, 1025, 2047])
+
+
+def add_random_messages(rng: random.Random, req: pb.GenerateRequest) -> None:
+    """A conversation of odd shape: roles, message counts and contents at and past the bounds
+    (one field may be huge; the many messages of a long one are small)."""
+    count = num_messages(rng)
+    for i in range(count):
+        if i == 0 or count < 4:
+            req.messages.messages.add(
+                role=odd_role(rng), content=random_text(rng, rng.choice([0, 5, 200, 600]))
+            )
+        else:
+            req.messages.messages.add(role=rng.choice(ROLES[:3]), content="hi")
+    if rng.random() < 0.3:
+        req.messages.add_generation_prompt = rng.random() < 0.5
+
+
+def random_chat_request(rng: random.Random) -> bytes:
+    """A GenerateRequest holding a conversation: a short valid one now and then, otherwise an
+    odd one."""
+    req = pb.GenerateRequest()
+    req.stopping.max_tokens = rng.choice([1, 4])
+    if rng.random() < 0.3:
+        for role in ("system", "user", "assistant", "user")[: rng.randint(1, 4)]:
+            req.messages.messages.add(role=role, content=random_text(rng, 20))
+    else:
+        add_random_messages(rng, req)
+    return req.SerializeToString()
+
+
+def random_message(rng: random.Random, *, huge: bool) -> dict:
+    """An OpenAI chat message of odd shape; with `huge`, one of its fields may be 1 MiB."""
+    big = "n" * HUGE if huge else "n" * 300
+    message: dict = {"role": rng.choice([*ROLES, 7, None, ["user"], big])}
+    fields = {
+        "content": [
+            "hi", "", None, 7, {"text": "x"}, [[["deep"]]], [{"type": "text", "text": "hi"}],
+            [{"type": "text", "text": {"a": [1]}}], [{"type": "image_url", "image_url": {"url": "x"}}],
+            [{"type": "text"}], [{"type": "text", "text": big}],
+        ],
+        "name": ["ann", "", 7, None, big],
+        "tool_call_id": ["c1", 5, big],
+        "tool_calls": [
+            [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            [{"id": 7}], "call", [], [{"id": "c", "function": {"name": big, "arguments": big}}],
+        ],
+    }  # fmt: skip
+    for name, values in fields.items():
+        if rng.random() < (0.9 if name == "content" else 0.3):
+            message[name] = rng.choice(values)
+    return message
+
+
+def random_chat_body(rng: random.Random) -> dict:
+    """A /chat/completions body: a short valid conversation now and then, otherwise an odd one."""
+    if rng.random() < 0.3:
+        turns = [{"role": "user", "content": random_text(rng, 20)}]
+        return {"model": "fake", "messages": turns, "max_tokens": 4}
+    count = num_messages(rng)
+    messages = [
+        random_message(rng, huge=i == 0)
+        if i == 0 or count < 4
+        else {"role": "user", "content": "hi"}
+        for i in range(count)
+    ]
+    return {"model": "fake", "messages": messages, "max_tokens": rng.choice([1, 4])}
+
+
 def random_request(rng: random.Random) -> bytes:
     """A GenerateRequest with random fields at and past their bounds, serialized; sometimes
     with its text's bytes replaced by invalid UTF-8, sometimes truncated."""
@@ -79,10 +161,7 @@ def random_request(rng: random.Random) -> bytes:
         n = rng.choice([0, 1, 3, MAX_MODEL_LEN - 1, MAX_MODEL_LEN])
         req.token_ids.ids.extend(rng.choice([-1, 0, 5, 511, 512, INT32]) for _ in range(n))
     elif kind < 0.95:
-        for _ in range(rng.choice([0, 1, 3])):
-            req.messages.messages.add(
-                role=rng.choice(["user", "", "x" * 300]), content=random_text(rng, 20)
-            )
+        add_random_messages(rng, req)
     s, st = req.sampling, req.stopping
     pick = rng.choice
     if rng.random() < 0.5:
@@ -157,6 +236,8 @@ def random_http_body(rng: random.Random) -> bytes:
         body["messages"] = rng.choice(
             [[], [{"role": "user", "content": "hi"}], [{"content": 1}], "x"]
         )
+        if rng.random() < 0.5:
+            body["messages"] = random_chat_body(rng)["messages"]
     for name, values in (
         ("temperature", [-1, 0, 100, 101, "hot"]), ("top_p", [0, 1, 2]), ("n", [0, 1, 17]),
         ("logprobs", [-1, 5, 21, True]), ("stop", ["x", [""], ["a"] * 65]), ("stream", [True, False]),
@@ -181,6 +262,8 @@ def cluster(ray_session, model_cache_dir):
         max_queued_requests=64, http_port=free_port(),
     )  # fmt: skip
     with start_cluster(model_cache_dir, **settings) as running:
+        # The fake model's tokenizer has no template: give it the tiny models' one.
+        running.run(lambda: setattr(running.router.tokenizer, "chat_template", CHAT_TEMPLATE))
         yield running
 
 
@@ -210,22 +293,27 @@ def send_http(base: str, path: str, data: bytes) -> int:
         return err.code
 
 
-def fuzz(cluster, num_requests: int, seed: int = 0) -> None:
+def fuzz(
+    cluster,
+    num_requests: int,
+    seed: int = 0,
+    *,
+    grpc_request: Callable[[random.Random], bytes] = random_request,
+    http_body: Callable[[random.Random], bytes] = random_http_body,
+    http_paths: tuple[str, ...] = ("/completions", "/chat/completions"),
+) -> None:
     rng = random.Random(seed)
     process = psutil.Process()
     with KvrayClient(cluster.target) as client:
         client.generate("warm up", max_tokens=4)
-    rss_before = process.memory_info().rss
-    grpc_bodies = [random_request(rng) for _ in range(num_requests * 3 // 4)]
-    http_bodies = [random_http_body(rng) for _ in range(num_requests - len(grpc_bodies))]
+    grpc_bodies = [grpc_request(rng) for _ in range(num_requests * 3 // 4)]
+    http_bodies = [http_body(rng) for _ in range(num_requests - len(grpc_bodies))]
+    rss_before = process.memory_info().rss  # the server's growth (the bodies are made)
     base = cluster.http_url
     with grpc.insecure_channel(cluster.target) as channel, ThreadPoolExecutor(8) as pool:
         grpc_codes = list(pool.map(lambda d: send_grpc(channel, d), grpc_bodies))
         http_codes = list(
-            pool.map(
-                lambda d: send_http(base, rng.choice(["/completions", "/chat/completions"]), d),
-                http_bodies,
-            )
+            pool.map(lambda d: send_http(base, rng.choice(http_paths), d), http_bodies)
         )
     unexpected = {c for c in grpc_codes if c not in GRPC_OK} | {
         c for c in http_codes if c not in HTTP_OK
@@ -238,6 +326,8 @@ def fuzz(cluster, num_requests: int, seed: int = 0) -> None:
         wait_for(lambda: sum(r.kv_blocks_used for r in client.status().replicas) == 0, timeout=60)
         assert client.status().num_running == 0
         assert client.generate("still fine", max_tokens=4).finish_reason == "length"
+        chat = [{"role": "user", "content": "still fine"}]
+        assert client.generate(chat, max_tokens=4).finish_reason == "length"
     grown = (process.memory_info().rss - rss_before) / 2**20
     print(
         f"{num_requests} requests; grpc {_counts(grpc_codes)}; http {_counts(http_codes)}; RSS {grown:+.0f} MiB"
@@ -255,6 +345,17 @@ def _counts(codes: list) -> dict:
 
 def test_fuzzed_requests_get_only_documented_statuses(cluster):
     fuzz(cluster, 400)
+
+
+def test_fuzzed_conversations_get_only_documented_statuses(cluster):
+    fuzz(
+        cluster,
+        200,
+        seed=2,
+        grpc_request=random_chat_request,
+        http_body=lambda rng: json.dumps(random_chat_body(rng)).encode(),
+        http_paths=("/chat/completions",),
+    )
 
 
 @pytest.mark.slow
