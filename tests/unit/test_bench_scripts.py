@@ -20,7 +20,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     sorted(
         p.name
         for p in BENCH.glob("*.py")
-        if p.name not in ("clients.py", "common.py", "load.py", "routing_workloads.py")
+        if p.name
+        not in (
+            "clients.py",
+            "common.py",
+            "grammar_workloads.py",
+            "load.py",
+            "routing_workloads.py",
+        )
     ),
 )
 def test_bench_script_shows_its_help(script):

@@ -1,0 +1,83 @@
+"""The router's check of a request's grammar, before anything is queued: the spec is compiled
+(once per spec: a bounded cache) on threads of its own, never on the event loop, and a resumed
+sample's tokens are replayed through it. Workers compile their own copy to mask with
+(docs/adr/0015); what passes here compiles there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kvray.workers.grammar_engine import DEFAULT_ENGINE, make_engine
+from kvray.workers.grammar_spec import GrammarSpec
+from kvray.workers.protocol import InvalidParameterError
+from kvray.workers.structured_output import CompilerStats, GrammarCompiler
+
+NUM_COMPILE_THREADS = 2  # llguidance releases the GIL while it compiles
+
+
+class GrammarChecker:
+    """Checks `GrammarSpec`s against the served model's tokenizer. The engine's tokenizer index
+    (seconds for a large vocabulary) is built on the first check, on a compile thread."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        max_entries: int = 256,
+        engine: str = DEFAULT_ENGINE,
+    ) -> None:
+        self._make = lambda: GrammarCompiler(
+            make_engine(tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids, name=engine),
+            max_entries=max_entries,
+        )
+        self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(NUM_COMPILE_THREADS, thread_name_prefix="kvray-grammar")
+
+    async def check(
+        self, spec: GrammarSpec, resumed: Mapping[int, Sequence[int]] | None = None
+    ) -> None:
+        """Compile `spec` off the event loop and replay each resumed sample's output tokens
+        (`resumed`: sample index -> the tokens it had).
+
+        Raises:
+            InvalidParameterError: the engine refuses the spec (`param`: the spec's field), or a
+                resumed sample holds a token the grammar forbids (`param`: "resume").
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._threads, self.check_sync, spec, resumed)
+
+    def check_sync(
+        self, spec: GrammarSpec, resumed: Mapping[int, Sequence[int]] | None = None
+    ) -> None:
+        """`check` on the caller's thread (tests, the offline LLM)."""
+        compiler = self.compiler()
+        compiler.compile(spec)
+        for index, token_ids in (resumed or {}).items():
+            try:
+                compiler.matcher(spec).rebuild(token_ids)
+            except ValueError as exc:
+                raise InvalidParameterError(
+                    "resume", f"resumed sample {index} does not follow {spec.param}: {exc}"
+                ) from None
+
+    def compiler(self) -> GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = self._make()
+            return self._compiler
+
+    @property
+    def stats(self) -> CompilerStats:
+        """Cache hits and compiles so far (nothing before the first check)."""
+        return self._compiler.stats if self._compiler is not None else CompilerStats()
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
