@@ -253,8 +253,22 @@ def _check_float(
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """One worker process of a replica: where it runs and what it holds."""
+
+    rank: int  # in the replica's group; rank 0 answers for the replica
+    device: str  # "cpu", or the GPU's name
+    node: str  # the host name of the machine it runs on
+    weights_bytes: int  # bytes of the model's weights this rank holds (its shard of them)
+    kv_cache_bytes: int  # bytes of its KV cache (its key/value heads of every block)
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
-    """What a worker reports after `warmup()`: the model's limits and its KV cache's size."""
+    """What a worker reports after `warmup()`: the model's limits and its KV cache's size.
+
+    For a replica of several ranks the group reports rank 0's, with `ranks` listing them all
+    and `weights_bytes` / `kv_cache_bytes` their sums."""
 
     model: str  # the path or hub id that was loaded
     device: str  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
@@ -271,6 +285,34 @@ class WorkerInfo:
     # The model's sampling defaults (`NEUTRAL_KNOBS` names; its generation_config.json, or a
     # built-in model's own): what a request that leaves a knob unset samples with.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # The execution plan, decided at load: which code computes the forward ("kvray
+    # LlamaForCausalLM": kvray's own model; "transformers X, kvray's forward": transformers'
+    # modules run by llama_family.py; "transformers X"), and how the replica is split.
+    implementation: str = ""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ranks: tuple[RankInfo, ...] = ()  # every rank, in rank order
+
+
+def group_info(infos: list[WorkerInfo]) -> WorkerInfo:
+    """One replica's info from its ranks' (rank order): rank 0's limits, every rank listed,
+    the bytes summed.
+
+    Raises:
+        ValueError: the ranks disagree on the limits the router schedules by (a bug).
+    """
+    first = infos[0]
+    limits = ("vocab_size", "max_model_len", "block_size", "num_kv_blocks", "eos_token_ids")
+    for info in infos[1:]:
+        differ = [name for name in limits if getattr(info, name) != getattr(first, name)]
+        if differ:
+            raise ValueError(f"a replica's ranks disagree on {', '.join(differ)}")
+    return replace(
+        first,
+        weights_bytes=sum(i.weights_bytes for i in infos),
+        kv_cache_bytes=sum(i.kv_cache_bytes for i in infos),
+        ranks=tuple(rank for info in infos for rank in info.ranks),
+    )
 
 
 @dataclass
@@ -366,3 +408,22 @@ class StepOutput:
     # sequences that asked for prompt_logprobs.
     prompt_logprobs: dict[int, tuple[int, list[Logprobs]]] = field(default_factory=dict)
     forward_s: float = 0.0  # seconds the worker spent in this step (forward + sampling)
+
+
+def rank_zero_output(outputs: list[StepOutput]) -> StepOutput:
+    """A replica group's answer to a step: rank 0's output, once every rank's (rank order)
+    shows it sampled the same tokens.
+
+    Raises:
+        RuntimeError: the ranks sampled different tokens. Each rank appends its tokens to its
+            own copy of the sequences, so from then on they would compute different keys and
+            values; the replica must be replaced.
+    """
+    first = outputs[0]
+    for rank, out in enumerate(outputs[1:], start=1):
+        if out.seq_ids != first.seq_ids or out.sampled_token_ids != first.sampled_token_ids:
+            raise RuntimeError(
+                f"step {first.step_id}: rank {rank} sampled {out.sampled_token_ids} for "
+                f"sequences {out.seq_ids}, rank 0 {first.sampled_token_ids} for {first.seq_ids}"
+            )
+    return first
