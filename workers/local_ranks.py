@@ -34,11 +34,13 @@ class LocalRanks:
         """Start `world_size` rank processes and wait until each has loaded its shard.
 
         Raises:
-            ValueError: what a rank raised while loading (a setting the model cannot run).
+            ValueError: a setting the model or machine cannot run (before any process starts),
+                or what a rank raised while loading.
             RankFailedError: a rank's process died while loading.
         """
         world = engine_config.worker.world_size
         check_fits(engine_config.worker)
+        _check_splits(engine_config)
         threads = max(1, (os.cpu_count() or 1) // world)
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = multiprocessing.get_context("spawn")  # NOTE: no fork of a torch process
@@ -141,6 +143,16 @@ def check_fits(config: WorkerConfig) -> None:
             f"{config.pipeline_parallel_size} needs {config.world_size} {what}, one a rank; "
             f"this machine has {available}"
         )
+
+
+def _check_splits(engine_config: EngineConfig) -> None:
+    """The model's refusals (an architecture or sizes the group cannot split) before any
+    process starts."""
+    from kvray.workers.checkpoints import resolve_model
+    from kvray.workers.tensor_parallel import check_splits
+
+    worker = engine_config.worker
+    check_splits(resolve_model(worker.model, cache_dir=engine_config.cache_dir), worker)
 
 
 def free_port() -> int:

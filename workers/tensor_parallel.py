@@ -85,6 +85,40 @@ def load_rank_model(
     return model
 
 
+def check_splits(model_path: str, config: WorkerConfig) -> None:
+    """Refuse, before any rank starts, a model tensor_parallel_size cannot split: build one
+    rank's model on the meta device (shapes only: nothing allocated, nothing read).
+
+    Raises:
+        ValueError: an architecture kvray has no model of, or sizes that do not split, each
+            naming tensor_parallel_size.
+    """
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(
+        model_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    size = config.tensor_parallel_size
+    cls = model_class(hf_config.model_type, tensor_parallel_size=size)
+    if cls is not None:
+        cls(hf_config, Placement(_ShapesOnly(size), torch.float32, torch.device("meta")))
+
+
+class _ShapesOnly:
+    """Rank 0 of `world_size`, for building a model's shapes: no collective may run."""
+
+    rank = 0
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("no collective while checking shapes")
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        raise AssertionError("no collective while checking shapes")
+
+
 def checkpoint_folder(model_path: str, *, revision: str | None) -> Path:
     """The local folder of a checkpoint: `model_path` itself, or a hub id's snapshot (its
     weights and configs; downloaded unless the hub cache has them)."""

@@ -67,6 +67,14 @@ class ModelWorker:
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         cpu_kernels.set_enabled(self.config.cpu_kernels)  # before loading: packing asks for them
         self.device = devices.resolve_device(self.config.device)
+        if self.config.quantization == "int8" and self.device.type != "cpu":
+            raise ValueError(
+                f"quantization int8 runs on CPU only; on {self.device} leave it unset (bf16) "
+                "or serve a checkpoint quantized for GPUs"
+            )
+        # NOTE: resolved (a built-in model built) before joining a group: transformers saves a
+        # model's weights only on rank 0 of an initialised torch.distributed group.
+        self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
         self.is_own_model = self.config.tensor_parallel_size > 1  # kvray's model, not HF's
         self.parallel: ParallelContext = SINGLE_RANK
         if self.is_own_model:
@@ -77,12 +85,6 @@ class ModelWorker:
                 init_method=init_method,
                 device=self.device,
             )
-        if self.config.quantization == "int8" and self.device.type != "cpu":
-            raise ValueError(
-                f"quantization int8 runs on CPU only; on {self.device} leave it unset (bf16) "
-                "or serve a checkpoint quantized for GPUs"
-            )
-        self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
         # NOTE: only `auto` reads the checkpoint's dtype (a config load).
         saved = self._checkpoint_dtype() if self.config.dtype == "auto" else None
         self.dtype = devices.resolve_dtype(self.config.dtype, self.device, checkpoint_dtype=saved)
