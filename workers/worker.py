@@ -372,7 +372,8 @@ class ModelWorker:
         """Run one forward over the scheduled sequences and sample their next tokens.
 
         Mutates the worker's sequence table: applies the step's diffs (`SequenceTable.apply`),
-        advances computed counts and appends each sampled token.
+        advances computed counts and appends each sampled token. A rank other than 0 of a
+        split replica returns only its sampled tokens (`protocol.rank_zero_output` checks them).
 
         Raises:
             RuntimeError: `warmup()` has not run.

@@ -126,18 +126,35 @@ def test_a_group_that_is_not_placed_fails_its_start_naming_what_it_asked_for():
     assert "placement_timeout_s=0.05" in message
 
 
-def test_a_replicas_ranks_survive_the_wire():
+def two_rank_status() -> ClusterStats:
     ranks = (RankInfo(0, "cpu", "node-a", 50, 100), RankInfo(1, "cpu", "node-b", 60, 100))
-    status = ClusterStats(
+    return ClusterStats(
         replicas=[ReplicaStats("replica-0", ReplicaState.READY, ranks=ranks)],
         queue_depth=0, num_running=0, num_moved_requests=0, num_rebalanced_requests=0,
         min_replicas=1, max_replicas=1, target_replicas=1,
     )  # fmt: skip
-    got = client_types.status_from_proto(status_to_proto(status))
+
+
+def test_a_replicas_ranks_survive_the_wire():
+    got = client_types.status_from_proto(status_to_proto(two_rank_status()))
     assert got.replicas[0].ranks == [
         client_types.RankInfo(0, "cpu", "node-a", 50, 100),
         client_types.RankInfo(1, "cpu", "node-b", 60, 100),
     ]
+
+
+def test_metrics_show_each_ranks_device_and_bytes():
+    from kvray.cluster.metrics import ServingMetrics
+
+    text = ServingMetrics("m", two_rank_status).render().decode()
+    assert (
+        'kvray:replica_rank_info{device="cpu",model_name="m",node="node-b",rank="1",'
+        'replica_id="replica-0"} 1.0'
+    ) in text
+    assert (
+        'kvray:replica_rank_weights_bytes{model_name="m",rank="1",replica_id="replica-0"} 60.0'
+        in text
+    )
 
 
 @pytest.mark.parametrize(
