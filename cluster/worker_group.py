@@ -14,7 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo, group_info, rank_zero_output
+from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
+from kvray.workers.rank_group import group_info, rank_zero_output
 
 logger = logging.getLogger(__name__)
 

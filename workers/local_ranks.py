@@ -17,7 +17,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from kvray.workers.config import EngineConfig, WorkerConfig
-from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo, group_info, rank_zero_output
+from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
+from kvray.workers.rank_group import group_info, rank_zero_output
 
 logger = logging.getLogger(__name__)
 

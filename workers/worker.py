@@ -373,7 +373,7 @@ class ModelWorker:
 
         Mutates the worker's sequence table: applies the step's diffs (`SequenceTable.apply`),
         advances computed counts and appends each sampled token. A rank other than 0 of a
-        split replica returns only its sampled tokens (`protocol.rank_zero_output` checks them).
+        split replica returns only its sampled tokens (`rank_group.rank_zero_output` checks them).
 
         Raises:
             RuntimeError: `warmup()` has not run.
@@ -416,7 +416,7 @@ class ModelWorker:
         out.forward_s = time.perf_counter() - start
         if self.parallel.rank > 0:
             # NOTE: a group answers with rank 0's output; the others' tokens only show that the
-            # ranks agree (`protocol.rank_zero_output`), so nothing else need cross a process.
+            # ranks agree (`rank_group.rank_zero_output`), so nothing else need cross a process.
             return StepOutput(out.step_id, out.seq_ids, out.sampled_token_ids)
         return out
 

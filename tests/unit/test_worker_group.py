@@ -14,14 +14,8 @@ from kvray.cluster.config import load
 from kvray.cluster.grpc_server import status_to_proto
 from kvray.cluster.stats import ClusterStats, ReplicaState, ReplicaStats
 from kvray.cluster.worker_group import PlacementError, WorkerGroup
-from kvray.workers.protocol import (
-    RankInfo,
-    StepInput,
-    StepOutput,
-    WorkerInfo,
-    group_info,
-    rank_zero_output,
-)
+from kvray.workers.protocol import RankInfo, StepInput, StepOutput, WorkerInfo
+from kvray.workers.rank_group import group_info, rank_zero_output
 
 
 def info(rank: int, **changes) -> WorkerInfo:
