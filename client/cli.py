@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from kvray.client.client import KvrayClient
 from kvray.client.connection import Progress
 from kvray.client.errors import KvrayError
+from kvray.client.types import ReplicaStatus
 from kvray.protos.kvray.v1 import generation_pb2
 from kvray.wire import param_fields
 
@@ -203,6 +204,13 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(replica: ReplicaStatus) -> str:
+    """A replica's device, or for one of several ranks each rank's: `0:cpu@node-a 1:cpu@node-a`."""
+    if len(replica.ranks) < 2:
+        return replica.device
+    return " ".join(f"{r.rank}:{r.device}@{r.node}" for r in replica.ranks)
+
+
 def status(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
@@ -219,7 +227,7 @@ def status(args: argparse.Namespace) -> int:
         hits = f"{r.num_prefix_hits / r.num_prefix_queries:.0%}" if r.num_prefix_queries else "-"
         print(
             f"{r.replica_id:<12} {r.state:<9} {r.num_waiting:>7} {r.num_running:>7} {kv:>15} "
-            f"{r.num_preemptions:>7} {hits:>9}  {r.device}"
+            f"{r.num_preemptions:>7} {hits:>9}  {_devices(r)}"
         )
     print(
         f"queue depth {st.queue_depth}, running {st.num_running}; requests moved after a failure"

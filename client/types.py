@@ -15,6 +15,17 @@ _FINISH = {1: "stop", 2: "length", 3: "abort"}
 
 
 @dataclass
+class RankInfo:
+    """One worker process of a replica (a tensor-parallel rank; the only one at size 1)."""
+
+    rank: int
+    device: str
+    node: str  # host name
+    weights_bytes: int  # its shard of the model's weights
+    kv_cache_bytes: int  # its share of every KV block
+
+
+@dataclass
 class ReplicaStatus:
     replica_id: str
     state: str
@@ -27,6 +38,7 @@ class ReplicaStatus:
     num_finished_requests: int
     num_prefix_queries: int = 0  # prompt tokens looked up in its prefix cache
     num_prefix_hits: int = 0  # of which were served from it
+    ranks: list[RankInfo] = field(default_factory=list)  # its worker processes, rank order
 
 
 @dataclass
@@ -64,6 +76,11 @@ class ModelInfo:
     # What requests that leave temperature, top_k, top_p, min_p or repetition_penalty unset
     # sample with (the model's generation_config.json)
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # The execution plan: which code computes the forward, and how a replica is split
+    implementation: str = ""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ranks: list[RankInfo] = field(default_factory=list)  # a replica's processes and their bytes
 
 
 def _logprobs(entries: Any) -> list[TokenLogprob]:
@@ -105,14 +122,18 @@ def completion_of(acc: Accumulator) -> Completion:
 def status_from_proto(resp: pb.ClusterStatus) -> ClusterStatus:
     """Field by field, by name: the dataclasses mirror the proto messages (a test checks)."""
     return ClusterStatus(
-        replicas=[ReplicaStatus(**_scalars(r)) for r in resp.replicas],
+        replicas=[ReplicaStatus(**_scalars(r), ranks=_ranks(r.ranks)) for r in resp.replicas],
         recent_decisions=[ScalingDecision(**_scalars(d)) for d in resp.recent_decisions],
         **_scalars(resp),
     )
 
 
 def info_from_proto(resp: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(**_scalars(resp))
+    return ModelInfo(**_scalars(resp), ranks=_ranks(resp.ranks))
+
+
+def _ranks(ranks: Any) -> list[RankInfo]:
+    return [RankInfo(**_scalars(rank)) for rank in ranks]
 
 
 def _scalars(message: Any) -> dict[str, Any]:

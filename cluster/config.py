@@ -70,9 +70,19 @@ class ClusterConfig:
     max_queued_requests: int = setting(
         256, "waiting sequences (n samples count n) before RESOURCE_EXHAUSTED"
     )
-    cpus_per_replica: float = setting(1.0, "Ray CPUs (and torch threads) per CPU worker actor")
+    cpus_per_replica: float = setting(
+        1.0,
+        "Ray CPUs (and torch threads) per CPU worker actor: per rank at tensor_parallel_size > 1",
+    )
     gpus_per_replica: float | None = setting(
-        None, "Ray GPUs per worker actor (default: 1 when the Ray cluster has GPUs, else 0)"
+        None,
+        "Ray GPUs per worker actor, per rank at tensor_parallel_size > 1 (default: 1 when the "
+        "Ray cluster has GPUs, else 0)",
+    )
+    placement_timeout_s: float = setting(
+        300.0,
+        "seconds Ray may take to place a replica of several worker actors (tensor_parallel_size "
+        "> 1) before its start fails, naming the resources it asked for",
     )
     health_check_period_s: float = setting(5.0, "seconds between health pings of ready replicas")
     rebalance_period_s: float = setting(
@@ -159,6 +169,13 @@ class ClusterConfig:
             )
         if self.cpus_per_replica < 0 or (self.gpus_per_replica or 0) < 0:
             raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if self.model == "fake" and self.engine.worker.world_size > 1:
+            raise ValueError(
+                "model fake (scripted tokens) runs at tensor_parallel_size 1 only, got "
+                f"{self.engine.worker.tensor_parallel_size}"
+            )
         self._check_kv_events()
         low, high = self.autoscaling.bounds(self.replicas)
         if not low <= self.replicas <= high:

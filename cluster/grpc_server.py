@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -257,6 +258,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             quantization=info.quantization or "",
             decode_graph_batch_sizes=list(info.decode_graph_batch_sizes),
             sampling_defaults=info.sampling_defaults,
+            implementation=info.implementation,
+            tensor_parallel_size=info.tensor_parallel_size,
+            pipeline_parallel_size=info.pipeline_parallel_size,
+            ranks=[pb.RankInfo(**dataclasses.asdict(rank)) for rank in info.ranks],
         )
 
     async def GetClusterStatus(
@@ -278,7 +283,9 @@ def status_to_proto(status: ClusterStats) -> pb.ClusterStatus:
 
     proto = fill(pb.ClusterStatus(), status)
     for replica in status.replicas:
-        fill(proto.replicas.add(), replica)
+        message = fill(proto.replicas.add(), replica)
+        for rank in replica.ranks:
+            fill(message.ranks.add(), rank)
     for decision in status.recent_decisions:
         fill(proto.recent_decisions.add(), decision)
     return proto

@@ -281,7 +281,11 @@ class BackgroundCluster:
             self.cluster.config
         )  # NOTE: from the calling thread; Ray must not start in a worker thread
         self._thread.start()
-        self.call(self.cluster.start(), timeout=600)
+        try:
+            self.call(self.cluster.start(), timeout=600)
+        except BaseException:
+            self.__exit__()  # NOTE: a failed start leaves no server or thread behind
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

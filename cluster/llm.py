@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 from kvray.cluster.chunks import to_generation_chunk
 from kvray.cluster.engine import EngineCore
@@ -26,13 +26,13 @@ class LLM:
 
     Keyword arguments are engine options (`EngineConfig.keys()`), e.g.
     `LLM("tiny", num_kv_blocks=64, max_num_batched_tokens=512, prefill_chunk_size=128)`.
+    With `tensor_parallel_size=N` the model is split over N processes of this machine (one GPU
+    or CPU core each); `close()` stops them.
     """
 
     def __init__(self, model: str = "tiny", **options: object) -> None:
-        from kvray.workers.worker import ModelWorker
-
         self.config = EngineConfig.from_kwargs(model=model, **options)
-        self.worker = ModelWorker(self.config)
+        self.worker = _start_worker(self.config)
         info = self.worker.warmup()
         self.tokenizer = load_tokenizer(
             info.model,
@@ -42,6 +42,13 @@ class LLM:
         self.processor = InputProcessor(info, self.tokenizer)
         self.engine = EngineCore(info, self.config.scheduler)
         self._request_ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the rank processes of a replica split over several (tensor_parallel_size > 1);
+        nothing to do for one. The LLM takes no requests after it."""
+        close = getattr(self.worker, "close", None)
+        if close is not None:
+            close()
 
     def generate(
         self,
@@ -125,6 +132,18 @@ class LLM:
         for request in requests:
             self.engine.add(request)
         return [r.request_id for r in requests], [r.prompt_token_ids for r in requests]
+
+
+def _start_worker(config: EngineConfig) -> Any:
+    """The replica's worker: in this process, or at tensor_parallel_size > 1 one process per
+    rank (`LocalRanks`), with the same `warmup` and `step`."""
+    if config.worker.world_size > 1:
+        from kvray.workers.local_ranks import LocalRanks
+
+        return LocalRanks(config)
+    from kvray.workers.worker import ModelWorker
+
+    return ModelWorker(config)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -176,3 +176,17 @@ class _ClusterCollector(Collector):
             families["num_preemptions"].add_metric(key, r.num_preemptions)
             families["prefix_cache_hit_rate"].add_metric(key, r.prefix_cache_hit_rate)
         yield from families.values()
+        yield from self._per_rank(s)
+
+    def _per_rank(self, s: ClusterStats) -> Iterator[Metric]:
+        labels = ["model_name", "replica_id", "rank"]
+        info = GaugeMetricFamily("kvray:replica_rank_info", "A replica's worker processes (tensor-parallel ranks): device and node; always 1.", labels=[*labels, "device", "node"])  # fmt: skip
+        weights = GaugeMetricFamily("kvray:replica_rank_weights_bytes", "Bytes of the model's weights a rank holds.", labels=labels)  # fmt: skip
+        kv = GaugeMetricFamily("kvray:replica_rank_kv_cache_bytes", "Bytes of a rank's KV cache.", labels=labels)  # fmt: skip
+        for r in s.replicas:
+            for rank in r.ranks:
+                key = [self.model_name, r.replica_id, str(rank.rank)]
+                info.add_metric([*key, rank.device, rank.node], 1.0)
+                weights.add_metric(key, rank.weights_bytes)
+                kv.add_metric(key, rank.kv_cache_bytes)
+        yield from (info, weights, kv)

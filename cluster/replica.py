@@ -84,4 +84,5 @@ class ReplicaHandle:
             num_finished_requests=engine.num_finished_requests,
             num_prefix_queries=blocks.num_prefix_queries,
             num_prefix_hits=blocks.num_prefix_hits,
+            ranks=engine.info.ranks,
         )

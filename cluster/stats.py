@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kvray.workers.protocol import RankInfo
+
 
 class ReplicaState(str, enum.Enum):
     STARTING = "STARTING"  # actor created, model loading / warming up
@@ -35,6 +37,7 @@ class ReplicaStats:
     num_finished_requests: int = 0  # since it started, any finish reason
     num_prefix_queries: int = 0  # prompt tokens looked up in its prefix cache
     num_prefix_hits: int = 0  # of which were served from it
+    ranks: tuple[RankInfo, ...] = ()  # its worker processes (tensor-parallel ranks), rank order
 
     @property
     def is_ready(self) -> bool:

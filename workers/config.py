@@ -77,6 +77,12 @@ class WorkerConfig:
         None, "tokens per sequence, prompt + output (default: the model's context)"
     )
     seed: int = setting(0, "torch seed of each worker")
+    tensor_parallel_size: int = setting(
+        1,
+        "worker processes one replica's layers are split over (one device each; Llama, Mistral, "
+        "Qwen2 and Qwen3 only; heads must divide evenly)",
+    )
+    pipeline_parallel_size: int = setting(1, "pipeline stages per replica (only 1 for now)")
     generation_config: str = setting(
         "auto",
         "auto: requests that leave temperature, top_k, top_p, min_p or repetition_penalty "
@@ -109,6 +115,33 @@ class WorkerConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in [0.05, 1.0], got {self.gpu_memory_utilization}"
             )
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size}: pipeline parallelism is "
+                "not implemented yet; leave pipeline_parallel_size at 1 (tensor_parallel_size "
+                "splits a model over several devices)"
+            )
+        if tp > 1 and self.quantization is not None:
+            raise ValueError(
+                f"quantization {self.quantization} does not run at tensor_parallel_size {tp} "
+                "yet: leave quantization unset, or use tensor_parallel_size 1"
+            )
+        if tp > 1 and self.decode_graphs == "on":
+            raise ValueError(
+                f"decode_graphs on does not run at tensor_parallel_size {tp} yet: leave "
+                "decode_graphs at auto or off (decode steps then run eagerly)"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes per replica."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ def is_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    return torch.cuda.device_count()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU. Raises ValueError for a device that is absent."""
     if name == "auto":
@@ -30,6 +34,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not is_cuda_available():
         raise ValueError(f"device={name!r} was asked for but CUDA is not available")
+    return device
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """The device of rank `rank` of a replica: a bare `cuda` becomes the rank's GPU among the
+    visible ones (one each under Ray, which shows every rank only its own), made current for
+    NCCL; an explicit index, and the CPU, stay as they are."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
     return device
 
 

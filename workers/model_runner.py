@@ -14,6 +14,7 @@ from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_con
 from kvray.workers.decode_graphs import DecodeGraphs
 from kvray.workers.kv_cache import KVCache
 from kvray.workers.llama_family import model_forward, transformers_forward
+from kvray.workers.models import is_own_model
 
 
 @dataclass
@@ -63,7 +64,8 @@ class GraphInput:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
         self.model = model
-        self.forward = model_forward(model)  # workers/llama_family.py
+        # NOTE: kvray's own models (workers/models) take the runner's arguments as they are.
+        self.forward = model if is_own_model(model) else model_forward(model)
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size

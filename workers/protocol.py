@@ -342,8 +342,22 @@ def _check_float(
 
 
 @dataclass(frozen=True)
+class RankInfo:
+    """One worker process of a replica: where it runs and what it holds."""
+
+    rank: int  # in the replica's group; rank 0 answers for the replica
+    device: str  # "cpu", or the GPU's name
+    node: str  # the host name of the machine it runs on
+    weights_bytes: int  # bytes of the model's weights this rank holds (its shard of them)
+    kv_cache_bytes: int  # bytes of its KV cache (its key/value heads of every block)
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
-    """What a worker reports after `warmup()`: the model's limits and its KV cache's size."""
+    """What a worker reports after `warmup()`: the model's limits and its KV cache's size.
+
+    For a replica of several ranks the group reports rank 0's, with `ranks` listing them all
+    and `weights_bytes` / `kv_cache_bytes` their sums."""
 
     model: str  # the path or hub id that was loaded
     device: str  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
@@ -360,6 +374,13 @@ class WorkerInfo:
     # The model's sampling defaults (`NEUTRAL_KNOBS` names; its generation_config.json, or a
     # built-in model's own): what a request that leaves a knob unset samples with.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # The execution plan, decided at load: which code computes the forward ("kvray
+    # LlamaForCausalLM": kvray's own model; "transformers X, kvray's forward": transformers'
+    # modules run by llama_family.py; "transformers X"), and how the replica is split.
+    implementation: str = ""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ranks: tuple[RankInfo, ...] = ()  # every rank, in rank order
 
 
 @dataclass

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -25,9 +26,11 @@ from kvray.workers.decode_graphs import batch_sizes
 from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.generation_config import sampling_defaults
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
+from kvray.workers.llama_family import FamilyForward
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
+from kvray.workers.models.parallel import SINGLE_RANK, ParallelContext
 from kvray.workers.packed_linear import can_pack, pack_linears
-from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
+from kvray.workers.protocol import RankInfo, StepInput, StepOutput, WorkerInfo
 from kvray.workers.quantization import quantize_linears
 from kvray.workers.sampler import (
     Sampler,
@@ -37,13 +40,29 @@ from kvray.workers.sampler import (
     prompt_logprobs,
 )
 from kvray.workers.sequences import SequenceTable, WorkerSequence
+from kvray.workers.tensor_parallel import (
+    generation_config,
+    join_group,
+    load_rank_model,
+    smallest_over_ranks,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class ModelWorker:
-    def __init__(self, engine_config: EngineConfig) -> None:
-        """Load the model (weights only; the KV cache is sized and allocated by `warmup`)."""
+    def __init__(
+        self, engine_config: EngineConfig, *, rank: int = 0, init_method: str | None = None
+    ) -> None:
+        """Load the model (weights only; the KV cache is sized and allocated by `warmup`).
+
+        At `tensor_parallel_size` > 1 this is rank `rank` of its replica: it joins the group at
+        `init_method` (a `torch.distributed` address, e.g. tcp://10.0.0.1:29500; blocks until
+        every rank has joined) and loads its shard of kvray's own model (`workers/models`).
+
+        Raises:
+            ValueError: a setting the model or machine cannot run (naming the setting).
+        """
         self.config = engine_config.worker
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         cpu_kernels.set_enabled(self.config.cpu_kernels)  # before loading: packing asks for them
@@ -53,7 +72,19 @@ class ModelWorker:
                 f"quantization int8 runs on CPU only; on {self.device} leave it unset (bf16) "
                 "or serve a checkpoint quantized for GPUs"
             )
+        # NOTE: resolved (a built-in model built) before joining a group: transformers saves a
+        # model's weights only on rank 0 of an initialised torch.distributed group.
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
+        self.is_own_model = self.config.tensor_parallel_size > 1  # kvray's model, not HF's
+        self.parallel: ParallelContext = SINGLE_RANK
+        if self.is_own_model:
+            self.device = devices.rank_device(self.device, rank)
+            self.parallel = join_group(
+                rank=rank,
+                world_size=self.config.world_size,
+                init_method=init_method,
+                device=self.device,
+            )
         # NOTE: only `auto` reads the checkpoint's dtype (a config load).
         saved = self._checkpoint_dtype() if self.config.dtype == "auto" else None
         self.dtype = devices.resolve_dtype(self.config.dtype, self.device, checkpoint_dtype=saved)
@@ -64,7 +95,11 @@ class ModelWorker:
         self.max_model_len = self._max_model_len(text_config)
         self.eos_token_ids = self._eos_token_ids()
         self.sampling_defaults = self._sampling_defaults()
-        self.kv_spec = KVCacheSpec.from_model_config(self.model.config, self.dtype)
+        self.kv_spec = (
+            self.model.kv_cache_spec(self.dtype)  # this rank's KV heads
+            if self.is_own_model
+            else KVCacheSpec.from_model_config(self.model.config, self.dtype)
+        )
         self.sampler = Sampler()
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
@@ -85,7 +120,20 @@ class ModelWorker:
             dtype = getattr(torch, dtype, None)
         return dtype if isinstance(dtype, torch.dtype) else None
 
-    def _load_model(self) -> PreTrainedModel:
+    def _load_model(self) -> Any:
+        """transformers' model (fused, packed or quantized as the settings ask), or at
+        tensor_parallel_size > 1 this rank's shard of kvray's own model in plain torch."""
+        if self.is_own_model:
+            return load_rank_model(
+                self.model_path,
+                self.config,
+                parallel=self.parallel,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        return self._load_transformers_model()
+
+    def _load_transformers_model(self) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
         logger.info("loading %s on %s as %s", self.model_path, self.device, self.dtype)
@@ -125,7 +173,7 @@ class ModelWorker:
         return self.config.max_model_len
 
     def _eos_token_ids(self) -> tuple[int, ...]:
-        gen = getattr(self.model, "generation_config", None)
+        gen = generation_config(self.model, self.model_path, self.config)
         eos = getattr(gen, "eos_token_id", None)
         if eos is None:
             eos = getattr(self.model.config, "eos_token_id", None)
@@ -165,6 +213,7 @@ class ModelWorker:
         is_default_size = self.config.num_kv_blocks is None and self.config.kv_cache_bytes is None
         if is_default_size and self.device.type != "cuda":
             num_blocks = min(num_blocks, self.limits.max_num_seqs * min_blocks)
+        num_blocks = smallest_over_ranks(self.parallel, num_blocks, self.device)
         if num_blocks < min_blocks:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks but one full-length sequence needs "
@@ -179,6 +228,14 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self._build_decode_graphs()
+        if self.parallel.world_size > 1:
+            # NOTE: unseeded rows draw from the global generator; every rank must draw the same
+            # numbers to sample the same tokens, whatever loading and warming up drew.
+            torch.manual_seed(self.config.seed)
+        weights_bytes = sum(
+            t.numel() * t.element_size()
+            for t in itertools.chain(self.model.parameters(), self.model.buffers())
+        )
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -189,13 +246,33 @@ class ModelWorker:
             block_size=self.config.block_size,
             num_kv_blocks=num_blocks,
             kv_cache_bytes=self.kv_cache.num_bytes,
-            weights_bytes=sum(
-                t.numel() * t.element_size()
-                for t in itertools.chain(self.model.parameters(), self.model.buffers())
-            ),
+            weights_bytes=weights_bytes,
             quantization=self.config.quantization,
             decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
             sampling_defaults=self.sampling_defaults,
+            implementation=self._implementation(),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            pipeline_parallel_size=self.config.pipeline_parallel_size,
+            ranks=(
+                RankInfo(
+                    rank=self.parallel.rank,
+                    device=devices.device_name(self.device),
+                    node=socket.gethostname(),
+                    weights_bytes=weights_bytes,
+                    kv_cache_bytes=self.kv_cache.num_bytes,
+                ),
+            ),
+        )
+        logger.info(
+            "execution plan: %s, %s on %s, tensor_parallel_size %d (rank %d), "
+            "pipeline_parallel_size %d, decode steps %s",
+            self.info.implementation,
+            self.dtype,
+            self.device,
+            self.config.tensor_parallel_size,
+            self.parallel.rank,
+            self.config.pipeline_parallel_size,
+            "replayed" if self.runner.graphs else "eager",
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -219,7 +296,19 @@ class ModelWorker:
             return
         self.runner.build_decode_graphs(self._max_graph_batch(), self.max_model_len)
 
+    def _implementation(self) -> str:
+        """Which code computes the forward (`WorkerInfo.implementation`)."""
+        if self.is_own_model:
+            return f"kvray {type(self.model).__name__}"
+        name = f"transformers {type(self.model).__name__}"
+        assert self.runner is not None
+        if isinstance(self.runner.forward, FamilyForward):
+            return f"{name}, kvray's forward"
+        return name
+
     def _wants_decode_graphs(self) -> bool:
+        if self.is_own_model:
+            return False  # NOTE: graphs trace transformers' forward (decode_graphs.py)
         mode = self.config.decode_graphs
         return mode == "on" or (mode == "auto" and self.device.type == "cuda")
 
@@ -283,7 +372,8 @@ class ModelWorker:
         """Run one forward over the scheduled sequences and sample their next tokens.
 
         Mutates the worker's sequence table: applies the step's diffs (`SequenceTable.apply`),
-        advances computed counts and appends each sampled token.
+        advances computed counts and appends each sampled token. A rank other than 0 of a
+        split replica returns only its sampled tokens (`rank_group.rank_zero_output` checks them).
 
         Raises:
             RuntimeError: `warmup()` has not run.
@@ -324,6 +414,10 @@ class ModelWorker:
             )
         self.table.advance(seqs, step_input)
         out.forward_s = time.perf_counter() - start
+        if self.parallel.rank > 0:
+            # NOTE: a group answers with rank 0's output; the others' tokens only show that the
+            # ranks agree (`rank_group.rank_zero_output`), so nothing else need cross a process.
+            return StepOutput(out.step_id, out.seq_ids, out.sampled_token_ids)
         return out
 
     def _sample(

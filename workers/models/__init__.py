@@ -44,6 +44,11 @@ class CausalLM(Protocol):
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None: ...
 
 
+def is_own_model(model: object) -> bool:
+    """Whether `model` is one of kvray's own models (not transformers')."""
+    return type(model).__module__.startswith(__name__ + ".")
+
+
 def supported_architectures() -> list[str]:
     """The model types kvray has its own model for (the ones tensor parallelism can split)."""
     return sorted(MODELS)

@@ -201,7 +201,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "has_tokenizer", "dtype", "has_chat_template", "quantization", "decode_graph_batch_sizes", "sampling_defaults")
+    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "has_tokenizer", "dtype", "has_chat_template", "quantization", "decode_graph_batch_sizes", "sampling_defaults", "implementation", "tensor_parallel_size", "pipeline_parallel_size", "ranks")
     class SamplingDefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,10 @@ class ModelInfo(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DECODE_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -229,14 +233,32 @@ class ModelInfo(_message.Message):
     quantization: str
     decode_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     sampling_defaults: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., quantization: _Optional[str] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    implementation: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., quantization: _Optional[str] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., implementation: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "device", "node", "weights_bytes", "kv_cache_bytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    device: str
+    node: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., node: _Optional[str] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "state", "device", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "num_finished_requests", "num_prefix_queries", "num_prefix_hits")
+    __slots__ = ("replica_id", "state", "device", "num_waiting", "num_running", "kv_blocks_used", "kv_blocks_total", "num_preemptions", "num_finished_requests", "num_prefix_queries", "num_prefix_hits", "ranks")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +270,7 @@ class ReplicaStatus(_message.Message):
     NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFIX_QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: str
     device: str
@@ -259,7 +282,8 @@ class ReplicaStatus(_message.Message):
     num_finished_requests: int
     num_prefix_queries: int
     num_prefix_hits: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_prefix_queries: _Optional[int] = ..., num_prefix_hits: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_finished_requests: _Optional[int] = ..., num_prefix_queries: _Optional[int] = ..., num_prefix_hits: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
 
 class ScalingDecision(_message.Message):
     __slots__ = ("time_unix", "from_replicas", "to_replicas", "reason")
