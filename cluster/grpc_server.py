@@ -329,6 +329,41 @@ class ReflectionServicer(reflection.aio.ReflectionServicer):
             yield response
 
 
+class TokenGateInterceptor(grpc.aio.ServerInterceptor):
+    """With tokens on, a call without a valid token is refused before its request is read.
+
+    NOTE: gRPC reads a unary request whole (up to 4 MiB) before a handler runs, and a
+    handler's own check comes after that; this runs on the call's metadata alone and answers
+    with a streaming handler, which gRPC starts at once: UNAUTHENTICATED, the request unread.
+    Health stays open (probes carry no token); the servicers still check the token they are
+    given, and count its running requests."""
+
+    def __init__(self, auth: TokenAuth) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method = handler_call_details.method or ""
+        if method.startswith(f"/{health.SERVICE_NAME}/"):
+            return await continuation(handler_call_details)
+        header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        try:
+            self.auth.authenticate(header if isinstance(header, str) else None)
+        except UnauthenticatedError as exc:
+            return _refusal(str(exc))
+        return await continuation(handler_call_details)
+
+
+def _refusal(message: str) -> grpc.RpcMethodHandler:
+    async def refuse(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
@@ -397,7 +432,8 @@ async def start_server(
         *connection_options(router.config),
         *accept_backlog_options(router.config),
     ]
-    server = grpc.aio.server(options=options)
+    interceptors = [TokenGateInterceptor(auth)] if auth is not None else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     add_servicer(GenerationServicer(router, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
