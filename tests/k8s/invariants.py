@@ -282,7 +282,7 @@ def check_control_plane(docs: list[Doc], service: Doc, cluster: Doc) -> list[str
         d
         for d in docs
         if d.get("kind") == "NetworkPolicy"
-        and _selects(d["spec"].get("podSelector", {}), head_labels)
+        and selects(d["spec"].get("podSelector", {}), head_labels)
         and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
     ]
     if not policies:
@@ -301,7 +301,7 @@ def check_control_plane(docs: list[Doc], service: Doc, cluster: Doc) -> list[str
     return errors
 
 
-def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
     wanted = selector.get("matchLabels", {})
     return all(labels.get(k) == v for k, v in wanted.items())
 

@@ -15,7 +15,7 @@ import yaml
 from tests.k8s import validate as v
 from tests.k8s.invariants import find, ray_head
 
-OVERLAYS = ["cpu-dev", "gpu", "cpu-dev+tls", "gpu+tls"]  # +tls: with components/tls
+OVERLAYS = [*v.OVERLAYS, "cpu-dev+tls", "gpu+tls", "gpu-tp+tls"]  # +tls: with components/tls
 K8S = v.ROOT / "k8s"
 
 pytestmark = pytest.mark.skipif(

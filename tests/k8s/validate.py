@@ -4,7 +4,7 @@ allows: render each overlay with kustomize, validate core kinds with kubernetes-
 unknown fields rejected), validate the Serve config with Ray's schema, and check the invariants
 the operator or the running cluster would trip over. Every error names the resource and field.
 
-    python -m tests.k8s.validate k8s/overlays/cpu-dev k8s/overlays/gpu
+    python -m tests.k8s.validate k8s/overlays/cpu-dev k8s/overlays/gpu k8s/overlays/gpu-tp
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from tests.k8s.invariants import Doc, check_invariants, configmap_file, ray_head
+from tests.k8s.rank_groups import check_rank_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 # KubeRay v1.7.0's CRDs, vendored unchanged beside this file, or where the variable says.
@@ -28,6 +29,19 @@ CRD_DIR = Path(
     os.environ.get("KVRAY_KUBERAY_CRDS", Path(__file__).resolve().parent / "kuberay-crds-v1.7.0")
 )
 K8S_VERSION = "1.33.0"
+OVERLAYS = ["cpu-dev", "gpu", "gpu-tp"]  # and gpu-pp where kvray has pipeline stages
+
+
+def has_pipeline_stages() -> bool:
+    """Whether this kvray runs pipeline_parallel_size 2 (a version without pipeline stages
+    refuses it at load, and so refuses gpu-pp's config)."""
+    from kvray.workers.config import WorkerConfig
+
+    try:
+        WorkerConfig(pipeline_parallel_size=2)
+    except ValueError:
+        return False
+    return True
 
 
 def render(overlay: Path) -> list[Doc]:
@@ -64,6 +78,7 @@ def validate(docs: list[Doc]) -> list[str]:
         if doc.get("kind") == "RayService":
             errors += check_serve_config(doc, docs)
     errors += check_invariants(docs)
+    errors += check_rank_groups(docs)
     return errors
 
 
@@ -238,7 +253,8 @@ def head_environ(docs: list[Doc]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     failed = False
-    for overlay in argv or ["k8s/overlays/cpu-dev", "k8s/overlays/gpu"]:
+    names = OVERLAYS + (["gpu-pp"] if has_pipeline_stages() else [])
+    for overlay in argv or [f"k8s/overlays/{name}" for name in names]:
         errors = validate(render(Path(overlay)))
         failed |= bool(errors)
         print(f"{overlay}: {'ok' if not errors else f'{len(errors)} error(s)'}")
