@@ -1,6 +1,6 @@
 """Fuzzing the front doors: field values at and past every bound, raw garbage bytes and invalid
 UTF-8, conversations of odd shapes (roles, names, tool fields, content parts of the wrong type,
-too many messages), over gRPC and HTTP, against a cluster with the fake model (the real
+too many messages), header counts and sizes past their bounds, over gRPC and HTTP, against a cluster with the fake model (the real
 tokenizer with the tiny models' chat template, scripted tokens). Only documented statuses come
 back; afterwards the server serves, holds no KV block and has not grown. The default run sends
 400 requests and 200 conversations; `-m slow` sends 5,000."""
@@ -356,6 +356,73 @@ def test_fuzzed_conversations_get_only_documented_statuses(cluster):
         http_body=lambda rng: json.dumps(random_chat_body(rng)).encode(),
         http_paths=("/chat/completions",),
     )
+
+
+def random_headers(rng: random.Random) -> dict[str, str]:
+    """0-150 extra headers (the bound is 100), together from a few bytes to ~1 MiB (the bound is
+    64 KiB); names and values of header-legal characters."""
+    sizes = rng.choice([8, 256, 4096, 40_000, 70_000, 1 << 20])
+    count = rng.choice([0, 1, 10, 99, 101, 150])
+    names = "abcdefghijklmnopqrstuvwxyz0123456789-"
+    return {
+        f"x-{''.join(rng.choice(names) for _ in range(rng.randint(1, 32)))}-{i}": "v"
+        * max(1, sizes // max(1, count))
+        for i in range(count)
+    }
+
+
+def send_http_with_headers(base: str, headers: dict[str, str]) -> int | str:
+    """A valid completion with `headers`; "reset" when the server closed before answering (a
+    refusal that arrives while the client is still sending its headers)."""
+    body = json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 2}).encode()
+    request = urllib.request.Request(
+        base + "/completions", data=body, headers={"Content-Type": "application/json", **headers}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        assert isinstance(reason, ConnectionError | TimeoutError) or "reset" in str(reason), err
+        return "reset"
+
+
+def test_fuzzed_headers_and_metadata_get_only_documented_statuses(cluster):
+    """Header counts and sizes at and past the bounds (HTTP: 64 KiB, 100 headers; gRPC: 16 KiB
+    of metadata): 200, or 431 / RESOURCE_EXHAUSTED, or a connection the server closed."""
+    rng = random.Random(3)
+    headers = [random_headers(rng) for _ in range(60)]
+    with ThreadPoolExecutor(8) as pool:
+        http_codes = list(pool.map(lambda h: send_http_with_headers(cluster.http_url, h), headers))
+    within = [
+        code
+        for h, code in zip(headers, http_codes)
+        if len(h) <= 90 and sum(len(k) + len(v) for k, v in h.items()) < 60_000
+    ]
+    assert set(http_codes) <= {200, 431, "reset"}, _counts(http_codes)
+    assert within and set(within) == {200}, _counts(within)
+    assert 431 in http_codes or "reset" in http_codes
+    request = pb.GenerateRequest(text="hi")
+    request.stopping.max_tokens = 2
+    codes = []
+    with grpc.insecure_channel(cluster.target) as channel:
+        for size in (0, 100, 8_000, 15_000, 17_000, 64_000, 1 << 20):
+            metadata = (("x-fuzz", "v" * size),) if size else ()
+            call = channel.unary_stream("/kvray.v1.Generation/Generate")
+            try:
+                for _ in call(request.SerializeToString(), metadata=metadata, timeout=30):
+                    pass
+                codes.append((size, grpc.StatusCode.OK))
+            except grpc.RpcError as err:
+                codes.append((size, err.code()))
+    assert all(code in GRPC_OK for _, code in codes), codes
+    assert all(code is grpc.StatusCode.OK for size, code in codes if size <= 15_000), codes
+    assert all(code is not grpc.StatusCode.OK for size, code in codes if size > 16 * 1024), codes
+    with KvrayClient(cluster.target) as client:
+        assert client.generate("still fine", max_tokens=4).finish_reason == "length"
 
 
 @pytest.mark.slow
