@@ -1,9 +1,10 @@
 """Fuzzing the front doors: field values at and past every bound, raw garbage bytes and invalid
 UTF-8, conversations of odd shapes (roles, names, tool fields, content parts of the wrong type,
-too many messages), header counts and sizes past their bounds, over gRPC and HTTP, against a cluster with the fake model (the real
-tokenizer with the tiny models' chat template, scripted tokens). Only documented statuses come
-back; afterwards the server serves, holds no KV block and has not grown. The default run sends
-400 requests and 200 conversations; `-m slow` sends 5,000."""
+too many messages), header counts and sizes past their bounds, over gRPC and HTTP, against a
+cluster with the fake model (the real tokenizer with the tiny models' chat template, scripted
+tokens). Only documented statuses come back; afterwards the server serves, holds no KV block
+and has not grown. The default run sends 400 requests and 200 conversations; `-m slow` sends
+5,000."""
 
 from __future__ import annotations
 
