@@ -3,7 +3,8 @@
 # transformers (it cannot download). About 6 minutes on one H100:
 #   1. install kvray without dependencies (editable, no network);
 #   2. the CUDA tests (fp32 greedy parity for three architectures, bf16 defaults, KV sizing,
-#      kvray's Llama-family forward bitwise transformers', variable-length prompt attention);
+#      kvray's Llama-family forward bitwise transformers', kvray's own model layer (the one
+#      tensor parallelism shards) against transformers, variable-length prompt attention);
 #   3. a prompt step of 32 prompts and a mixed step, each under kvray's prompt path, one SDPA
 #      per prompt and transformers' forward (bench/prompt_step.py);
 #   4. the engine benchmark on CUDA (bf16, the SmolLM2-135M-shaped model, 32 requests): W2 (one

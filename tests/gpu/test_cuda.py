@@ -86,6 +86,29 @@ def test_cuda_family_forward_logits_equal_transformers_bitwise(arch, dtype):
     check_logits_equal_transformers(arch, dtype, "cuda")
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_cuda_own_model_layer_follows_transformers(arch, monkeypatch):
+    """kvray's own model layer (workers/models, the one tensor parallelism shards) at one rank
+    on CUDA, fp32, through the paged cache: HF's greedy tokens and log-probabilities (HF's on
+    the CPU: CUDA's fp32 kernels differ in the last bits, hence 1e-4)."""
+    from kvray.workers.models import load_model
+    from kvray.workers.models.layers import Placement
+    from kvray.workers.models.parallel import SINGLE_RANK
+    from tests.unit import test_tp_models as tp
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(tp, "CPU", cuda)  # kvray_greedy builds its cache and runner there
+    hf = tp.build_hf(arch)
+    refs = [tp.hf_greedy(hf, prompt) for prompt in tp.prompts(hf.config.vocab_size)]
+    model = load_model(
+        hf.config, hf.state_dict().items(), Placement(SINGLE_RANK, torch.float32, cuda)
+    )
+    for (tokens, logprobs), ref in zip(
+        tp.kvray_greedy(model, tp.prompts(hf.config.vocab_size)), refs
+    ):
+        tp.assert_follows((tokens, [lp.cpu() for lp in logprobs]), ref, atol=1e-4)
+
+
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_varlen_prompt_attention_matches_fp32_per_prompt_sdpa(window, dtype, monkeypatch):
