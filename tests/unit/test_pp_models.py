@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvray.workers.models import load_model, model_class
 from kvray.workers.models.layers import Placement
@@ -27,7 +27,6 @@ from tests.unit.test_tp_models import (
     CPU,
     SHAPE,
     assert_follows,
-    build_hf,
     kvray_greedy,
     placement,
     prompts,
@@ -52,6 +51,20 @@ CONFIGS = {
 # (tensor_parallel_size, pipeline_parallel_size) of each run, in order: ranks 0 and 1 of the
 # four processes run the second after the first (one spawn: starting processes is the cost)
 RUNS = ((2, 2), (1, 2))
+
+
+def build_hf(arch: str) -> torch.nn.Module:
+    """As test_tp_models' (norms and biases away from ones and zeros), of this module's
+    configs."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+    return model.eval()
 
 
 def _rank_main(rank: int, folders: dict[str, str], out: str) -> None:
@@ -103,7 +116,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def hf_models() -> dict[str, Any]:
-    return {arch: build_hf(arch, CONFIGS) for arch in CONFIGS}
+    return {arch: build_hf(arch) for arch in CONFIGS}
 
 
 @pytest.fixture(scope="module")

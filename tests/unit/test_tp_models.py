@@ -51,9 +51,9 @@ NEAR_TIE = 1e-3  # a reference step whose top two logits are closer than this ma
 CPU = torch.device("cpu")
 
 
-def build_hf(arch: str, configs: dict[str, Any] = CONFIGS) -> torch.nn.Module:
+def build_hf(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(configs[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
     with torch.no_grad():  # norms start at ones and biases at zeros, which would hide them
         for name, param in model.named_parameters():
             if "norm" in name:

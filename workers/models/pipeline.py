@@ -10,7 +10,9 @@ group (gloo on CPU, NCCL on GPUs) is all it uses.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,7 +128,7 @@ class StageLinks:
         self._timed(dist.recv, tokens, self.sampler_rank)
         return [int(t) for t in tokens.tolist()]
 
-    def _timed(self, call: object, tensor: torch.Tensor, peer: int) -> None:
+    def _timed(self, call: Callable[..., Any], tensor: torch.Tensor, peer: int) -> None:
         start = time.perf_counter()
-        call(tensor, peer)  # type: ignore[operator]
+        call(tensor, peer)
         self.comm_s += time.perf_counter() - start
