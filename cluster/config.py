@@ -172,9 +172,11 @@ class ClusterConfig:
         if self.placement_timeout_s <= 0:
             raise ValueError(f"placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.model == "fake" and self.engine.worker.world_size > 1:
+            worker = self.engine.worker
             raise ValueError(
-                "model fake (scripted tokens) runs at tensor_parallel_size 1 only, got "
-                f"{self.engine.worker.tensor_parallel_size}"
+                "model fake (scripted tokens) runs at tensor_parallel_size 1 and "
+                f"pipeline_parallel_size 1 only, got {worker.tensor_parallel_size} and "
+                f"{worker.pipeline_parallel_size}"
             )
         self._check_kv_events()
         low, high = self.autoscaling.bounds(self.replicas)

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvray.cluster.config import ClusterConfig
 from kvray.workers.protocol import StepInput, WorkerInfo
+from kvray.workers.rank_group import output_rank
 
 FAKE_MODEL = "fake"  # scripted tokens, no model: load-tests the router, gRPC and Ray
 
@@ -118,34 +119,36 @@ def _group_spawner(
     factory: Callable[..., Any],
     suffix: str,
 ) -> Callable[[str], Any]:
-    """`spawn(replica_id)` -> a `WorkerGroup`: one bundle of the actor's resources a rank, all
-    on one node (STRICT_PACK: tensor-parallel ranks talk every layer)."""
+    """`spawn(replica_id)` -> a `WorkerGroup` in one placement group (`group_bundles`)."""
     from ray.util import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from kvray.cluster.worker_group import WorkerGroup
 
-    world = config.engine.worker.world_size
+    worker = config.engine.worker
+    world, tp = worker.world_size, worker.tensor_parallel_size
     bundle = {"CPU": float(options["num_cpus"]), "GPU": float(options["num_gpus"])}
     bundle = {k: v for k, v in bundle.items() if v > 0}
     if not bundle:
         raise ValueError(
-            "tensor_parallel_size > 1 needs cpus_per_replica or gpus_per_replica above 0: "
-            "Ray places a replica's ranks by the resources they ask for"
+            "a replica of several ranks (tensor_parallel_size x pipeline_parallel_size > 1) "
+            "needs cpus_per_replica or gpus_per_replica above 0: Ray places a replica's ranks "
+            "by the resources they ask for"
         )
     if not config.ray_address:
         _check_fits_local_ray(config, bundle)
-    strategy = "STRICT_PACK"
+    bundles, strategy = group_bundles(bundle, tp, worker.pipeline_parallel_size)
+    ranks_a_bundle = world // len(bundles)
 
     def spawn(replica_id: str) -> Any:
         name = f"kvray-{replica_id}-{suffix}"
-        group = placement_group([bundle] * world, strategy=strategy, name=name)
+        group = placement_group(bundles, strategy=strategy, name=name)
         actors = [
             actor_cls.options(
                 name=f"{name}-rank{rank}",
                 **options,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    group, placement_group_bundle_index=rank
+                    group, placement_group_bundle_index=rank // ranks_a_bundle
                 ),
             ).remote(factory, is_rank=True)
             for rank in range(world)
@@ -154,12 +157,28 @@ def _group_spawner(
             replica_id,
             actors,
             group,
-            bundles=[bundle] * world,
+            bundles=bundles,
             strategy=strategy,
             placement_timeout_s=config.placement_timeout_s,
+            output_rank=output_rank(tp, worker.pipeline_parallel_size),
         )
 
     return spawn
+
+
+def group_bundles(
+    bundle: dict[str, float], tensor_parallel_size: int, pipeline_parallel_size: int
+) -> tuple[list[dict[str, float]], str]:
+    """A replica's placement group: its bundles (rank order; one rank's resources `bundle`)
+    and strategy. One stage: a bundle a rank, all on one node (STRICT_PACK: tensor-parallel
+    ranks talk every layer). Several stages: a bundle a stage, its tensor-parallel ranks'
+    resources together, since Ray never splits a bundle over nodes; PACK: all on one node
+    where one holds them, else stages on several (stages talk twice a step: hidden states
+    forward, tokens back)."""
+    if pipeline_parallel_size == 1:
+        return [bundle] * tensor_parallel_size, "STRICT_PACK"
+    stage = {k: v * tensor_parallel_size for k, v in bundle.items()}
+    return [stage] * pipeline_parallel_size, "PACK"
 
 
 def _check_fits_local_ray(config: ClusterConfig, bundle: dict[str, float]) -> None:

@@ -1,9 +1,10 @@
-"""A replica split over several worker actors (tensor_parallel_size > 1): its ranks, placed
-together by one Ray placement group and joined by one `torch.distributed` group.
+"""A replica split over several worker actors (tensor_parallel_size x pipeline_parallel_size
+> 1): its ranks, placed by one Ray placement group and joined by one `torch.distributed` group.
 
 To the pool a `WorkerGroup` is one actor: it answers the same `warmup`, `step` and `health`
-remotes. A step goes to every rank, and rank 0's output comes back (vLLM's
-`collective_rpc(...)[0]`), so the router's `StepLoop(engine, execute)` seam is unchanged. Any
+remotes. A step goes to every rank, and the output rank's output comes back (vLLM's
+`collective_rpc(...)[0]`, where the rank that samples is the last stage's first), so the
+router's `StepLoop(engine, execute)` seam is unchanged. Any
 rank's failure fails the call, and so the whole replica; `kill` ends every rank.
 """
 
@@ -15,9 +16,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
-from kvray.workers.rank_group import group_info, rank_zero_output
+from kvray.workers.rank_group import group_info, group_output
 
 logger = logging.getLogger(__name__)
+
+
+# What each placement strategy kvray asks for means for a replica's bundles.
+STRATEGIES = {
+    "STRICT_PACK": "every bundle on one node (tensor-parallel ranks talk every layer)",
+    "PACK": "a bundle a pipeline stage, its ranks on one node; stages on as few nodes as fit",
+}
 
 
 class PlacementError(RuntimeError):
@@ -41,11 +49,14 @@ class WorkerGroup:
         bundles: list[dict[str, float]],
         strategy: str,
         placement_timeout_s: float,
+        output_rank: int = 0,
     ) -> None:
         """`actors`: one `WorkerActor` a rank (rank order), created with a deferred worker in
-        `placement_group`'s bundles."""
+        `placement_group`'s bundles; `output_rank`: the rank whose step output is the
+        replica's (`rank_group.output_rank`)."""
         self.replica_id = replica_id
         self.actors = actors
+        self.output_rank = output_rank
         self.placement_group = placement_group
         self.bundles = bundles
         self.strategy = strategy
@@ -77,10 +88,10 @@ class WorkerGroup:
             await asyncio.wait_for(self.placement_group.ready(), self.placement_timeout_s)
         except asyncio.TimeoutError:
             raise PlacementError(
-                f"{self.replica_id}: Ray could not place its {len(self.bundles)} worker actors "
+                f"{self.replica_id}: Ray could not place its {len(self.actors)} worker actors "
                 f"within placement_timeout_s={self.placement_timeout_s:g}: it asked for "
-                f"{len(self.bundles)} bundles of {self.bundles[0]} on one node "
-                f"({self.strategy}; tensor_parallel_size {len(self.bundles)}, "
+                f"{len(self.bundles)} bundles of {self.bundles[0]} "
+                f"({self.strategy}: {STRATEGIES.get(self.strategy, 'as Ray decides')}; "
                 f"cpus_per_replica / gpus_per_replica a rank){_scheduling_state(self)}"
             ) from None
 
@@ -91,7 +102,7 @@ class WorkerGroup:
         return _task(self._answer(refs))
 
     async def _answer(self, refs: list[Any]) -> StepOutput:
-        return rank_zero_output(await _all(refs))
+        return group_output(await _all(refs), output_rank=self.output_rank)
 
     async def _health(self) -> bool:
         return all(await _all([actor.health.remote() for actor in self.actors]))

@@ -82,7 +82,12 @@ class WorkerConfig:
         "worker processes one replica's layers are split over (one device each; Llama, Mistral, "
         "Qwen2 and Qwen3 only; heads must divide evenly)",
     )
-    pipeline_parallel_size: int = setting(1, "pipeline stages per replica (only 1 for now)")
+    pipeline_parallel_size: int = setting(
+        1,
+        "pipeline stages one replica's layers are split over, contiguous layers each (a "
+        "worker process each, or tensor_parallel_size of them; Llama, Mistral, Qwen2 and "
+        "Qwen3 only; at most the model's number of layers)",
+    )
     generation_config: str = setting(
         "auto",
         "auto: requests that leave temperature, top_k, top_p, min_p or repetition_penalty "
@@ -118,24 +123,23 @@ class WorkerConfig:
         self._check_parallel()
 
     def _check_parallel(self) -> None:
-        tp = self.tensor_parallel_size
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if tp < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
-        if self.pipeline_parallel_size != 1:
+        if pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
+        if self.world_size == 1:
+            return
+        sizes = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}"
+        if self.quantization is not None:
             raise ValueError(
-                f"pipeline_parallel_size {self.pipeline_parallel_size}: pipeline parallelism is "
-                "not implemented yet; leave pipeline_parallel_size at 1 (tensor_parallel_size "
-                "splits a model over several devices)"
+                f"quantization {self.quantization} does not run at {sizes} yet: leave "
+                "quantization unset, or use one rank (both sizes 1)"
             )
-        if tp > 1 and self.quantization is not None:
+        if self.decode_graphs == "on":
             raise ValueError(
-                f"quantization {self.quantization} does not run at tensor_parallel_size {tp} "
-                "yet: leave quantization unset, or use tensor_parallel_size 1"
-            )
-        if tp > 1 and self.decode_graphs == "on":
-            raise ValueError(
-                f"decode_graphs on does not run at tensor_parallel_size {tp} yet: leave "
-                "decode_graphs at auto or off (decode steps then run eagerly)"
+                f"decode_graphs on does not run at {sizes} yet: leave decode_graphs at auto or "
+                "off (decode steps then run eagerly)"
             )
 
     @property

@@ -1,8 +1,10 @@
 """A replica's ranks as processes on this machine, for the offline `LLM` at
-tensor_parallel_size > 1 (the cluster runs them as Ray actors: `cluster/worker_group.py`).
+tensor_parallel_size x pipeline_parallel_size > 1 (the cluster runs them as Ray actors:
+`cluster/worker_group.py`).
 
 `LocalRanks` has a worker's interface (`warmup`, `step`, `health`): each call goes to every
-rank over its pipe, and rank 0's answer comes back. Every rank is a spawned process (none runs
+rank over its pipe, and the output rank's answer comes back (`rank_group.output_rank`: the
+last stage's first rank). Every rank is a spawned process (none runs
 in the caller's), so the caller holds no `torch.distributed` state and can build several.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from kvray.workers.config import EngineConfig, WorkerConfig
 from kvray.workers.protocol import StepInput, StepOutput, WorkerInfo
-from kvray.workers.rank_group import group_info, rank_zero_output
+from kvray.workers.rank_group import group_info, group_output, output_rank
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,11 @@ class LocalRanks:
             RankFailedError: a rank's process died while loading.
         """
         world = engine_config.worker.world_size
-        check_fits(engine_config.worker)
+        self.output_rank = output_rank(
+            engine_config.worker.tensor_parallel_size, engine_config.worker.pipeline_parallel_size
+        )
         _check_splits(engine_config)
+        check_fits(engine_config.worker)
         threads = max(1, (os.cpu_count() or 1) // world)
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = multiprocessing.get_context("spawn")  # NOTE: no fork of a torch process
@@ -69,7 +74,7 @@ class LocalRanks:
         return group_info(self._call("warmup"))
 
     def step(self, step_input: StepInput) -> StepOutput:
-        return rank_zero_output(self._call("step", step_input))
+        return group_output(self._call("step", step_input), output_rank=self.output_rank)
 
     def health(self) -> bool:
         return all(self._call("health"))

@@ -28,10 +28,11 @@ from kvray.workers.generation_config import sampling_defaults
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.llama_family import FamilyForward
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
-from kvray.workers.models.parallel import SINGLE_RANK, ParallelContext
+from kvray.workers.models.parallel import SINGLE_RANK
 from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.protocol import RankInfo, StepInput, StepOutput, WorkerInfo
 from kvray.workers.quantization import quantize_linears
+from kvray.workers.rank_group import output_rank
 from kvray.workers.sampler import (
     Sampler,
     SamplingRow,
@@ -41,6 +42,7 @@ from kvray.workers.sampler import (
 )
 from kvray.workers.sequences import SequenceTable, WorkerSequence
 from kvray.workers.tensor_parallel import (
+    RankGroups,
     generation_config,
     join_group,
     load_rank_model,
@@ -56,9 +58,10 @@ class ModelWorker:
     ) -> None:
         """Load the model (weights only; the KV cache is sized and allocated by `warmup`).
 
-        At `tensor_parallel_size` > 1 this is rank `rank` of its replica: it joins the group at
-        `init_method` (a `torch.distributed` address, e.g. tcp://10.0.0.1:29500; blocks until
-        every rank has joined) and loads its shard of kvray's own model (`workers/models`).
+        With several ranks (`tensor_parallel_size` x `pipeline_parallel_size` > 1) this is rank
+        `rank` of its replica: it joins the group at `init_method` (a `torch.distributed`
+        address, e.g. tcp://10.0.0.1:29500; blocks until every rank has joined) and loads its
+        shard of its stage of kvray's own model (`workers/models`).
 
         Raises:
             ValueError: a setting the model or machine cannot run (naming the setting).
@@ -75,16 +78,23 @@ class ModelWorker:
         # NOTE: resolved (a built-in model built) before joining a group: transformers saves a
         # model's weights only on rank 0 of an initialised torch.distributed group.
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
-        self.is_own_model = self.config.tensor_parallel_size > 1  # kvray's model, not HF's
-        self.parallel: ParallelContext = SINGLE_RANK
+        self.is_own_model = self.config.world_size > 1  # kvray's model, not HF's
+        self.groups = RankGroups(SINGLE_RANK, SINGLE_RANK, 0, 1, None)
         if self.is_own_model:
             self.device = devices.rank_device(self.device, rank)
-            self.parallel = join_group(
+            self.groups = join_group(
                 rank=rank,
-                world_size=self.config.world_size,
+                tensor_parallel_size=self.config.tensor_parallel_size,
+                pipeline_parallel_size=self.config.pipeline_parallel_size,
                 init_method=init_method,
                 device=self.device,
             )
+        self.rank = rank
+        self.output_rank = output_rank(
+            self.config.tensor_parallel_size, self.config.pipeline_parallel_size
+        )
+        self.is_last_stage = self.groups.stage_index == self.groups.num_stages - 1
+        self.step_s = 0.0  # in steps, for `stage_seconds`
         # NOTE: only `auto` reads the checkpoint's dtype (a config load).
         saved = self._checkpoint_dtype() if self.config.dtype == "auto" else None
         self.dtype = devices.resolve_dtype(self.config.dtype, self.device, checkpoint_dtype=saved)
@@ -127,7 +137,7 @@ class ModelWorker:
             return load_rank_model(
                 self.model_path,
                 self.config,
-                parallel=self.parallel,
+                groups=self.groups,
                 dtype=self.dtype,
                 device=self.device,
             )
@@ -213,7 +223,7 @@ class ModelWorker:
         is_default_size = self.config.num_kv_blocks is None and self.config.kv_cache_bytes is None
         if is_default_size and self.device.type != "cuda":
             num_blocks = min(num_blocks, self.limits.max_num_seqs * min_blocks)
-        num_blocks = smallest_over_ranks(self.parallel, num_blocks, self.device)
+        num_blocks = smallest_over_ranks(self.groups.replica, num_blocks, self.device)
         if num_blocks < min_blocks:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks but one full-length sequence needs "
@@ -228,7 +238,7 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self._build_decode_graphs()
-        if self.parallel.world_size > 1:
+        if self.config.world_size > 1:
             # NOTE: unseeded rows draw from the global generator; every rank must draw the same
             # numbers to sample the same tokens, whatever loading and warming up drew.
             torch.manual_seed(self.config.seed)
@@ -255,7 +265,7 @@ class ModelWorker:
             pipeline_parallel_size=self.config.pipeline_parallel_size,
             ranks=(
                 RankInfo(
-                    rank=self.parallel.rank,
+                    rank=self.rank,
                     device=devices.device_name(self.device),
                     node=socket.gethostname(),
                     weights_bytes=weights_bytes,
@@ -265,13 +275,14 @@ class ModelWorker:
         )
         logger.info(
             "execution plan: %s, %s on %s, tensor_parallel_size %d (rank %d), "
-            "pipeline_parallel_size %d, decode steps %s",
+            "pipeline_parallel_size %d (stage %d), decode steps %s",
             self.info.implementation,
             self.dtype,
             self.device,
             self.config.tensor_parallel_size,
-            self.parallel.rank,
+            self.groups.tensor.rank,
             self.config.pipeline_parallel_size,
+            self.groups.stage_index,
             "replayed" if self.runner.graphs else "eager",
         )
         logger.info(
@@ -372,8 +383,10 @@ class ModelWorker:
         """Run one forward over the scheduled sequences and sample their next tokens.
 
         Mutates the worker's sequence table: applies the step's diffs (`SequenceTable.apply`),
-        advances computed counts and appends each sampled token. A rank other than 0 of a
-        split replica returns only its sampled tokens (`rank_group.rank_zero_output` checks them).
+        advances computed counts and appends each sampled token. A rank of a split replica
+        other than its output rank returns only its sampled tokens (`rank_group.group_output`
+        checks them); a rank before the last pipeline stage computes its layers, sends its
+        hidden states on and takes the tokens the last stage sampled.
 
         Raises:
             RuntimeError: `warmup()` has not run.
@@ -398,9 +411,13 @@ class ModelWorker:
         model_input = self.runner.prepare(scheduled)
         logits = self.runner.execute(model_input)  # [num_samples + num_prompt_logits, vocab]
         sampling_idx = [i for i in model_input.order if scheduled[i].samples]
-        self._sample(
-            out, logits[: len(sampling_idx)], [(i, seqs[i]) for i in sampling_idx], step_input
-        )
+        sampling = [(i, seqs[i]) for i in sampling_idx]
+        if not self.is_last_stage:  # NOTE: no logits here: the last stage samples
+            self._take_sampled(out, sampling, step_input)
+            return self._finish(out, seqs, step_input, start)
+        self._sample(out, logits[: len(sampling_idx)], sampling, step_input)
+        if self.groups.links is not None:
+            self.groups.links.send_tokens(out.sampled_token_ids)
         for i, offset in model_input.prompt_row_offsets.items():
             seq, first = seqs[i], scheduled[i].num_computed + 1
             count = scheduled[i].num_prompt_logits
@@ -412,13 +429,40 @@ class ModelWorker:
                     rows, seq.token_ids[first : first + count], seq.sampling_params.prompt_logprobs
                 ),
             )
+        return self._finish(out, seqs, step_input, start)
+
+    def _finish(
+        self, out: StepOutput, seqs: list[WorkerSequence], step_input: StepInput, start: float
+    ) -> StepOutput:
         self.table.advance(seqs, step_input)
         out.forward_s = time.perf_counter() - start
-        if self.parallel.rank > 0:
-            # NOTE: a group answers with rank 0's output; the others' tokens only show that the
-            # ranks agree (`rank_group.rank_zero_output`), so nothing else need cross a process.
+        self.step_s += out.forward_s
+        if self.rank != self.output_rank:
+            # NOTE: a group answers with its output rank's output; the others' tokens only show
+            # that the ranks agree (`rank_group.group_output`), so nothing else need cross a
+            # process.
             return StepOutput(out.step_id, out.seq_ids, out.sampled_token_ids)
         return out
+
+    def _take_sampled(
+        self, out: StepOutput, rows: list[tuple[int, WorkerSequence]], step_input: StepInput
+    ) -> None:
+        """Before the last stage: the tokens it sampled, appended as if sampled here (beams'
+        candidates are the router's to choose; it sends the chosen tokens in the next step)."""
+        assert self.groups.links is not None
+        samples = [(i, seq) for i, seq in rows if seq.sampling_params.num_beams == 1]
+        token_ids = self.groups.links.receive_tokens(len(samples))
+        for (_, seq), token_id in zip(samples, token_ids):
+            seq.token_ids.append(token_id)
+        out.seq_ids = [step_input.seq_ids[i] for i, _ in samples]
+        out.sampled_token_ids = token_ids
+
+    def stage_seconds(self) -> tuple[float, float]:
+        """Seconds this rank has spent in steps, and of those the seconds spent sending to and
+        receiving from other pipeline stages (waiting for them included): how busy a stage is
+        (`bench/pipeline_stages.py`)."""
+        links = self.groups.links
+        return self.step_s, links.comm_s if links is not None else 0.0
 
     def _sample(
         self,

@@ -80,10 +80,12 @@ def hf_greedy(model: Any, prompt: list[int]) -> tuple[list[int], list[torch.Tens
 
 
 def kvray_greedy(
-    model: Any, prompts: list[list[int]]
+    model: Any, prompts: list[list[int]], links: Any = None
 ) -> list[tuple[list[int], list[torch.Tensor]]]:
     """Greedy generation through the paged cache, as the worker steps: both prompts in two
-    chunks (the second attends over cached context), then one token a step."""
+    chunks (the second attends over cached context), then one token a step. With pipeline
+    stages (`links`, a `pipeline.StageLinks`) the last stage picks the tokens and sends them
+    back; an earlier stage takes them and has no log-probabilities."""
     cache = KVCache(model.kv_cache_spec(torch.float32), num_blocks=64, block_size=BLOCK, device=CPU)
     runner = ModelRunner(model, cache, CPU)
     tokens = [list(p) for p in prompts]
@@ -100,10 +102,16 @@ def kvray_greedy(
         with torch.inference_mode(), attention_context(model_input.metadata):
             logits = model(model_input.input_ids, model_input.positions, keep)[0]
         sampling = [i for i in model_input.order if seqs[i].samples]
-        for row, i in enumerate(sampling):
-            token = int(logits[row].argmax())
+        if logits.shape[0] == 0:  # an earlier pipeline stage
+            picked = links.receive_tokens(len(sampling))
+        else:
+            picked = [int(logits[row].argmax()) for row in range(len(sampling))]
+            if links is not None:
+                links.send_tokens(picked)
+        for row, (i, token) in enumerate(zip(sampling, picked)):
             out[i][0].append(token)
-            out[i][1].append(logits[row].log_softmax(-1))
+            if logits.shape[0]:
+                out[i][1].append(logits[row].log_softmax(-1))
             tokens[i].append(token)
         for i, seq in enumerate(seqs):
             computed[i] += seq.num_tokens

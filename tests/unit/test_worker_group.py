@@ -1,7 +1,8 @@
-"""A replica of several ranks, without Ray or a model: the group executor returns rank 0's
-output once the ranks agree, fails as soon as any rank fails (while the others may still wait
-in a collective), and reports a placement it did not get with what it asked for; the settings
-refuse what tensor parallelism cannot run yet."""
+"""A replica of several ranks, without Ray or a model: the group executor returns its output
+rank's output (rank 0's; the last pipeline stage's first rank's) once the ranks agree, fails as
+soon as any rank fails (while the others may still wait in a collective), and reports a
+placement it did not get with what it asked for; the settings refuse what a replica of several
+ranks cannot run yet."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kvray.cluster.grpc_server import status_to_proto
 from kvray.cluster.stats import ClusterStats, ReplicaState, ReplicaStats
 from kvray.cluster.worker_group import PlacementError, WorkerGroup
 from kvray.workers.protocol import RankInfo, StepInput, StepOutput, WorkerInfo
-from kvray.workers.rank_group import group_info, rank_zero_output
+from kvray.workers.rank_group import group_info, group_output
 
 
 def info(rank: int, **changes) -> WorkerInfo:
@@ -45,9 +46,9 @@ def test_ranks_that_disagree_on_the_cache_are_refused():
 
 def test_ranks_that_sampled_different_tokens_fail_the_step():
     rank0 = StepOutput(3, seq_ids=[1, 2], sampled_token_ids=[5, 6], forward_s=0.1)
-    assert rank_zero_output([rank0, StepOutput(3, [1, 2], [5, 6])]) is rank0
-    with pytest.raises(RuntimeError, match="rank 1 sampled"):
-        rank_zero_output([rank0, StepOutput(3, [1, 2], [5, 7])])
+    assert group_output([rank0, StepOutput(3, [1, 2], [5, 6])], output_rank=0) is rank0
+    with pytest.raises(RuntimeError, match="rank 1 holds"):
+        group_output([rank0, StepOutput(3, [1, 2], [5, 7])], output_rank=0)
 
 
 class Rank:
@@ -77,11 +78,11 @@ class NeverReady:
         return asyncio.get_running_loop().create_future()  # never done
 
 
-def group(ranks, placement=None, timeout_s=60.0) -> WorkerGroup:
+def group(ranks, placement=None, timeout_s=60.0, output_rank=0) -> WorkerGroup:
     bundles = [{"CPU": 0.5}] * len(ranks)
     return WorkerGroup(
         "replica-7", ranks, placement or NeverReady(), bundles=bundles, strategy="STRICT_PACK",
-        placement_timeout_s=timeout_s,
+        placement_timeout_s=timeout_s, output_rank=output_rank,
     )  # fmt: skip
 
 
@@ -96,6 +97,18 @@ def test_a_step_goes_to_every_rank_and_rank_zeros_output_comes_back():
 
     out = asyncio.run(run())
     assert (out.step_id, out.forward_s) == (4, 0.5)
+
+
+def test_a_pipelines_step_is_answered_by_its_last_stage():
+    async def run():
+        ranks = [Rank(0), Rank(1)]
+        pending = group(ranks, output_rank=1).step.remote(StepInput(step_id=4))
+        for r in ranks:
+            r.gate.set()
+        return await pending
+
+    out = asyncio.run(run())
+    assert (out.step_id, out.forward_s) == (4, 0.0)  # rank 1's (rank 0 reports 0.5)
 
 
 def test_a_failed_rank_fails_the_step_while_rank_zero_still_waits():
@@ -154,8 +167,13 @@ def test_metrics_show_each_ranks_device_and_bytes():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"pipeline_parallel_size": 2}, "pipeline parallelism is not implemented yet"),
+        ({"pipeline_parallel_size": 0}, "pipeline_parallel_size must be >= 1"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1"),
+        (
+            {"pipeline_parallel_size": 2, "quantization": "int8"},
+            "quantization int8 does not run at tensor_parallel_size 1 x pipeline_parallel_size 2",
+        ),
+        ({"pipeline_parallel_size": 2, "model": "fake"}, "pipeline_parallel_size 1 only"),
         ({"tensor_parallel_size": 2, "quantization": "int8"}, "quantization int8 does not run"),
         ({"tensor_parallel_size": 2, "decode_graphs": "on"}, "decode_graphs on does not run"),
         ({"tensor_parallel_size": 2, "model": "fake"}, "model fake (scripted tokens) runs at"),
@@ -171,3 +189,15 @@ def test_the_parallel_sizes_come_from_the_environment_too():
     config = load({}, environ={"KVRAY_TENSOR_PARALLEL_SIZE": "2"})
     assert config.engine.worker.tensor_parallel_size == 2
     assert config.engine.worker.world_size == 2
+    config = load({"tensor_parallel_size": 2}, environ={"KVRAY_PIPELINE_PARALLEL_SIZE": "2"})
+    assert config.engine.worker.world_size == 4
+
+
+def test_a_pipelines_stages_are_bundles_of_their_ranks_packed_not_strictly():
+    from kvray.cluster.worker_actor import group_bundles
+
+    rank = {"CPU": 1.0, "GPU": 1.0}
+    assert group_bundles(rank, 2, 1) == ([rank, rank], "STRICT_PACK")
+    assert group_bundles(rank, 1, 2) == ([rank, rank], "PACK")
+    stage = {"CPU": 2.0, "GPU": 2.0}  # a stage's tensor-parallel ranks, never split over nodes
+    assert group_bundles(rank, 2, 3) == ([stage] * 3, "PACK")

@@ -1,7 +1,8 @@
 """kvray's own models: a registry from Hugging Face `model_type` to a model built from
-kvray's layers (`layers.py`), which can be split over tensor-parallel ranks.
+kvray's layers (`layers.py`), which can be split over tensor-parallel ranks and pipeline stages
+(`pipeline.py`).
 
-Every other architecture runs on transformers' own modules, at tensor_parallel_size 1 only.
+Every other architecture runs on transformers' own modules, on one rank only.
 `model_class` decides which, once, at load; `load_model` builds a rank's model and copies its
 shard of the checkpoint.
 """
@@ -17,6 +18,7 @@ import torch
 from kvray.workers.kv_cache import KVCacheSpec
 from kvray.workers.models.layers import Placement
 from kvray.workers.models.loader import Weight
+from kvray.workers.models.pipeline import Stage
 
 # model_type -> "module:class", imported on first use
 MODELS = {
@@ -54,20 +56,26 @@ def supported_architectures() -> list[str]:
     return sorted(MODELS)
 
 
-def model_class(model_type: str, *, tensor_parallel_size: int = 1) -> type | None:
+def model_class(
+    model_type: str, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1
+) -> type | None:
     """kvray's model class for `model_type`, or None where transformers' modules run.
 
     Raises:
-        ValueError: tensor_parallel_size > 1 for an architecture kvray has no model of.
+        ValueError: tensor_parallel_size or pipeline_parallel_size > 1 for an architecture
+            kvray has no model of, naming the setting.
     """
     target = MODELS.get(model_type)
     if target is None:
-        if tensor_parallel_size > 1:
+        sizes = [("tensor_parallel_size", tensor_parallel_size)]
+        sizes.append(("pipeline_parallel_size", pipeline_parallel_size))
+        split = [f"{name} {size}" for name, size in sizes if size > 1]
+        if split:
             raise ValueError(
-                f"tensor_parallel_size {tensor_parallel_size} needs one of kvray's own models; "
-                f"model_type {model_type!r} runs on transformers' modules, at "
-                f"tensor_parallel_size 1 only. Architectures kvray can split: "
-                f"{', '.join(supported_architectures())}"
+                f"{' x '.join(split)} needs one of kvray's own models; model_type "
+                f"{model_type!r} runs on transformers' modules, on one rank only "
+                f"(tensor_parallel_size 1, pipeline_parallel_size 1). Architectures kvray "
+                f"can split: {', '.join(supported_architectures())}"
             )
         return None
     module, _, name = target.partition(":")
@@ -75,10 +83,14 @@ def model_class(model_type: str, *, tensor_parallel_size: int = 1) -> type | Non
 
 
 def load_model(
-    config: Any, weights: Iterable[tuple[str, Weight]], placement: Placement
+    config: Any,
+    weights: Iterable[tuple[str, Weight]],
+    placement: Placement,
+    stage: Stage | None = None,
 ) -> CausalLM:
-    """Build this rank's model of `config` in `placement` and copy its shard of `weights`
-    ((Hugging Face name, tensor) pairs: a state dict's items, `loader.checkpoint_weights`).
+    """Build this rank's model of `config` in `placement` (of `stage`'s layers; by default
+    the whole model) and copy its shard of `weights` ((Hugging Face name, tensor) pairs: a
+    state dict's items, `loader.checkpoint_weights`).
 
     Raises:
         ValueError: no kvray model for `config.model_type`; a size tensor parallelism cannot
@@ -92,6 +104,6 @@ def load_model(
             f"kvray has no model of its own for model_type {config.model_type!r}; "
             f"it has for {', '.join(supported_architectures())}"
         )
-    model = cls(config, placement)
+    model = cls(config, placement, stage)
     model.load_weights(weights)
     return model.eval()

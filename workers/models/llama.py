@@ -31,6 +31,7 @@ from kvray.workers.models.layers import (
     apply_rotary,
 )
 from kvray.workers.models.loader import Weight
+from kvray.workers.models.pipeline import Stage, make_stage
 
 logger = logging.getLogger(__name__)
 
@@ -136,50 +137,85 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, placement: Placement) -> None:
+    """The decoder of one pipeline stage: its layers, the embedding on the first stage and
+    the final norm on the last (with one stage, all of them)."""
+
+    def __init__(self, config: Any, placement: Placement, stage: Stage) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, placement)
-        layers = [LlamaDecoderLayer(config, i, placement) for i in range(config.num_hidden_layers)]
-        self.layers = nn.ModuleList(layers)
+        self.stage = stage
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, placement)
+            if stage.is_first
+            else None
+        )
+        layers = [LlamaDecoderLayer(config, i, placement) for i in stage.layers]
+        for cache_index, layer in enumerate(layers):
+            # NOTE: the paged attention finds a layer's cache by `layer_idx`; a stage's cache
+            # holds its own layers only, from 0
+            layer.self_attn.layer_idx = cache_index
+        # NOTE: keyed by global index, so a stage's parameters keep the checkpoint's names
+        self.layers = nn.ModuleDict({str(i): layer for i, layer in zip(stage.layers, layers)})
         qkv = layers[0].self_attn.qkv_proj
         self.num_kv_heads, self.head_dim = qkv.num_kv_heads, qkv.head_dim  # this rank's
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, placement)
+        self.norm = (
+            RMSNorm(config.hidden_size, config.rms_norm_eps, placement) if stage.is_last else None
+        )
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), placement.device)
+        self.hidden_size, self.dtype = config.hidden_size, placement.dtype
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:  # [1, n], [1, n] -> [1, n, hidden]
-        h = self.embed_tokens(input_ids)
+    ) -> torch.Tensor:  # [1, n], [1, n] -> [1, n, hidden]: normed on the last stage
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(input_ids)
+        else:
+            assert self.stage.links is not None
+            h = self.stage.links.receive_hidden((*input_ids.shape, self.hidden_size), self.dtype)
         cos, sin = self.rotary_emb(positions, h.dtype)
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, cos, sin)
-        return self.norm(h)
+        return h if self.norm is None else self.norm(h)
 
 
 class LlamaForCausalLM(nn.Module):
-    """One tensor-parallel rank of a Llama, Mistral, Qwen2 or Qwen3 model.
+    """One rank of a Llama, Mistral, Qwen2 or Qwen3 model: its tensor-parallel shard of its
+    pipeline stage's layers (`stage`: by default the whole model).
 
     `model(input_ids, positions, keep)` is the runner's forward contract
     (`llama_family.Forward`), inside `attention.attention_context`: the logits of rows `keep`
     ([k] indices, or an int: the last `keep` rows, 0 for all) over the whole vocabulary, on
-    every rank. `kv_cache_spec` sizes this rank's cache (its own KV heads only);
+    every rank of the last stage. An earlier stage sends its hidden states on to the next
+    (`pipeline.StageLinks`) and returns no rows ([1, 0, vocab]); a later one takes its input
+    from the previous stage, not from `input_ids` (whose shape it still reads).
+    `kv_cache_spec` sizes this rank's cache (its own layers and KV heads only);
     `load_weights` copies this rank's shard of each checkpoint tensor.
     """
 
-    def __init__(self, config: Any, placement: Placement) -> None:
+    def __init__(self, config: Any, placement: Placement, stage: Stage | None = None) -> None:
         super().__init__()
         self.config = config
         self.placement = placement
-        self.model = LlamaModel(config, placement)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, placement)
+        self.stage = stage or make_stage(config.num_hidden_layers)
+        self.model = LlamaModel(config, placement, self.stage)
+        self.lm_head = (
+            ParallelLMHead(config.vocab_size, config.hidden_size, placement)
+            if self.stage.is_last
+            else None
+        )
         self.is_tied = bool(getattr(config, "tie_word_embeddings", False))
-        if self.is_tied:
+        if self.is_tied and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # NOTE: a last stage without the embedding keeps its own copy of a tied weight
+        self.loads_tied_head = self.is_tied and self.lm_head is not None and not self.stage.is_first
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | int
     ) -> torch.Tensor:  # [1, n], [1, n] -> [1, k, vocab]
         h = self.model(input_ids, positions)
+        if self.lm_head is None:  # an earlier stage: the next one goes on from here
+            assert self.stage.links is not None
+            self.stage.links.send_hidden(h)
+            return h.new_empty(1, 0, self.config.vocab_size)
         if isinstance(keep, torch.Tensor):
             h = h[:, keep, :]
         elif keep:
@@ -187,14 +223,16 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
-        """This rank's KV cache: its own key/value heads (one where they are replicated)."""
+        """This rank's KV cache: its stage's layers, its own key/value heads (one where they
+        are replicated)."""
         base = self.model
-        return KVCacheSpec(self.config.num_hidden_layers, base.num_kv_heads, base.head_dim, dtype)
+        return KVCacheSpec(len(self.stage.layers), base.num_kv_heads, base.head_dim, dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
         """Copy this rank's part of each (Hugging Face name, tensor); raise ValueError naming
         any weight the checkpoint lacks. Tensors the model has no place for (a checkpoint's
-        rotary buffers, layers past `num_hidden_layers`) are skipped and logged."""
+        rotary buffers, layers past `num_hidden_layers` or of other stages) are skipped and
+        logged."""
         modules = dict(self.named_modules())
         loaded: set[tuple[str, str, Shard]] = set()
         skipped: list[str] = []
@@ -202,7 +240,9 @@ class LlamaForCausalLM(nn.Module):
             path, _, param = name.rpartition(".")
             parent, _, leaf = path.rpartition(".")
             shard: Shard = None
-            if leaf in FUSED:
+            if self.loads_tied_head and name == "model.embed_tokens.weight":
+                path = "lm_head"
+            elif leaf in FUSED:
                 fused, shard = FUSED[leaf]
                 path = f"{parent}.{fused}"
             module = modules.get(path)
@@ -222,7 +262,8 @@ class LlamaForCausalLM(nn.Module):
     def _expected_weights(self) -> set[tuple[str, str, Shard]]:
         expected: set[tuple[str, str, Shard]] = set()
         for path, module in self.named_modules():
-            if not hasattr(module, "load_weight") or (module is self.lm_head and self.is_tied):
+            is_shared_head = module is self.lm_head and self.is_tied and not self.loads_tied_head
+            if not hasattr(module, "load_weight") or is_shared_head:
                 continue
             if isinstance(module, QKVParallelLinear):
                 shards: list[Shard] = ["q", "k", "v"]
