@@ -80,7 +80,8 @@ class WorkerConfig:
     tensor_parallel_size: int = setting(
         1,
         "worker processes one replica's layers are split over (one device each; Llama, Mistral, "
-        "Qwen2 and Qwen3 only; heads must divide evenly)",
+        "Qwen2 and Qwen3 only; attention heads split by GQA groups, unevenly where the ranks do "
+        "not divide them)",
     )
     pipeline_parallel_size: int = setting(
         1,

@@ -19,7 +19,7 @@ from kvray.workers.attention import attention_context
 from kvray.workers.kv_cache import KVCache
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.models import load_model, model_class, supported_architectures
-from kvray.workers.models.layers import Placement
+from kvray.workers.models.layers import HeadShard, Placement, partition_heads
 from kvray.workers.models.llama import LlamaForCausalLM
 from kvray.workers.models.loader import checkpoint_weights
 from kvray.workers.models.parallel import SINGLE_RANK, init_process_group
@@ -44,6 +44,22 @@ CONFIGS = {
     # q/k norms; an odd vocabulary, so the last rank's part is padded
     "qwen3": lambda: transformers.Qwen3Config(**{**SHAPE, "vocab_size": 127}, head_dim=16),
 }  # fmt: skip
+# Key/value heads two ranks do not divide: split by GQA groups, rank 0 taking more.
+UNEVEN = {
+    # SmolLM2-135M's heads (9 query, 3 key/value; head_dim 16): rank 0 holds 6 + 2, rank 1
+    # 3 + 1; an MLP of odd width (48 + 47 columns); biases on the row-parallel layers
+    "llama-9-heads": lambda: transformers.LlamaConfig(
+        **{**SHAPE, "hidden_size": 144, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "intermediate_size": 95},
+        attention_bias=True, mlp_bias=True,
+    ),
+    # 6 query heads over 3 key/value heads (4 + 2, 2 + 1): q/k/v biases, tied embeddings
+    "qwen2-6-heads": lambda: transformers.Qwen2Config(
+        **{**SHAPE, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3},
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+MODELS = {**CONFIGS, **UNEVEN}
 PROMPT_LENGTHS = (11, 19)
 NEW_TOKENS = 8
 BLOCK = 4
@@ -53,7 +69,7 @@ CPU = torch.device("cpu")
 
 def build_hf(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(MODELS[arch](), dtype=torch.float32)
     with torch.no_grad():  # norms start at ones and biases at zeros, which would hide them
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -178,7 +194,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def hf_models() -> dict[str, Any]:
-    return {arch: build_hf(arch) for arch in CONFIGS}
+    return {arch: build_hf(arch) for arch in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +226,7 @@ def hf_reference(hf_models: dict[str, Any]) -> dict[str, list]:
     }
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", sorted(MODELS))
 def test_one_rank_logits_equal_hf_over_the_paged_cache(arch, one_rank, hf_reference):
     model = one_rank[arch]
     generated = kvray_greedy(model, prompts(model.config.vocab_size))
@@ -218,7 +234,7 @@ def test_one_rank_logits_equal_hf_over_the_paged_cache(arch, one_rank, hf_refere
         assert_follows(got, ref)
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", sorted(MODELS))
 def test_two_ranks_generate_hf_greedy_tokens_with_one_ranks_logits(
     arch, one_rank, hf_reference, two_ranks
 ):
@@ -275,14 +291,67 @@ def test_each_rank_holds_half_of_the_split_weights_and_kv_heads(arch, one_rank, 
             assert sum(rank[arch]["numels"][n] for n in split) * 4 * 2 == one
 
 
+def test_uneven_heads_give_each_rank_the_weights_and_kv_cache_of_its_gqa_groups(
+    one_rank, two_ranks
+):
+    """SmolLM2's split in small (9 query heads over 3 key/value heads; head_dim 16, hidden 144,
+    2 layers, an MLP of 95 columns, biases, vocabulary 128 in two parts of 64 rows)."""
+    counts = [rank["llama-9-heads"]["numels"] for rank in two_ranks]
+    qkv, o_proj = (
+        "model.layers.0.self_attn.qkv_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    )
+    assert [c[qkv] for c in counts] == [(6 + 2 * 2) * 16 * 144, (3 + 2 * 1) * 16 * 144]
+    assert [c[o_proj] for c in counts] == [144 * 6 * 16, 144 * 3 * 16]
+    assert [c["model.layers.0.mlp.down_proj.weight"] for c in counts] == [144 * 48, 144 * 47]
+    # A layer of rank 0: norms 2 x 144; qkv 160 x (144 + 1); o_proj 144 x 96 + 144;
+    # gate_up 96 x (144 + 1); down 144 x 48 + 144: 58,432 parameters. Rank 1 (80 qkv rows,
+    # 48 o_proj columns, 47 MLP columns): 39,486. Both: 2 layers, embedding and output layer
+    # 64 x 144 each, the final norm 144. fp32: 4 bytes each.
+    weight_bytes = [4 * sum(c.values()) for c in counts]
+    assert weight_bytes == [
+        4 * (2 * 58_432 + 2 * 64 * 144 + 144),
+        4 * (2 * 39_486 + 2 * 64 * 144 + 144),
+    ]
+    assert weight_bytes == [541_760, 390_192]
+    # a block of 4 tokens: keys and values x 2 layers x 16 x 4 tokens x 4 bytes a KV head
+    specs = [rank["llama-9-heads"]["kv_cache_spec"] for rank in two_ranks]
+    assert [spec.num_kv_heads for spec in specs] == [2, 1]
+    assert [spec.bytes_per_block(BLOCK) for spec in specs] == [2 * 1024, 1024]
+    alone = one_rank["llama-9-heads"].kv_cache_spec(torch.float32).bytes_per_block(BLOCK)
+    assert alone == sum(spec.bytes_per_block(BLOCK) for spec in specs)
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,world_size,expected",
+    [
+        (9, 3, 2, [HeadShard(0, 6, 0, 2), HeadShard(6, 3, 2, 1)]),  # SmolLM2-135M
+        (4, 2, 2, [HeadShard(0, 2, 0, 1), HeadShard(2, 2, 1, 1)]),  # even: as before
+        (4, 1, 2, [HeadShard(0, 2, 0, 1), HeadShard(2, 2, 0, 1)]),  # one KV head, replicated
+        (8, 2, 4, [HeadShard(2 * r, 2, r // 2, 1) for r in range(4)]),
+        (15, 5, 3, [HeadShard(0, 6, 0, 2), HeadShard(6, 6, 2, 2), HeadShard(12, 3, 4, 1)]),
+    ],
+)
+def test_heads_split_by_gqa_groups(num_heads, num_kv_heads, world_size, expected):
+    shards = partition_heads(num_heads, num_kv_heads, world_size)
+    assert shards == expected
+    for shard in shards:  # every query head reads a key/value head of its own rank
+        group = num_heads // num_kv_heads
+        first_kv, last_kv = shard.first // group, (shard.first + shard.num_heads - 1) // group
+        assert shard.first_kv <= first_kv <= last_kv < shard.first_kv + shard.num_kv_heads
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
-class TwoRanks:
-    """Rank 0 of two, for building a model without a process group (no collective runs)."""
+class Rank0:
+    """Rank 0 of `world_size`, for building a model without a process group (no collective
+    runs)."""
 
     rank = 0
-    world_size = 2
+
+    def __init__(self, world_size: int = 2) -> None:
+        self.world_size = world_size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         raise AssertionError("no collective while building")
@@ -292,29 +361,32 @@ class TwoRanks:
 
 
 @pytest.mark.parametrize(
-    "change,names",
+    "world_size,change,names",
     [
-        (
-            dict(num_attention_heads=3, num_key_value_heads=3, hidden_size=48),
-            "num_attention_heads (3)",
-        ),
-        (
-            dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48),
-            "num_key_value_heads (3)",
-        ),
-        (dict(intermediate_size=95), "intermediate_size (95)"),
+        # one key/value head on both ranks: its 3 query heads would split 2 and 1
+        (2, dict(num_attention_heads=3, num_key_value_heads=1, hidden_size=48),
+         "num_attention_heads (3) is not divisible"),
+        # 2 key/value heads over 3 ranks: neither split nor replicated evenly
+        (3, dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=48),
+         "num_key_value_heads (2) is fewer than"),
+        # 3 key/value heads over 4 ranks
+        (4, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48),
+         "num_key_value_heads (3) is fewer than"),
+        (2, dict(intermediate_size=1), "intermediate_size (1) is smaller than"),
     ],
-)
-def test_sizes_two_ranks_cannot_split_are_refused_naming_tensor_parallel_size(change, names):
+)  # fmt: skip
+def test_sizes_the_ranks_cannot_split_are_refused_naming_tensor_parallel_size(
+    world_size, change, names
+):
     config = transformers.LlamaConfig(**{**SHAPE, **change})
-    with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\)") as error:
-        LlamaForCausalLM(config, placement(TwoRanks()))
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size \({world_size}\)") as error:
+        LlamaForCausalLM(config, placement(Rank0(world_size)))
     assert names in str(error.value)
 
 
 def test_fewer_kv_heads_than_ranks_are_replicated_not_refused():
     config = transformers.LlamaConfig(**{**SHAPE, "num_key_value_heads": 1})
-    model = LlamaForCausalLM(config, placement(TwoRanks()))
+    model = LlamaForCausalLM(config, placement(Rank0()))
     assert model.kv_cache_spec(torch.float32).num_kv_heads == 1
 
 

@@ -5,8 +5,10 @@ Each layer's `load_weight(name, weight, shard)` copies its rank's part of a chec
 (`loader.narrow`: only that part is read). Column-parallel layers split output features and
 need no communication; row-parallel layers split input features and all-reduce their partial
 sums; the vocabulary layers split the vocabulary (the embedding all-reduces its masked lookup,
-the output layer all-gathers its logits). With one rank every collective is the identity and
-every layer computes what transformers' does, op for op.
+the output layer all-gathers its logits). A size the ranks do not divide is split unevenly,
+the first ranks taking more (attention by GQA groups: `partition_heads`); the vocabulary is
+padded instead. With one rank every collective is the identity and every layer computes what
+transformers' does, op for op.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from kvray.workers.llama_family import rms_norm
 from kvray.workers.models.loader import Weight, narrow, shape_of, whole
-from kvray.workers.models.parallel import ParallelContext, shard_size
+from kvray.workers.models.parallel import ParallelContext, shard_size, split_sizes
 
 # Which part of a fused layer a checkpoint tensor fills: "q", "k", "v"; 0 (gate), 1 (up).
 Shard = str | int | None
@@ -154,9 +156,10 @@ class _Linear(nn.Module):
 
 
 class ColumnParallelLinear(_Linear):
-    """Output features split over ranks (rank r: the r-th contiguous part); no communication.
-    `output_sizes` are the parts of a fused layer (gate and up), each split on its own, so a
-    rank holds its columns of every part: shard ids 0, 1, ... in `load_weight`."""
+    """Output features split over ranks (rank r: the r-th contiguous part, `split_sizes`: even
+    where the ranks divide them); no communication. `output_sizes` are the parts of a fused
+    layer (gate and up), each split on its own, so a rank holds its columns of every part:
+    shard ids 0, 1, ... in `load_weight`."""
 
     def __init__(
         self,
@@ -167,26 +170,74 @@ class ColumnParallelLinear(_Linear):
         placement: Placement,
         what: str,
     ) -> None:
-        size = placement.parallel.world_size
-        self.local_sizes = [shard_size(n, size, what) for n in output_sizes]
+        size, rank = placement.parallel.world_size, placement.parallel.rank
+        splits = [split_sizes(n, size, what) for n in output_sizes]
+        self.local_sizes = [split[rank] for split in splits]
+        self.starts = [sum(split[:rank]) for split in splits]  # in each part of the checkpoint
         super().__init__(in_features, sum(self.local_sizes), bias, placement)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out / tp]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out of this rank]
         return F.linear(x, self.weight, self.bias)
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
         part = shard if isinstance(shard, int) else 0
         n = self.local_sizes[part]
         offset = sum(self.local_sizes[:part])
-        rows = narrow(weight, 0, self.parallel.rank * n, n)
+        rows = narrow(weight, 0, self.starts[part], n)
         _copy(self.param(name)[offset : offset + n], rows, name)
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """One rank's attention heads: query heads `[first, first + num_heads)` and key/value heads
+    `[first_kv, first_kv + num_kv_heads)`."""
+
+    first: int
+    num_heads: int
+    first_kv: int
+    num_kv_heads: int
+
+
+def partition_heads(num_heads: int, num_kv_heads: int, world_size: int) -> list[HeadShard]:
+    """Every rank's attention heads (rank order), split by GQA groups: a key/value head and
+    the query heads that read it are never on different ranks.
+
+    With at least as many key/value heads as ranks, the key/value heads are split as evenly as
+    they go (`split_sizes`: SmolLM2's 3 over 2 ranks, 2 and 1) and each rank takes their query
+    heads (6 and 3). Where they do not divide, the ranks differ in heads, weights and KV cache,
+    and the one with the most sets the step's pace. With fewer key/value heads than ranks,
+    each is replicated on the `world_size / num_kv_heads` ranks whose query heads share it;
+    those query heads must split evenly.
+
+    Raises:
+        ValueError: fewer key/value heads than ranks where they do not divide the ranks or
+            the query heads do not split, naming tensor_parallel_size.
+    """
+    group = num_heads // num_kv_heads  # query heads a key/value head serves
+    if num_kv_heads >= world_size:
+        shards, first_kv = [], 0
+        for n in split_sizes(num_kv_heads, world_size, "num_key_value_heads"):
+            shards.append(HeadShard(first_kv * group, n * group, first_kv, n))
+            first_kv += n
+        return shards
+    if world_size % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({num_kv_heads}) is fewer than tensor_parallel_size "
+            f"({world_size}) and does not divide it; choose a tensor_parallel_size that "
+            f"{num_kv_heads} divides, or one of at most {num_kv_heads}"
+        )
+    per_rank = shard_size(num_heads, world_size, "num_attention_heads")
+    # NOTE: replicated: ranks r with the same r * kv_heads // tp share a head
+    return [
+        HeadShard(rank * per_rank, per_rank, rank * num_kv_heads // world_size, 1)
+        for rank in range(world_size)
+    ]
+
+
 class QKVParallelLinear(_Linear):
-    """q, k and v projections as one column-parallel layer: rank r holds query heads
-    `[r * h / tp, (r + 1) * h / tp)` and the key/value heads they read. With fewer key/value
-    heads than ranks each key/value head is replicated on the `tp / kv_heads` ranks whose query
-    heads share it (GQA groups never straddle ranks)."""
+    """q, k and v projections as one column-parallel layer: a rank holds its `HeadShard`'s
+    query heads and the key/value heads they read (`partition_heads`; `shards` lists every
+    rank's, which the output projection's split follows)."""
 
     def __init__(
         self,
@@ -199,21 +250,10 @@ class QKVParallelLinear(_Linear):
         placement: Placement,
     ) -> None:
         parallel = placement.parallel
-        size, rank = parallel.world_size, parallel.rank
         self.head_dim = head_dim
-        self.num_heads = shard_size(num_heads, size, "num_attention_heads")
-        if num_kv_heads >= size:
-            self.num_kv_heads = shard_size(num_kv_heads, size, "num_key_value_heads")
-            self.first_kv_head = rank * self.num_kv_heads
-        elif size % num_kv_heads:
-            raise ValueError(
-                f"num_key_value_heads ({num_kv_heads}) neither divides nor is divisible by "
-                f"tensor_parallel_size ({size}); choose a tensor_parallel_size that "
-                f"{num_kv_heads} divides or that divides {num_kv_heads}"
-            )
-        else:  # NOTE: replicated: ranks r with the same r * kv_heads // tp share a head
-            self.num_kv_heads = 1
-            self.first_kv_head = rank * num_kv_heads // size
+        self.shards = partition_heads(num_heads, num_kv_heads, parallel.world_size)
+        self.heads = self.shards[parallel.rank]
+        self.num_heads, self.num_kv_heads = self.heads.num_heads, self.heads.num_kv_heads
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.bounds = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
         super().__init__(hidden_size, q + 2 * kv, bias, placement)
@@ -227,22 +267,34 @@ class QKVParallelLinear(_Linear):
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
         start, end = self.bounds[str(shard)]
-        first = self.parallel.rank * self.num_heads if shard == "q" else self.first_kv_head
+        first = self.heads.first if shard == "q" else self.heads.first_kv
         rows = narrow(weight, 0, first * self.head_dim, end - start)
         _copy(self.param(name)[start:end], rows, name)
 
 
 class RowParallelLinear(_Linear):
     """Input features split over ranks; the partial products are all-reduced, then the bias
-    (replicated) added once. Its input is a column-parallel layer's output, already split."""
+    (replicated) added once. Its input is a column-parallel layer's output, already split:
+    `input_sizes` is every rank's part (rank order) where that layer's split is not
+    `split_sizes`' (the output projection follows the ranks' query heads)."""
 
     def __init__(
-        self, in_features: int, out_features: int, *, bias: bool, placement: Placement, what: str
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        placement: Placement,
+        what: str,
+        input_sizes: list[int] | None = None,
     ) -> None:
-        local = shard_size(in_features, placement.parallel.world_size, what)
-        super().__init__(local, out_features, bias, placement)
+        size, rank = placement.parallel.world_size, placement.parallel.rank
+        parts = input_sizes or split_sizes(in_features, size, what)
+        assert len(parts) == size and sum(parts) == in_features, (parts, in_features)
+        self.start = sum(parts[:rank])  # this rank's first input feature
+        super().__init__(parts[rank], out_features, bias, placement)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in / tp] -> [..., out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in of this rank] -> [..., out]
         if self.parallel.world_size == 1:
             return F.linear(x, self.weight, self.bias)
         y = self.parallel.all_reduce(F.linear(x, self.weight))
@@ -253,7 +305,7 @@ class RowParallelLinear(_Linear):
             _copy(self.bias, whole(weight), name)
             return
         n = self.weight.shape[1]
-        _copy(self.weight, narrow(weight, 1, self.parallel.rank * n, n), name)
+        _copy(self.weight, narrow(weight, 1, self.start, n), name)
 
 
 class _VocabParallel(nn.Module):

@@ -74,10 +74,12 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.head_dim, config.num_attention_heads, num_kv_heads_of(config),
             bias=qwen2 or attention_bias, placement=placement,
         )  # fmt: skip
+        # NOTE: o_proj's input is this rank's heads' outputs, so it splits as the heads do
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size,
             bias=attention_bias and not qwen2, placement=placement,
             what="num_attention_heads * head_dim",
+            input_sizes=[s.num_heads * self.head_dim for s in self.qkv_proj.shards],
         )  # fmt: skip
         self.q_norm = self.k_norm = None
         if config.model_type == "qwen3":  # per head, so replicated like any norm

@@ -92,3 +92,17 @@ def shard_size(total: int, world_size: int, what: str) -> int:
             f"choose a tensor_parallel_size that divides {total}"
         )
     return total // world_size
+
+
+def split_sizes(total: int, world_size: int, what: str) -> list[int]:
+    """`total` in `world_size` contiguous parts, rank order, as even as possible: the first
+    `total % world_size` ranks take one more (1536 over 2: 768 and 768; 3 over 2: 2 and 1). Where
+    they divide, every part is `shard_size`'s. A ValueError, naming `what` and
+    tensor_parallel_size, where a rank would get nothing."""
+    if total < world_size:
+        raise ValueError(
+            f"{what} ({total}) is smaller than tensor_parallel_size ({world_size}): a rank would "
+            f"hold none; choose a tensor_parallel_size of at most {total}"
+        )
+    base, extra = divmod(total, world_size)
+    return [base + (rank < extra) for rank in range(world_size)]
