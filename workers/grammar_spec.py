@@ -180,10 +180,17 @@ def from_structured_outputs(
     if not kinds:
         return None
     key, spec = kinds[0], given[kinds[0]]
-    return _spec_of(_VLLM_KINDS[key], spec, param=f"{param}.{key}")
+    return make_spec(_VLLM_KINDS[key], spec, param=f"{param}.{key}")
 
 
-def _spec_of(kind: str, value: Any, *, param: str) -> GrammarSpec:
+def make_spec(kind: str, value: Any, *, param: str) -> GrammarSpec:
+    """A spec of `kind` from a front door's value: a schema (a mapping, JSON text or a pydantic
+    model class) for json_schema, true for json_object, a list of strings for choice, text for
+    regex and grammar.
+
+    Raises:
+        InvalidParameterError: a value of the wrong type or shape, naming `param`.
+    """
     if kind == "json_schema":
         return GrammarSpec.json_schema(value, param=param)
     if kind == "choice":
