@@ -66,6 +66,10 @@ class WorkerInfo:
     # The model's sampling defaults (`NEUTRAL_KNOBS` names; its generation_config.json, or a
     # built-in model's own): what a request that leaves a knob unset samples with.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # Structured output: the worker masks logits with grammars (it loaded the model's tokenizer
+    # and has end-of-sequence ids to end a finished answer with). The router refuses
+    # constrained requests where this is false.
+    can_constrain_output: bool = False
 
 
 @dataclass
