@@ -166,3 +166,6 @@ class StepOutput:
     # sequences that asked for prompt_logprobs.
     prompt_logprobs: dict[int, tuple[int, list[Logprobs]]] = field(default_factory=dict)
     forward_s: float = 0.0  # seconds the worker spent in this step (forward + sampling)
+    # Of forward_s: host seconds making and applying structured output's masks (catching
+    # grammars up, filling bitmasks, masking logits); 0 without constrained rows.
+    mask_s: float = 0.0

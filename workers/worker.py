@@ -37,6 +37,8 @@ from kvray.workers.sampler import (
     prompt_logprobs,
 )
 from kvray.workers.sequences import SequenceTable, WorkerSequence
+from kvray.workers.structured_output import WorkerGrammars
+from kvray.workers.token_bitmask import prepare_grammar_masks
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ class ModelWorker:
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self._build_decode_graphs()
+        grammars = self._load_grammars()
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -196,6 +199,7 @@ class ModelWorker:
             quantization=self.config.quantization,
             decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
             sampling_defaults=self.sampling_defaults,
+            can_constrain_output=grammars is not None,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -204,6 +208,20 @@ class ModelWorker:
             self.kv_cache.num_bytes / 2**20,
         )
         return self.info
+
+    def _load_grammars(self) -> WorkerGrammars | None:
+        """Structured output's engine on the model's tokenizer; constrained sequences get their
+        grammar as they arrive (`SequenceTable.make_grammar`)."""
+        grammars = WorkerGrammars.load(
+            self.model_path,
+            revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code,
+            vocab_size=self.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
+        if grammars is not None:
+            self.table.make_grammar = grammars.sequence_grammar
+        return grammars
 
     def _build_decode_graphs(self) -> None:
         """Decode steps as replays (workers/decode_graphs.py), where `decode_graphs` asks."""
@@ -344,6 +362,7 @@ class ModelWorker:
                     rows[k][1].token_ids,
                     rows[k][1].num_prompt_tokens,
                     self.eos_token_ids,
+                    rows[k][1].grammar,
                 )
                 for k in ks
             ]
@@ -359,10 +378,16 @@ class ModelWorker:
             out.seq_ids = [step_input.seq_ids[rows[k][0]] for k in samples]
             out.sampled_token_ids = token_ids
             out.logprobs = logprobs
+            out.mask_s += batch.grammar.seconds if batch.grammar is not None else 0.0
         if beams:
-            out.beam_token_ids, out.beam_logprobs = beam_candidates(
-                logits[beams], sampling_rows(beams)
+            beam_rows = sampling_rows(beams)
+            grammar = prepare_grammar_masks(
+                beam_rows, vocab_size=self.vocab_size, device=self.device
             )
+            out.beam_token_ids, out.beam_logprobs = beam_candidates(
+                logits[beams], beam_rows, grammar=grammar
+            )
+            out.mask_s += grammar.seconds if grammar is not None else 0.0
             out.beam_seq_ids = [step_input.seq_ids[rows[k][0]] for k in beams]
 
     @property
