@@ -84,4 +84,6 @@ class ReplicaHandle:
             num_finished_requests=engine.num_finished_requests,
             num_prefix_queries=blocks.num_prefix_queries,
             num_prefix_hits=blocks.num_prefix_hits,
+            step_seconds=engine.step_seconds,
+            mask_seconds=engine.mask_seconds,
         )

@@ -20,6 +20,7 @@ import pytest
 from kvray.client import InvalidRequestError, KvrayClient
 from tests.helpers import free_port
 from tests.integration.conftest import act_mid_stream, start_cluster, wait_for
+from tests.integration.test_openai_http import metric, scrape
 from tests.integration.test_structured_output import SCHEMAS
 
 pytestmark = pytest.mark.ray
@@ -178,6 +179,32 @@ def test_a_bad_constraint_is_400_naming_its_field(http, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         http.completions.create(model="tiny", prompt=PROMPT, extra_body=extra)
     assert err.value.body["param"] == param
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_metrics_count_constrained_requests_compiles_and_mask_time(cluster, grpc):
+    before = scrape(cluster)
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}
+    for _ in range(2):  # the second finds the schema compiled
+        grpc.generate(PROMPT, json_schema=schema, temperature=0, max_tokens=20)
+    grpc.generate(PROMPT, regex="[a-z]{2}", temperature=0, max_tokens=20)
+    after = scrape(cluster)
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("kvray:constrained_requests_total", kind="json_schema") == 2
+    assert grew("kvray:constrained_requests_total", kind="regex") == 1
+    assert grew("kvray:grammar_compiles_total") == 2 and grew("kvray:grammar_cache_hits_total") == 1
+    (replica,) = {
+        dict(labels)["replica_id"]
+        for name, labels in after
+        if name == "kvray:replica_grammar_mask_seconds_total"
+    }
+    mask = grew("kvray:replica_grammar_mask_seconds_total", replica_id=replica)
+    assert 0 < mask < grew("kvray:replica_step_seconds_total", replica_id=replica)
 
 
 # ------------------------------------------------------------------ a killed worker
