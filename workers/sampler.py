@@ -2,7 +2,8 @@
 
 Order of operations (as in transformers' logits processors): min_tokens stop masking,
 token constraints (allowed_token_ids, bad_words, logit_bias: `token_constraints.py`),
-structured output's grammar masks (`token_bitmask.py`), penalties, greedy argmax; for sampled rows temperature, top-k, top-p, min-p, then one draw.
+structured output's grammar masks (`token_bitmask.py`), penalties, greedy argmax; for sampled
+rows temperature, top-k, top-p, min-p, then one draw.
 Logprobs are the model's own log-softmax, taken before all of these (vLLM's raw logprobs).
 Draws use the exponential-race trick (argmax of probs / Exp(1) noise), so a seeded row only
 needs its own noise vector: its tokens never depend on what else is in the batch.
