@@ -145,9 +145,10 @@ def _add_param_flag(p: argparse.ArgumentParser, name: str, f: FieldDescriptor) -
             flag, dest=name, action="append", type=_token_bias, metavar="TOKEN_ID=BIAS",
             help=f"{text} Repeatable.",
         )  # fmt: skip
-    elif f.is_repeated:
+    elif f.is_repeated or f.message_type is not None:  # a list, or choice's list of strings
+        value_type = str if f.message_type is not None else _TYPES[f.type]
         p.add_argument(
-            flag, dest=name, action="append", type=_TYPES[f.type], help=f"{text} Repeatable."
+            flag, dest=name, action="append", type=value_type, help=f"{text} Repeatable."
         )
     elif f.type == FieldDescriptor.TYPE_BOOL:
         p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)

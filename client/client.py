@@ -52,8 +52,10 @@ class KvrayClient(ClientBase):
     Keyword arguments of `generate`/`stream` are the sampling parameters (`kvray.wire`:
     temperature, top_k, top_p, min_p, the penalties, seed, n, max_tokens, min_tokens, stop,
     stop_token_ids, ignore_eos, include_stop_str_in_output, skip_special_tokens, logprobs,
-    logit_bias as {token_id: bias}, allowed_token_ids, bad_words, ...)
-    plus request_id, session_id, add_generation_prompt, timeout (seconds) and resume.
+    logit_bias as {token_id: bias}, allowed_token_ids, bad_words, ...), a structured output
+    (one of `structured_output=` a `kvray.GrammarSpec` or vLLM's {"json": schema} form,
+    `response_format=` OpenAI's dict, or `json_schema=` a schema or pydantic model, `regex=`,
+    `choice=[...]`, `grammar=`, `json_object=True`), plus request_id, session_id, add_generation_prompt, timeout (seconds) and resume.
     UNAVAILABLE and RESOURCE_EXHAUSTED are retried with backoff until the first token arrives
     (on the next router, given several); with `resume=True` a stream whose router goes away
     continues on the next one with no gap and no repeat. Every failure raises a `KvrayError`.

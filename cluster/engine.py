@@ -48,6 +48,8 @@ class EngineCore:
         # computed), so placement counts them as this replica's (`num_prefix_blocks`)
         self._incoming_hashes: Counter[int] = Counter()
         self.num_finished_requests = 0
+        self.step_seconds = 0.0  # the worker's time in steps (StepOutput.forward_s)
+        self.mask_seconds = 0.0  # of which structured output's masks (StepOutput.mask_s)
 
     # ------------------------------------------------------------------ requests
 
@@ -144,6 +146,8 @@ class EngineCore:
     def process(self, step_output: StepOutput) -> list[CompletionChunk]:
         """Apply one step's output: record tokens, stop rules, one chunk per sequence (ranked
         requests: their n best samples once they end)."""
+        self.step_seconds += step_output.forward_s
+        self.mask_seconds += step_output.mask_s
         chunks = [self._chunk(event) for event in self.scheduler.update(step_output)]
         for group in self.scheduler.finished_beams:
             chunks.extend(self._beam_results(group))

@@ -31,7 +31,9 @@ from kvray.cluster.detokenizer import Detokenizer
 from kvray.cluster.input_pool import InputPool
 from kvray.cluster.request import Request
 from kvray.cluster.sequence import Sequence, SequenceStatus, next_seq_id
+from kvray.cluster.structured_output import GrammarChecker, cannot_constrain
 from kvray.cluster.token_constraints import check_token_constraints, with_bad_words_token_ids
+from kvray.workers.grammar_spec import GrammarSpec
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
 
 
@@ -97,6 +99,8 @@ class InputProcessor:
         self.info = info
         self.tokenizer = tokenizer
         self._pool = InputPool(small_cost=SMALL_INPUT_COST)
+        # Structured output's check before a request is queued (compiles on threads of its own)
+        self.grammars = GrammarChecker.for_model(info, tokenizer)
 
     async def process_async(
         self,
@@ -110,15 +114,21 @@ class InputProcessor:
         """`process`, with the prompt's bounds checked here and the work on the input pool
         when it is costly: a conversation (its template), a text over INLINE_CHARS, resumed
         samples of more than INLINE_TOKENS tokens (replaying them through the detokenizer costs
-        ~16 µs each). So the event loop (every other stream) never waits for it."""
+        ~16 µs each). So the event loop (every other stream) never waits for it. A structured
+        output is compiled (and resumed samples replayed through it) on the grammar checker's
+        threads first."""
         self.check_prompt(prompt)
+        spec = sampling_params.structured_output
+        if spec is not None:
+            await self._grammar_checker(spec).check(spec, _resumed_token_ids(resume))
         process = functools.partial(
-            self.process,
+            self._process,
             prompt,
             sampling_params,
             request_id,
             arrival_time=arrival_time,
             resume=resume,
+            check_grammar=False,
         )
         num_resumed = sum(len(r.token_ids) for r in (resume or {}).values())
         return await self._off_loop_if_costly(prompt, process, num_resumed=num_resumed)
@@ -141,6 +151,8 @@ class InputProcessor:
 
     def close(self) -> None:
         self._pool.close()
+        if self.grammars is not None:
+            self.grammars.close()
 
     def process(
         self,
@@ -158,9 +170,26 @@ class InputProcessor:
         Raises:
             ValueError: a prompt or parameter the model cannot take (the message says why).
         """
+        return self._process(
+            prompt, sampling_params, request_id, arrival_time=arrival_time, resume=resume
+        )
+
+    def _process(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        arrival_time: float | None = None,
+        resume: Mapping[int, Resumed] | None = None,
+        check_grammar: bool = True,
+    ) -> Request:
         token_ids = self.tokenize(prompt)
         sampling_params = sampling_params.with_defaults(self.info.sampling_defaults)
         self.check_params(sampling_params, len(token_ids))
+        spec = sampling_params.structured_output
+        if spec is not None and check_grammar:  # (process_async checked it off the loop)
+            self._grammar_checker(spec).check_sync(spec, _resumed_token_ids(resume))
         sampling_params = with_bad_words_token_ids(sampling_params, self.tokenizer, self.info)
         resume = resume or {}
         self._check_resume(resume, sampling_params, len(token_ids))
@@ -206,6 +235,11 @@ class InputProcessor:
             eos_token_ids=frozenset(self.info.eos_token_ids),
             make_detokenizer=make_detokenizer,
         )
+
+    def _grammar_checker(self, spec: GrammarSpec) -> GrammarChecker:
+        if self.grammars is None:
+            raise cannot_constrain(spec, has_tokenizer=self.tokenizer is not None)
+        return self.grammars
 
     def _check_resume(
         self, resume: Mapping[int, Resumed], sampling_params: SamplingParams, num_prompt_tokens: int
@@ -378,6 +412,10 @@ class InputProcessor:
                 include_stop_str_in_output=sampling_params.include_stop_str_in_output,
             )
         return seq
+
+
+def _resumed_token_ids(resume: Mapping[int, Resumed] | None) -> dict[int, tuple[int, ...]]:
+    return {index: resumed.token_ids for index, resumed in (resume or {}).items()}
 
 
 def _resume(seq: Sequence, resumed: Resumed) -> None:

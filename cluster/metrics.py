@@ -19,6 +19,8 @@ from prometheus_client.registry import Collector
 from kvray.cluster.chunks import CompletionChunk
 from kvray.cluster.stats import ClusterStats, ReplicaState
 from kvray.cluster.streams import RequestStream
+from kvray.workers.grammar_spec import GRAMMAR_KINDS
+from kvray.workers.protocol import SamplingParams
 
 # vLLM's buckets, with finer ones below 10 ms for small models on fast steps.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -52,6 +54,14 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.finished = {r: success.labels(**label, finished_reason=r) for r in FINISH_REASONS}
+        constrained = Counter(
+            "kvray:constrained_requests",
+            "Requests admitted with a structured output, by kind (json_schema, json_object, "
+            "regex, choice, grammar).",
+            [*label, "kind"],
+            registry=self.registry,
+        )
+        self.constrained = {k: constrained.labels(**label, kind=k) for k in GRAMMAR_KINDS}
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to the first token.", TTFT_BUCKETS).labels(**label)  # fmt: skip
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between two tokens of a sample.", ITL_BUCKETS).labels(**label)  # fmt: skip
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to a sample's last token.", REQUEST_BUCKETS).labels(**label)  # fmt: skip
@@ -75,6 +85,12 @@ class ServingMetrics:
             self.e2e.observe(now - stream.arrival_time)
             if chunk.first_scheduled_time is not None:
                 self.queue_time.observe(chunk.first_scheduled_time - stream.arrival_time)
+
+    def observe_admitted(self, sampling_params: SamplingParams) -> None:
+        """Count a request the router queued."""
+        spec = sampling_params.structured_output
+        if spec is not None:
+            self.constrained[spec.kind].inc()
 
     def observe_aborted(self, num_samples: int) -> None:
         """Samples that ended without a final chunk (cancelled while waiting, or failed)."""
@@ -154,6 +170,8 @@ class _ClusterCollector(Collector):
         for name, doc, value in (
             ("kvray:moved_requests", "Requests continued on another replica (failure, drain timeout).", s.num_moved_requests),
             ("kvray:rebalanced_requests", "Queued requests moved to a less busy replica.", s.num_rebalanced_requests),
+            ("kvray:grammar_compiles", "Structured outputs the router compiled (a miss of its cache; refusals included).", s.num_grammar_compiles),
+            ("kvray:grammar_cache_hits", "Structured outputs the router found compiled in its cache.", s.num_grammar_cache_hits),
         ):  # fmt: skip
             total = CounterMetricFamily(name, doc, labels=["model_name"])
             total.add_metric([m], value)
@@ -161,12 +179,14 @@ class _ClusterCollector(Collector):
 
     def _per_replica(self, s: ClusterStats) -> Iterator[Metric]:
         labels = ["model_name", "replica_id"]
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "num_requests_running": GaugeMetricFamily("kvray:replica_num_requests_running", "Sequences running on the replica.", labels=labels),
             "num_waiting": GaugeMetricFamily("kvray:replica_num_requests_waiting", "Sequences queued on the replica.", labels=labels),
             "kv_cache_usage": GaugeMetricFamily("kvray:replica_kv_cache_usage_perc", "The replica's KV blocks in use (0-1).", labels=labels),
             "num_preemptions": GaugeMetricFamily("kvray:replica_num_preemptions", "Preemptions since the replica started.", labels=labels),
             "prefix_cache_hit_rate": GaugeMetricFamily("kvray:replica_prefix_cache_hit_rate", "Of the prompt tokens looked up in the replica's prefix cache, the share served from it (0-1).", labels=labels),
+            "step_seconds": CounterMetricFamily("kvray:replica_step_seconds", "The worker's time in steps (forward and sampling).", labels=labels),
+            "mask_seconds": CounterMetricFamily("kvray:replica_grammar_mask_seconds", "Of the step time, the host's time making and applying structured output's masks.", labels=labels),
         }  # fmt: skip
         for r in s.replicas:
             key = [self.model_name, r.replica_id]
@@ -175,6 +195,8 @@ class _ClusterCollector(Collector):
             families["kv_cache_usage"].add_metric(key, r.kv_cache_usage)
             families["num_preemptions"].add_metric(key, r.num_preemptions)
             families["prefix_cache_hit_rate"].add_metric(key, r.prefix_cache_hit_rate)
+            families["step_seconds"].add_metric(key, r.step_seconds)
+            families["mask_seconds"].add_metric(key, r.mask_seconds)
         yield from families.values()
         yield from self._per_rank(s)
 

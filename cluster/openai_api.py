@@ -3,9 +3,11 @@ validated, and turned into kvray prompts and `SamplingParams`.
 
 Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
-`include_stop_str_in_output`, `add_generation_prompt`, `allowed_token_ids`, `bad_words`).
-Fields kvray does not support yet are refused by name rather than ignored; unknown fields are
-ignored, as OpenAI SDKs send extras.
+`include_stop_str_in_output`, `add_generation_prompt`, `allowed_token_ids`, `bad_words`,
+`structured_outputs` and its older `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar`); OpenAI's `response_format` on both endpoints. Fields kvray does not support
+yet are refused by name rather than ignored; unknown fields are ignored, as OpenAI SDKs send
+extras.
 A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template as given.
 """
 
@@ -18,6 +20,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from kvray.cluster.chat_prompt import ChatPrompt, check_num_messages
 from kvray.cluster.input_processor import Prompt
+from kvray.workers.grammar_spec import (
+    GrammarSpec,
+    from_response_format,
+    from_structured_outputs,
+    make_spec,
+)
 from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 
@@ -54,6 +62,14 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None  # token ids as strings (JSON keys) -> bias
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs, or one of vLLM's
+    # older guided_* fields (at most one of them).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Beam search, as vLLM's extra parameters: max(n, best_of) beams, the n best returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -109,7 +125,26 @@ class _SamplingRequest(BaseModel):
             logprobs=logprobs,
             logit_bias=self._logit_bias(),
             allowed_token_ids=self._allowed_token_ids(),
+            structured_output=self._structured_output(),
         )
+
+    def _structured_output(self) -> GrammarSpec | None:
+        """The one constraint the body sets, its errors naming the body's field."""
+        given: list[GrammarSpec | None] = []
+        if self.response_format is not None:
+            given.append(from_response_format(self.response_format))
+        if self.structured_outputs is not None:
+            given.append(from_structured_outputs(self.structured_outputs))
+        for name, kind in _GUIDED.items():
+            if getattr(self, name) is not None:
+                given.append(make_spec(kind, getattr(self, name), param=name))
+        specs = [spec for spec in given if spec is not None]
+        if len(specs) > 1:
+            names = " and ".join(spec.param.split(".")[0] for spec in specs)
+            raise InvalidParameterError(
+                specs[1].param, f"{names} each constrain the output: set one"
+            )
+        return specs[0] if specs else None
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias, whose keys are token ids written as strings."""
@@ -132,6 +167,15 @@ class _SamplingRequest(BaseModel):
                 "allowed_token_ids", "allowed_token_ids is empty: no token could be sampled"
             )
         return tuple(self.allowed_token_ids or ())
+
+
+# vLLM's older structured output fields, and the kind each gives.
+_GUIDED = {
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
 
 
 class CompletionRequest(_SamplingRequest):
@@ -218,17 +262,10 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def prompt(self) -> ChatPrompt:
         if self.tools:
             raise InvalidParameterError("tools", "tools is not supported")
-        kind = "text" if self.response_format is None else self.response_format.get("type")
-        if kind != "text":  # OpenAI's default, plain text, is no constraint
-            raise InvalidParameterError(
-                "response_format",
-                f"response_format {kind!r}: structured output is not supported yet; only 'text'",
-            )
         messages = tuple(m.as_template_message(i) for i, m in enumerate(self.messages))
         return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt)
 

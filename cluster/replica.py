@@ -85,4 +85,6 @@ class ReplicaHandle:
             num_prefix_queries=blocks.num_prefix_queries,
             num_prefix_hits=blocks.num_prefix_hits,
             ranks=engine.info.ranks,
+            step_seconds=engine.step_seconds,
+            mask_seconds=engine.mask_seconds,
         )

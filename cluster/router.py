@@ -29,6 +29,7 @@ from kvray.cluster.stats import ClusterStats
 from kvray.cluster.streams import RequestStream, coalesce
 from kvray.cluster.worker_actor import ray_kill
 from kvray.workers.protocol import InvalidParameterError, SamplingParams, WorkerInfo
+from kvray.workers.structured_output import CompilerStats
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ class Router:
         except BaseException:
             del self._streams[request.request_id]
             raise
+        self.metrics.observe_admitted(request.sampling_params)
         return stream
 
     async def generate(
@@ -336,6 +338,8 @@ class Router:
         totals = copy.copy(self.pool.retired)
         for replica in replicas:
             totals.add(replica)
+        grammars = self.processor.grammars if self.processor is not None else None
+        compiles = grammars.stats if grammars is not None else CompilerStats()
         return ClusterStats(
             replicas=replicas,
             queue_depth=self.dispatcher.num_unassigned,
@@ -353,4 +357,6 @@ class Router:
             num_scale_ups=self.autoscaler.num_scale_ups,
             num_scale_downs=self.autoscaler.num_scale_downs,
             block_size=self.pool.info.block_size if self.pool.info else 0,
+            num_grammar_compiles=compiles.num_misses,
+            num_grammar_cache_hits=compiles.num_hits,
         )

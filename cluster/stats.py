@@ -38,6 +38,8 @@ class ReplicaStats:
     num_prefix_queries: int = 0  # prompt tokens looked up in its prefix cache
     num_prefix_hits: int = 0  # of which were served from it
     ranks: tuple[RankInfo, ...] = ()  # its worker processes (tensor-parallel ranks), rank order
+    step_seconds: float = 0.0  # its worker's time in steps since it started
+    mask_seconds: float = 0.0  # of which making and applying structured output's masks
 
     @property
     def is_ready(self) -> bool:
@@ -101,6 +103,10 @@ class ClusterStats:
     block_size: int = 0  # tokens per KV block (0 before the first replica is ready)
     # Placements of new and waiting requests by what decided them (`placement.Placement`)
     num_routing_decisions: dict[str, int] = field(default_factory=dict)
+    # Structured output's compiled-grammar cache at the router: compiles (refusals included)
+    # and cache hits
+    num_grammar_compiles: int = 0
+    num_grammar_cache_hits: int = 0
 
 
 @dataclass

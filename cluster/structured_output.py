@@ -14,7 +14,7 @@ from typing import Any
 
 from kvray.workers.grammar_engine import DEFAULT_ENGINE, make_engine
 from kvray.workers.grammar_spec import GrammarSpec
-from kvray.workers.protocol import InvalidParameterError
+from kvray.workers.protocol import InvalidParameterError, WorkerInfo
 from kvray.workers.structured_output import CompilerStats, GrammarCompiler
 
 NUM_COMPILE_THREADS = 2  # llguidance releases the GIL while it compiles
@@ -40,6 +40,14 @@ class GrammarChecker:
         self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(NUM_COMPILE_THREADS, thread_name_prefix="kvray-grammar")
+
+    @classmethod
+    def for_model(cls, info: WorkerInfo, tokenizer: Any | None) -> GrammarChecker | None:
+        """A checker for the served model, or None where it cannot constrain its output (no
+        tokenizer here, or workers without a grammar engine: `cannot_constrain` says which)."""
+        if tokenizer is None or not info.can_constrain_output:
+            return None
+        return cls(tokenizer, vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids)
 
     async def check(
         self, spec: GrammarSpec, resumed: Mapping[int, Sequence[int]] | None = None
@@ -81,3 +89,16 @@ class GrammarChecker:
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def cannot_constrain(spec: GrammarSpec, *, has_tokenizer: bool) -> InvalidParameterError:
+    """The error for a constrained request to a model that cannot constrain its output."""
+    reason = (
+        "its workers have no grammar engine (the fake model has none; a model needs its "
+        "tokenizer and an end-of-sequence token)"
+        if has_tokenizer
+        else "it has no tokenizer"
+    )
+    return InvalidParameterError(
+        spec.param, f"{spec.param}: this model cannot constrain its output: {reason}"
+    )

@@ -1,7 +1,8 @@
 """kvray: a Ray-actor LLM serving cluster with a paged KV cache, continuous batching and gRPC streaming.
 
 `from kvray import LLM, SamplingParams` gives the offline engine, which returns `Completion`s
-(and streams `GenerationChunk`s), as the gRPC client does; the cluster, client and worker live
+(and streams `GenerationChunk`s), as the gRPC client does; `GrammarSpec` is a structured
+output (`SamplingParams.structured_output`, the clients' `structured_output=`); the cluster, client and worker live
 in `kvray.cluster`, `kvray.client` and `kvray.workers`.
 """
 
@@ -10,11 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Completion", "GenerationChunk", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "Completion",
+    "GenerationChunk",
+    "GrammarSpec",
+    "SamplingParams",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from kvray.cluster.llm import LLM
     from kvray.outputs import Completion, GenerationChunk
+    from kvray.workers.grammar_spec import GrammarSpec
     from kvray.workers.protocol import SamplingParams
 
 
@@ -32,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from kvray.workers.protocol import SamplingParams
 
         return SamplingParams
+    if name == "GrammarSpec":
+        from kvray.workers.grammar_spec import GrammarSpec
+
+        return GrammarSpec
     raise AttributeError(f"module 'kvray' has no attribute {name!r}")

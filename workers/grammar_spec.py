@@ -1,7 +1,8 @@
 """What a request constrains its output to: `GrammarSpec` (a kind and its spec text), checked
-for shape when it is made. Standard library only: the sampling parameters carry it from the
-front doors through the router to the workers, and the engine checks the rest when it compiles
-(`structured_output.GrammarCompiler`).
+for shape when it is made, and made from the front doors' forms of it (OpenAI's
+`response_format`, vLLM's `structured_outputs`). Standard library only: the sampling parameters
+carry it from the front doors through the router to the workers, and the engine checks the rest
+when it compiles (`structured_output.GrammarCompiler`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from kvray.workers.protocol import InvalidParameterError
+from kvray.workers.sampling_params import InvalidParameterError
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # The request field each kind comes from in vLLM's `structured_outputs`: the field an error
@@ -62,10 +63,13 @@ class GrammarSpec:
         _SHAPE_CHECKS[self.kind](self)
 
     @classmethod
-    def json_schema(cls, schema: Mapping[str, Any] | str, *, param: str = "") -> GrammarSpec:
-        """A spec for `schema` (a mapping or JSON text), written compactly so that schemas that
-        differ only in whitespace share a compiled grammar. Key order is kept: it is the order
-        in which the output's properties are generated."""
+    def json_schema(cls, schema: Any, *, param: str = "") -> GrammarSpec:
+        """A spec for `schema` (a mapping, JSON text, or a pydantic model class: its
+        `model_json_schema()`), written compactly so that schemas that differ only in
+        whitespace share a compiled grammar. Key order is kept: it is the order in which the
+        output's properties are generated."""
+        if hasattr(schema, "model_json_schema"):
+            schema = schema.model_json_schema()
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -77,7 +81,18 @@ class GrammarSpec:
 
     @classmethod
     def choice(cls, choices: Sequence[str], *, param: str = "") -> GrammarSpec:
+        if isinstance(choices, str) or not isinstance(choices, Sequence):
+            raise InvalidParameterError(
+                param or _DEFAULT_PARAMS["choice"],
+                f"{param or _DEFAULT_PARAMS['choice']} must be a list of strings",
+            )
         return cls("choice", compact_json(list(choices)), param)
+
+    @property
+    def choices(self) -> list[str]:
+        """A choice spec's strings."""
+        assert self.kind == "choice"
+        return list(json.loads(self.spec))
 
     def invalid(self, message: str) -> NoReturn:
         """Raise an InvalidParameterError naming this spec's field."""
@@ -126,3 +141,95 @@ _SHAPE_CHECKS: dict[str, Callable[[GrammarSpec], None]] = {
     "choice": _check_choice,
     "grammar": _check_text,
 }
+
+
+# vLLM's `structured_outputs` keys that name a kind, and the options kvray takes as they are
+# (its JSON has no whitespace between tokens and its engine no fallback): others are refused.
+_VLLM_KINDS = {
+    "json": "json_schema",
+    "json_object": "json_object",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+_VLLM_OPTIONS_TAKEN = ("disable_any_whitespace", "disable_fallback")
+
+
+def from_structured_outputs(
+    value: Mapping[str, Any], *, param: str = "structured_outputs"
+) -> GrammarSpec | None:
+    """A spec from vLLM's `structured_outputs`: one of {"json": schema}, {"regex": pattern},
+    {"choice": [strings]}, {"grammar": Lark or GBNF}, {"json_object": true}. None when it sets
+    none. Errors name `param.<key>`.
+
+    Raises:
+        InvalidParameterError: two kinds set, an option kvray does not take, or a bad spec.
+    """
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(param, f"{param} must be an object, got {value!r:.60}")
+    given = {k: v for k, v in value.items() if v is not None and v is not False}
+    for key in given:
+        if key not in _VLLM_KINDS and key not in _VLLM_OPTIONS_TAKEN:
+            raise InvalidParameterError(
+                f"{param}.{key}",
+                f"{param}.{key} is not supported; set one of {', '.join(_VLLM_KINDS)}",
+            )
+    kinds = [k for k in given if k in _VLLM_KINDS]
+    if len(kinds) > 1:
+        raise InvalidParameterError(param, f"{param} sets {' and '.join(kinds)}: set one")
+    if not kinds:
+        return None
+    key, spec = kinds[0], given[kinds[0]]
+    return make_spec(_VLLM_KINDS[key], spec, param=f"{param}.{key}")
+
+
+def make_spec(kind: str, value: Any, *, param: str) -> GrammarSpec:
+    """A spec of `kind` from a front door's value: a schema (a mapping, JSON text or a pydantic
+    model class) for json_schema, true for json_object, a list of strings for choice, text for
+    regex and grammar.
+
+    Raises:
+        InvalidParameterError: a value of the wrong type or shape, naming `param`.
+    """
+    if kind == "json_schema":
+        return GrammarSpec.json_schema(value, param=param)
+    if kind == "choice":
+        return GrammarSpec.choice(value, param=param)
+    if kind == "json_object":
+        if value is not True:
+            raise InvalidParameterError(param, f"{param} must be true, got {value!r:.60}")
+        return GrammarSpec("json_object", "", param)
+    if not isinstance(value, str):
+        raise InvalidParameterError(param, f"{param} must be text, got {type(value).__name__}")
+    return GrammarSpec(kind, value, param)
+
+
+def from_response_format(
+    value: Mapping[str, Any], *, param: str = "response_format"
+) -> GrammarSpec | None:
+    """A spec from OpenAI's `response_format`: {"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}} (the schema is always enforced, strict or not; no schema: any JSON
+    value), {"type": "json_object"}, or {"type": "text"} (None: no constraint).
+
+    Raises:
+        InvalidParameterError: naming `param`: another type, or a bad schema.
+    """
+    if not isinstance(value, Mapping):
+        raise InvalidParameterError(param, f"{param} must be an object, got {value!r:.60}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", "", param)
+    if kind != "json_schema":
+        raise InvalidParameterError(
+            param,
+            f"{param} type {kind!r:.40} is not supported; one of text, json_object, json_schema",
+        )
+    body = value.get("json_schema")
+    if not isinstance(body, Mapping) or not isinstance(body.get("name", ""), str):
+        raise InvalidParameterError(
+            param, f"{param}.json_schema must be an object with a name and a schema"
+        )
+    schema = body.get("schema")
+    return GrammarSpec.json_schema({} if schema is None else schema, param=param)

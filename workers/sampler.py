@@ -2,7 +2,8 @@
 
 Order of operations (as in transformers' logits processors): min_tokens stop masking,
 token constraints (allowed_token_ids, bad_words, logit_bias: `token_constraints.py`),
-penalties, greedy argmax; for sampled rows temperature, top-k, top-p, min-p, then one draw.
+structured output's grammar masks (`token_bitmask.py`), penalties, greedy argmax; for sampled
+rows temperature, top-k, top-p, min-p, then one draw.
 Logprobs are the model's own log-softmax, taken before all of these (vLLM's raw logprobs).
 Draws use the exponential-race trick (argmax of probs / Exp(1) noise), so a seeded row only
 needs its own noise vector: its tokens never depend on what else is in the batch.
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from kvray.workers.protocol import NEUTRAL_KNOBS, Logprobs, SamplingParams
+from kvray.workers.structured_output import SequenceGrammar
+from kvray.workers.token_bitmask import GrammarMasks, apply_grammar_masks, prepare_grammar_masks
 from kvray.workers.token_constraints import (
     TokenConstraints,
     apply_token_constraints,
@@ -32,6 +35,7 @@ class SamplingRow:
     token_ids: list[int]  # prompt + output so far
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
+    grammar: SequenceGrammar | None = None  # structured output's state; None: unconstrained
 
     @property
     def num_output_tokens(self) -> int:
@@ -51,6 +55,7 @@ class SamplingBatch:
     penalties: _Penalties | None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
     constraints: TokenConstraints | None  # logit_bias, allowed_token_ids, bad_words; None: none
+    grammar: GrammarMasks | None  # structured output's masks for the constrained rows; None: none
     generators: dict[int, torch.Generator]  # row -> generator seeded for this token
     max_num_logprobs: int | None
     num_logprobs: list[int | None]  # per row: None, or how many alternatives to return
@@ -80,6 +85,8 @@ def token_seed(seed: int, output_index: int) -> int:
 def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
+    # NOTE: the grammar masks first: on a GPU the host fills them while the forward runs.
+    grammar = prepare_grammar_masks(rows, vocab_size=vocab_size, device=device)
     sampling_params = [r.sampling_params for r in rows]
     is_greedy = [p.is_greedy for p in sampling_params]
 
@@ -110,6 +117,7 @@ def prepare_sampling_batch(
         penalties=_prepare_penalties(rows, vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         constraints=prepare_token_constraints(rows, device=device),
+        grammar=grammar,
         generators=generators,
         max_num_logprobs=max(asked) if asked else None,
         num_logprobs=[p.logprobs for p in sampling_params],
@@ -181,14 +189,20 @@ class Sampler:
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         )
+        unmasked = logits
         changes = (batch.min_tokens_mask, batch.constraints, batch.penalties)
         if any(change is not None for change in changes):
             logits = logits.clone()
+        # NOTE: without those, the grammar masks the caller's logits in place: the worker reads
+        # a sampling row's logits only here (logprobs were taken above).
         if batch.min_tokens_mask is not None:
             mask_rows, mask_ids = batch.min_tokens_mask
             logits[mask_rows, mask_ids] = float("-inf")
         if batch.constraints is not None:
             logits = apply_token_constraints(logits, batch.constraints)
+        if batch.grammar is not None:
+            masked_before = batch.constraints is not None or batch.min_tokens_mask is not None
+            apply_grammar_masks(logits, batch.grammar, unmasked=unmasked if masked_before else None)
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         tokens = logits.argmax(dim=-1)
@@ -278,19 +292,25 @@ def _gather_logprobs(
 def beam_candidates(
     logits: torch.Tensor,  # [num_beams_in_batch, vocab]
     rows: list[SamplingRow],
+    *,
+    grammar: GrammarMasks | None = None,  # `prepare_grammar_masks(rows)`, where any has one
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Each beam's best next tokens (`SamplingParams.num_beam_candidates`, fewer where the
     rest are banned) and their log-probabilities, as Hugging Face's beam search scores them:
     log-softmax, then EOS and stop ids masked below min_tokens, then the token constraints (a
-    bias adds to the score, as HF's `sequence_bias`). A banned token is never a candidate."""
+    bias adds to the score, as HF's `sequence_bias`), then the grammar masks. A banned token is
+    never a candidate, and every candidate of a constrained beam follows its grammar."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     min_tokens_mask = _prepare_min_tokens_mask(rows, logits.device)
     if min_tokens_mask is not None:
         logprobs[min_tokens_mask] = float("-inf")
     vocab = logprobs.shape[-1]
     constraints = prepare_token_constraints(rows, device=logits.device)
+    unmasked = logprobs.clone() if grammar is not None and constraints is not None else None
     if constraints is not None:
         logprobs = apply_token_constraints(logprobs, constraints)
+    if grammar is not None:
+        apply_grammar_masks(logprobs, grammar, unmasked=unmasked)
     widths = [min(r.sampling_params.num_beam_candidates(r.eos_token_ids), vocab) for r in rows]
     values, ids = logprobs.topk(max(widths), dim=-1)
     ids_list, values_list = [], []

@@ -6,9 +6,15 @@ and check it against their state the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from kvray.workers.grammar_spec import GrammarSpec
 from kvray.workers.protocol import SamplingParams, StepInput
+from kvray.workers.structured_output import SequenceGrammar
+
+# Makes a sequence's grammar from its spec and output tokens (`WorkerGrammars.sequence_grammar`)
+MakeGrammar = Callable[[GrammarSpec, Sequence[int]], SequenceGrammar]
 
 
 @dataclass
@@ -18,11 +24,15 @@ class WorkerSequence:
     block_ids: list[int]
     sampling_params: SamplingParams
     num_computed_tokens: int = 0
+    grammar: SequenceGrammar | None = None  # structured output's state; None: unconstrained
 
 
 class SequenceTable:
-    def __init__(self) -> None:
+    def __init__(self, make_grammar: MakeGrammar | None = None) -> None:
+        """`make_grammar`: a constrained sequence's grammar (None: a worker that masks nothing,
+        whose constrained sequences can only end; the router sends it none)."""
         self.seqs: dict[int, WorkerSequence] = {}
+        self.make_grammar = make_grammar
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -46,6 +56,7 @@ class SequenceTable:
                 block_ids=list(new.block_ids),
                 sampling_params=new.sampling_params,
                 num_computed_tokens=new.num_computed_tokens,
+                grammar=self._grammar(new.sampling_params, new.token_ids[new.num_prompt_tokens :]),
             )
         # NOTE: every fork copies its parent before any beam token is appended.
         children = [(fork, self._copy(self.seqs[fork.parent_id])) for fork in step.forks]
@@ -68,9 +79,25 @@ class SequenceTable:
             assert computed + num_tokens <= len(seq.token_ids), "computing an unknown token"
         return scheduled
 
+    def _grammar(
+        self, sampling_params: SamplingParams, output_token_ids: Sequence[int]
+    ) -> SequenceGrammar | None:
+        """A new sequence's grammar, rebuilt from its output (a recompute has some)."""
+        spec = sampling_params.structured_output
+        if spec is None:
+            return None
+        if self.make_grammar is None:
+            return SequenceGrammar(None)
+        return self.make_grammar(spec, output_token_ids)
+
     @staticmethod
     def _copy(seq: WorkerSequence) -> WorkerSequence:
-        return replace(seq, token_ids=list(seq.token_ids), block_ids=list(seq.block_ids))
+        return replace(
+            seq,
+            token_ids=list(seq.token_ids),
+            block_ids=list(seq.block_ids),
+            grammar=None if seq.grammar is None else seq.grammar.fork(),
+        )
 
     @staticmethod
     def advance(scheduled: list[WorkerSequence], step: StepInput) -> None:

@@ -1,6 +1,8 @@
 """Structured output's compiled grammars and per-sequence state: each spec compiled once
 (`GrammarCompiler`, a bounded LRU cache) and each sequence's place in its grammar
-(`GrammarMatcher`), which follows the sequence's output tokens and is rebuilt from them.
+(`GrammarMatcher`), which follows the sequence's output tokens and is rebuilt from them; on a
+worker, the engine on the model's tokenizer and each constrained sequence's grammar
+(`WorkerGrammars`, `SequenceGrammar`).
 
 No torch here: the router imports this to check a spec before it queues a request
 (`cluster/structured_output.py`). Workers fill token bitmasks with it; `token_bitmask.py`
@@ -9,15 +11,18 @@ applies them to logits. The spec is `grammar_spec.py`'s, the engine `grammar_eng
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvray.workers.grammar_engine import GrammarEngine
+from kvray.workers.grammar_engine import GrammarEngine, make_engine
 from kvray.workers.grammar_spec import GrammarSpec
-from kvray.workers.protocol import InvalidParameterError
+from kvray.workers.sampling_params import InvalidParameterError
+
+logger = logging.getLogger(__name__)
 
 # -- compiled grammars ------------------------------------------------------------------------
 
@@ -117,14 +122,15 @@ class GrammarMatcher:
             )
         self.num_tokens = consumed
 
-    def catch_up(self, token_ids: Sequence[int]) -> None:
-        """Consume the tokens of `token_ids` (the sequence's output so far) past `num_tokens`:
-        the worker's sampled tokens and a beam's chosen ones, before the next mask.
+    def catch_up(self, token_ids: Sequence[int], *, offset: int = 0) -> None:
+        """Consume the tokens of `token_ids[offset:]` (the sequence's output so far) past
+        `num_tokens`: the worker's sampled tokens and a beam's chosen ones, before the next
+        mask.
 
         Raises:
             ValueError: a token the grammar does not allow (the matcher stops before it).
         """
-        new = token_ids[self.num_tokens :]
+        new = token_ids[offset + self.num_tokens :]
         consumed = self._engine.consume(self._state, new)
         self.num_tokens += consumed
         if consumed < len(new):
@@ -174,3 +180,88 @@ def fill_masks(matchers: Sequence[tuple[GrammarMatcher, int]], bitmask: Any) -> 
     engine = matchers[0][0]._engine
     rows = [(m._state, row) for m, row in matchers]
     engine.fill_rows(rows, bitmask.data_ptr(), row_bytes, num_rows)
+
+
+# -- on a worker ------------------------------------------------------------------------------
+
+
+class SequenceGrammar:
+    """A worker sequence's grammar: its matcher, caught up with the sequence's output before
+    each mask. An output that leaves its grammar (the sampler never samples such a token; a
+    spec this worker could not compile) can only end: its mask then allows end of sequence
+    alone, so a constraint is never dropped."""
+
+    def __init__(self, matcher: GrammarMatcher | None) -> None:
+        self.matcher = matcher  # None: the output can only end
+
+    def follow(self, token_ids: Sequence[int], num_prompt_tokens: int) -> GrammarMatcher | None:
+        """Catch up with the output (`token_ids[num_prompt_tokens:]`). Returns the matcher to
+        fill the next mask from, or None where only end of sequence may follow."""
+        matcher = self.matcher
+        if matcher is None:
+            return None
+        try:
+            matcher.catch_up(token_ids, offset=num_prompt_tokens)
+        except ValueError as exc:
+            # NOTE: a finished answer's mask allows only end of sequence; tokens after it were
+            # sampled in steps the router sent before it saw the end, and it drops them.
+            if matcher.is_finished:
+                return matcher
+            logger.error("an output left its grammar (%s); it can only end now", exc)
+            self.matcher = None
+        return self.matcher
+
+    def fork(self) -> SequenceGrammar:
+        """An independent copy (a forked sample or beam)."""
+        return SequenceGrammar(None if self.matcher is None else self.matcher.fork())
+
+
+class WorkerGrammars:
+    """A worker's structured output: the engine on the model's tokenizer, its compiled specs
+    (cached by spec) and a grammar for each constrained sequence when it arrives."""
+
+    def __init__(self, engine: GrammarEngine, *, max_entries: int = 256) -> None:
+        self.compiler = GrammarCompiler(engine, max_entries=max_entries)
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str,
+        *,
+        revision: str | None,
+        trust_remote_code: bool,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+    ) -> WorkerGrammars | None:
+        """The engine on the tokenizer saved beside the model (as the router loads it). None,
+        logged, where the model cannot constrain its output: no tokenizer, no end-of-sequence
+        id to end a finished answer with, or a tokenizer the engine cannot take."""
+        if not eos_token_ids:
+            logger.info("structured output is off: the model has no end-of-sequence token")
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, revision=revision, trust_remote_code=trust_remote_code
+            )
+            engine = make_engine(tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+        except Exception as exc:  # NOTE: any failure here leaves the worker serving
+            logger.warning(
+                "structured output is off: no grammar engine for %s (%s)", model_path, exc
+            )
+            return None
+        return cls(engine)
+
+    def sequence_grammar(
+        self, spec: GrammarSpec, output_token_ids: Sequence[int]
+    ) -> SequenceGrammar:
+        """The grammar of a sequence that arrives (new, or sent again whole after a
+        preemption, a failover or a resume), rebuilt from the output it already has."""
+        try:
+            matcher = self.compiler.matcher(spec)
+            matcher.rebuild(output_token_ids)
+        except ValueError as exc:  # (InvalidParameterError too) the router's check passed
+            logger.error("a sequence's grammar failed on this worker (%s); it can only end", exc)
+            return SequenceGrammar(None)
+        return SequenceGrammar(matcher)

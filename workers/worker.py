@@ -48,6 +48,8 @@ from kvray.workers.tensor_parallel import (
     load_rank_model,
     smallest_over_ranks,
 )
+from kvray.workers.structured_output import WorkerGrammars
+from kvray.workers.token_bitmask import prepare_grammar_masks
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +248,7 @@ class ModelWorker:
             t.numel() * t.element_size()
             for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )
+        grammars = self._load_grammars()
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -260,6 +263,7 @@ class ModelWorker:
             quantization=self.config.quantization,
             decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
             sampling_defaults=self.sampling_defaults,
+            can_constrain_output=grammars is not None,
             implementation=self._implementation(),
             tensor_parallel_size=self.config.tensor_parallel_size,
             pipeline_parallel_size=self.config.pipeline_parallel_size,
@@ -292,6 +296,20 @@ class ModelWorker:
             self.kv_cache.num_bytes / 2**20,
         )
         return self.info
+
+    def _load_grammars(self) -> WorkerGrammars | None:
+        """Structured output's engine on the model's tokenizer; constrained sequences get their
+        grammar as they arrive (`SequenceTable.make_grammar`)."""
+        grammars = WorkerGrammars.load(
+            self.model_path,
+            revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code,
+            vocab_size=self.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
+        if grammars is not None:
+            self.table.make_grammar = grammars.sequence_grammar
+        return grammars
 
     def _build_decode_graphs(self) -> None:
         """Decode steps as replays (workers/decode_graphs.py), where `decode_graphs` asks."""
@@ -482,6 +500,7 @@ class ModelWorker:
                     rows[k][1].token_ids,
                     rows[k][1].num_prompt_tokens,
                     self.eos_token_ids,
+                    rows[k][1].grammar,
                 )
                 for k in ks
             ]
@@ -497,10 +516,16 @@ class ModelWorker:
             out.seq_ids = [step_input.seq_ids[rows[k][0]] for k in samples]
             out.sampled_token_ids = token_ids
             out.logprobs = logprobs
+            out.mask_s += batch.grammar.seconds if batch.grammar is not None else 0.0
         if beams:
-            out.beam_token_ids, out.beam_logprobs = beam_candidates(
-                logits[beams], sampling_rows(beams)
+            beam_rows = sampling_rows(beams)
+            grammar = prepare_grammar_masks(
+                beam_rows, vocab_size=self.vocab_size, device=self.device
             )
+            out.beam_token_ids, out.beam_logprobs = beam_candidates(
+                logits[beams], beam_rows, grammar=grammar
+            )
+            out.mask_s += grammar.seconds if grammar is not None else 0.0
             out.beam_seq_ids = [step_input.seq_ids[rows[k][0]] for k in beams]
 
     @property

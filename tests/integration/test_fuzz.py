@@ -199,6 +199,20 @@ def random_request(rng: random.Random) -> bytes:
         s.bad_words.extend(
             random_text(rng, pick([0, 1, 256, 257])) for _ in range(pick([1, 2, 128, 129]))
         )
+    if rng.random() < 0.2:  # structured output (the fake model refuses every one)
+        kind = pick(["json_schema", "regex", "grammar", "choice", "json_object"])
+        if kind == "choice":
+            s.choice.choices.extend(
+                random_text(rng, pick([0, 1, 5])) for _ in range(pick([0, 1, 1025]))
+            )
+        elif kind == "json_object":
+            s.json_object = pick([True, False])
+        else:
+            setattr(
+                s,
+                kind,
+                pick(['{"type": "object"}', "{", "", random_text(rng, pick([5, 2**18 + 1]))]),
+            )
     if rng.random() < 0.2:
         st.ignore_eos = True
     if rng.random() < 0.2:
@@ -245,6 +259,9 @@ def random_http_body(rng: random.Random) -> bytes:
         ("seed", [-1, 2**70]),
         ("logit_bias", [{"1": 1}, {"x": 1}, {"-1": 1}, {"1": 101}, {"512": 1}, {"1": "x"}, ["1"]]),
         ("allowed_token_ids", [[], [1], [-1], [512], "x"]), ("bad_words", [[""], ["a"], ["a"] * 129]),
+        ("response_format", [{"type": "json_object"}, {"type": "json_schema"}, {"type": 1}, "x", {}]),
+        ("structured_outputs", [{"regex": "a+"}, {"choice": []}, {"json": "{"}, {"x": 1}, []]),
+        ("guided_json", ["{", {"type": "object"}, 5]), ("guided_choice", [[], ["a"] * 1025, "a"]),
     ):  # fmt: skip
         if rng.random() < 0.3:
             body[name] = rng.choice(values)

@@ -71,6 +71,17 @@ def test_generate_logit_bias_flags_are_token_id_bias_pairs():
         build_parser().parse_args(["generate", "Hi", "--logit-bias", "42"])
 
 
+def test_generate_structured_output_flags_reach_the_request():
+    from kvray.client.client import build_request
+    from kvray.wire import param_fields
+
+    args = build_parser().parse_args(["generate", "Hi", "--choice", "yes", "--choice", "no"])
+    assert args.choice == ["yes", "no"] and args.json_object is None
+    request = build_request("Hi", **{name: getattr(args, name) for name in param_fields()})
+    assert list(request.sampling.choice.choices) == ["yes", "no"]
+    assert "JSON schema" in flag_help("generate", "json_schema")
+
+
 def test_generate_bool_flags_are_switch_pairs():
     args = build_parser().parse_args(["generate", "Hi", "--no-skip-special-tokens", "--ignore-eos"])
     assert args.skip_special_tokens is False and args.ignore_eos is True

@@ -12,6 +12,7 @@ import pytest
 from kvray.cluster.chat_prompt import MAX_MESSAGES, ROLES, ChatPrompt
 from kvray.cluster.input_processor import SMALL_INPUT_COST, InputProcessor
 from kvray.workers.fake import FakeWorker
+from kvray.workers.grammar_spec import GrammarSpec
 from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 
@@ -250,3 +251,79 @@ def test_a_small_input_is_not_stuck_behind_large_ones():
     assert len(small_ids) == 2_500 and len(chat_ids) == 2_501
     assert [len(ids) for ids in large_ids] == [60_000] * 3
     inputs.close()
+
+
+# -------------------------------------------------------------------- structured output
+
+
+def constraining_processor(tiny_tokenizer, **info_changes) -> InputProcessor:
+    info = FakeWorker(vocab_size=len(tiny_tokenizer), eos_token_ids=(0,)).warmup()
+    changes = {"can_constrain_output": True, **info_changes}
+    return InputProcessor(info.__class__(**{**info.__dict__, **changes}), tiny_tokenizer)
+
+
+JSON = SamplingParams(structured_output={"json": {"type": "object", "uniqueItems": True}})
+
+
+def test_a_schema_the_engine_cannot_enforce_is_refused_before_queueing(tiny_tokenizer):
+    inputs = constraining_processor(tiny_tokenizer)
+    try:
+        with pytest.raises(InvalidParameterError, match="uniqueItems") as err:
+            asyncio.run(inputs.process_async("Hi", JSON, "r"))
+        assert err.value.param == "structured_output.json"
+        with pytest.raises(InvalidParameterError, match="uniqueItems"):
+            inputs.process("Hi", JSON, "r")  # the offline path checks on its own thread
+        regex = SamplingParams(structured_output={"regex": "[a-z]+"})
+        assert asyncio.run(inputs.process_async("Hi", regex, "ok")).seqs
+    finally:
+        inputs.close()
+
+
+def test_a_grammar_compiles_on_the_checkers_threads_not_the_event_loop(tiny_tokenizer):
+    inputs = constraining_processor(tiny_tokenizer)
+    assert inputs.grammars is not None
+    compiler = inputs.grammars.compiler()
+    compile_on_engine, threads = compiler.engine.compile, []
+
+    def recording(spec):
+        threads.append(threading.current_thread())
+        return compile_on_engine(spec)
+
+    compiler.engine.compile = recording  # type: ignore[method-assign]
+    try:
+        regex = SamplingParams(structured_output={"regex": "[0-9]{3}"})
+        asyncio.run(inputs.process_async("Hi", regex, "r"))
+    finally:
+        inputs.close()
+    assert threads and threading.main_thread() not in threads
+
+
+def test_a_resumed_sample_off_the_grammar_is_refused(tiny_tokenizer):
+    from kvray.cluster.input_processor import Resumed
+
+    inputs = constraining_processor(tiny_tokenizer)
+    choice = SamplingParams(structured_output={"choice": ["yes", "no"]}, max_tokens=8)
+    yes = tuple(tiny_tokenizer.encode("yes", add_special_tokens=False))
+    off = tuple(tiny_tokenizer.encode("maybe", add_special_tokens=False))
+    try:
+        asyncio.run(inputs.process_async("Hi", choice, "r", resume={0: Resumed(yes[:1], 1, False)}))
+        with pytest.raises(InvalidParameterError, match="resumed sample 0") as err:
+            asyncio.run(inputs.process_async("Hi", choice, "r", resume={0: Resumed(off, 5, False)}))
+    finally:
+        inputs.close()
+    assert err.value.param == "resume"
+
+
+@pytest.mark.parametrize(
+    ("has_tokenizer", "reason"),
+    [(True, "no grammar engine"), (False, "it has no tokenizer")],
+)
+def test_a_model_that_cannot_constrain_refuses_by_the_specs_field(
+    tiny_tokenizer, has_tokenizer, reason
+):
+    info = FakeWorker(vocab_size=len(tiny_tokenizer)).warmup()  # can_constrain_output: false
+    inputs = InputProcessor(info, tiny_tokenizer if has_tokenizer else None)
+    params = SamplingParams(structured_output=GrammarSpec("regex", "a+", param="response_format"))
+    with pytest.raises(InvalidParameterError, match=reason) as err:
+        asyncio.run(inputs.process_async([1, 2], params, "r"))
+    assert err.value.param == "response_format"

@@ -70,10 +70,10 @@ def test_many_resumed_tokens_are_replayed_off_the_event_loop(tiny_tokenizer, mon
 
     again, _ = engine(tiny_tokenizer)
     processor, threads = again.processor, []
-    process = processor.process
+    process = processor._process  # what process_async runs, inline or on the input pool
     monkeypatch.setattr(
         processor,
-        "process",
+        "_process",
         lambda *a, **k: threads.append(threading.get_ident()) or process(*a, **k),
     )
     params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from kvray.workers.protocol import SamplingParams
+from kvray.workers.grammar_spec import GrammarSpec, from_response_format
+from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -152,3 +155,100 @@ def test_token_constraints_are_kept_as_sorted_tuples_and_stay_hashable():
     assert hash(p) == hash(
         SamplingParams(logit_bias=[(9, -1), (2, 100)], allowed_token_ids=(4, 1), bad_words=["darn"])
     )
+
+
+# ------------------------------------------------------------------ structured output
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+def test_structured_output_takes_a_spec_or_vllms_mapping_and_stays_hashable():
+    spec = GrammarSpec.json_schema(SCHEMA)
+    p = SamplingParams(structured_output=spec)
+    q = SamplingParams(structured_output={"json": SCHEMA, "disable_any_whitespace": True})
+    assert p.structured_output == q.structured_output == spec and hash(p) == hash(q)
+    assert q.structured_output.param == "structured_output.json"
+    assert (
+        SamplingParams(structured_output={"choice": ["a", "b"]}).structured_output.kind == "choice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "param", "message"),
+    [
+        ("{}", "structured_output", "must be a GrammarSpec or a mapping"),
+        ({}, "structured_output", "must be a GrammarSpec or a mapping"),
+        ({"json": SCHEMA, "regex": "a+"}, "structured_output", "sets json and regex: set one"),
+        ({"structural_tag": "x"}, "structured_output.structural_tag", "is not supported"),
+        ({"json_object": "yes"}, "structured_output.json_object", "must be true"),
+        ({"regex": 5}, "structured_output.regex", "must be text"),
+        ({"choice": "ab"}, "structured_output.choice", "must be a list of strings"),
+    ],
+)
+def test_a_bad_structured_output_is_named(value, param, message):
+    with pytest.raises(InvalidParameterError, match=message) as err:
+        SamplingParams(structured_output=value)
+    assert err.value.param == param
+
+
+@pytest.mark.parametrize(("field", "value"), [("ignore_eos", True), ("min_tokens", 3)])
+def test_structured_output_refuses_what_would_keep_a_finished_answer_going(field, value):
+    with pytest.raises(InvalidParameterError, match="does not combine with structured output") as e:
+        SamplingParams(structured_output={"regex": "a+"}, **{field: value})
+    assert e.value.param == field
+
+
+def test_structured_output_combines_with_beams_and_samples():
+    spec = {"choice": ["yes", "no"]}
+    assert SamplingParams(structured_output=spec, num_beams=2, n=2).num_beams == 2
+    assert SamplingParams(structured_output=spec, n=4, temperature=1.0).n == 4
+
+
+@pytest.mark.parametrize(
+    ("response_format", "kind", "spec"),
+    [
+        ({"type": "text"}, None, None),
+        ({"type": "json_object"}, "json_object", ""),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}},
+            "json_schema",
+            '{"type":"object","properties":{"a":{"type":"integer"}}}',
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "any"}}, "json_schema", "{}"),
+    ],
+)
+def test_openai_response_format_becomes_a_spec(response_format, kind, spec):
+    got = from_response_format(response_format)
+    if kind is None:
+        assert got is None
+    else:
+        assert got is not None and (got.kind, got.spec, got.param) == (
+            kind,
+            spec,
+            "response_format",
+        )
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "structural_tag"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": 1},
+    ],
+)
+def test_a_response_format_kvray_cannot_take_names_response_format(response_format):
+    with pytest.raises(InvalidParameterError) as err:
+        from_response_format(response_format)
+    assert err.value.param == "response_format"
+
+
+def test_a_pydantic_model_gives_its_json_schema():
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pet(pydantic.BaseModel):
+        name: str
+        age: int
+
+    spec = GrammarSpec.json_schema(Pet)
+    assert json.loads(spec.spec)["required"] == ["name", "age"]

@@ -14,13 +14,19 @@ from kvray.client.client import build_request
 from kvray.cluster.grpc_server import sampling_params_from_proto, status_to_proto
 from kvray.cluster.stats import ClusterStats, ReplicaState, ReplicaStats, ScalingEvent
 from kvray.protos.kvray.v1 import generation_pb2 as pb
-from kvray.wire import param_fields, params_from_request
-from kvray.workers.protocol import ROUTER_SET_FIELDS, SamplingParams
+from kvray.wire import GRAMMAR_FIELDS, param_fields, params_from_request
+from kvray.workers.grammar_spec import GRAMMAR_KINDS, GrammarSpec
+from kvray.workers.protocol import ROUTER_SET_FIELDS, InvalidParameterError, SamplingParams
 
 
 def test_every_wire_parameter_is_a_sampling_params_field_and_back():
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    assert set(param_fields()) == fields - ROUTER_SET_FIELDS
+    wire = set(param_fields()) - set(GRAMMAR_FIELDS) | {"structured_output"}
+    assert wire == fields - ROUTER_SET_FIELDS
+
+
+def test_the_structured_output_oneof_holds_one_field_per_grammar_kind():
+    assert set(GRAMMAR_FIELDS) == set(GRAMMAR_KINDS)
 
 
 def test_a_request_with_nothing_set_carries_no_parameters():
@@ -57,6 +63,53 @@ def test_token_constraints_survive_the_wire():
     assert sampling_params_from_proto(build_request("x", logit_bias=[(3, 1)])).logit_bias == (
         (3, 1.0),
     )
+
+
+SCHEMA = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    ("params", "spec"),
+    [
+        ({"json_schema": SCHEMA}, GrammarSpec.json_schema(SCHEMA)),
+        ({"json_schema": '{ "type": "object" }'}, GrammarSpec.json_schema({"type": "object"})),
+        ({"json_object": True}, GrammarSpec("json_object")),
+        ({"regex": "[a-z]+"}, GrammarSpec("regex", "[a-z]+")),
+        ({"choice": ["yes", "no"]}, GrammarSpec.choice(["yes", "no"])),
+        ({"grammar": 'start: "a"'}, GrammarSpec("grammar", 'start: "a"')),
+        ({"structured_output": GrammarSpec("regex", "x+")}, GrammarSpec("regex", "x+")),
+        ({"structured_output": {"choice": ["a", "b"]}}, GrammarSpec.choice(["a", "b"])),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SCHEMA},
+                }
+            },
+            GrammarSpec.json_schema(SCHEMA),
+        ),
+        ({"response_format": {"type": "text"}, "json_object": False}, None),
+    ],
+)
+def test_structured_output_survives_the_wire(params, spec):
+    got = sampling_params_from_proto(build_request("x", **params)).structured_output
+    assert got == spec
+    if spec is not None:
+        assert got.spec == spec.spec  # key order kept: it is the order properties are written
+        assert got.param == spec.kind  # errors name the proto field
+
+
+def test_two_structured_outputs_are_refused_before_sending():
+    with pytest.raises(InvalidParameterError, match="set one"):
+        build_request("x", regex="a", choice=["b"])
+
+
+def test_json_object_false_on_the_wire_is_refused_naming_it():
+    request = pb.GenerateRequest(text="x")
+    request.sampling.json_object = False  # sets the oneof's member
+    with pytest.raises(InvalidParameterError, match="json_object must be true") as err:
+        sampling_params_from_proto(request)
+    assert err.value.param == "json_object"
 
 
 def test_unknown_parameter_names_the_valid_ones():
