@@ -41,6 +41,7 @@ from kvray.workers.sampler import (
     prompt_logprobs,
 )
 from kvray.workers.sequences import SequenceTable, WorkerSequence
+from kvray.workers.structured_output import WorkerGrammars
 from kvray.workers.tensor_parallel import (
     RankGroups,
     generation_config,
@@ -48,7 +49,6 @@ from kvray.workers.tensor_parallel import (
     load_rank_model,
     smallest_over_ranks,
 )
-from kvray.workers.structured_output import WorkerGrammars
 from kvray.workers.token_bitmask import prepare_grammar_masks
 
 logger = logging.getLogger(__name__)
