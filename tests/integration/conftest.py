@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -78,3 +80,38 @@ def act_mid_stream(
             await asyncio.sleep(0)  # one turn of the loop: a step output may be applied
 
     return asyncio.run_coroutine_threadsafe(poll(), cluster.loop)
+
+
+def check_a_killed_rank_fails_its_replica(
+    cluster, ray_session, *, rank: int, run: Callable[[Any], list]
+) -> None:
+    """SIGKILL rank `rank` of the one replica (of several ranks) while the request
+    "seeded" streams: the replica fails, every stream finishes elsewhere with the tokens
+    `run(client)` gave undisturbed, and a replica of as many ranks replaces it."""
+    from kvray.client import KvrayClient
+
+    with KvrayClient(cluster.target) as client:
+        expected = run(client)
+        (victim,) = cluster.run(lambda: cluster.router.pool.ready())
+        num_ranks = len(victim.actor.actors)
+        target = victim.actor.actors[rank]
+        pid = ray_session.get(target.__ray_call__.remote(lambda _: os.getpid()))
+
+        def kill(replica: Any) -> str:
+            os.kill(pid, signal.SIGKILL)
+            return replica.replica_id
+
+        killed = act_mid_stream(cluster, kill, request_id="seeded")
+        results = run(client)
+        victim_id = killed.result(timeout=60)
+        assert cluster.run(lambda: cluster.router.dispatcher.num_moved_requests) > 0
+        assert results == expected
+
+        def replaced() -> bool:
+            replicas = client.status().replicas
+            return [(r.state, len(r.ranks)) for r in replicas] == [("READY", num_ranks)]
+
+        wait_for(replaced, timeout=180)
+        status = client.status()
+        assert victim_id not in {r.replica_id for r in status.replicas}
+        assert sum(r.kv_blocks_used for r in status.replicas) == 0

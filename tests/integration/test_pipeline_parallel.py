@@ -13,8 +13,6 @@ matrix multiply takes another path for them: the last bit or two of a logit can 
 
 from __future__ import annotations
 
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +20,10 @@ import pytest
 
 from kvray import LLM, SamplingParams
 from kvray.client import KvrayClient
-from tests.integration.conftest import act_mid_stream, start_cluster, wait_for
+from tests.integration.conftest import (
+    check_a_killed_rank_fails_its_replica,
+    start_cluster,
+)
 from tests.integration.test_tensor_parallel import prompts
 
 NEW = 16
@@ -168,33 +169,15 @@ def test_model_info_and_status_show_each_stages_share(cluster, one_rank):
 def test_a_stage_killed_mid_stream_fails_its_replica_and_every_stream_finishes(
     cluster, ray_session
 ):
+    # NOTE: the first stage, not the last: the last is left waiting for its hidden states,
+    # and it is the one whose output the group answers with
     batch = mixed_prompts(11)
-    with KvrayClient(cluster.target) as client:
-        expected = run_mixed(client, batch)
-        (victim,) = cluster.run(lambda: cluster.router.pool.ready())
-        first_stage = victim.actor.actors[0]
-        pid = ray_session.get(first_stage.__ray_call__.remote(lambda _: os.getpid()))
-
-        def kill(replica: Any) -> str:
-            # NOTE: the first stage, not the last: the last is left waiting for its hidden
-            # states, and it is the one whose output the group answers with
-            os.kill(pid, signal.SIGKILL)
-            return replica.replica_id
-
-        killed = act_mid_stream(cluster, kill, request_id="seeded")
-        results = run_mixed(client, batch)
-        victim_id = killed.result(timeout=60)
-        assert cluster.run(lambda: cluster.router.dispatcher.num_moved_requests) > 0
-        assert [tokens(r) for r in results] == [tokens(e) for e in expected]
-
-        def replaced() -> bool:
-            replicas = client.status().replicas
-            return [(r.state, len(r.ranks)) for r in replicas] == [("READY", 2)]
-
-        wait_for(replaced, timeout=180)
-        status = client.status()
-        assert victim_id not in {r.replica_id for r in status.replicas}
-        assert sum(r.kv_blocks_used for r in status.replicas) == 0
+    check_a_killed_rank_fails_its_replica(
+        cluster,
+        ray_session,
+        rank=0,
+        run=lambda client: [tokens(r) for r in run_mixed(client, batch)],
+    )
 
 
 @pytest.mark.ray

@@ -6,8 +6,6 @@ stream finishes as it would have; what two ranks cannot run is refused at start,
 
 from __future__ import annotations
 
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,7 +14,10 @@ import torch
 
 from kvray import LLM, SamplingParams
 from kvray.client import KvrayClient
-from tests.integration.conftest import act_mid_stream, start_cluster, wait_for
+from tests.integration.conftest import (
+    check_a_killed_rank_fails_its_replica,
+    start_cluster,
+)
 
 PROMPT_LENS = (5, 23, 40)  # the longest past the Mistral model's window
 NEW = 24
@@ -196,32 +197,14 @@ def test_model_info_and_status_show_each_rank(cluster, models, model_cache_dir):
 
 @pytest.mark.ray
 def test_a_rank_killed_mid_stream_fails_its_replica_and_every_stream_finishes(cluster, ray_session):
+    # NOTE: rank 1, not rank 0: rank 0 is left waiting in a collective
     batch = prompts(11)
-    with KvrayClient(cluster.target) as client:
-        expected = run_mixed(client, batch)
-        (victim,) = cluster.run(lambda: cluster.router.pool.ready())
-        rank1 = victim.actor.actors[1]
-        pid = ray_session.get(rank1.__ray_call__.remote(lambda _: os.getpid()))
-
-        def kill(replica: Any) -> str:
-            # NOTE: SIGKILL of rank 1, not rank 0: rank 0 is left waiting in a collective
-            os.kill(pid, signal.SIGKILL)
-            return replica.replica_id
-
-        killed = act_mid_stream(cluster, kill, request_id="seeded")
-        results = run_mixed(client, batch)
-        victim_id = killed.result(timeout=60)
-        assert cluster.run(lambda: cluster.router.dispatcher.num_moved_requests) > 0
-        assert [tokens(r) for r in results] == [tokens(e) for e in expected]
-
-        def replaced() -> bool:
-            replicas = client.status().replicas
-            return [(r.state, len(r.ranks)) for r in replicas] == [("READY", 2)]
-
-        wait_for(replaced, timeout=180)
-        status = client.status()
-        assert victim_id not in {r.replica_id for r in status.replicas}
-        assert sum(r.kv_blocks_used for r in status.replicas) == 0
+    check_a_killed_rank_fails_its_replica(
+        cluster,
+        ray_session,
+        rank=1,
+        run=lambda client: [tokens(r) for r in run_mixed(client, batch)],
+    )
 
 
 @pytest.mark.ray
