@@ -28,6 +28,7 @@ from tests.unit.test_tp_models import (
     SHAPE,
     assert_follows,
     kvray_greedy,
+    one_thread,  # noqa: F401  (an autouse fixture: this module's tests run on one thread too)
     placement,
     prompts,
 )
@@ -104,14 +105,6 @@ def _run(rank: int, tp: int, pp: int, folders: dict[str, str], out: Path) -> Non
     finally:
         dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}.pt")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
