@@ -17,7 +17,10 @@ import pytest
 def ray_session():
     """One local Ray for the test session (4 logical CPUs: two replicas plus a replacement)."""
     ray = pytest.importorskip("ray")
+    from kvray.cluster.launcher import keep_ray_token_private
+
     if not ray.is_initialized():
+        keep_ray_token_private()  # as `kvray serve` does, before and after Ray writes it
         ray.init(
             address="local",  # never a cluster left behind by another test or a `ray start`
             num_cpus=4,
@@ -25,6 +28,7 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
         )
+        keep_ray_token_private()
     yield ray
     ray.shutdown()
 
