@@ -476,3 +476,9 @@ def test_without_calls_the_answer_is_content_and_stops():
     use = make_tool_use(TOOLS, "auto", True)
     message, finish = stream(Renderer("chat", "m", None, tools=use), chunks_of("Hello!", 3))
     assert message == {"content": "Hello!", "tool_calls": []} and finish == "stop"
+
+
+def test_a_tool_template_gets_earlier_arguments_as_objects_even_without_tools():
+    tok = Tokenizer(TOOL_TEMPLATE)
+    render_chat(tok, ChatPrompt(HISTORY))
+    assert "[get_weather Oslo]" in tok.text and not tok.text.startswith("TOOLS")
