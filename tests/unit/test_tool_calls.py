@@ -217,7 +217,9 @@ class Tokenizer:
 
         template = self.get_chat_template(tools=tools)
         self.text = (
-            jinja2.Environment().from_string(template).render(messages=messages, tools=tools)
+            jinja2.Environment()
+            .from_string(template)
+            .render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
         )
         return self.text
 
@@ -277,8 +279,15 @@ def test_kvrays_block_joins_an_existing_system_prompt():
 
 def test_without_tools_the_template_sees_the_messages_as_given():
     tok = Tokenizer(CHAT_TEMPLATE)
+    render_chat(tok, ChatPrompt(HISTORY[:1]))
+    assert tok.text == "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_without_tools_earlier_calls_are_still_written_into_the_conversation():
+    tok = Tokenizer(CHAT_TEMPLATE)
     render_chat(tok, ChatPrompt(HISTORY))
-    assert "# Tools" not in tok.text and "<tool_call>" not in tok.text
+    assert "# Tools" not in tok.text
+    assert '<|im_start|>assistant\n<tool_call>\n{"name":"get_weather"' in tok.text
 
 
 # ------------------------------------------------------------------ parsers
