@@ -8,10 +8,12 @@ Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_
 `guided_grammar`); OpenAI's `response_format` on both endpoints. Fields kvray does not support
 yet are refused by name rather than ignored; unknown fields are ignored, as OpenAI SDKs send
 extras.
-A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template as given.
+A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template (earlier
+calls in the form the template reads: `tool_calls.template_inputs`).
 Tool calls (chat only): `tools`, `tool_choice` (none, auto, required or a named function) and
-`parallel_tool_calls` become a `ToolUse` (`tool_calls.py`): the tools reach the prompt, and a
-required or named choice becomes the request's grammar.
+`parallel_tool_calls` become a `ToolUse` (`tool_calls.py`): the tools reach the prompt, a
+required or named choice becomes the request's grammar, and the answer is parsed for calls
+(`openai_responses.Renderer`).
 """
 
 from __future__ import annotations

@@ -58,11 +58,6 @@ class ToolUse:
         return tuple(t["function"]["name"] for t in self.tools)
 
     @property
-    def is_forced(self) -> bool:
-        """A grammar makes the answer a call (or calls)."""
-        return self.choice in ("required", "function")
-
-    @property
     def rendered(self) -> tuple[dict[str, Any], ...]:
         """The tools the model is shown: none for "none" (it may not call them)."""
         return () if self.choice == "none" else self.tools

@@ -172,6 +172,29 @@ def test_a_tools_refs_still_resolve_in_the_required_schema():
         jsonschema.validate([{**call, "arguments": {"at": {"x": "1"}}}], required_schema(True))
 
 
+ZOD = {  # draft-07 "definitions", as zod-to-json-schema writes it
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {"p": {"$ref": "#/definitions/P"}},
+    "definitions": {"P": {"type": "object", "properties": {"x": {"type": "number"}}}},
+}
+TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}
+
+
+@pytest.mark.parametrize("parameters", [ZOD, TREE], ids=["definitions", "root ref"])
+def test_refs_of_every_form_compile_and_resolve_in_the_required_grammar(
+    compiler,  # noqa: F811
+    parameters,
+):
+    use = make_tool_use([tool("f", parameters), tool("g")], "required", True)
+    compiler.compile(use.grammar())
+    schema = json.loads(use.grammar().spec)
+    jsonschema.validate([{"name": "f", "arguments": {"p": {"x": 1}, "kids": [{}]}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        bad = {"p": {"x": "1"}} if parameters is ZOD else {"kids": [{"kids": 1}]}
+        jsonschema.validate([{"name": "f", "arguments": bad}], schema)
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_random_walks_of_the_required_grammar_parse_into_valid_calls(
     compiler,  # noqa: F811
