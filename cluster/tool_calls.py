@@ -249,7 +249,7 @@ def template_inputs(
     `tools=...` where the model's template reads them (and earlier calls' arguments as objects);
     else kvray's block in the system prompt (with tools), and earlier calls written into the
     assistant's messages in its format. Without tools or calls, the messages as given."""
-    has_calls = any(m.get("tool_calls") for m in messages)
+    has_calls = any(_calls(m) for m in messages)
     if not (tools or has_calls):
         return list(messages), {}
     if template_takes_tools(_template(tokenizer)):
@@ -285,16 +285,14 @@ def template_takes_tools(template: str) -> bool:
 def _arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
     """An assistant message whose calls' arguments are objects, as tool-use templates expect
     (OpenAI sends them as JSON text); arguments that are not JSON stay text."""
-    if not message.get("tool_calls"):
-        return message
     calls = []
-    for call in message["tool_calls"]:
-        function = dict(call.get("function") or {})
+    for call in _calls(message):
+        function = dict(call["function"])
         with_object = _json_object(function.get("arguments"))
         if with_object is not None:
             function["arguments"] = with_object
         calls.append({**call, "function": function})
-    return {**message, "tool_calls": calls}
+    return {**message, "tool_calls": calls} if calls else message
 
 
 def with_tool_block(
@@ -314,11 +312,12 @@ def with_tool_block(
 
 
 def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
-    if not message.get("tool_calls"):
+    calls = _calls(message)
+    if not calls:
         return message
     texts = [message.get("content") or ""]
-    for call in message["tool_calls"]:
-        function = call.get("function") or {}
+    for call in calls:
+        function = call["function"]
         arguments = function.get("arguments")
         parsed = _json_object(arguments)
         written = compact_json(
@@ -326,6 +325,21 @@ def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
         )
         texts.append(f"{CALL_OPEN}\n{written}\n{CALL_CLOSE}")
     return {**message, "content": "\n".join(t for t in texts if t)}
+
+
+def _calls(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A message's calls, where each is a mapping with a "function" mapping of JSON values (the
+    OpenAI door checks them); none otherwise (the template sees the message as given)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not all(
+        isinstance(c, Mapping) and isinstance(c.get("function"), Mapping) for c in calls
+    ):
+        return []
+    try:
+        compact_json(calls)
+    except (TypeError, ValueError):
+        return []
+    return calls
 
 
 def _json_object(text: Any) -> dict[str, Any] | None:

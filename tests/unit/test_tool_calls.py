@@ -514,3 +514,11 @@ def test_a_tool_template_gets_earlier_arguments_as_objects_even_without_tools():
     tok = Tokenizer(TOOL_TEMPLATE)
     render_chat(tok, ChatPrompt(HISTORY))
     assert "[get_weather Oslo]" in tok.text and not tok.text.startswith("TOOLS")
+
+
+@pytest.mark.parametrize("calls", ["call", [{"id": 7}], [{"function": "f"}], [{"function": {1}}]])
+def test_calls_of_odd_shape_reach_the_template_as_given(calls):
+    tok = Tokenizer(CHAT_TEMPLATE)
+    message = {"role": "assistant", "content": "ok", "tool_calls": calls}
+    render_chat(tok, ChatPrompt((message,), tools=tuple(TOOLS)))
+    assert "<|im_start|>assistant\nok<|im_end|>" in tok.text
