@@ -247,16 +247,16 @@ def template_inputs(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The messages and extra `apply_chat_template` arguments for a conversation with `tools`:
     `tools=...` where the model's template reads them (and earlier calls' arguments as objects);
-    else kvray's block in the system prompt (with tools), and earlier calls written into the
-    assistant's messages in its format. Without tools or calls, the messages as given."""
+    else kvray's block in the system prompt and earlier calls written into the assistant's
+    messages in its format. Without tools, such a template sees the messages as given."""
     has_calls = any(_calls(m) for m in messages)
     if not (tools or has_calls):
         return list(messages), {}
     if template_takes_tools(_template(tokenizer)):
         extra = {"tools": list(tools)} if tools else {}
         return [_arguments_as_objects(m) for m in messages], extra
-    if not tools:  # (choice "none"): the calls are still the conversation
-        return [_calls_as_text(m) for m in messages], {}
+    if not tools:
+        return list(messages), {}
     return with_tool_block(messages, tools), {}
 
 
