@@ -6,6 +6,7 @@ the whole message."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -516,3 +517,24 @@ def test_calls_of_odd_shape_reach_the_template_as_given(calls):
     message = {"role": "assistant", "content": "ok", "tool_calls": calls}
     render_chat(tok, ChatPrompt((message,), tools=tuple(TOOLS)))
     assert "<|im_start|>assistant\nok<|im_end|>" in tok.text
+
+
+def test_each_choice_is_parsed_on_its_own_when_streams_interleave():
+    use = make_tool_use(TOOLS, "auto", True)
+    renderer, choices = Renderer("chat", "m", None, tools=use), Choices(1, 2)
+    texts = {0: AUTO_TEXT, 1: "No call here <tool_call>{bad</tool_call>"}
+    pieces = {i: chunks_of(text, 9) for i, text in texts.items()}
+    seen: dict[int, list] = {0: [], 1: []}
+    for step in range(max(len(p) for p in pieces.values())):
+        for index, chunks in pieces.items():
+            if step < len(chunks):
+                chunk = dataclasses.replace(chunks[step], index=index)
+                event = renderer.chunk(choices.add(0, chunk), chunk)
+                if event is not None:
+                    seen[index].append(json.loads(event.removeprefix("data: "))["choices"][0])
+    for index, items in seen.items():
+        assert {item["index"] for item in items} == {index}
+    content = "".join(item["delta"].get("content", "") for item in seen[1])
+    assert content == texts[1] and seen[1][-1]["finish_reason"] == "stop"
+    names = [c["function"]["name"] for i in seen[0] for c in i["delta"].get("tool_calls", ())]
+    assert names == ["get_weather", "move"] and seen[0][-1]["finish_reason"] == "tool_calls"
