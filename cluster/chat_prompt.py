@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvray.cluster.tool_calls import template_inputs
 from kvray.workers.protocol import InvalidParameterError
 
 # OpenAI's roles. NOTE: most templates know only system/user/assistant (and raise on another);
@@ -27,11 +28,14 @@ class ChatPrompt:
     # and "tool_calls" where the caller set them, and the template sees them all.
     messages: tuple[dict[str, Any], ...]
     add_generation_prompt: bool = True  # end with the opening of an assistant turn
+    # OpenAI's tool objects the model is shown (`tool_calls.template_inputs` renders them).
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 def chat_chars(chat: ChatPrompt) -> int:
-    """Every character the messages hold: roles, names, contents and tool fields, keys too."""
-    return sum(_num_chars(m) for m in chat.messages)
+    """Every character the messages and tools hold: roles, names, contents and tool fields,
+    keys too."""
+    return sum(_num_chars(m) for m in chat.messages) + _num_chars(chat.tools)
 
 
 def _num_chars(value: Any) -> int:
@@ -89,11 +93,10 @@ def render_chat(tokenizer: Any, chat: ChatPrompt) -> list[int]:
         raise InvalidParameterError(
             "messages", "this model has no chat template; send a text or token-id prompt"
         )
+    messages, tool_args = template_inputs(tokenizer, chat.messages, chat.tools)
     try:
         text = tokenizer.apply_chat_template(
-            list(chat.messages),
-            add_generation_prompt=chat.add_generation_prompt,
-            tokenize=False,
+            messages, add_generation_prompt=chat.add_generation_prompt, tokenize=False, **tool_args
         )
     except Exception as exc:  # the template rejects the conversation (jinja raise_exception)
         raise InvalidParameterError(

@@ -34,6 +34,7 @@ from kvray.cluster.openai_responses import SSE_DONE, Choices, Renderer, sse
 from kvray.cluster.router import Router
 from kvray.cluster.security import Token, TokenAuth
 from kvray.cluster.streams import RequestStream
+from kvray.cluster.tool_calls import ToolUse
 from kvray.workers.protocol import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def build_app(
         try:
             prompts: list[Prompt] = [body.prompt()]
             params = body.sampling_params()
+            await _check_tool_parameters(router, body.tool_use)
         except ValueError as exc:
             return _error_response(exc)
         return await _generate(
@@ -213,6 +215,7 @@ async def _generate(
             router.tokenizer,
             include_usage=body.include_usage,
             continuous_usage=body.continuous_usage,
+            tools=body.tool_use if isinstance(body, ChatCompletionRequest) else None,
         )
         choices = Choices(len(prompts), params.n)
         chunks = _merged(router, streams)
@@ -271,6 +274,21 @@ class TokenGate:
                 return
             scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)
+
+
+async def _check_tool_parameters(router: Router, tools: ToolUse | None) -> None:
+    """Each tool's parameters schema compiles (off the loop; compiled once, then cached), so
+    that a schema the grammar engine refuses is a 400 naming its tool whatever the choice. A
+    model that cannot constrain its output takes them as given (a forced choice then fails).
+
+    Raises:
+        InvalidParameterError: naming `tools[i].function.parameters`.
+    """
+    grammars = router.processor.grammars if router.processor is not None else None
+    if tools is None or grammars is None:
+        return
+    for spec in tools.parameter_specs():
+        await grammars.check(spec)
 
 
 def _model_not_found(router: Router, name: str) -> ModelNotFound:

@@ -8,18 +8,25 @@ Parameters keep OpenAI's names and vLLM's extras (`top_k`, `min_p`, `repetition_
 `guided_grammar`); OpenAI's `response_format` on both endpoints. Fields kvray does not support
 yet are refused by name rather than ignored; unknown fields are ignored, as OpenAI SDKs send
 extras.
-A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template as given.
+A chat message's `name`, `tool_call_id` and `tool_calls` reach the chat template (earlier
+calls in the form the template reads: `tool_calls.template_inputs`).
+Tool calls (chat only): `tools`, `tool_choice` (none, auto, required or a named function) and
+`parallel_tool_calls` become a `ToolUse` (`tool_calls.py`): the tools reach the prompt, a
+required or named choice becomes the request's grammar, and the answer is parsed for calls
+(`openai_responses.Renderer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from kvray.cluster.chat_prompt import ChatPrompt, check_num_messages
 from kvray.cluster.input_processor import Prompt
+from kvray.cluster.tool_calls import ToolUse, make_tool_use
 from kvray.workers.grammar_spec import (
     GrammarSpec,
     from_response_format,
@@ -262,12 +269,17 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+
+    @cached_property
+    def tool_use(self) -> ToolUse | None:
+        """The tools and the choice, checked; None without tools. Raises InvalidParameterError."""
+        return make_tool_use(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def prompt(self) -> ChatPrompt:
-        if self.tools:
-            raise InvalidParameterError("tools", "tools is not supported")
         messages = tuple(m.as_template_message(i) for i, m in enumerate(self.messages))
-        return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt)
+        tools = self.tool_use.rendered if self.tool_use is not None else ()
+        return ChatPrompt(messages, add_generation_prompt=self.add_generation_prompt, tools=tools)
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -281,6 +293,21 @@ class ChatCompletionRequest(_SamplingRequest):
             )
         except InvalidParameterError as exc:
             raise self.as_callers(exc) from None
+
+    def _structured_output(self) -> GrammarSpec | None:
+        """A required or named tool choice's grammar, or the body's constraint (not both)."""
+        spec, use = super()._structured_output(), self.tool_use
+        forced = use.grammar() if use is not None else None
+        if use is None or forced is None:
+            return spec
+        if spec is not None:
+            raise InvalidParameterError(
+                "tool_choice",
+                f"tool_choice {use.function or use.choice!r:.70} constrains "
+                f"the answer to tool calls, and {spec.param.split('.')[0]} constrains it too: "
+                "set one",
+            )
+        return forced
 
     def caller_param(self, name: str) -> str:
         if name == "logprobs":

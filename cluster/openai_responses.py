@@ -2,7 +2,8 @@
 server-sent-event chunks, with OpenAI's logprobs and usage objects.
 
 `Choices` gathers the kvray chunks of one API call (several prompts × n samples) into OpenAI
-choices; the functions below render them as OpenAI JSON.
+choices; the functions below render them as OpenAI JSON. A chat request with tools has each
+choice's text parsed for tool calls (`tool_call_parser.py`), whole or as it streams.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvray.cluster.chunks import CompletionChunk
+from kvray.cluster.tool_call_parser import ToolCallParser, make_parser, parse_all
+from kvray.cluster.tool_calls import ToolUse
 from kvray.workers.protocol import Logprobs
 
 
@@ -72,7 +75,9 @@ class Renderer:
     """OpenAI JSON for one API call: its id, creation time, model name and token strings.
 
     When streamed, `include_usage` ends the stream with a usage event, and `continuous_usage`
-    (vLLM's `continuous_usage_stats`) adds each choice's usage so far to every chunk."""
+    (vLLM's `continuous_usage_stats`) adds each choice's usage so far to every chunk. With
+    `tools` (chat), each choice's text is parsed for calls: a message's `tool_calls`, and
+    finish_reason "tool_calls" for an answer that made calls and stopped."""
 
     def __init__(
         self,
@@ -82,8 +87,11 @@ class Renderer:
         *,
         include_usage: bool = False,
         continuous_usage: bool = False,
+        tools: ToolUse | None = None,
     ) -> None:
         self.chat = kind == "chat"
+        self.tools = tools if self.chat else None
+        self._parsers: dict[int, ToolCallParser | None] = {}  # by choice, as they stream
         self.include_usage = include_usage
         self.continuous_usage = continuous_usage
         prefix = "chatcmpl" if self.chat else "cmpl"
@@ -113,29 +121,59 @@ class Renderer:
                 "stop_reason": c.stop_reason,
             }
             if self.chat:
-                item["message"] = {"role": "assistant", "content": c.text}
+                item["message"] = self._message(c, item)
             else:
                 item["text"] = c.text
             items.append(item)
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._envelope(obj, items), "usage": choices.usage.to_json()}
 
+    def _message(self, choice: Choice, item: dict[str, Any]) -> dict[str, Any]:
+        """A whole choice's message; its calls (if any) change `item`'s finish_reason."""
+        parser = make_parser(self.tools) if self.tools is not None else None
+        if parser is None:
+            return {"role": "assistant", "content": choice.text}
+        content, calls = parse_all(parser, choice.text)
+        if not calls:
+            return {"role": "assistant", "content": content}
+        item["finish_reason"] = _finish_reason(choice.finish_reason, made_calls=True)
+        return {"role": "assistant", "content": content or None, "tool_calls": calls}
+
+    def _delta(self, choice: Choice, delta: CompletionChunk) -> tuple[dict[str, Any], bool]:
+        """A streamed chat delta's message part, and whether the choice has made calls."""
+        if self.tools is not None and choice.index not in self._parsers:
+            self._parsers[choice.index] = make_parser(self.tools)
+        parser = self._parsers.get(choice.index)
+        if parser is None:
+            return {"content": delta.text}, False
+        parsed = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            parsed.add(parser.finish())
+        message: dict[str, Any] = {"content": parsed.content} if parsed.content else {}
+        if parsed.calls:
+            message["tool_calls"] = [call.to_json() for call in parsed.calls]
+        return message, parser.num_calls > 0
+
     def chunk(self, choice: Choice, delta: CompletionChunk) -> str | None:
         """One streamed event for `delta`, which was folded into `choice`; None when it has
-        nothing to say (a token whose text waits for the rest of a character)."""
+        nothing to say (a token whose text waits for the rest of a character, or text a tool
+        call parser holds)."""
         logprobs = [lp for lp in delta.logprobs or () if lp is not None]
         first = self.chat and choice.index not in self._sent_role
-        if not (delta.text or logprobs or delta.finish_reason or first):
+        message, made_calls = self._delta(choice, delta) if self.chat else ({}, False)
+        says = message.get("content") or message.get("tool_calls") or (not self.chat and delta.text)
+        if not (says or logprobs or delta.finish_reason or first):
             return None
+        finish = delta.finish_reason.value if delta.finish_reason else None
         item: dict[str, Any] = {
             "index": choice.index,
             "logprobs": self._logprobs(logprobs, delta.text) if logprobs else None,
-            "finish_reason": delta.finish_reason.value if delta.finish_reason else None,
+            "finish_reason": _finish_reason(finish, made_calls=made_calls),
         }
         if delta.finish_reason is not None:
             item["stop_reason"] = delta.stop_reason
         if self.chat:
-            item["delta"] = {"content": delta.text}
+            item["delta"] = message
             if first:  # the first chunk of a choice says who speaks
                 self._sent_role.add(choice.index)
                 item["delta"]["role"] = "assistant"
@@ -189,6 +227,11 @@ class Renderer:
             **entry(lp.token_id, lp.logprob),
             "top_logprobs": [entry(t, v) for t, v in zip(lp.top_token_ids, lp.top_logprobs)],
         }
+
+
+def _finish_reason(reason: str | None, *, made_calls: bool) -> str | None:
+    """OpenAI's "tool_calls" for an answer that made calls and ended of itself."""
+    return "tool_calls" if made_calls and reason == "stop" else reason
 
 
 def sse(data: dict[str, Any]) -> str:
