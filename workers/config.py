@@ -42,7 +42,8 @@ class WorkerConfig:
     quantization: str | None = setting(
         None,
         "int8: weight-only int8 linear layers (CPU): half bf16's bytes per decode step, "
-        "faster for one or a few running sequences, slower for big batches; default: none",
+        "faster for one or a few running sequences, slower for big batches; w8a8: int8 "
+        "weights times activations quantized to int8 per group of 32 (CPU, AVX2); default: none",
     )
     decode_graphs: str = setting(
         "auto",
@@ -101,8 +102,8 @@ class WorkerConfig:
             raise ValueError(
                 f"generation_config must be auto or none, got {self.generation_config!r}"
             )
-        if self.quantization is not None and self.quantization not in ("int8", "none"):
-            raise ValueError(f"quantization must be int8 or none, got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in ("int8", "w8a8", "none"):
+            raise ValueError(f"quantization must be int8, w8a8 or none, got {self.quantization!r}")
         if self.quantization == "none":
             object.__setattr__(self, "quantization", None)  # one spelling of "not quantized"
         if not isinstance(self.cpu_kernels, bool):  # NOTE: a string such as "false" is truthy

@@ -1,9 +1,9 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
-`rotary_embedding()`, `rms_norm()`, `decode_layers()` and `int8_panel()` return the compiled
-ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler, or for
-`bf16_linear` a CPU without AVX512-BF16) or are turned off (the worker's `cpu_kernels` setting,
+`rotary_embedding()`, `rms_norm()`, `decode_layers()`, `int8_panel()` and `w8a8()` return the
+compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler, for
+`bf16_linear` a CPU without AVX512-BF16, for `w8a8` one without AVX2) or are turned off (the worker's `cpu_kernels` setting,
 passed to `set_enabled`); callers then keep their torch path, which gives the same results
 (or, for bf16, oneDNN's) more slowly. The build goes through `torch.utils.cpp_extension`: it
 takes ~40 s (2 cores) once per machine and source version, then loads from
@@ -40,6 +40,7 @@ _SOURCES = [
         "rms_norm.cpp",
         "decode_layers.cpp",
         "int8_panel.cpp",
+        "w8a8_linear.cpp",
     )
 ]
 
@@ -112,6 +113,21 @@ def int8_panel() -> Int8Panel | None:
     if not _ready() or not hasattr(torch.ops.kvray, "int8_panel_linear"):
         return None
     return Int8Panel(torch.ops.kvray.int8_panel_linear, torch.ops.kvray.int8_panel_dequantize)
+
+
+class W8a8(NamedTuple):
+    """csrc/w8a8_linear.cpp, int8 weights times activations quantized to int8 on the fly:
+    `linear(x, weight, scale, bias)` and `quantize(x)` (the activations as it quantizes them)."""
+
+    linear: Callable[..., torch.Tensor]
+    quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def w8a8() -> W8a8 | None:
+    """The ops, or None where they were not built or the build does not target AVX2 + FMA."""
+    if not _ready() or not hasattr(torch.ops.kvray, "w8a8_linear"):
+        return None
+    return W8a8(torch.ops.kvray.w8a8_linear, torch.ops.kvray.w8a8_quantize)
 
 
 class Bf16Linear(NamedTuple):
@@ -202,6 +218,10 @@ def _register_fakes() -> None:
             for x in (q, k)
         )
     )
+    if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 ops
+        fake("kvray::w8a8_linear")(
+            lambda x, weight, scale, bias: x.new_empty((x.shape[0], weight.shape[0]))
+        )
     fake("kvray::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)

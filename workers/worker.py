@@ -50,6 +50,7 @@ from kvray.workers.tensor_parallel import (
     smallest_over_ranks,
 )
 from kvray.workers.token_bitmask import prepare_grammar_masks
+from kvray.workers.w8a8 import quantize_linears_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ class ModelWorker:
         self.limits = engine_config.scheduler  # the largest step the scheduler may build
         cpu_kernels.set_enabled(self.config.cpu_kernels)  # before loading: packing asks for them
         self.device = devices.resolve_device(self.config.device)
-        if self.config.quantization == "int8" and self.device.type != "cpu":
+        if self.config.quantization is not None and self.device.type != "cpu":
             raise ValueError(
-                f"quantization int8 runs on CPU only; on {self.device} leave it unset (bf16) "
-                "or serve a checkpoint quantized for GPUs"
+                f"quantization {self.config.quantization} runs on CPU only; on {self.device} "
+                "leave it unset (bf16) or serve a checkpoint quantized for GPUs"
             )
         # NOTE: resolved (a built-in model built) before joining a group: transformers saves a
         # model's weights only on rank 0 of an initialised torch.distributed group.
@@ -164,6 +165,8 @@ class ModelWorker:
             logger.info("fused %d sets of sibling projections", fuse_projections(model))
         if self.config.quantization == "int8":  # on CPU: checked before loading
             logger.info("quantized %d linear layers to int8", quantize_linears(model))
+        elif self.config.quantization == "w8a8":  # on CPU: checked before loading
+            logger.info("quantized %d linear layers to w8a8", quantize_linears_w8a8(model))
         elif can_pack(self.device, self.dtype):
             counts = pack_linears(model)
             logger.info(

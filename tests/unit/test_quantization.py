@@ -57,7 +57,7 @@ def test_the_kernel_path_and_the_widened_path_agree(dtype, monkeypatch):
 def test_an_unknown_quantization_is_refused_by_name():
     from kvray.workers.config import WorkerConfig
 
-    with pytest.raises(ValueError, match="quantization must be int8 or none, got 'int4'"):
+    with pytest.raises(ValueError, match="quantization must be int8, w8a8 or none, got 'int4'"):
         WorkerConfig(quantization="int4")
 
 

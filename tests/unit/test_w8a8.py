@@ -1,0 +1,162 @@
+"""int8 weights times int8 activations (`quantization: w8a8`): the activations' rounding, the
+kernel against its torch reference, the layer swap, refusals and a served tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvray.workers import cpu_kernels
+from kvray.workers.quantization import quantize_int8
+from kvray.workers.w8a8 import (
+    Int8ActLinear,
+    quantize_activations,
+    quantize_linears_w8a8,
+    reference_linear,
+)
+
+
+def kernel() -> cpu_kernels.W8a8:
+    ops = cpu_kernels.w8a8()
+    if ops is None:
+        pytest.skip("needs kvray's CPU kernels built for AVX2 (csrc/w8a8_linear.cpp)")
+    return ops
+
+
+def test_activations_round_to_the_nearest_step_of_their_group():
+    x = torch.randn(3, 96) * torch.linspace(0.01, 10, 96)  # groups of very different sizes
+    x[1, 32:64] = 0  # an all-zero group: zeros and a zero scale, no division by zero
+    q, scale = quantize_activations(x)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert scale.dtype == torch.float32 and scale.shape == (3, 3)
+    step = scale.repeat_interleave(32, dim=1)
+    assert torch.all((q.float() * step - x).abs() <= step / 2 * 1.0001 + 1e-12)
+    assert torch.all(q[1, 32:64] == 0) and scale[1, 1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_quantizes_activations_bit_for_bit_as_torch(dtype):
+    ops = kernel()
+    torch.manual_seed(0)
+    for rows in (1, 5, 33):
+        x = (torch.randn(rows, 576) * torch.rand(rows, 1) * 10).to(dtype)
+        x[0, :32] = 0
+        x[-1, 32:64] = 0.5  # equal values: every one exactly at amax
+        q, scale = ops.quantize(x)
+        expected_q, expected_scale = quantize_activations(x)
+        assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
+
+
+# SmolLM2-135M's shapes (out, in): fused q/k/v, o, k or v alone, fused gate/up, down; an odd
+# and a small width.
+SHAPES = [(960, 576), (576, 576), (192, 576), (3072, 576), (576, 1536), (577, 64), (64, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_kernel_equals_the_torch_reference(shape, dtype):
+    """Each group's int32 dot is exact on both paths; the kernel then sums the groups' scaled
+    dots in fp32 in another order (8 lanes, reduced last) than torch's: fp32 outputs agree to
+    a few ulps of the sum's magnitude, bf16 ones to one bf16 rounding."""
+    ops = kernel()
+    torch.manual_seed(shape[0] + shape[1])
+    out_features, in_features = shape
+    weight, scale = quantize_int8(torch.randn(out_features, in_features) * 0.05)
+    bias = torch.randn(out_features)
+    for rows in (1, 2, 3, 7, 33, 128):
+        x = torch.randn(rows, in_features).to(dtype)
+        for b in (None, bias):
+            got = ops.linear(x, weight, scale, b)
+            expected = reference_linear(x, weight, scale, b)
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+            tol = 1e-5 if dtype == torch.float32 else 8e-3
+            torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_the_reference_is_the_float_product_to_within_the_rounding_of_both():
+    torch.manual_seed(2)
+    w = torch.randn(64, 128) * 0.05
+    x, bias = torch.randn(5, 128), torch.randn(64)
+    weight, scale = quantize_int8(w)
+    got = reference_linear(x, weight, scale, bias)
+    exact = x @ w.T + bias
+    # Two 8-bit roundings per product: ~1% of a typical output's size here.
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    assert not torch.equal(got, exact)  # the activations were quantized
+
+
+def test_a_row_gives_the_same_output_alone_and_in_a_batch():
+    layer = Int8ActLinear(torch.nn.Linear(576, 1536))
+    x = torch.randn(9, 576)
+    batch = layer(x)
+    assert all(torch.equal(layer(x[i : i + 1])[0], batch[i]) for i in range(9))
+
+
+def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
+    shared = torch.nn.Linear(64, 64)
+    model = torch.nn.ModuleDict(
+        {
+            "a": shared,
+            "b": torch.nn.Sequential(shared, torch.nn.ReLU()),
+            "c": torch.nn.Linear(32, 4, bias=False),
+            "odd": torch.nn.Linear(40, 4),  # 40 inputs are no whole groups: left as it is
+        }
+    )
+    assert quantize_linears_w8a8(model) == 2
+    assert isinstance(model["a"], Int8ActLinear) and model["a"] is model["b"][0]
+    assert isinstance(model["c"], Int8ActLinear) and type(model["odd"]) is torch.nn.Linear
+    assert model["c"].weight.shape == (4, 32)  # the dequantized weight, for code that reads it
+    y = model["c"](torch.randn(2, 3, 32))
+    assert y.shape == (2, 3, 4)
+
+
+def test_the_layer_falls_back_to_the_reference_without_the_kernel():
+    torch.manual_seed(3)
+    layer = Int8ActLinear(torch.nn.Linear(96, 40))
+    x = torch.randn(2, 5, 96)
+    layer._ops = None
+    expected = reference_linear(x.view(10, 96), layer.weight_int8, layer.scale, layer.bias)
+    assert torch.equal(layer(x), expected.view(2, 5, 40))
+
+
+def test_widths_not_divisible_by_32_are_refused_by_name():
+    with pytest.raises(ValueError, match="w8a8 needs in_features divisible by 32, got 40"):
+        Int8ActLinear(torch.nn.Linear(40, 8))
+
+
+def test_layers_off_the_cpu_are_refused_by_name():
+    with pytest.raises(ValueError, match="w8a8 layers run on CPU only, got a layer on meta"):
+        Int8ActLinear(torch.nn.Linear(64, 8, device="meta"))
+
+
+def test_the_mode_is_a_known_quantization():
+    from kvray.workers.config import WorkerConfig
+
+    assert WorkerConfig(quantization="w8a8").quantization == "w8a8"
+    with pytest.raises(ValueError, match="quantization must be int8, w8a8 or none, got 'w4a8'"):
+        WorkerConfig(quantization="w4a8")
+
+
+def test_a_tiny_model_served_with_w8a8_generates_as_hf_with_the_same_layers(tiny_model_path):
+    """The engine's greedy tokens equal HF `generate` over the same model with its linear
+    layers swapped for `Int8ActLinear` (each row is quantized on its own, so batching and the
+    paged attention's fp32 rounding are the only differences)."""
+    from transformers import AutoModelForCausalLM
+
+    from kvray import LLM, SamplingParams
+    from tests.helpers import hf_greedy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
+    assert quantize_linears_w8a8(model) > 0
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 40)
+    ]
+    refs = [hf_greedy(model, p, 16) for p in prompts]
+    llm = LLM(tiny_model_path, max_model_len=128, quantization="w8a8")
+    assert any(isinstance(m, Int8ActLinear) for m in llm.worker.model.modules())
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = [o.token_ids for o in llm.generate(prompts, params)]
+    for p, out, ref in zip(prompts, outputs, refs):
+        assert out == ref, f"prompt of {len(p)} tokens:\n kvray: {out}\n    hf: {ref}"
