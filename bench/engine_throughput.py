@@ -26,8 +26,9 @@ memory while a system ran (weights and what earlier systems left behind included
 `--model smollm2` runs the real SmolLM2-135M-Instruct (the built-in checkpoint) instead of the
 random-weight model of its shape; `single` is one request (128 + 256 tokens): decode speed.
 `--systems kvray,kvray-int8,...` adds kvray variants to the same run: `kvray-int8`
-(`quantization: int8`), `kvray-graphs` and `kvray-eager` (`decode_graphs: on` / `off`; kvray's
-default is graphs on a GPU, eager on CPU), `kvray-int8-graphs` (both). Each
+(`quantization: int8`), `kvray-w8a8` (`quantization: w8a8`), `kvray-graphs` and `kvray-eager`
+(`decode_graphs: on` / `off`; kvray's default is graphs on a GPU, eager on CPU),
+`kvray-int8-graphs` (both). Each
 kvray row is also printed as a share of this machine's limits, measured in the same run: the
 FLOP/s of one large matmul (batches) and the read bandwidth (one stream).
 """
@@ -87,6 +88,7 @@ def max_positions(model_dir: Path) -> int:
 KVRAY_SYSTEMS: dict[str, dict[str, object]] = {
     "kvray": {},
     "kvray-int8": {"quantization": "int8"},
+    "kvray-w8a8": {"quantization": "w8a8"},
     "kvray-graphs": {"decode_graphs": "on"},  # the default on a GPU; opt-in on CPU
     "kvray-eager": {"decode_graphs": "off"},
     "kvray-int8-graphs": {"quantization": "int8", "decode_graphs": "on"},
@@ -379,9 +381,10 @@ def print_table(workload: str, results: list[dict], *, num_requests: int) -> Non
         prompt = len(make_workload(workload, 1)[0].prompt_token_ids)
         print(f"time to first token, one {prompt}-token prompt (median of 5 new prompts, warm): " + ", ".join(
             f"{r['system']} {r['ttft_ms']:.0f} ms" for r in results if "ttft_ms" in r))  # fmt: skip
-    if "kvray" in by and "kvray-int8" in by:
-        ratio = by["kvray-int8"]["tokens_per_s"] / by["kvray"]["tokens_per_s"]
-        print(f"kvray-int8 / kvray: {ratio:.2f}x")
+    for variant in ("kvray-int8", "kvray-w8a8"):
+        if "kvray" in by and variant in by:
+            ratio = by[variant]["tokens_per_s"] / by["kvray"]["tokens_per_s"]
+            print(f"{variant} / kvray: {ratio:.2f}x")
     print_targets(workload, by, num_requests=num_requests)
 
 

@@ -1,12 +1,14 @@
-"""What `quantization: int8` (and bf16) cost in quality, against fp32, on the real SmolLM2.
+"""What `quantization: int8` and `w8a8` (and bf16) cost in quality, on the real SmolLM2.
 
 On a fixed set of chat prompts (the model's chat template), each variant:
-  greedy agreement  kvray's own greedy output (32 new tokens) equal to kvray fp32's: the share
-                    of prompts that agree on every token, and the mean number of leading tokens
-                    that agree
+  equal to fp32 / bf16  kvray's own greedy output (32 new tokens) against kvray fp32's and
+                    bf16's: the share of prompts that agree on every token, and the mean number
+                    of leading tokens that agree
   mean KL           KL(fp32 || variant) of the next-token distribution at every position of
                     the prompt and fp32's continuation (teacher forcing), in nats, from Hugging
-                    Face forwards of the same weights (int8: kvray's `Int8Linear` layers)
+                    Face forwards of the same weights (int8 / w8a8: kvray's layers)
+  perplexity        of a fixed English text (public-domain openings, `TEXT`), one teacher-forced
+                    Hugging Face forward of the variant's layers, and its change against bf16
 
     python bench/int8_quality.py
 """
@@ -40,10 +42,37 @@ PROMPTS = [
     "Describe a cat to someone who has never seen one.",
     "What are the benefits of regular exercise?",
 ]
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered as the rightful property of some one or other "
+    "of their daughters.\n\n"
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+    "age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the "
+    "season of Light, it was the season of Darkness, it was the spring of hope, it was the "
+    "winter of despair, we had everything before us, we had nothing before us, we were all "
+    "going direct to Heaven, we were all going direct the other way.\n\n"
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money "
+    "in my purse, and nothing particular to interest me on shore, I thought I would sail about "
+    "a little and see the watery part of the world. It is a way I have of driving off the "
+    "spleen and regulating the circulation.\n\n"
+    "When in the Course of human events, it becomes necessary for one people to dissolve the "
+    "political bands which have connected them with another, and to assume among the powers of "
+    "the earth, the separate and equal station to which the Laws of Nature and of Nature's God "
+    "entitle them, a decent respect to the opinions of mankind requires that they should "
+    "declare the causes which impel them to the separation.\n\n"
+    "A hash table stores key and value pairs in an array of buckets. A hash function maps each "
+    "key to the index of a bucket, so that looking up a key takes constant time on average. "
+    "When two keys map to the same bucket, the table resolves the collision, for example by "
+    "keeping a short list in each bucket or by probing the next free slot.\n"
+)
 VARIANTS = {  # name -> kvray options
     "fp32": dict(dtype="float32"),
     "bf16": dict(dtype="bfloat16"),
     "int8": dict(dtype="bfloat16", quantization="int8"),
+    "w8a8": dict(dtype="bfloat16", quantization="w8a8"),
+    "w8a8-fp32": dict(dtype="float32", quantization="w8a8"),  # fp32 activations in and out
 }
 
 
@@ -59,12 +88,31 @@ def hf_model(path: str, variant: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from kvray.workers.quantization import quantize_linears
+    from kvray.workers.w8a8 import quantize_linears_w8a8
 
-    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
+    dtype = torch.float32 if VARIANTS[variant]["dtype"] == "float32" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    if variant == "int8":
+    if VARIANTS[variant].get("quantization") == "int8":
         quantize_linears(model)
+    elif VARIANTS[variant].get("quantization") == "w8a8":
+        quantize_linears_w8a8(model)
     return model
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, ids: list[int]) -> float:
+    logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
+    return float(torch.exp(nll))
+
+
+def agreement(outputs: list[list[int]], refs: list[list[int]]) -> tuple[int, float]:
+    """(prompts whose every token agrees, the mean number of leading tokens that agree)"""
+    agree, prefix = 0, 0
+    for ours, ref in zip(outputs, refs):
+        agree += ours == ref
+        prefix += next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+    return agree, prefix / len(refs)
 
 
 @torch.inference_mode()
@@ -105,18 +153,30 @@ def main() -> None:
 
     log("teacher-forced forwards")
     seqs = [p + o for p, o in zip(prompts, outputs["fp32"])]
+    text_ids = list(tokenizer(TEXT)["input_ids"])
     reference = hf_model(path, "fp32")
-    print(f"SmolLM2-135M-Instruct, {len(PROMPTS)} chat prompts, {args.max_tokens} greedy tokens")
-    print(
-        f"{'variant':<8} {'all tokens equal':>17} {'mean equal prefix':>18} {'mean KL (nats)':>15}"
-    )
+    rows = {}
     for name in VARIANTS:
-        agree, prefix = 0, 0
-        for ours, ref in zip(outputs[name], outputs["fp32"]):
-            agree += ours == ref
-            prefix += next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-        kl = 0.0 if name == "fp32" else mean_kl(reference, hf_model(path, name), seqs)
-        print(f"{name:<8} {agree:>10}/{len(PROMPTS):<6} {prefix / len(PROMPTS):>18.1f} {kl:>15.4f}")
+        model = reference if name == "fp32" else hf_model(path, name)
+        kl = 0.0 if name == "fp32" else mean_kl(reference, model, seqs)
+        rows[name] = (kl, perplexity(model, text_ids))
+    n = len(PROMPTS)
+    print(
+        f"SmolLM2-135M-Instruct, {n} chat prompts, {args.max_tokens} greedy tokens; "
+        f"perplexity of a {len(text_ids)}-token text"
+    )
+    print(
+        f"{'variant':<10} {'equal to fp32':>14} {'prefix':>7} {'equal to bf16':>14} {'prefix':>7}"
+        f" {'mean KL':>8} {'perplexity':>11} {'vs bf16':>8}"
+    )
+    for name, (kl, ppl) in rows.items():
+        to_fp32, prefix_fp32 = agreement(outputs[name], outputs["fp32"])
+        to_bf16, prefix_bf16 = agreement(outputs[name], outputs["bf16"])
+        change = ppl / rows["bf16"][1] - 1
+        print(
+            f"{name:<10} {to_fp32:>10}/{n:<3} {prefix_fp32:>7.1f} {to_bf16:>10}/{n:<3}"
+            f" {prefix_bf16:>7.1f} {kl:>8.4f} {ppl:>11.3f} {change:>+8.2%}"
+        )
 
 
 if __name__ == "__main__":

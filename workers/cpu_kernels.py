@@ -117,7 +117,8 @@ def int8_panel() -> Int8Panel | None:
 
 class W8a8(NamedTuple):
     """csrc/w8a8_linear.cpp, int8 weights times activations quantized to int8 on the fly:
-    `linear(x, weight, scale, bias)` and `quantize(x)` (the activations as it quantizes them)."""
+    `linear(x, packed, scales, out_features, bias)` (weights in its panels, see
+    workers/w8a8.py `to_panels`) and `quantize(x)` (the activations as it quantizes them)."""
 
     linear: Callable[..., torch.Tensor]
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -220,7 +221,7 @@ def _register_fakes() -> None:
     )
     if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 ops
         fake("kvray::w8a8_linear")(
-            lambda x, weight, scale, bias: x.new_empty((x.shape[0], weight.shape[0]))
+            lambda x, packed, scales, out_features, bias: x.new_empty((x.shape[0], out_features))
         )
     fake("kvray::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     fake("kvray::int8_dequantize")(

@@ -10,6 +10,7 @@ it is built (AVX2), else `reference_linear`, the same math in torch ops. Weight-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvray.workers import cpu_kernels
@@ -21,10 +22,11 @@ _REFERENCE_CHUNK = 4096
 
 class Int8ActLinear(nn.Module):
     """`nn.Linear` with int8 weights (a bf16 scale per group of GROUP_SIZE) whose inputs are
-    quantized to int8 at every call. CPU only: the constructor refuses other devices."""
+    quantized to int8 at every call. CPU only: the constructor refuses other devices. Where the
+    kernel is built, the weights are kept in its panels (`to_panels`), else in rows."""
 
-    weight_int8: torch.Tensor  # [out_features, in_features] int8
-    scale: torch.Tensor  # [out_features, in_features / GROUP_SIZE] bf16
+    weight_int8: torch.Tensor  # rows: [out, in]; panels: [ceil(out / 8), in / 4, 8, 4]
+    scale: torch.Tensor  # rows: bf16 [out, in / GROUP_SIZE]; panels: fp32 [panels, in / 32, 8]
     bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -37,25 +39,60 @@ class Int8ActLinear(nn.Module):
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scale = quantize_int8(linear.weight.detach())
+        self._ops = cpu_kernels.w8a8()
+        if self._ops is not None:
+            weight, scale = to_panels(weight, scale)
         self.register_buffer("weight_int8", weight, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
-        self._ops = cpu_kernels.w8a8()
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 [out, in], bf16 scales [out, in / GROUP_SIZE]), from either layout."""
+        if self._ops is None:
+            return self.weight_int8, self.scale
+        return from_panels(self.weight_int8, self.scale, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:  # [out_features, in_features], fp32
         """The dequantized weight (a copy): for model code that reads a linear layer's weight."""
-        groups = self.weight_int8.view(self.out_features, -1, GROUP_SIZE).float()
-        return (groups * self.scale.float()[:, :, None]).view(self.out_features, -1)
+        weight, scale = self.rows()
+        groups = weight.view(self.out_features, -1, GROUP_SIZE).float()
+        return (groups * scale.float()[:, :, None]).view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features], bf16 or fp32
         rows = x.reshape(-1, self.in_features)
         if self._ops is not None:
-            out = self._ops.linear(rows, self.weight_int8, self.scale, self.bias)
+            out = self._ops.linear(rows, self.weight_int8, self.scale, self.out_features, self.bias)
         else:
             out = reference_linear(rows, self.weight_int8, self.scale, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+PANEL = 8  # output features per panel of csrc/w8a8_linear.cpp: one 32-bit lane each
+QUAD = 4  # inputs per lane
+
+
+def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8`'s rows as the kernel's panels: int8 [panels, in / 4, 8, 4] (quad row q
+    of a panel holds its 8 features' weights for inputs 4q .. 4q + 3) and fp32 scales
+    [panels, in / GROUP_SIZE, 8]; out_features padded to whole panels with zero weights."""
+    pad = -weight.shape[0] % PANEL
+    weight = F.pad(weight, (0, 0, 0, pad))
+    scale = F.pad(scale.float(), (0, 0, 0, pad))
+    panels = weight.shape[0] // PANEL
+    packed = weight.view(panels, PANEL, -1, QUAD).permute(0, 2, 1, 3).contiguous()
+    return packed, scale.view(panels, PANEL, -1).permute(0, 2, 1).contiguous()
+
+
+def from_panels(
+    packed: torch.Tensor, scale: torch.Tensor, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_panels` inverted: (int8 [out, in], bf16 [out, in / GROUP_SIZE]); the scales were
+    bf16 values, so the round trip is exact."""
+    weight = packed.permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * QUAD)[:out_features]
+    rows_scale = scale.permute(0, 2, 1).reshape(-1, scale.shape[1])[:out_features]
+    return weight.contiguous(), rows_scale.to(torch.bfloat16)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

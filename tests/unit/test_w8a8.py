@@ -10,9 +10,11 @@ from kvray.workers import cpu_kernels
 from kvray.workers.quantization import quantize_int8
 from kvray.workers.w8a8 import (
     Int8ActLinear,
+    from_panels,
     quantize_activations,
     quantize_linears_w8a8,
     reference_linear,
+    to_panels,
 )
 
 
@@ -66,7 +68,7 @@ def test_the_kernel_equals_the_torch_reference(shape, dtype):
     for rows in (1, 2, 3, 7, 33, 128):
         x = torch.randn(rows, in_features).to(dtype)
         for b in (None, bias):
-            got = ops.linear(x, weight, scale, b)
+            got = ops.linear(x, *to_panels(weight, scale), out_features, b)
             expected = reference_linear(x, weight, scale, b)
             assert got.dtype == dtype and got.shape == (rows, out_features)
             tol = 1e-5 if dtype == torch.float32 else 8e-3
@@ -110,13 +112,27 @@ def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
     assert y.shape == (2, 3, 4)
 
 
-def test_the_layer_falls_back_to_the_reference_without_the_kernel():
+def test_panels_hold_the_same_weights_as_rows():
+    weight, scale = quantize_int8(torch.randn(577, 64))  # 577 features: a padded last panel
+    packed, packed_scale = to_panels(weight, scale)
+    assert packed.shape == (73, 16, 8, 4) and packed_scale.shape == (73, 2, 8)
+    assert torch.equal(packed[1, 2, 3], weight[8 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
+    assert torch.all(packed[72, :, 1:] == 0)  # the padding
+    got_weight, got_scale = from_panels(packed, packed_scale, 577)
+    assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
+
+
+def test_the_layer_falls_back_to_the_reference_without_the_kernel(monkeypatch):
     torch.manual_seed(3)
-    layer = Int8ActLinear(torch.nn.Linear(96, 40))
+    linear = torch.nn.Linear(96, 40)
+    with_kernel = Int8ActLinear(linear)
+    monkeypatch.setattr(cpu_kernels, "w8a8", lambda: None)
+    layer = Int8ActLinear(linear)
     x = torch.randn(2, 5, 96)
-    layer._ops = None
-    expected = reference_linear(x.view(10, 96), layer.weight_int8, layer.scale, layer.bias)
+    expected = reference_linear(x.view(10, 96), *quantize_int8(linear.weight.detach()), linear.bias)
     assert torch.equal(layer(x), expected.view(2, 5, 40))
+    assert torch.equal(layer.weight, with_kernel.weight)
+    torch.testing.assert_close(with_kernel(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
 def test_widths_not_divisible_by_32_are_refused_by_name():
