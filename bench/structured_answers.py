@@ -2,8 +2,9 @@
 cluster, through the OpenAI HTTP API with the `openai` client:
 
 - json_schema: 50 prompts (extract a person, product, event, recipe, order, ... into one of 20
-  schemas: objects, enums, integers and numbers with minimum/maximum, arrays with maxItems,
-  nested objects, additionalProperties false, a pattern), each greedy and sampled
+  schemas: objects, enums, integers and numbers with minimum/maximum (numbers in steps,
+  multipleOf), arrays with maxItems, nested objects, additionalProperties false, patterns, strings
+  with maxLength so that answers end), each greedy and sampled
   (temperature 0.8, a seed), whole and streamed: 200 answers, each parsed and validated with
   `jsonschema`;
 - regex and choice (vLLM's `structured_outputs`): each answer checked with `re.fullmatch` or
@@ -66,8 +67,10 @@ def integer(minimum: int, maximum: int) -> dict[str, Any]:
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
 
-def number(minimum: float, maximum: float) -> dict[str, Any]:
-    return {"type": "number", "minimum": minimum, "maximum": maximum}
+def number(minimum: float, maximum: float, step: float) -> dict[str, Any]:
+    """A bounded number in steps of `step` (0.01: money): without a step, a small model can
+    write digits after the point until max_tokens."""
+    return {"type": "number", "minimum": minimum, "maximum": maximum, "multipleOf": step}
 
 
 def array(items: dict[str, Any], max_items: int) -> dict[str, Any]:
@@ -82,7 +85,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "product": obj(
         name=text(40),
         category=enum("electronics", "clothing", "kitchen", "toys", "books"),
-        price=number(0, 10000),
+        price=number(0, 10000, 0.01),
         in_stock=BOOLEAN,
         colors=array(text(12), 4),
     ),
@@ -103,7 +106,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "order": obj(
         order_id=text(12),
         customer=obj(name=text(30), email=text(40)),
-        items=array(obj(sku=text(12), qty=integer(1, 99), unit_price=number(0, 1000)), 3),
+        items=array(obj(sku=text(12), qty=integer(1, 99), unit_price=number(0, 1000, 0.01)), 3),
         status=enum("pending", "shipped", "delivered", "cancelled"),
     ),
     "review": obj(
@@ -135,7 +138,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "weather": obj(
         city=text(30),
-        temperature_c=number(-60, 60),
+        temperature_c=number(-60, 60, 0.1),
         condition=enum("sunny", "cloudy", "rain", "snow", "storm", "fog"),
         humidity=integer(0, 100),
         wind_kmh=integer(0, 300),
@@ -173,7 +176,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         name=text(40),
         cuisine=enum("italian", "french", "japanese", "mexican", "indian", "other"),
         price_level=integer(1, 4),
-        rating=number(0, 5),
+        rating=number(0, 5, 0.1),
         open_days=array(enum(*DAYS), 7),
     ),
     "car": obj(
@@ -199,7 +202,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "medication": obj(
         drug=text(30),
-        dose_mg=number(0, 5000),
+        dose_mg=number(0, 5000, 0.5),
         times_per_day=integer(1, 6),
         with_food=BOOLEAN,
     ),
@@ -378,14 +381,35 @@ def schema_task(client, args, name: str, prompt: str, mode: Mode, seed: int):
 
 def schema_error(content: str, schema: dict[str, Any]) -> str:
     """Empty where `content` is JSON that validates against `schema`, else why not."""
-    from grammar_workloads import make_validator
-
     try:
         value = json.loads(content)
     except ValueError as exc:
         return f"not JSON: {exc}"
     errors = list(make_validator(schema).iter_errors(value))
     return "; ".join(e.message for e in errors[:3])
+
+
+def make_validator(schema: dict[str, Any]) -> Any:
+    """jsonschema's Draft 2020-12 validator, with `multipleOf` checked in decimal: 151.01 is a
+    multiple of 0.01, which binary floats (jsonschema's own check) deny."""
+    from decimal import Decimal
+
+    import jsonschema
+
+    def multiple_of(validator: Any, step: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "number"):
+            return
+        try:
+            rest = Decimal(str(instance)) % Decimal(str(step))
+        except ArithmeticError:  # infinity, or too many digits to divide
+            rest = Decimal(1)
+        if rest:
+            yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {step}")
+
+    validator = jsonschema.validators.extend(
+        jsonschema.Draft202012Validator, {"multipleOf": multiple_of}
+    )
+    return validator(schema)
 
 
 def regex_task(client, args, name: str, pattern: str, prompt: str, mode: Mode, seed: int):
@@ -494,7 +518,7 @@ TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
     "convert_currency": (
         "Convert an amount of money.",
         obj(
-            amount=number(0, 1000000),
+            amount=number(0, 1000000, 0.01),
             source=enum("USD", "EUR", "GBP", "JPY"),
             target=enum("USD", "EUR", "GBP", "JPY"),
         ),

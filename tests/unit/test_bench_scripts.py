@@ -247,3 +247,10 @@ def test_streamed_tool_calls_are_reassembled_by_index(answers):
     assert answers.tool_call_error(calls[0], "get_weather") == ""
     assert "kelvin" in answers.tool_call_error(calls[1], None)  # not in the unit's enum
     assert "not the named" in answers.tool_call_error(calls[0], "book_flight")
+
+
+def test_structured_answers_check_multiple_of_in_decimal(answers):
+    schema = {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.01}
+    assert answers.schema_error("0.07", schema) == ""  # 0.07 / 0.01 is 7.000000000000001
+    assert "multiple of 0.01" in answers.schema_error("0.071", schema)
+    assert "maximum" in answers.schema_error("10.5", schema)
