@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log
 from grammar_workloads import TYPICAL_SCHEMA
-from structured_answers import SCHEMAS
+from structured_workloads import SCHEMAS
 
 MASK_SHARE_TARGET = 0.10  # of a decode step at batch 32
 STALL_TARGET_S = 0.005
@@ -122,7 +122,7 @@ def run_decode(args: argparse.Namespace) -> list[str]:
 def print_decode(steps: dict[tuple[int, bool], list[tuple[float, float]]]) -> list[str]:
     print("\n## decode steps, constrained vs unconstrained (steps where the whole batch decodes)")
     print(f"{'batch':>5} {'mode':<13} {'steps':>6} {'step p50':>11} {'mask p50':>11} "
-          f"{'mask share':>10} {'vs free':>9}")  # fmt: skip
+          f"{'per row':>10} {'mask share':>10} {'vs free':>9}")  # fmt: skip
     verdicts = []
     for batch in BATCHES:
         free = statistics.median(f for f, _ in steps[(batch, False)])
@@ -133,7 +133,7 @@ def print_decode(steps: dict[tuple[int, bool], list[tuple[float, float]]]) -> li
             share = sum(m for _, m in rows) / sum(f for f, _ in rows)
             mode = "constrained" if constrained else "unconstrained"
             print(f"{batch:>5} {mode:<13} {len(rows):>6} {ms(step):>11} {ms(mask):>11} "
-                  f"{share:>9.1%} {step / free - 1:>+8.1%}")  # fmt: skip
+                  f"{ms(mask / batch):>10} {share:>10.1%} {step / free - 1:>+9.1%}")  # fmt: skip
             if constrained and batch == max(BATCHES):
                 verdicts.append(
                     f"mask share of a decode step at batch {batch}: {share:.1%} "

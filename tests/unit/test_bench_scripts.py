@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
             "grammar_workloads.py",
             "load.py",
             "routing_workloads.py",
+            "structured_workloads.py",
         )
     ),
 )
@@ -194,12 +195,17 @@ def answers():
     return bench_module("structured_answers")
 
 
-def test_structured_answers_cover_every_schema_with_valid_schemas(answers):
+@pytest.fixture(scope="module")
+def structured():
+    return bench_module("structured_workloads")
+
+
+def test_structured_answers_cover_every_schema_with_valid_schemas(structured):
     import jsonschema
 
-    assert len(answers.PROMPTS) == 50 and len(answers.SCHEMAS) == 20
-    assert {name for name, _ in answers.PROMPTS} == set(answers.SCHEMAS)
-    for schema in [*answers.SCHEMAS.values(), *(p for _, p in answers.TOOLS.values())]:
+    assert len(structured.PROMPTS) == 50 and len(structured.SCHEMAS) == 20
+    assert {name for name, _ in structured.PROMPTS} == set(structured.SCHEMAS)
+    for schema in [*structured.SCHEMAS.values(), *(p for _, p in structured.TOOLS.values())]:
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
