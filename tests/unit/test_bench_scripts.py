@@ -1,6 +1,7 @@
 """The benchmark scripts import and parse their arguments (they are not run in CI),
 engine_throughput's pieces that decide what a run prints and how big its baselines are, and
-the routing benchmark's workloads: seeded, shaped as described, and their ideal cache hits."""
+the routing benchmark's workloads: seeded, shaped as described, and their ideal cache hits; the
+structured-answers run's schemas and its reassembly of streamed tool calls."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
             "grammar_workloads.py",
             "load.py",
             "routing_workloads.py",
+            "structured_workloads.py",
         )
     ),
 )
@@ -186,3 +188,75 @@ def test_chat_turns_carry_their_history_as_messages(workloads):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"] == workloads.words(conv.system)
     assert messages[2]["content"] == "an answer" and len(messages[3]["content"].split()) == 1
+
+
+@pytest.fixture(scope="module")
+def answers():
+    return bench_module("structured_answers")
+
+
+@pytest.fixture(scope="module")
+def structured():
+    return bench_module("structured_workloads")
+
+
+def test_structured_answers_cover_every_schema_with_valid_schemas(structured):
+    import jsonschema
+
+    assert len(structured.PROMPTS) == 50 and len(structured.SCHEMAS) == 20
+    assert {name for name, _ in structured.PROMPTS} == set(structured.SCHEMAS)
+    for schema in [*structured.SCHEMAS.values(), *(p for _, p in structured.TOOLS.values())]:
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def fake_stream(chunks: list[dict]):
+    """An `openai` client whose chat.completions.create streams `chunks` (choice dicts)."""
+    from types import SimpleNamespace as NS
+
+    def to_chunk(choice: dict) -> NS:
+        calls = [
+            NS(index=c["index"], function=NS(name=c.get("name"), arguments=c.get("arguments")))
+            for c in choice.get("tool_calls", [])
+        ]
+        delta = NS(content=None, tool_calls=calls or None)
+        return NS(choices=[NS(delta=delta, finish_reason=choice.get("finish_reason"))])
+
+    async def events():
+        for choice in chunks:
+            yield to_chunk(choice)
+
+    async def create(**kwargs):
+        assert kwargs["stream"] is True
+        return events()
+
+    return NS(chat=NS(completions=NS(create=create)))
+
+
+def test_streamed_tool_calls_are_reassembled_by_index(answers):
+    import asyncio
+
+    client = fake_stream([
+        {"tool_calls": [{"index": 0, "name": "get_weather", "arguments": ""}]},
+        {"tool_calls": [{"index": 1, "name": "get_weather", "arguments": '{"city":'}]},
+        {"tool_calls": [{"index": 0, "arguments": '{"city":"Paris",'}]},
+        {"tool_calls": [{"index": 0, "arguments": '"unit":"celsius"}'}]},
+        {"tool_calls": [{"index": 1, "arguments": '"Rome","unit":"kelvin"}'}]},
+        {"finish_reason": "tool_calls"},
+    ])  # fmt: skip
+    mode = answers.Mode(sampled=False, streamed=True)
+    calls, finish = asyncio.run(answers.ask_tools(client, "m", "hi", mode, 0))
+    assert finish == "tool_calls"
+    assert calls == [
+        ("get_weather", '{"city":"Paris","unit":"celsius"}'),
+        ("get_weather", '{"city":"Rome","unit":"kelvin"}'),
+    ]
+    assert answers.tool_call_error(calls[0], "get_weather") == ""
+    assert "kelvin" in answers.tool_call_error(calls[1], None)  # not in the unit's enum
+    assert "not the named" in answers.tool_call_error(calls[0], "book_flight")
+
+
+def test_structured_answers_check_multiple_of_in_decimal(answers):
+    schema = {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.01}
+    assert answers.schema_error("0.07", schema) == ""  # 0.07 / 0.01 is 7.000000000000001
+    assert "multiple of 0.01" in answers.schema_error("0.071", schema)
+    assert "maximum" in answers.schema_error("10.5", schema)
