@@ -14,8 +14,7 @@ cluster, through the OpenAI HTTP API with the `openai` client:
 `--part tools` checks tool calls instead (`tools` with `tool_choice="required"` and a named
 function, whole and streamed, the streamed calls reassembled from OpenAI's delta format): every
 call's arguments validate against its function's parameters and finish_reason is "tool_calls"
-("stop" is also taken for a named function, as OpenAI answers then). It needs a server with tool
-calls, which this one refuses by name today: run it once they are built.
+(kvray answers so for a named function too, where OpenAI answers "stop").
 
 An answer that stops on max_tokens counts as invalid. Prints valid/total per category and exits
 1 on any invalid answer.
@@ -226,8 +225,7 @@ def tool_task(client, args, tool: str, prompt: str, named: bool, mode: Mode, see
             client, args.model, prompt, mode, seed, tools=tool_specs(), tool_choice=choice,
             max_tokens=args.max_tokens,
         )  # fmt: skip
-        allowed = ("tool_calls", "stop") if named else ("tool_calls",)
-        if finish not in allowed:
+        if finish != "tool_calls":
             return f"finish_reason {finish!r}", json.dumps(calls)
         if not calls:
             return "no tool call", ""
