@@ -13,9 +13,11 @@
 3. stall: the event loop's largest lag (a probe that sleeps 1 ms and measures how late it
    wakes) while 20 requests with 20 new schemas arrive: (a) 20 `GrammarChecker.check` calls on
    a running loop; (b) a running smollm2 cluster (router in this process, replica in Ray, a
-   stream decoding throughout), the requests sent by another process over gRPC, beside the
-   same 20 requests without a schema and with the schemas already compiled. Target: no stall
-   over 5 ms.
+   stream decoding throughout), the requests sent by another (already connected) process over
+   gRPC, beside the stream alone, the same 20 requests without a schema, and with the schemas
+   already compiled. Target: no stall over 5 ms: (a) absolute; (b) over the same requests
+   without a schema, as bench/front_door.py measures gaps over idle (on two cores the loop
+   lags by milliseconds with nothing compiling: its share of the CPUs, the VM's scheduling).
 
     python bench/structured_output.py                      # all parts (~10 minutes on 2 cores)
     python bench/structured_output.py --part decode --rounds 1 --max-tokens 32
@@ -256,9 +258,11 @@ async def checker_trials(checker: Any, trials: int) -> tuple[list[Lags], list[La
     return idle, busy
 
 
-def send_requests(target: str, schemas: list[dict] | None, max_tokens: int, out: mp.Queue) -> None:
-    """20 requests at once (one per schema, or free text), in a process of its own; puts their
-    finish reasons on `out`."""
+def send_requests(
+    target: str, schemas: list[dict] | None, max_tokens: int, go: Any, out: mp.Queue
+) -> None:
+    """20 requests at once (one per schema, or free text), in a process of its own, once `go` is
+    set; puts None on `out` when connected, then the requests' finish reasons."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kvray.client import KvrayClient
@@ -273,6 +277,8 @@ def send_requests(target: str, schemas: list[dict] | None, max_tokens: int, out:
     with KvrayClient(target, max_retries=0) as client:
         client.generate("hi", max_tokens=1)  # the connection is up
         with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+            out.put(None)
+            go.wait()
             out.put(list(pool.map(send, range(len(SCHEMAS)))))
 
 
@@ -286,25 +292,35 @@ def keep_decoding(target: str, done: Any) -> None:
                 break
 
 
-CLUSTER_LOADS = ("no schema", "20 new schemas", "the same 20 again")
+IDLE_LOAD = "one stream, nothing arriving"
+CLUSTER_LOADS = (IDLE_LOAD, "no schema", "20 new schemas", "the same 20 again")
 
 
 def cluster_load(cluster: Any, name: str, trial: int, max_tokens: int) -> tuple[Lags, str]:
-    """The router loop's lags while one load's 20 requests arrive and run; what the router's
-    compile counters say about it."""
+    """The router loop's lags while one load's 20 requests arrive and run (or, for IDLE_LOAD,
+    over 3 s of the background stream alone); what the router's compile counters say about it."""
     spawn = mp.get_context("spawn")  # NOTE: not fork: this process runs gRPC's threads
+    if name == IDLE_LOAD:
+        lags = asyncio.run_coroutine_threadsafe(watch(asyncio.sleep(3.0)), cluster.loop)
+        return lags.result(timeout=60), "0 compiles, 0 hits"
     schemas = None if name == "no schema" else schema_variants(trial)
 
     def counters() -> tuple[int, int]:
         stats = cluster.run(lambda: cluster.router.processor.grammars.stats)
         return stats.num_misses, stats.num_hits
 
+    # NOTE: the sender starts (a Python process importing gRPC) and connects before the window
+    # opens: on two cores its start-up alone delays the loop by milliseconds
+    go, out = spawn.Event(), spawn.Queue()
+    args = (cluster.target, schemas, max_tokens, go, out)
+    sender = spawn.Process(target=send_requests, args=args)
+    sender.start()
+    out.get(timeout=120)
+    time.sleep(0.5)
     before = counters()
     stop, lags = threading.Event(), Lags()
     probe = asyncio.run_coroutine_threadsafe(probe_lag(stop, lags), cluster.loop)
-    out = spawn.Queue()
-    sender = spawn.Process(target=send_requests, args=(cluster.target, schemas, max_tokens, out))
-    sender.start()
+    go.set()
     out.get(timeout=600)
     sender.join()
     stop.set()
@@ -368,11 +384,20 @@ def run_stall(args: argparse.Namespace) -> list[str]:
     for name, windows in runs.items():
         counted = "; ".join(sorted({c for _, c in windows}))
         print(lag_row(f"  {name}", [w for w, _ in windows], counted))
-    worst = max(w.largest for w in [*busy, *(w for w, _ in runs["20 new schemas"])])
-    baseline = max(w.largest for w in [*idle, *(w for w, _ in runs["no schema"])])
-    return [f"largest loop lag while 20 new schemas compile: {ms(worst)} (target <= "
-            f"{ms(STALL_TARGET_S)}; with no schema to compile {ms(baseline)}): "
-            f"{verdict(worst <= STALL_TARGET_S)}"]  # fmt: skip
+    own = max(w.largest for w in busy)
+    compiling = max(w.largest for w, _ in runs["20 new schemas"])
+    plain = max(w.largest for w, _ in runs["no schema"])
+    floor = max(w.largest for w, _ in runs[IDLE_LOAD])
+    # NOTE: as bench/front_door.py measures a gap above idle: the cluster's loop lags by
+    # milliseconds with no compile at all (its share of two cores, the VM's scheduling), so
+    # what compiling adds is the lag over the same 20 requests without a schema.
+    return [
+        f"20 new schemas checked on a loop of their own: largest lag {ms(own)} (target <= "
+        f"{ms(STALL_TARGET_S)}): {verdict(own <= STALL_TARGET_S)}",
+        f"the cluster's loop while 20 new schemas compile: {ms(compiling)}, {ms(compiling - plain)}"
+        f" over the same requests without a schema ({ms(plain)}; one stream alone {ms(floor)})"
+        f" (target <= {ms(STALL_TARGET_S)} over): {verdict(compiling - plain <= STALL_TARGET_S)}",
+    ]
 
 
 # -- the run ----------------------------------------------------------------------------------
