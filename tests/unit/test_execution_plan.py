@@ -1,0 +1,111 @@
+"""The execution plan: decided once at load from the settings, the model and the device, and
+what the runner and the worker follow (not their own probes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from kvray.workers import cpu_kernels
+from kvray.workers import execution_plan as plans
+from kvray.workers.attention import register as register_attention
+from kvray.workers.config import EngineConfig, WorkerConfig
+from kvray.workers.kv_cache import KVCache, KVCacheSpec
+from kvray.workers.llama_family import FamilyForward
+from kvray.workers.model_runner import ModelRunner
+from kvray.workers.models import load_model
+from kvray.workers.models.layers import Placement
+from kvray.workers.models.parallel import SINGLE_RANK
+from kvray.workers.quantization import Int8Linear
+
+CPU = torch.device("cpu")
+SHAPE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+
+
+def llama(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SHAPE), attn_implementation=register_attention()
+    )
+    return model.to(dtype).eval()
+
+
+def cache_of(model: torch.nn.Module, dtype: torch.dtype) -> KVCache:
+    spec = KVCacheSpec.from_model_config(model.config, dtype)
+    return KVCache(spec, num_blocks=8, block_size=4, device=CPU)
+
+
+def test_fp32_llama_runs_kvrays_forward_on_torch_kernels():
+    plan = plans.decide_plan(llama(), device=CPU, dtype=torch.float32, settings=WorkerConfig())
+    assert plan.implementation == plans.FAMILY_FORWARD
+    assert plan.description == "transformers LlamaForCausalLM, kvray's forward"
+    assert (plan.linear, plan.attention, plan.decode) == ("torch", "torch", "per-layer")
+    assert not plan.fuses_projections and not plan.decode_graphs
+    assert plan.as_dict()["decode_graphs"] == "false"
+    assert (plan.tensor_parallel_size, plan.tensor_rank) == (1, 0)
+
+
+def test_int8_settings_plan_int8_layers_and_prepare_model_quantizes_them():
+    model = llama(torch.bfloat16)
+    settings = WorkerConfig(quantization="int8")
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.bfloat16, settings=settings)
+    panels = cpu_kernels.int8_panel() is not None
+    assert plan.linear == (plans.INT8_PANELS if panels else plans.INT8_ROWS)
+    assert plan.fuses_projections
+    plans.prepare_model(model, plan)
+    layer = model.model.layers[0].self_attn.fused_q_k_v.fused
+    assert type(layer) is Int8Linear and layer.layout == ("panels" if panels else "rows")
+    kernel = cpu_kernels.paged_decode_attention() is not None
+    assert plan.attention == (plans.KVRAY_CPU_ATTENTION if kernel else plans.TORCH_ATTENTION)
+    stack = kernel and panels and cpu_kernels.decode_layers() is not None
+    assert plan.decode == (plans.ONE_CALL if stack else plans.PER_LAYER)
+
+
+def test_other_architectures_plan_transformers_forward():
+    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    plan = plans.decide_plan(gpt2, device=CPU, dtype=torch.float32, settings=WorkerConfig())
+    assert plan.implementation == plans.TRANSFORMERS
+    assert plan.description == "transformers GPT2LMHeadModel"
+
+
+def test_own_model_plans_kvray_and_no_graphs():
+    hf = llama()
+    own = load_model(hf.config, hf.state_dict().items(), Placement(SINGLE_RANK, torch.float32, CPU))
+    settings = WorkerConfig(decode_graphs="on")
+    plan = plans.decide_plan(own, device=CPU, dtype=torch.float32, settings=settings)
+    assert plan.is_own_model and plan.description == "kvray LlamaForCausalLM"
+    assert not plan.decode_graphs  # NOTE: graphs trace transformers' forward
+
+
+def test_the_runner_follows_the_plan_not_the_model():
+    model = llama()
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.float32, settings=WorkerConfig())
+    assert isinstance(ModelRunner(model, cache_of(model, torch.float32), CPU, plan).forward,
+                      FamilyForward)  # fmt: skip
+    forced = dataclasses.replace(plan, implementation=plans.TRANSFORMERS)
+    runner = ModelRunner(model, cache_of(model, torch.float32), CPU, forced)
+    assert not isinstance(runner.forward, FamilyForward)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_the_worker_reports_its_plan(quantization, model_cache_dir):
+    from kvray.workers.worker import ModelWorker
+
+    config = EngineConfig.from_kwargs(
+        model="tiny", dtype="bfloat16", quantization=quantization, num_kv_blocks=16,
+        max_model_len=64, cache_dir=model_cache_dir,
+    )  # fmt: skip
+    worker = ModelWorker(config)
+    info = worker.warmup()
+    assert info.execution_plan == worker.plan.as_dict()
+    assert info.implementation == worker.plan.description
+    assert info.execution_plan["linear"].startswith("int8" if quantization else "")
+    assert info.execution_plan["dtype"] == "torch.bfloat16"
+    assert worker.runner is not None and worker.runner.plan is worker.plan
