@@ -21,6 +21,7 @@ from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCacheSpec
 from kvray.workers.llama_family import is_family_model
 from kvray.workers.models import is_own_model
+from kvray.workers.models.layers import use_kernels
 from kvray.workers.packed_linear import PackedLinear, can_pack, pack_linears
 from kvray.workers.quantization import GROUP_SIZE, Int8Linear, quantize_linears
 
@@ -104,7 +105,8 @@ def decide_plan(
         implementation = FAMILY_FORWARD if is_family_model(model) else TRANSFORMERS
     config = model.config
     model_type = getattr(config.get_text_config(), "model_type", None)
-    fuses = not own and dtype != torch.float32 and model_type in FUSED_MODEL_TYPES
+    # NOTE: kvray's own layers hold q/k/v and gate/up fused already, whatever the dtype
+    fuses = own or (dtype != torch.float32 and model_type in FUSED_MODEL_TYPES)
     if settings is None:
         linear = _linear_in(model)
     else:
@@ -172,8 +174,10 @@ def _can_stack(config: Any, linear: str) -> bool:
 
 def prepare_model(model: nn.Module, plan: ExecutionPlan) -> None:
     """Convert `model`'s layers as `plan` says (in place): fuse sibling projections, then
-    quantize to int8 or pack for the bf16 kernels."""
+    quantize to int8 or pack for the bf16 kernels. kvray's own model converts each rank's
+    shards (`layers.use_kernels`): the kernels are sized by the matrix they get."""
     if plan.is_own_model:
+        _prepare_shards(model, plan)
         return
     if plan.fuses_projections:
         logger.info("fused %d sets of sibling projections", fuse_projections(model))
@@ -185,3 +189,15 @@ def prepare_model(model: nn.Module, plan: ExecutionPlan) -> None:
             "packed bf16 linear layers: %s",
             ", ".join(f"{n} for {kernel}" for kernel, n in sorted(counts.items())),
         )
+
+
+def _prepare_shards(model: nn.Module, plan: ExecutionPlan) -> None:
+    """kvray's own model: each linear layer's shard (and the output layer's) in the plan's
+    kernel. An int8 layer needs whole groups of input features (`can_quantize`'s rule); a
+    shard whose width is not one keeps its weights."""
+    if plan.linear in (INT8_PANELS, INT8_ROWS):
+        count = use_kernels(model, Int8Linear, can_use=lambda width: width % GROUP_SIZE == 0)
+        logger.info("quantized %d linear layers of this rank's shard to int8", count)
+    elif plan.linear in (BF16_KVRAY, BF16_ONEDNN):
+        count = use_kernels(model, PackedLinear, can_use=lambda width: True)
+        logger.info("packed %d bf16 linear layers of this rank's shard", count)
