@@ -19,7 +19,7 @@ from kvray.workers.device import cpu_flags
 from kvray.workers.fused_projections import MODEL_TYPES as FUSED_MODEL_TYPES
 from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCacheSpec
-from kvray.workers.llama_family import is_family_model
+from kvray.workers.llama_family import can_use_cpu_ops, is_family_model
 from kvray.workers.models import is_own_model
 from kvray.workers.models.layers import use_kernels
 from kvray.workers.packed_linear import PackedLinear, can_pack, pack_linears
@@ -62,6 +62,7 @@ class ExecutionPlan:
     attention: str  # KVRAY_CPU_ATTENTION, TRITON_ATTENTION or TORCH_ATTENTION
     decode: str  # ONE_CALL or PER_LAYER: an eager decode step
     decode_graphs: bool  # decode steps replay a prepared forward (workers/decode_graphs.py)
+    cpu_ops: bool  # kvray's C++ RMSNorm and rotary ops (bf16 on CPU; bitwise torch's)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     tensor_rank: int = 0  # this rank's place in its stage's tensor-parallel group
@@ -131,6 +132,7 @@ def decide_plan(
         attention=attention,
         decode=ONE_CALL if one_call else PER_LAYER,
         decode_graphs=graphs,
+        cpu_ops=implementation != TRANSFORMERS and can_use_cpu_ops(dtype, device),
         tensor_parallel_size=1 if settings is None else settings.tensor_parallel_size,
         pipeline_parallel_size=1 if settings is None else settings.pipeline_parallel_size,
         tensor_rank=0 if groups is None else groups.tensor.rank,
@@ -178,6 +180,8 @@ def prepare_model(model: nn.Module, plan: ExecutionPlan) -> None:
     shards (`layers.use_kernels`): the kernels are sized by the matrix they get."""
     if plan.is_own_model:
         _prepare_shards(model, plan)
+        if plan.cpu_ops:
+            model.use_cpu_ops()  # type: ignore[operator]  # models.CausalLM
         return
     if plan.fuses_projections:
         logger.info("fused %d sets of sibling projections", fuse_projections(model))

@@ -49,22 +49,34 @@ def is_family_model(model: Any) -> bool:
     return _family_layers(model) is not None
 
 
-def family_forward(model: Any, *, one_call: bool = True) -> FamilyForward | None:
+def family_forward(
+    model: Any, *, one_call: bool = True, cpu_ops: bool | None = None
+) -> FamilyForward | None:
     """kvray's forward for `model`, or None where transformers' must run: another architecture,
     modules that are not transformers' own classes for it (remote code, replaced modules),
     another attention implementation, or hooks that calling `forward` directly would skip.
-    `one_call`: decode steps may run as one C++ call (`DecodeStack`) where the model allows."""
+    `one_call`: decode steps may run as one C++ call (`DecodeStack`) where the model allows;
+    `cpu_ops`: kvray's C++ norm and rotary ops (the plan's; by default wherever `can_use_cpu_ops`).
+    """
     found = _family_layers(model)
     if found is None:
         return None
     layers, model_type, rotate = found
     weight = model.model.embed_tokens.weight
-    # NOTE: the C++ ops on CPU only; on a GPU, transformers' own functions.
-    bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    ops = can_use_cpu_ops(weight.dtype, weight.device) if cpu_ops is None else cpu_ops
     return FamilyForward(
-        model, layers, model_type, _fused_rotary(rotate, bf16_cpu), _fused_norm(bf16_cpu),
+        model, layers, model_type, _fused_rotary(rotate, ops), _fused_norm(ops),
         one_call=one_call,
     )  # fmt: skip
+
+
+def can_use_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether kvray's one-pass C++ norm and rotary ops (bitwise transformers' functions) run
+    a model of `dtype` on `device`: bf16 on CPU, where the kernels are built. On a GPU,
+    transformers' own functions."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    return cpu_kernels.rotary_embedding() is not None and cpu_kernels.rms_norm() is not None
 
 
 def _family_layers(model: Any) -> tuple[list[nn.Module], str, Callable] | None:
@@ -101,10 +113,10 @@ def _family_layers(model: Any) -> tuple[list[nn.Module], str, Callable] | None:
     return layers, model_type, rotate
 
 
-def _fused_rotary(rotate: Callable, bf16_cpu: bool) -> Callable:
+def _fused_rotary(rotate: Callable, cpu_ops: bool) -> Callable:
     """transformers' `apply_rotary_pos_emb`, as kvray's one-pass C++ op (bitwise the same) for
     a bf16 model on CPU where the kernels are built: ~16 tensor operations a layer fewer."""
-    op = cpu_kernels.rotary_embedding() if bf16_cpu else None
+    op = cpu_kernels.rotary_embedding() if cpu_ops else None
     return rotate if op is None else op  # q, k, cos, sin are the model's dtype (the op checks)
 
 
@@ -124,10 +136,10 @@ def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
     return rms_norm(x, module.weight, module.variance_epsilon)
 
 
-def _fused_norm(bf16_cpu: bool) -> Norm:
+def _fused_norm(cpu_ops: bool) -> Norm:
     """`_norm`, as kvray's one-call C++ op (bitwise the same) for a bf16 model's contiguous
     rows on CPU where the kernels are built: 8 tensor operations a norm fewer."""
-    op = cpu_kernels.rms_norm() if bf16_cpu else None
+    op = cpu_kernels.rms_norm() if cpu_ops else None
     if op is None:
         return _norm
 

@@ -96,7 +96,9 @@ class ModelRunner:
         if self.plan.is_own_model:
             return self.model  # type: ignore[return-value]  # NOTE: takes the runner's arguments
         if self.plan.implementation == FAMILY_FORWARD:
-            forward = family_forward(self.model, one_call=self.plan.decode == ONE_CALL)
+            forward = family_forward(
+                self.model, one_call=self.plan.decode == ONE_CALL, cpu_ops=self.plan.cpu_ops
+            )
             assert forward is not None, "the plan chose kvray's forward for a model it cannot run"
             assert (forward.stack is not None) == (self.plan.decode == ONE_CALL), self.plan
             return forward

@@ -15,8 +15,8 @@ from kvray.workers import execution_plan as plans
 from kvray.workers.attention import register as register_attention
 from kvray.workers.config import EngineConfig, WorkerConfig
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
-from kvray.workers.llama_family import FamilyForward
-from kvray.workers.model_runner import ModelRunner
+from kvray.workers.llama_family import FamilyForward, can_use_cpu_ops
+from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.models import load_model
 from kvray.workers.models.layers import Placement
 from kvray.workers.models.parallel import SINGLE_RANK
@@ -109,3 +109,49 @@ def test_the_worker_reports_its_plan(quantization, model_cache_dir):
     assert info.execution_plan["linear"].startswith("int8" if quantization else "")
     assert info.execution_plan["dtype"] == "torch.bfloat16"
     assert worker.runner is not None and worker.runner.plan is worker.plan
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_own_models_cpu_ops_give_bitwise_the_torch_logits(arch):
+    """bf16 on CPU: kvray's model with the C++ norm and rotary ops (the plan's `cpu_ops`) gives
+    the same bits as without, over prompt chunks and decode steps (Qwen3: q/k norms)."""
+    if not can_use_cpu_ops(torch.bfloat16, CPU):
+        pytest.skip("kvray's CPU kernels are not built here")
+    config = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[arch](
+        **{**SHAPE, "head_dim": 16}
+    )
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    placement = Placement(SINGLE_RANK, torch.bfloat16, CPU)
+    models = [load_model(hf.config, hf.state_dict().items(), placement) for _ in range(2)]
+    plan = plans.decide_plan(models[0], device=CPU, dtype=torch.bfloat16, settings=WorkerConfig())
+    assert plan.cpu_ops and plan.decode == plans.PER_LAYER
+    plans.prepare_model(models[0], plan)
+    assert models[0].model.norm.op is cpu_kernels.rms_norm()
+    runs = [_greedy_logits(model) for model in models]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _greedy_logits(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each step's logits: two prompts in two chunks, then three decode steps."""
+    cache = KVCache(model.kv_cache_spec(torch.bfloat16), num_blocks=32, block_size=4, device=CPU)
+    runner = ModelRunner(model, cache, CPU)
+    tokens = [list(range(3, 14)), list(range(20, 39))]
+    blocks, computed, steps = [list(range(0, 32, 2)), list(range(1, 32, 2))], [0, 0], []
+    for step in range(5):
+        seqs = [
+            ScheduledSeq(ids, blocks[i], computed[i], 6 if step == 0 else len(ids) - computed[i])
+            for i, ids in enumerate(tokens)
+        ]
+        logits = runner.execute(runner.prepare(seqs))
+        steps.append(logits)
+        for i, seq in enumerate(seqs):
+            computed[i] += seq.num_tokens
+        if logits.shape[0] == len(tokens):  # both sampled: decode one more each
+            for i, row in enumerate(logits):
+                tokens[i].append(int(row.argmax()))
+    return steps

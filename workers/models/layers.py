@@ -64,8 +64,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = placement.empty(dim)
         self.eps = eps
+        self.op: Callable[..., torch.Tensor] | None = None  # kvray's C++ op (`use_cpu_ops`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if self.op is not None and x.is_contiguous():  # NOTE: q/k norms get views
+            return self.op(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
