@@ -100,10 +100,6 @@ def decide_plan(
     `settings` (a runner built directly, in tests) the linear kernel is read off the model's
     layers as they already are, and decode graphs are off."""
     own = is_own_model(model)
-    if own:
-        implementation = OWN_MODEL
-    else:
-        implementation = FAMILY_FORWARD if is_family_model(model) else TRANSFORMERS
     config = model.config
     model_type = getattr(config.get_text_config(), "model_type", None)
     # NOTE: kvray's own layers hold q/k/v and gate/up fused already, whatever the dtype
@@ -113,16 +109,13 @@ def decide_plan(
     else:
         linear = _linear_for(device, dtype, quantization=settings.quantization)
     spec = model.kv_cache_spec(dtype) if own else KVCacheSpec.from_model_config(config, dtype)
-    kernel = decode_kernel(dtype, device, spec.head_dim)
-    attention = TORCH_ATTENTION
-    if kernel is not None:
-        attention = KVRAY_CPU_ATTENTION if device.type == "cpu" else TRITON_ATTENTION
+    attention = _attention(dtype, device, spec.head_dim)
+    implementation = _implementation(model)
     one_call = implementation == FAMILY_FORWARD and fuses and attention == KVRAY_CPU_ATTENTION
     one_call = one_call and _can_stack(config, linear)
-    graphs = settings is not None and not own and kernel is not None
-    if settings is not None:
-        mode = settings.decode_graphs
-        graphs = graphs and (mode == "on" or (mode == "auto" and device.type == "cuda"))
+    # NOTE: graphs trace transformers' forward (decode_graphs.py), with a paged decode kernel
+    graphs = settings is not None and not own and attention != TORCH_ATTENTION
+    graphs = graphs and _wants_graphs(settings, device)
     return ExecutionPlan(
         dtype=dtype,
         implementation=implementation,
@@ -138,6 +131,24 @@ def decide_plan(
         tensor_rank=0 if groups is None else groups.tensor.rank,
         stage_index=0 if groups is None else groups.stage_index,
     )
+
+
+def _implementation(model: Any) -> str:
+    if is_own_model(model):
+        return OWN_MODEL
+    return FAMILY_FORWARD if is_family_model(model) else TRANSFORMERS
+
+
+def _attention(dtype: torch.dtype, device: torch.device, head_dim: int) -> str:
+    """The decode attention's kernel (`attention.decode_kernel` decides which applies)."""
+    if decode_kernel(dtype, device, head_dim) is None:
+        return TORCH_ATTENTION
+    return KVRAY_CPU_ATTENTION if device.type == "cpu" else TRITON_ATTENTION
+
+
+def _wants_graphs(settings: WorkerConfig | None, device: torch.device) -> bool:
+    mode = "off" if settings is None else settings.decode_graphs
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def _linear_for(device: torch.device, dtype: torch.dtype, *, quantization: str | None) -> str:

@@ -6,6 +6,8 @@ scheduling.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,12 +17,15 @@ from kvray.workers.decode_graphs import DecodeGraphs
 from kvray.workers.execution_plan import (
     FAMILY_FORWARD,
     ONE_CALL,
+    PER_LAYER,
     TORCH_ATTENTION,
     ExecutionPlan,
     decide_plan,
 )
 from kvray.workers.kv_cache import KVCache
 from kvray.workers.llama_family import Forward, family_forward, transformers_forward
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,7 +81,7 @@ class ModelRunner:
         plan: ExecutionPlan | None = None,
     ) -> None:
         """`plan`: the worker's (`execution_plan.decide_plan`); by default one decided for
-        `model` as it is."""
+        `model` as it is. `self.plan` is what runs (the worker reports it)."""
         self.model = model
         spec = kv_cache.spec
         self.plan = plan or decide_plan(model, device=device, dtype=spec.dtype)
@@ -100,7 +105,10 @@ class ModelRunner:
                 self.model, one_call=self.plan.decode == ONE_CALL, cpu_ops=self.plan.cpu_ops
             )
             assert forward is not None, "the plan chose kvray's forward for a model it cannot run"
-            assert (forward.stack is not None) == (self.plan.decode == ONE_CALL), self.plan
+            if self.plan.decode == ONE_CALL and forward.stack is None:
+                # NOTE: a layer the plan's shape rules did not foresee; slower, never wrong
+                logger.warning("a decode step's layers cannot run in one call; one call a layer")
+                self.plan = dataclasses.replace(self.plan, decode=PER_LAYER)
             return forward
         return transformers_forward(self.model)
 

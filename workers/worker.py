@@ -109,7 +109,8 @@ class ModelWorker:
         start = time.perf_counter()
         prepare_model(self.model, self.plan)
         logger.info(
-            "execution plan (prepared in %.1fs): %s",
+            "execution plan on %s (prepared in %.1fs): %s",
+            self.device,
             time.perf_counter() - start,
             ", ".join(f"{key} {value}" for key, value in self.plan.as_dict().items()),
         )
@@ -239,6 +240,7 @@ class ModelWorker:
             device=self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.plan)
+        self.plan = self.runner.plan
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self._build_decode_graphs()
         if self.config.world_size > 1:
@@ -314,7 +316,7 @@ class ModelWorker:
             return
         self.runner.build_decode_graphs(self._max_graph_batch(), self.max_model_len)
         if self.runner.graphs is None:  # the build failed and said why: steps stay eager
-            self.plan = dataclasses.replace(self.plan, decode_graphs=False)
+            self.plan = self.runner.plan = dataclasses.replace(self.plan, decode_graphs=False)
 
     def _max_graph_batch(self) -> int:
         if self.config.max_graph_batch:

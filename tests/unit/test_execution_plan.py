@@ -155,3 +155,13 @@ def _greedy_logits(model: torch.nn.Module) -> list[torch.Tensor]:
             for i, row in enumerate(logits):
                 tokens[i].append(int(row.argmax()))
     return steps
+
+
+def test_a_one_call_plan_the_layers_cannot_take_falls_back_to_a_call_a_layer(caplog):
+    model = llama()  # fp32, plain torch layers: no panels for the one-call stack
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.float32, settings=WorkerConfig())
+    forced = dataclasses.replace(plan, decode=plans.ONE_CALL)
+    runner = ModelRunner(model, cache_of(model, torch.float32), CPU, forced)
+    assert isinstance(runner.forward, FamilyForward) and runner.forward.stack is None
+    assert runner.plan.decode == plans.PER_LAYER
+    assert "cannot run in one call" in caplog.text
