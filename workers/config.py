@@ -132,11 +132,6 @@ class WorkerConfig:
         if self.world_size == 1:
             return
         sizes = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}"
-        if self.quantization is not None:
-            raise ValueError(
-                f"quantization {self.quantization} does not run at {sizes} yet: leave "
-                "quantization unset, or use one rank (both sizes 1)"
-            )
         if self.decode_graphs == "on":
             raise ValueError(
                 f"decode_graphs on does not run at {sizes} yet: leave decode_graphs at auto or "
