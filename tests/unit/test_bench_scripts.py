@@ -186,3 +186,23 @@ def test_chat_turns_carry_their_history_as_messages(workloads):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"] == workloads.words(conv.system)
     assert messages[2]["content"] == "an answer" and len(messages[3]["content"].split()) == 1
+
+
+def test_host_step_counts_a_nested_phase_only_once(monkeypatch):
+    host_step = bench_module("host_step")
+    clock = iter([0.0, 1.0, 3.0, 4.0])  # outer starts, inner starts, inner ends, outer ends
+    monkeypatch.setattr(host_step.time, "perf_counter", lambda: next(clock))
+    phases = host_step.Phases()
+    inner = phases.timed("inner", lambda: None)
+    phases.timed("outer", inner)()
+    assert phases.take() == {"inner": 2.0, "outer": 2.0}
+    assert phases.take() == {}
+
+
+def test_host_step_sampled_mix_covers_every_knob():
+    host_step = bench_module("host_step")
+    mix = [host_step.sampling_params("sampled", i, 8) for i in range(5)]
+    assert {p.is_greedy for p in mix} == {True, False}
+    assert any(p.top_p < 1 for p in mix) and any(p.top_k for p in mix)
+    assert any(p.seed is not None for p in mix) and any(p.repetition_penalty for p in mix)
+    assert all(p.is_greedy for p in (host_step.sampling_params("greedy", i, 8) for i in range(5)))
