@@ -59,15 +59,20 @@ class SamplingBatch:
     generators: dict[int, torch.Generator]  # row -> generator seeded for this token
     max_num_logprobs: int | None
     num_logprobs: list[int | None]  # per row: None, or how many alternatives to return
+    # The rows that draw (not greedy), and of those (positions in `sampled_rows`) the ones
+    # with a top-k or top-p filter: vocabulary-wide work is done for these rows only.
+    sampled_rows: torch.Tensor | None = None  # [num_sampled] long; None: all greedy
+    filtered_rows: torch.Tensor | None = None  # [num_filtered] long; None: no row filters
 
 
 @dataclass
 class _Penalties:
-    repetition: torch.Tensor  # [batch, 1]
-    presence: torch.Tensor  # [batch, 1]
-    frequency: torch.Tensor  # [batch, 1]
-    prompt_ids: torch.Tensor  # [batch, max_prompt] padded with vocab_size
-    output_ids: torch.Tensor  # [batch, max_output] padded with vocab_size
+    rows: torch.Tensor  # [num_penalized] long: the rows with a penalty; the others are left as is
+    repetition: torch.Tensor  # [num_penalized, 1]
+    presence: torch.Tensor  # [num_penalized, 1]
+    frequency: torch.Tensor  # [num_penalized, 1]
+    prompt_ids: torch.Tensor  # [num_penalized, max_prompt] padded with vocab_size
+    output_ids: torch.Tensor  # [num_penalized, max_output] padded with vocab_size
 
 
 def token_seed(seed: int, output_index: int) -> int:
@@ -85,73 +90,98 @@ def token_seed(seed: int, output_index: int) -> int:
 def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
+    """The batch's knobs, one pass over the rows; an all-greedy batch without penalties,
+    constraints, min_tokens or logprobs builds one tensor (`is_greedy`)."""
     # NOTE: the grammar masks first: on a GPU the host fills them while the forward runs.
     grammar = prepare_grammar_masks(rows, vocab_size=vocab_size, device=device)
     sampling_params = [r.sampling_params for r in rows]
     is_greedy = [p.is_greedy for p in sampling_params]
+    sampled = [i for i, greedy in enumerate(is_greedy) if not greedy]
+    knobs: dict[str, list[float]] = {name: [] for name in NEUTRAL_KNOBS}
+    for p in sampling_params:
+        for name, values in knobs.items():
+            value = getattr(p, name)
+            values.append(NEUTRAL_KNOBS[name] if value is None else value)
+    top_k = [int(k) or vocab_size for k in knobs["top_k"]]  # 0: every token
 
     def column(name: str, dtype: torch.dtype, neutral: float, values: list) -> torch.Tensor | None:
         """A knob's values, or None when no sampled row moves it off its neutral value."""
-        if all(v == neutral for v, greedy in zip(values, is_greedy) if not greedy):
+        if all(values[i] == neutral for i in sampled):
             return None
         return torch.tensor(values, dtype=dtype, device=device)
 
     def knob(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        return column(name, dtype, NEUTRAL_KNOBS[name], [p.knob(name) for p in sampling_params])
+        return column(name, dtype, NEUTRAL_KNOBS[name], knobs[name])
 
-    generators = {}
-    for i, row in enumerate(rows):
-        if not is_greedy[i] and row.sampling_params.seed is not None:
-            g = torch.Generator(device=device)
-            g.manual_seed(token_seed(row.sampling_params.seed, row.num_output_tokens))
-            generators[i] = g
     asked = [p.logprobs for p in sampling_params if p.logprobs is not None]
-    top_k = [int(p.knob("top_k")) or vocab_size for p in sampling_params]  # 0: every token
+    filtered = [
+        k for k, i in enumerate(sampled) if top_k[i] != vocab_size or knobs["top_p"][i] != 1.0
+    ]
     return SamplingBatch(
         is_greedy=torch.tensor(is_greedy, dtype=torch.bool, device=device),
-        is_all_greedy=all(is_greedy),
+        is_all_greedy=not sampled,
         temperature=knob("temperature", torch.float32),
         top_k=column("top_k", torch.long, vocab_size, top_k),
         top_p=knob("top_p", torch.float32),
         min_p=knob("min_p", torch.float32),
-        penalties=_prepare_penalties(rows, vocab_size, device),
+        penalties=_prepare_penalties(rows, knobs["repetition_penalty"], vocab_size, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         constraints=prepare_token_constraints(rows, device=device),
         grammar=grammar,
-        generators=generators,
+        generators=_generators(rows, sampled, device),
         max_num_logprobs=max(asked) if asked else None,
         num_logprobs=[p.logprobs for p in sampling_params],
+        sampled_rows=_index(sampled, device) if sampled else None,
+        filtered_rows=_index(filtered, device) if filtered else None,
     )
 
 
-def _prepare_penalties(
-    rows: list[SamplingRow], vocab_size: int, device: torch.device
-) -> _Penalties | None:
-    def active(p: SamplingParams) -> bool:
-        return (
-            p.knob("repetition_penalty") != 1.0
-            or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0
-        )
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
-    if not any(active(r.sampling_params) for r in rows):
+
+def _generators(
+    rows: list[SamplingRow], sampled: list[int], device: torch.device
+) -> dict[int, torch.Generator]:
+    """A generator for each seeded sampled row, seeded for the row's next token."""
+    generators = {}
+    for i in sampled:
+        seed = rows[i].sampling_params.seed
+        if seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(token_seed(seed, rows[i].num_output_tokens))
+            generators[i] = g
+    return generators
+
+
+def _prepare_penalties(
+    rows: list[SamplingRow], repetition: list[float], vocab_size: int, device: torch.device
+) -> _Penalties | None:
+    """The penalised rows' penalties and token ids (`repetition`: each row's knob)."""
+    penalised = [
+        i
+        for i, r in enumerate(rows)
+        if repetition[i] != 1.0
+        or r.sampling_params.presence_penalty != 0.0
+        or r.sampling_params.frequency_penalty != 0.0
+    ]
+    if not penalised:
         return None
-    prompts = [
-        r.token_ids[: r.num_prompt_tokens] if active(r.sampling_params) else [] for r in rows
-    ]
-    outputs = [
-        r.token_ids[r.num_prompt_tokens :] if active(r.sampling_params) else [] for r in rows
-    ]
 
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
     return _Penalties(
-        repetition=column([r.sampling_params.knob("repetition_penalty") for r in rows]),
-        presence=column([r.sampling_params.presence_penalty for r in rows]),
-        frequency=column([r.sampling_params.frequency_penalty for r in rows]),
-        prompt_ids=_pad(prompts, vocab_size, device),
-        output_ids=_pad(outputs, vocab_size, device),
+        rows=_index(penalised, device),
+        repetition=column([repetition[i] for i in penalised]),
+        presence=column([rows[i].sampling_params.presence_penalty for i in penalised]),
+        frequency=column([rows[i].sampling_params.frequency_penalty for i in penalised]),
+        prompt_ids=_pad(
+            [rows[i].token_ids[: rows[i].num_prompt_tokens] for i in penalised], vocab_size, device
+        ),
+        output_ids=_pad(
+            [rows[i].token_ids[rows[i].num_prompt_tokens :] for i in penalised], vocab_size, device
+        ),
     )
 
 
@@ -204,33 +234,50 @@ class Sampler:
             masked_before = batch.constraints is not None or batch.min_tokens_mask is not None
             apply_grammar_masks(logits, batch.grammar, unmasked=unmasked if masked_before else None)
         if batch.penalties is not None:
-            logits = apply_penalties(logits, batch.penalties)
+            rows = batch.penalties.rows
+            logits[rows] = apply_penalties(logits[rows], batch.penalties)
         tokens = logits.argmax(dim=-1)
         if not batch.is_all_greedy:
-            sampled = self._sample_random(logits, batch)
-            tokens = torch.where(batch.is_greedy, tokens, sampled)
+            assert batch.sampled_rows is not None
+            tokens[batch.sampled_rows] = self._sample_random(logits, batch)
         token_ids: list[int] = tokens.tolist()
         if raw_logprobs is None:
             return token_ids, None
         return token_ids, _gather_logprobs(raw_logprobs, tokens, batch)
 
     def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """A draw for every row; the caller keeps the argmax for greedy rows."""
+        """A draw for each sampled row: [num_sampled], parallel to `batch.sampled_rows`.
+
+        NOTE: every filter works row by row, so a row's draw is the same whether or not the
+        batch's other rows are computed beside it; only the sampled rows are.
+        """
+        assert batch.sampled_rows is not None
+        rows = batch.sampled_rows
+        logits = logits[rows]  # [num_sampled, vocab]
         if batch.temperature is not None:
-            # NOTE: a greedy row's temperature may be 0; its draw is discarded, so divide it by 1.
-            logits = logits / batch.temperature.masked_fill(batch.is_greedy, 1.0)[:, None]
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            logits = logits / batch.temperature[rows][:, None]
+        if batch.filtered_rows is not None:
+            f = batch.filtered_rows
+            top_k = None if batch.top_k is None else batch.top_k[rows[f]]
+            top_p = None if batch.top_p is None else batch.top_p[rows[f]]
+            logits[f] = apply_top_k_top_p(logits[f], top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         if batch.min_p is not None:
-            probs = apply_min_p(probs, batch.min_p)
-        noise = torch.empty_like(probs).exponential_()
+            probs = apply_min_p(probs, batch.min_p[rows])
+        # NOTE: the unseeded rows' noise is a draw for the whole batch from the global
+        # generator, as before rows were selected: the same numbers, step after step.
+        noise = torch.empty(
+            batch.is_greedy.shape[0], probs.shape[-1], dtype=probs.dtype, device=probs.device
+        ).exponential_()
         for row, generator in batch.generators.items():
             noise[row].exponential_(generator=generator)
-        return (probs / noise).argmax(dim=-1)
+        return (probs / noise[rows]).argmax(dim=-1)
 
 
-def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,  # [num_penalized, vocab]: the penalised rows' (`p.rows`)
+    p: _Penalties,
+) -> torch.Tensor:
     """Repetition (prompt + output), presence and frequency (output only) penalties."""
     batch, vocab = logits.shape
     counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
