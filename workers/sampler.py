@@ -304,8 +304,11 @@ def apply_top_k_top_p(
     if top_p is not None:
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        # NOTE: the first token always stays (mass before it is 0 < top_p).
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        # NOTE: the first token always stays (mass before it is 0 < top_p). A row at 1.0 keeps
+        # every token: a float32 sum of many probabilities can round past 1, which would cut
+        # its tail (and make its draws depend on whether another row filters).
+        cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
 

@@ -41,6 +41,13 @@ def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
     assert kept(out) == expected
 
 
+def test_top_p_1_keeps_every_token_of_a_wide_vocabulary():
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * 3
+    out = apply_top_k_top_p(logits, None, torch.tensor([1.0, 1.0, 1.0, 0.9]))
+    assert torch.isfinite(out[:3]).all()  # float32 mass past 1 cuts no tail
+    assert not torch.isfinite(out[3]).all()
+
+
 @pytest.mark.parametrize(("top_k", "expected"), [(1, {0}), (2, {0, 1}), (4, {0, 1, 2, 3})])
 def test_top_k_keeps_k_most_likely(top_k, expected):
     out = apply_top_k_top_p(PROBS.log(), torch.tensor([top_k]), None)
