@@ -11,6 +11,8 @@ needs its own noise vector: its tokens never depend on what else is in the batch
 
 from __future__ import annotations
 
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from kvray.workers.structured_output import SequenceGrammar
 from kvray.workers.token_bitmask import GrammarMasks, apply_grammar_masks, prepare_grammar_masks
 from kvray.workers.token_constraints import (
     TokenConstraints,
+    _tensor,
     apply_token_constraints,
     prepare_token_constraints,
 )
@@ -67,12 +70,14 @@ class SamplingBatch:
 
 @dataclass
 class _Penalties:
-    rows: torch.Tensor  # [num_penalized] long: the rows with a penalty; the others are left as is
-    repetition: torch.Tensor  # [num_penalized, 1]
-    presence: torch.Tensor  # [num_penalized, 1]
-    frequency: torch.Tensor  # [num_penalized, 1]
-    prompt_ids: torch.Tensor  # [num_penalized, max_prompt] padded with vocab_size
-    output_ids: torch.Tensor  # [num_penalized, max_output] padded with vocab_size
+    """One entry per (penalised row, token in its prompt or output): the logits it changes."""
+
+    rows: torch.Tensor  # [num_entries] long
+    token_ids: torch.Tensor  # [num_entries] long; a row's tokens each once
+    counts: torch.Tensor  # [num_entries] float: times the token is in the row's output
+    repetition: torch.Tensor  # [num_entries] float: the row's
+    presence: torch.Tensor  # [num_entries] float: the row's
+    frequency: torch.Tensor  # [num_entries] float: the row's
 
 
 def token_seed(seed: int, output_index: int) -> int:
@@ -124,7 +129,7 @@ def prepare_sampling_batch(
         top_k=column("top_k", torch.long, vocab_size, top_k),
         top_p=knob("top_p", torch.float32),
         min_p=knob("min_p", torch.float32),
-        penalties=_prepare_penalties(rows, knobs["repetition_penalty"], vocab_size, device),
+        penalties=_prepare_penalties(rows, knobs["repetition_penalty"], device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         constraints=prepare_token_constraints(rows, device=device),
         grammar=grammar,
@@ -155,39 +160,28 @@ def _generators(
 
 
 def _prepare_penalties(
-    rows: list[SamplingRow], repetition: list[float], vocab_size: int, device: torch.device
+    rows: list[SamplingRow], repetition: list[float], device: torch.device
 ) -> _Penalties | None:
-    """The penalised rows' penalties and token ids (`repetition`: each row's knob)."""
-    penalised = [
-        i
-        for i, r in enumerate(rows)
-        if repetition[i] != 1.0
-        or r.sampling_params.presence_penalty != 0.0
-        or r.sampling_params.frequency_penalty != 0.0
-    ]
-    if not penalised:
+    """The penalised rows' seen tokens (`repetition`: each row's knob), as entries."""
+    entry_rows, token_ids, counts = array("q"), array("q"), array("f")
+    knobs: tuple[array, array, array] = (array("f"), array("f"), array("f"))
+    for i, row in enumerate(rows):
+        p = row.sampling_params
+        values = (repetition[i], p.presence_penalty, p.frequency_penalty)
+        if values == (1.0, 0.0, 0.0):
+            continue
+        output = Counter(row.token_ids[row.num_prompt_tokens :])
+        seen = set(row.token_ids[: row.num_prompt_tokens]).union(output)
+        token_ids.extend(seen)
+        counts.extend([output.get(t, 0) for t in seen])
+        entry_rows.extend(array("q", [i]) * len(seen))
+        for column, value in zip(knobs, values):
+            column.extend(array("f", [value]) * len(seen))
+    if not entry_rows:
         return None
-
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
-
     return _Penalties(
-        rows=_index(penalised, device),
-        repetition=column([repetition[i] for i in penalised]),
-        presence=column([rows[i].sampling_params.presence_penalty for i in penalised]),
-        frequency=column([rows[i].sampling_params.frequency_penalty for i in penalised]),
-        prompt_ids=_pad(
-            [rows[i].token_ids[: rows[i].num_prompt_tokens] for i in penalised], vocab_size, device
-        ),
-        output_ids=_pad(
-            [rows[i].token_ids[rows[i].num_prompt_tokens :] for i in penalised], vocab_size, device
-        ),
+        *(_tensor(a, device) for a in (entry_rows, token_ids, counts, *knobs))  # type: ignore[arg-type]
     )
-
-
-def _pad(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(s) for s in seqs))
-    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
 
 
 def _prepare_min_tokens_mask(
@@ -234,8 +228,7 @@ class Sampler:
             masked_before = batch.constraints is not None or batch.min_tokens_mask is not None
             apply_grammar_masks(logits, batch.grammar, unmasked=unmasked if masked_before else None)
         if batch.penalties is not None:
-            rows = batch.penalties.rows
-            logits[rows] = apply_penalties(logits[rows], batch.penalties)
+            logits = apply_penalties(logits, batch.penalties)
         tokens = logits.argmax(dim=-1)
         if not batch.is_all_greedy:
             assert batch.sampled_rows is not None
@@ -274,21 +267,18 @@ class Sampler:
         return (probs / noise[rows]).argmax(dim=-1)
 
 
-def apply_penalties(
-    logits: torch.Tensor,  # [num_penalized, vocab]: the penalised rows' (`p.rows`)
-    p: _Penalties,
-) -> torch.Tensor:
-    """Repetition (prompt + output), presence and frequency (output only) penalties."""
-    batch, vocab = logits.shape
-    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=logits.dtype))
-    counts = counts[:, :vocab]
-    seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
-    seen.scatter_(1, p.prompt_ids, True)
-    seen = seen[:, :vocab] | (counts > 0)
-    penalised = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
-    logits = torch.where(seen, penalised, logits)
-    return logits - p.frequency * counts - p.presence * (counts > 0).to(logits.dtype)
+def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output only) penalties, in place
+    on the logits of the tokens each row has seen (the others are left as they are).
+
+    NOTE: each entry takes the arithmetic a dense [batch, vocab] pass would, in its order.
+    """
+    seen = logits[p.rows, p.token_ids]  # [num_entries]
+    penalised = torch.where(seen > 0, seen / p.repetition, seen * p.repetition)
+    logits[p.rows, p.token_ids] = (
+        penalised - p.frequency * p.counts - p.presence * (p.counts > 0).to(logits.dtype)
+    )
+    return logits
 
 
 def apply_top_k_top_p(
