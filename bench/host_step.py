@@ -234,8 +234,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--model", default=None, help="default: the SmolLM2-135M shape")
+    parser.add_argument("--threads", type=int, default=0, help="torch's threads (0: its own)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from kvray.cluster.input_processor import InputProcessor
     from kvray.cluster.tokenizer import load_tokenizer

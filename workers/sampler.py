@@ -95,41 +95,37 @@ def token_seed(seed: int, output_index: int) -> int:
 def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
-    """The batch's knobs, one pass over the rows; an all-greedy batch without penalties,
-    constraints, min_tokens or logprobs builds one tensor (`is_greedy`)."""
+    """The batch's knobs as tensors. An all-greedy batch reads no knob: its only tensor is
+    `is_greedy`, and those of the penalties, constraints and min_tokens its rows ask for."""
     # NOTE: the grammar masks first: on a GPU the host fills them while the forward runs.
     grammar = prepare_grammar_masks(rows, vocab_size=vocab_size, device=device)
     sampling_params = [r.sampling_params for r in rows]
     is_greedy = [p.is_greedy for p in sampling_params]
     sampled = [i for i, greedy in enumerate(is_greedy) if not greedy]
-    knobs: dict[str, list[float]] = {name: [] for name in NEUTRAL_KNOBS}
-    for p in sampling_params:
-        for name, values in knobs.items():
-            value = getattr(p, name)
-            values.append(NEUTRAL_KNOBS[name] if value is None else value)
-    top_k = [int(k) or vocab_size for k in knobs["top_k"]]  # 0: every token
+    knobs = _sampling_knobs(sampling_params, vocab_size) if sampled else {}
 
-    def column(name: str, dtype: torch.dtype, neutral: float, values: list) -> torch.Tensor | None:
+    def column(name: str, dtype: torch.dtype) -> torch.Tensor | None:
         """A knob's values, or None when no sampled row moves it off its neutral value."""
-        if all(values[i] == neutral for i in sampled):
+        values = knobs.get(name)
+        neutral = vocab_size if name == "top_k" else NEUTRAL_KNOBS[name]
+        if values is None or all(values[i] == neutral for i in sampled):
             return None
         return torch.tensor(values, dtype=dtype, device=device)
 
-    def knob(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        return column(name, dtype, NEUTRAL_KNOBS[name], knobs[name])
-
     asked = [p.logprobs for p in sampling_params if p.logprobs is not None]
     filtered = [
-        k for k, i in enumerate(sampled) if top_k[i] != vocab_size or knobs["top_p"][i] != 1.0
+        k
+        for k, i in enumerate(sampled)
+        if knobs["top_k"][i] != vocab_size or knobs["top_p"][i] != 1.0
     ]
     return SamplingBatch(
         is_greedy=torch.tensor(is_greedy, dtype=torch.bool, device=device),
         is_all_greedy=not sampled,
-        temperature=knob("temperature", torch.float32),
-        top_k=column("top_k", torch.long, vocab_size, top_k),
-        top_p=knob("top_p", torch.float32),
-        min_p=knob("min_p", torch.float32),
-        penalties=_prepare_penalties(rows, knobs["repetition_penalty"], device),
+        temperature=column("temperature", torch.float32),
+        top_k=column("top_k", torch.long),
+        top_p=column("top_p", torch.float32),
+        min_p=column("min_p", torch.float32),
+        penalties=_prepare_penalties(rows, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         constraints=prepare_token_constraints(rows, device=device),
         grammar=grammar,
@@ -139,6 +135,17 @@ def prepare_sampling_batch(
         sampled_rows=_index(sampled, device) if sampled else None,
         filtered_rows=_index(filtered, device) if filtered else None,
     )
+
+
+def _sampling_knobs(params: list[SamplingParams], vocab_size: int) -> dict[str, list[float]]:
+    """Every row's temperature, top_k (the vocabulary size where off), top_p and min_p."""
+    knobs = {
+        name: [neutral if (value := getattr(p, name)) is None else value for p in params]
+        for name, neutral in NEUTRAL_KNOBS.items()
+        if name != "repetition_penalty"  # (the penalties' own)
+    }
+    knobs["top_k"] = [int(k) or vocab_size for k in knobs["top_k"]]  # 0: every token
+    return knobs
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -159,15 +166,13 @@ def _generators(
     return generators
 
 
-def _prepare_penalties(
-    rows: list[SamplingRow], repetition: list[float], device: torch.device
-) -> _Penalties | None:
-    """The penalised rows' seen tokens (`repetition`: each row's knob), as entries."""
+def _prepare_penalties(rows: list[SamplingRow], device: torch.device) -> _Penalties | None:
+    """The penalised rows' seen tokens, as entries."""
     entry_rows, token_ids, counts = array("q"), array("q"), array("f")
     knobs: tuple[array, array, array] = (array("f"), array("f"), array("f"))
     for i, row in enumerate(rows):
         p = row.sampling_params
-        values = (repetition[i], p.presence_penalty, p.frequency_penalty)
+        values = (p.knob("repetition_penalty"), p.presence_penalty, p.frequency_penalty)
         if values == (1.0, 0.0, 0.0):
             continue
         output = Counter(row.token_ids[row.num_prompt_tokens :])
@@ -248,7 +253,7 @@ class Sampler:
         rows = batch.sampled_rows
         logits = logits[rows]  # [num_sampled, vocab]
         if batch.temperature is not None:
-            logits = logits / batch.temperature[rows][:, None]
+            logits.div_(batch.temperature[rows][:, None])  # (a copy: the rows were gathered)
         if batch.filtered_rows is not None:
             f = batch.filtered_rows
             top_k = None if batch.top_k is None else batch.top_k[rows[f]]
