@@ -12,6 +12,7 @@ from kvray.workers.sampler import (
     Sampler,
     SamplingRow,
     apply_min_p,
+    apply_penalties,
     apply_top_k_top_p,
     prepare_sampling_batch,
 )
@@ -141,6 +142,22 @@ def test_frequency_and_presence_penalties_count_output_tokens():
     # The same count in the prompt is not penalised by frequency/presence.
     tokens, _ = sample(logits, [params], token_ids=[[0]])
     assert tokens == [0]
+
+
+def test_penalties_change_only_the_seen_logits_of_penalised_rows():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -0.5], [2.0, -2.0, 1.0, -0.5]])
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0),
+    ]
+    # row 0: prompt [0], output [1, 1]
+    rows = [SamplingRow(params[0], [0, 1, 1], 1), SamplingRow(params[1], [0, 1, 1], 1)]
+    batch = prepare_sampling_batch(rows, vocab_size=4, device=CPU)
+    assert batch.penalties is not None
+    out = apply_penalties(logits.clone(), batch.penalties)
+    # token 0 seen in the prompt: 2 / 2; token 1 twice in the output: -2 * 2 - 0.5 * 2
+    assert out[0].tolist() == [1.0, -5.0, 1.0, -0.5]
+    assert torch.equal(out[1], logits[1])
 
 
 def test_min_tokens_masks_eos_and_stop_ids():
