@@ -130,12 +130,12 @@ def install_null_replays(worker: Any, phases: Phases) -> Callable[[], None]:
     runner = worker.runner
     max_batch = worker.limits.max_num_seqs
     graphs = DecodeGraphs(
-        lambda *a: None, runner.kv_cache, None, worker.device, max(max_batch, 2),  # type: ignore[arg-type]
+        lambda *a: None, runner.kv_cache, None, worker.device, max(max_batch, 2),
         worker.max_model_len,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, graphs.sizes[-1], worker.vocab_size, generator=generator)
-    logits = logits.to(worker.device)  # [1, max_batch, vocab]
+    logits = logits.to(worker.device, worker.dtype)  # [1, max_batch, vocab], as the model's
     for b in graphs.sizes:
         graphs._replays[b] = phases.timed("forward", lambda b=b: logits[:, :b])
     eager = runner.forward
@@ -212,12 +212,12 @@ def run_case(
 
 def print_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
     print(title)
-    print(f"{'case':<18}" + "".join(f"{p:>15}" for p in [*PHASES, "step"]) + f"{'host':>14}")
+    print(f"{'case':<18}" + "".join(f"{p:>16}" for p in [*PHASES, "step"]) + f"{'host':>17}")
     for name, r in rows:
         total = r["total"]
-        cells = "".join(f"{r[p] * 1e6:8.0f} {r[p] / total:5.1%}" for p in PHASES)
+        cells = "".join(f"{r[p] * 1e6:9.0f} {r[p] / total:6.1%}" for p in PHASES)
         host = total - r["forward"]
-        print(f"{name:<18}{cells}{total * 1e6:15.0f}{host * 1e6:8.0f} {host / total:5.1%}")
+        print(f"{name:<18}{cells}{total * 1e6:16.0f}{host * 1e6:10.0f} {host / total:6.1%}")
     print("(us per step and share of the step; host: the step less its forward)")
 
 
