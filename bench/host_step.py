@@ -23,6 +23,7 @@ step. On CUDA the device runs ahead of the host: the sampler's copy back waits f
     python bench/host_step.py                                # null replay, batch 1/32/256
     python bench/host_step.py --real-batches 1,32 --dtype bfloat16
     python bench/host_step.py --batches 256 --mixes sampled --json out.json
+    python bench/host_step.py --threads 1 --clock cpu     # on a shared machine
 """
 
 from __future__ import annotations
@@ -76,20 +77,21 @@ def sampling_params(mix: str, index: int, max_tokens: int) -> SamplingParams:
 class Phases:
     """Self time per phase: a phase nested in another counts only for the inner one."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self._stack: list[list[float]] = []  # [start, time spent in nested phases]
 
     def timed(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            frame = [time.perf_counter(), 0.0]
+            frame = [self.clock(), 0.0]
             self._stack.append(frame)
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._stack.pop()
-                elapsed = time.perf_counter() - frame[0]
+                elapsed = self.clock() - frame[0]
                 self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed - frame[1]
                 if self._stack:
                     self._stack[-1][1] += elapsed
@@ -193,11 +195,11 @@ def run_case(
     num_decode_steps = 0
     while num_decode_steps < args.warm_steps + args.steps:
         phases.take()
-        start = time.perf_counter()
+        start = phases.clock()
         step_input = schedule()
         output = wire(step(wire(step_input)))
         process(output)
-        total = time.perf_counter() - start
+        total = phases.clock() - start
         if step_input.num_tokens != batch or len(step_input.seq_ids) != batch:
             continue  # a prompt step
         num_decode_steps += 1
@@ -235,6 +237,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--model", default=None, help="default: the SmolLM2-135M shape")
     parser.add_argument("--threads", type=int, default=0, help="torch's threads (0: its own)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (steadier on a shared machine; with --threads 1)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -247,7 +255,7 @@ def main() -> None:
 
     worker = make_worker(args, args.model or str(smollm2_135m_shaped()))
     processor = InputProcessor(worker.info, load_tokenizer(worker.info.model))
-    phases = Phases()
+    phases = Phases(time.process_time if args.clock == "cpu" else time.perf_counter)
     instrument(worker, phases)
     results: dict[str, dict[str, float]] = {}
     mixes = args.mixes.split(",")

@@ -213,18 +213,13 @@ class Sampler:
         logits: torch.Tensor,  # [batch, vocab]
         batch: SamplingBatch,
     ) -> tuple[list[int], list[Logprobs | None] | None]:
-        changes = (batch.min_tokens_mask, batch.constraints, batch.penalties, batch.grammar)
-        is_changed = any(change is not None for change in changes)
-        if batch.is_all_greedy and not is_changed and batch.max_num_logprobs is None:
-            # NOTE: in the model's dtype: widening to float32 is exact, so the argmax is the
-            # same token, without a [batch, vocab] copy.
-            return logits.argmax(dim=-1).tolist(), None
         logits = logits.float()
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         )
         unmasked = logits
-        if any(change is not None for change in changes[:3]):
+        changes = (batch.min_tokens_mask, batch.constraints, batch.penalties)
+        if any(change is not None for change in changes):
             logits = logits.clone()
         # NOTE: without those, the grammar masks the caller's logits in place: the worker reads
         # a sampling row's logits only here (logprobs were taken above).
