@@ -260,3 +260,22 @@ def test_structured_answers_check_multiple_of_in_decimal(answers):
     assert answers.schema_error("0.07", schema) == ""  # 0.07 / 0.01 is 7.000000000000001
     assert "multiple of 0.01" in answers.schema_error("0.071", schema)
     assert "maximum" in answers.schema_error("10.5", schema)
+
+
+def test_host_step_counts_a_nested_phase_only_once():
+    host_step = bench_module("host_step")
+    clock = iter([0.0, 1.0, 3.0, 4.0])  # outer starts, inner starts, inner ends, outer ends
+    phases = host_step.Phases(lambda: next(clock))
+    inner = phases.timed("inner", lambda: None)
+    phases.timed("outer", inner)()
+    assert phases.take() == {"inner": 2.0, "outer": 2.0}
+    assert phases.take() == {}
+
+
+def test_host_step_sampled_mix_covers_every_knob():
+    host_step = bench_module("host_step")
+    mix = [host_step.sampling_params("sampled", i, 8) for i in range(5)]
+    assert {p.is_greedy for p in mix} == {True, False}
+    assert any(p.top_p < 1 for p in mix) and any(p.top_k for p in mix)
+    assert any(p.seed is not None for p in mix) and any(p.repetition_penalty for p in mix)
+    assert all(p.is_greedy for p in (host_step.sampling_params("greedy", i, 8) for i in range(5)))
