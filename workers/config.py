@@ -71,7 +71,9 @@ class WorkerConfig:
         0.90, "share of GPU memory for weights, activations and KV cache"
     )
     cpu_kv_cache_gib: float = setting(
-        2.0, "CPU KV cache budget in GiB (capped at max_num_seqs full-length sequences)"
+        2.0,
+        "CPU KV cache budget in GiB, an upper bound: capped at max_num_seqs full-length "
+        "sequences, and a block's memory is resident only once a request has written it",
     )
     max_model_len: int | None = setting(
         None, "tokens per sequence, prompt + output (default: the model's context)"

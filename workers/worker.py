@@ -26,6 +26,7 @@ from kvray.workers.config import EngineConfig
 from kvray.workers.decode_graphs import batch_sizes
 from kvray.workers.execution_plan import decide_plan, prepare_model
 from kvray.workers.generation_config import sampling_defaults
+from kvray.workers.host_memory import release_free_memory
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.models.parallel import SINGLE_RANK
@@ -221,6 +222,7 @@ class ModelWorker:
         if self.info is not None:
             return self.info
         cpu_kernels.set_enabled(self.config.cpu_kernels)  # again: the runner asks for its ops
+        release_free_memory()  # what loading freed: the originals of fused and packed layers
         block_bytes = self.kv_spec.bytes_per_block(self.config.block_size)
         min_blocks = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
@@ -252,6 +254,7 @@ class ModelWorker:
             for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )
         grammars = self._load_grammars()
+        release_free_memory()  # the dummy forward's activations
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),

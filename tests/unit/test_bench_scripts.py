@@ -279,3 +279,44 @@ def test_host_step_sampled_mix_covers_every_knob():
     assert any(p.top_p < 1 for p in mix) and any(p.top_k for p in mix)
     assert any(p.seed is not None for p in mix) and any(p.repetition_penalty for p in mix)
     assert all(p.is_greedy for p in (host_step.sampling_params("greedy", i, 8) for i in range(5)))
+
+
+def test_memory_counts_only_the_pages_a_tensor_has_written():
+    import torch
+
+    from kvray.workers.host_memory import lazy_zeros
+
+    memory = bench_module("memory")
+    t = lazy_zeros((4 * 2**20,), torch.uint8)
+    assert not t.any() and memory.resident_bytes(t) == 0  # read: the shared zero page
+    t[: 2**20] = 1
+    assert memory.resident_bytes(t) == 2**20
+    assert memory.resident_bytes(torch.ones(2**20, dtype=torch.uint8)) == 2**20
+
+
+def test_memory_breakdown_leaves_the_rest_of_the_resident_bytes(capsys):
+    memory = bench_module("memory")
+    mib = 2**20
+    run = {"phases": [{"phase": "end", "rss": 1000 * mib, "peak": 1200 * mib}],
+           "imports": 400 * mib, "weights": 250 * mib, "kv_resident": 90 * mib,
+           "kv_cache": 2048 * mib, "malloc_free": 60 * mib, "num_kv_blocks": 5825,
+           "dtype": "torch.bfloat16", "ready_s": 1.0, "requests_s": 2.0}  # fmt: skip
+    memory.print_breakdown({"bf16": run})
+    rows = {line[:28].strip(): line[28:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["resident"] == ["1000"] and rows["rest"] == ["200"]
+    assert rows["KV cache, allocated"] == ["2048"]
+
+
+def test_peers_table_shows_each_systems_memory(capsys):
+    peers = bench_module("peers")
+    gib = 2**30
+    results = {
+        "kvray bf16": {"tokens": 100, "seconds": 1.0, "imported": gib // 4, "peak": gib, "rss": gib},
+        "llama.cpp q4_1": {"tokens": 200, "seconds": 1.0, "imported": gib // 4,
+                           "peak": gib // 2, "rss": gib // 2},
+    }  # fmt: skip
+    peers.print_table("W1 uniform", results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "peak GiB" in lines[2] and "end GiB" in lines[2]
+    assert lines[3].split()[-2:] == ["1.00", "1.00"]
+    assert lines[4].split()[-4:] == ["0.50x", "-", "0.50", "0.50"]
