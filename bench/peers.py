@@ -28,6 +28,10 @@ Systems, each measured in this run:
               (a CPU torch first, or pip pulls the CUDA build; or
               $KVRAY_OPTIMUM_CLI, or optimum-cli on PATH).
 A peer whose package is absent is skipped with a line saying how to install it.
+Each system runs each workload in a process of its own, which reports its peak resident memory
+(`peak GiB`, VmHWM: loading included) and its resident memory at the end (`end GiB`, VmRSS);
+every such process has imported torch and kvray's bench helpers first (the line under each
+table says how much that is).
 
     pip install -e ".[peers]" && python bench/peers.py [--systems openvino --workloads "W2 single"]
 """
@@ -35,11 +39,14 @@ A peer whose package is absent is skipped with a line saying how to install it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine_throughput
 from common import BENCH_CACHE, BenchRequest, log, make_workload
+from memory import proc_status
 
+GIB = 2**30
 WORKLOADS = {"W2 single": ("single", 1), "W1 uniform": ("uniform", 32), "W3 mixed": ("mixed", 32)}
 
 
@@ -193,21 +202,14 @@ def run_llama_cpp(reqs: list[BenchRequest]) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument(
-        "--systems", default="", help="run only the systems whose names start with one of these "
-        "(comma-separated: kvray,ct2,llama.cpp,openvino); default all",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def installed(package: str) -> bool:
+    """Whether `package` can be imported (not importing it: a system's process holds only its
+    own libraries)."""
+    return importlib.util.find_spec(package) is not None
 
-    from kvray.workers.checkpoints import resolve_model
 
-    model_dir = str(resolve_model("smollm2"))
+def make_systems(model_dir: str) -> dict[str, Callable[[list[BenchRequest]], tuple[int, float]]]:
+    """Every system this machine can run (a line for each peer that is not installed)."""
     systems = {
         "kvray bf16": lambda reqs: run_kvray(model_dir, reqs, dtype="bfloat16"),
         "kvray int8": lambda reqs: run_kvray(
@@ -220,51 +222,90 @@ def main() -> None:
             model_dir, reqs, dtype="bfloat16", quantization="int8", decode_graphs="on"
         ),
     }
-    try:
-        import ctranslate2  # noqa: F401
-
+    if installed("ctranslate2"):
         systems["ct2 fp32"] = lambda reqs: run_ct2(model_dir, reqs, "float32")
         systems["ct2 int8"] = lambda reqs: run_ct2(model_dir, reqs, "int8")
-    except ImportError:
+    else:
         print("ct2: skipped (pip install ctranslate2)")
-    try:
-        import llama_cpp  # noqa: F401
-
+    if installed("llama_cpp"):
         systems["llama.cpp q4_1"] = run_llama_cpp
-    except ImportError:
+    else:
         print("llama.cpp: skipped (pip install llama-cpp-python)")
-    try:
-        import openvino_genai  # noqa: F401
-
-        for precision in ("fp16", "int8"):
-            if (
-                optimum_cli()
-                or (BENCH_CACHE / f"ov-smollm2-{precision}/openvino_model.xml").exists()
-            ):
-                systems[f"openvino {precision}"] = partial(
-                    run_openvino, model_dir, precision=precision
-                )
-            else:
-                print(f"openvino {precision}: skipped (its export needs optimum-cli, see --help)")
-    except ImportError:
+    if not installed("openvino_genai"):
         print("openvino: skipped (pip install openvino-genai)")
+        return systems
+    for precision in ("fp16", "int8"):
+        if optimum_cli() or (BENCH_CACHE / f"ov-smollm2-{precision}/openvino_model.xml").exists():
+            systems[f"openvino {precision}"] = partial(run_openvino, model_dir, precision=precision)
+        else:
+            print(f"openvino {precision}: skipped (its export needs optimum-cli, see --help)")
+    return systems
+
+
+def run_child(workload: str, system: str, seed: int) -> None:
+    """One system on one workload, in this (fresh) process; prints its JSON result."""
+    from kvray.workers.checkpoints import resolve_model
+
+    imported = proc_status()["VmRSS"]
+    run = make_systems(str(resolve_model("smollm2")))[system]
+    name, count = WORKLOADS[workload]
+    tokens, seconds = run(make_workload(name, count, seed=seed))
+    status = proc_status()
+    result = {"tokens": tokens, "seconds": seconds, "imported": imported,
+              "peak": status["VmHWM"], "rss": status["VmRSS"]}  # fmt: skip
+    print(json.dumps(result))
+
+
+def run_in_child(workload: str, system: str, seed: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", workload, system, "--seed", str(seed)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(workload: str, results: dict[str, dict[str, float]]) -> None:
+    rates = {system: r["tokens"] / r["seconds"] for system, r in results.items()}
+    print(f"\n## {workload}")
+    print(f"{'system':<14} {'tok/s':>8} {'kvray bf16/x':>13} {'kvray int8/x':>13} "
+          f"{'peak GiB':>9} {'end GiB':>8}")  # fmt: skip
+    for system, rate in rates.items():
+        ratios = [f"{rates[k] / rate:>12.2f}x" if k in rates else f"{'-':>13}"
+                  for k in ("kvray bf16", "kvray int8")]  # fmt: skip
+        r = results[system]
+        print(f"{system:<14} {rate:>8.1f} {ratios[0]} {ratios[1]} "
+              f"{r['peak'] / GIB:>9.2f} {r['rss'] / GIB:>8.2f}")  # fmt: skip
+    imported = min(r["imported"] for r in results.values())
+    print(f"(each in its own process, whose imports, torch's included, take {imported / GIB:.2f} "
+          "GiB before the system loads)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--systems", default="", help="run only the systems whose names start with one of these "
+        "(comma-separated: kvray,ct2,llama.cpp,openvino); default all",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        run_child(*args.child, args.seed)
+        return
+
+    from kvray.workers.checkpoints import resolve_model
+
+    systems = make_systems(str(resolve_model("smollm2")))
     if args.systems:
         wanted = tuple(args.systems.split(","))
         systems = {name: run for name, run in systems.items() if name.startswith(wanted)}
     for name in args.workloads.split(","):
-        workload, count = WORKLOADS[name]
-        reqs = make_workload(workload, count, seed=args.seed)
         results = {}
-        for system, run in systems.items():
+        for system in systems:
             log(f"{name}: {system}")
-            tokens, seconds = run(reqs)
-            results[system] = tokens / seconds
-        print(f"\n## {name}")
-        print(f"{'system':<14} {'tok/s':>8} {'kvray bf16/x':>13} {'kvray int8/x':>13}")
-        for system, rate in results.items():
-            ratios = [f"{results[k] / rate:>12.2f}x" if k in results else f"{'-':>13}"
-                      for k in ("kvray bf16", "kvray int8")]  # fmt: skip
-            print(f"{system:<14} {rate:>8.1f} {ratios[0]} {ratios[1]}")
+            results[system] = run_in_child(name, system, args.seed)
+        print_table(name, results)
 
 
 if __name__ == "__main__":

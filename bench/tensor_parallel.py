@@ -8,6 +8,8 @@ Systems (each an offline `LLM` whose KV cache holds every request, as engine_thr
         (1 on a 2-core machine): the same cores split over two ranks
   pp2   pipeline_parallel_size `--pp` (default 2), where the settings accept it; else skipped,
         the refusal printed
+  tp1i8, tp2i8  with `--int8`: tp1 and tp2 with `quantization: int8` (each rank's shards in
+        int8 panels or rows, as the execution plan says)
 Workloads (bench/common.py's): W1 `uniform`, 32 requests x (128 prompt + 128 output tokens),
 batched; W2 `single`'s prompt, one stream of `--w2-tokens` output tokens (default 128;
 engine_throughput runs 256): decode speed.
@@ -22,6 +24,7 @@ The group's own costs, measured in the same run:
     python bench/tensor_parallel.py                  # smollm2 (the built-in checkpoint)
     python bench/tensor_parallel.py --quick          # 4 requests, 32-token stream: a smoke run
     python bench/tensor_parallel.py --model shape    # random weights of SmolLM2-135M's shape
+    python bench/tensor_parallel.py --int8 --pp 1    # int8 columns, no pipeline row
 
 Ratios are against tp1 of the same run. On a shared machine the numbers move with its load,
 which the header prints.
@@ -61,6 +64,9 @@ def systems(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     found["tp2"] = {"tensor_parallel_size": 2}
     if args.pp > 1:
         found[f"pp{args.pp}"] = {"pipeline_parallel_size": args.pp}
+    if args.int8:
+        found["tp1i8"] = {"threads": args.threads, "quantization": "int8"}
+        found["tp2i8"] = {"tensor_parallel_size": 2, "quantization": "int8"}
     return found
 
 
@@ -82,6 +88,7 @@ def run_system(
         run_kvray(llm, [BenchRequest(r.prompt_token_ids, 8) for r in loads["W1"][:2]])  # warm
         result: dict[str, object] = {
             "implementation": info.implementation,
+            "linear": info.execution_plan.get("linear", ""),
             "dtype": info.dtype,
             "rank_weights_mib": [round(r.weights_bytes / 2**20, 1) for r in info.ranks],
             "rank_kv_mib": [round(r.kv_cache_bytes / 2**20, 1) for r in info.ranks],
@@ -140,7 +147,7 @@ def print_report(results: dict[str, dict], loads: dict[str, list], comm: dict[st
     base = results["tp1"]
     for name, r in results.items():
         print(
-            f"{name}: {r['implementation']}, {r['dtype']}; per rank: weights "
+            f"{name}: {r['implementation']}, {r['dtype']}, linear {r['linear']}; per rank: weights "
             f"{r['rank_weights_mib']} MiB, KV cache {r['rank_kv_mib']} MiB"
         )
     for workload, reqs in loads.items():
@@ -187,6 +194,7 @@ def main() -> int:
     parser.add_argument("--pp", type=int, default=2, help="pipeline stages of pp (1: no pp row)")
     parser.add_argument("--w2-tokens", type=int, default=128, help="W2's output tokens")
     parser.add_argument("--quick", action="store_true", help="4 requests, a 32-token stream")
+    parser.add_argument("--int8", action="store_true", help="tp1 and tp2 with int8 weights too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model_dir = bench_model(args.model)

@@ -81,6 +81,8 @@ class ModelInfo:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     ranks: list[RankInfo] = field(default_factory=list)  # a replica's processes and their bytes
+    # Every field of the plan as text: linear and attention kernels, decode path, shards
+    execution_plan: dict[str, str] = field(default_factory=dict)
 
 
 def _logprobs(entries: Any) -> list[TokenLogprob]:

@@ -259,6 +259,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             decode_graph_batch_sizes=list(info.decode_graph_batch_sizes),
             sampling_defaults=info.sampling_defaults,
             implementation=info.implementation,
+            execution_plan=info.execution_plan,
             tensor_parallel_size=info.tensor_parallel_size,
             pipeline_parallel_size=info.pipeline_parallel_size,
             ranks=[pb.RankInfo(**dataclasses.asdict(rank)) for rank in info.ranks],

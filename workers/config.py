@@ -72,7 +72,9 @@ class WorkerConfig:
         0.90, "share of GPU memory for weights, activations and KV cache"
     )
     cpu_kv_cache_gib: float = setting(
-        2.0, "CPU KV cache budget in GiB (capped at max_num_seqs full-length sequences)"
+        2.0,
+        "CPU KV cache budget in GiB, an upper bound: capped at max_num_seqs full-length "
+        "sequences, and a block's memory is resident only once a request has written it",
     )
     max_model_len: int | None = setting(
         None, "tokens per sequence, prompt + output (default: the model's context)"
@@ -133,11 +135,6 @@ class WorkerConfig:
         if self.world_size == 1:
             return
         sizes = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}"
-        if self.quantization is not None:
-            raise ValueError(
-                f"quantization {self.quantization} does not run at {sizes} yet: leave "
-                "quantization unset, or use one rank (both sizes 1)"
-            )
         if self.decode_graphs == "on":
             raise ValueError(
                 f"decode_graphs on does not run at {sizes} yet: leave decode_graphs at auto or "

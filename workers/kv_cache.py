@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvray.workers.host_memory import lazy_zeros
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -55,10 +57,7 @@ class KVCache:
         # NOTE: zero-filled, not empty: padded gathers read slots that are masked out, and
         # uninitialised memory may hold NaN/inf, which a masked softmax still multiplies by 0.
         self.layers = [
-            (
-                torch.zeros(shape, dtype=spec.dtype, device=device),
-                torch.zeros(shape, dtype=spec.dtype, device=device),
-            )
+            (_zeros(shape, spec.dtype, device), _zeros(shape, spec.dtype, device))
             for _ in range(spec.num_layers)
         ]
 
@@ -77,3 +76,11 @@ class KVCache:
             for cache in layer:
                 blocks = cache.view(self.num_blocks + 1, -1)  # [blocks, block_size * heads * dim]
                 blocks.index_copy_(0, dst, blocks.index_select(0, src))
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """On CPU the kernel's untouched zero pages, resident only once a block is written: the
+    budget bounds the cache's memory instead of being paid at start."""
+    if device.type == "cpu":
+        return lazy_zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)

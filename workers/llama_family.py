@@ -32,12 +32,6 @@ PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 Forward = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | int"], torch.Tensor]
 
 
-def model_forward(model: nn.Module) -> Forward:
-    """The forward a runner calls: kvray's own for the Llama family, else transformers'."""
-    own = family_forward(model)
-    return own if own is not None else transformers_forward(model)
-
-
 def transformers_forward(model: nn.Module) -> Forward:
     def forward(
         input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor | int
@@ -50,10 +44,44 @@ def transformers_forward(model: nn.Module) -> Forward:
     return forward
 
 
-def family_forward(model: Any) -> FamilyForward | None:
+def is_family_model(model: Any) -> bool:
+    """Whether kvray's forward can run `model` (`family_forward`)."""
+    return _family_layers(model) is not None
+
+
+def family_forward(
+    model: Any, *, one_call: bool = True, cpu_ops: bool | None = None
+) -> FamilyForward | None:
     """kvray's forward for `model`, or None where transformers' must run: another architecture,
     modules that are not transformers' own classes for it (remote code, replaced modules),
-    another attention implementation, or hooks that calling `forward` directly would skip."""
+    another attention implementation, or hooks that calling `forward` directly would skip.
+    `one_call`: decode steps may run as one C++ call (`DecodeStack`) where the model allows;
+    `cpu_ops`: kvray's C++ norm and rotary ops (the plan's; by default wherever `can_use_cpu_ops`).
+    """
+    found = _family_layers(model)
+    if found is None:
+        return None
+    layers, model_type, rotate = found
+    weight = model.model.embed_tokens.weight
+    ops = can_use_cpu_ops(weight.dtype, weight.device) if cpu_ops is None else cpu_ops
+    return FamilyForward(
+        model, layers, model_type, _fused_rotary(rotate, ops), _fused_norm(ops),
+        one_call=one_call,
+    )  # fmt: skip
+
+
+def can_use_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether kvray's one-pass C++ norm and rotary ops (bitwise transformers' functions) run
+    a model of `dtype` on `device`: bf16 on CPU, where the kernels are built. On a GPU,
+    transformers' own functions."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    return cpu_kernels.rotary_embedding() is not None and cpu_kernels.rms_norm() is not None
+
+
+def _family_layers(model: Any) -> tuple[list[nn.Module], str, Callable] | None:
+    """(decoder layers, model type, transformers' rotary function) of a model kvray's forward
+    can run, else None (`family_forward`)."""
     config = getattr(model, "config", None)
     model_type: str = getattr(config, "model_type", None) or ""
     prefix = PREFIXES.get(model_type)
@@ -82,18 +110,13 @@ def family_forward(model: Any) -> FamilyForward | None:
     rotate = getattr(sys.modules[source], "apply_rotary_pos_emb", None)
     if rotate is None:
         return None
-    weight = base.embed_tokens.weight
-    # NOTE: the C++ ops on CPU only; on a GPU, transformers' own functions.
-    bf16_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-    return FamilyForward(
-        model, layers, model_type, _fused_rotary(rotate, bf16_cpu), _fused_norm(bf16_cpu)
-    )
+    return layers, model_type, rotate
 
 
-def _fused_rotary(rotate: Callable, bf16_cpu: bool) -> Callable:
+def _fused_rotary(rotate: Callable, cpu_ops: bool) -> Callable:
     """transformers' `apply_rotary_pos_emb`, as kvray's one-pass C++ op (bitwise the same) for
     a bf16 model on CPU where the kernels are built: ~16 tensor operations a layer fewer."""
-    op = cpu_kernels.rotary_embedding() if bf16_cpu else None
+    op = cpu_kernels.rotary_embedding() if cpu_ops else None
     return rotate if op is None else op  # q, k, cos, sin are the model's dtype (the op checks)
 
 
@@ -113,10 +136,10 @@ def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
     return rms_norm(x, module.weight, module.variance_epsilon)
 
 
-def _fused_norm(bf16_cpu: bool) -> Norm:
+def _fused_norm(cpu_ops: bool) -> Norm:
     """`_norm`, as kvray's one-call C++ op (bitwise the same) for a bf16 model's contiguous
     rows on CPU where the kernels are built: 8 tensor operations a norm fewer."""
-    op = cpu_kernels.rms_norm() if bf16_cpu else None
+    op = cpu_kernels.rms_norm() if cpu_ops else None
     if op is None:
         return _norm
 
@@ -192,7 +215,14 @@ class FamilyForward:
     Built once the model's layers are final (after fusing, packing or quantizing)."""
 
     def __init__(
-        self, model: Any, layers: list[nn.Module], model_type: str, rotate: Callable, norm: Norm
+        self,
+        model: Any,
+        layers: list[nn.Module],
+        model_type: str,
+        rotate: Callable,
+        norm: Norm,
+        *,
+        one_call: bool = True,
     ) -> None:
         base = model.model
         self.embed: nn.Module = base.embed_tokens
@@ -201,7 +231,7 @@ class FamilyForward:
         self.norm = norm
         self.lm_head: nn.Module = model.lm_head
         self.layers = [_Layer(layer, model_type, rotate, norm) for layer in layers]
-        self.stack = DecodeStack.build(model.config, self.layers)
+        self.stack = DecodeStack.build(model.config, self.layers) if one_call else None
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor | int

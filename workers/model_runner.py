@@ -6,15 +6,26 @@ scheduling.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from kvray.workers.attention import AttentionMetadata, PrefillSeq, attention_context, decode_kernel
 from kvray.workers.decode_graphs import DecodeGraphs
+from kvray.workers.execution_plan import (
+    FAMILY_FORWARD,
+    ONE_CALL,
+    PER_LAYER,
+    TORCH_ATTENTION,
+    ExecutionPlan,
+    decide_plan,
+)
 from kvray.workers.kv_cache import KVCache
-from kvray.workers.llama_family import model_forward, transformers_forward
-from kvray.workers.models import is_own_model
+from kvray.workers.llama_family import Forward, family_forward, transformers_forward
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,16 +73,44 @@ class GraphInput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        plan: ExecutionPlan | None = None,
+    ) -> None:
+        """`plan`: the worker's (`execution_plan.decide_plan`); by default one decided for
+        `model` as it is. `self.plan` is what runs (the worker reports it)."""
         self.model = model
-        # NOTE: kvray's own models (workers/models) take the runner's arguments as they are.
-        self.forward = model if is_own_model(model) else model_forward(model)
+        spec = kv_cache.spec
+        self.plan = plan or decide_plan(model, device=device, dtype=spec.dtype)
+        self.forward = self._forward()
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
-        spec = kv_cache.spec
-        self.decode_kernel = decode_kernel(spec.dtype, device, spec.head_dim)
+        self.decode_kernel = (
+            None
+            if self.plan.attention == TORCH_ATTENTION
+            else decode_kernel(spec.dtype, device, spec.head_dim)
+        )
         self.graphs: DecodeGraphs | None = None
+
+    def _forward(self) -> Forward:
+        """The plan's forward (`llama_family.Forward`'s contract)."""
+        if self.plan.is_own_model:
+            return self.model  # type: ignore[return-value]  # NOTE: takes the runner's arguments
+        if self.plan.implementation == FAMILY_FORWARD:
+            forward = family_forward(
+                self.model, one_call=self.plan.decode == ONE_CALL, cpu_ops=self.plan.cpu_ops
+            )
+            assert forward is not None, "the plan chose kvray's forward for a model it cannot run"
+            if self.plan.decode == ONE_CALL and forward.stack is None:
+                # NOTE: a layer the plan's shape rules did not foresee; slower, never wrong
+                logger.warning("a decode step's layers cannot run in one call; one call a layer")
+                self.plan = dataclasses.replace(self.plan, decode=PER_LAYER)
+            return forward
+        return transformers_forward(self.model)
 
     def build_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Prepare decode steps of up to `max_batch` sequences as replays (at warmup). Needs

@@ -88,6 +88,11 @@ class WorkerInfo:
     # LlamaForCausalLM": kvray's own model; "transformers X, kvray's forward": transformers'
     # modules run by llama_family.py; "transformers X"), and how the replica is split.
     implementation: str = ""
+    # Every field of this rank's `execution_plan.ExecutionPlan`, as text: dtype,
+    # implementation, model_class, fuses_projections, linear (the linear layers' kernel),
+    # attention (decode attention's kernel), decode (one-call or per-layer), decode_graphs,
+    # tensor_parallel_size, pipeline_parallel_size, tensor_rank, stage_index.
+    execution_plan: dict[str, str] = field(default_factory=dict)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     ranks: tuple[RankInfo, ...] = ()  # every rank, in rank order

@@ -11,6 +11,8 @@ needs its own noise vector: its tokens never depend on what else is in the batch
 
 from __future__ import annotations
 
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from kvray.workers.structured_output import SequenceGrammar
 from kvray.workers.token_bitmask import GrammarMasks, apply_grammar_masks, prepare_grammar_masks
 from kvray.workers.token_constraints import (
     TokenConstraints,
+    _tensor,
     apply_token_constraints,
     prepare_token_constraints,
 )
@@ -59,15 +62,22 @@ class SamplingBatch:
     generators: dict[int, torch.Generator]  # row -> generator seeded for this token
     max_num_logprobs: int | None
     num_logprobs: list[int | None]  # per row: None, or how many alternatives to return
+    # The rows that draw (not greedy), and of those (positions in `sampled_rows`) the ones
+    # with a top-k or top-p filter: vocabulary-wide work is done for these rows only.
+    sampled_rows: torch.Tensor | None = None  # [num_sampled] long; None: all greedy
+    filtered_rows: torch.Tensor | None = None  # [num_filtered] long; None: no row filters
 
 
 @dataclass
 class _Penalties:
-    repetition: torch.Tensor  # [batch, 1]
-    presence: torch.Tensor  # [batch, 1]
-    frequency: torch.Tensor  # [batch, 1]
-    prompt_ids: torch.Tensor  # [batch, max_prompt] padded with vocab_size
-    output_ids: torch.Tensor  # [batch, max_output] padded with vocab_size
+    """One entry per (penalised row, token in its prompt or output): the logits it changes."""
+
+    rows: torch.Tensor  # [num_entries] long
+    token_ids: torch.Tensor  # [num_entries] long; a row's tokens each once
+    counts: torch.Tensor  # [num_entries] float: times the token is in the row's output
+    repetition: torch.Tensor  # [num_entries] float: the row's
+    presence: torch.Tensor  # [num_entries] float: the row's
+    frequency: torch.Tensor  # [num_entries] float: the row's
 
 
 def token_seed(seed: int, output_index: int) -> int:
@@ -85,79 +95,97 @@ def token_seed(seed: int, output_index: int) -> int:
 def prepare_sampling_batch(
     rows: list[SamplingRow], *, vocab_size: int, device: torch.device
 ) -> SamplingBatch:
+    """The batch's knobs as tensors. An all-greedy batch reads no knob: its only tensor is
+    `is_greedy`, and those of the penalties, constraints and min_tokens its rows ask for."""
     # NOTE: the grammar masks first: on a GPU the host fills them while the forward runs.
     grammar = prepare_grammar_masks(rows, vocab_size=vocab_size, device=device)
     sampling_params = [r.sampling_params for r in rows]
     is_greedy = [p.is_greedy for p in sampling_params]
+    sampled = [i for i, greedy in enumerate(is_greedy) if not greedy]
+    knobs = _sampling_knobs(sampling_params, vocab_size) if sampled else {}
 
-    def column(name: str, dtype: torch.dtype, neutral: float, values: list) -> torch.Tensor | None:
+    def column(name: str, dtype: torch.dtype) -> torch.Tensor | None:
         """A knob's values, or None when no sampled row moves it off its neutral value."""
-        if all(v == neutral for v, greedy in zip(values, is_greedy) if not greedy):
+        values = knobs.get(name)
+        neutral = vocab_size if name == "top_k" else NEUTRAL_KNOBS[name]
+        if values is None or all(values[i] == neutral for i in sampled):
             return None
         return torch.tensor(values, dtype=dtype, device=device)
 
-    def knob(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        return column(name, dtype, NEUTRAL_KNOBS[name], [p.knob(name) for p in sampling_params])
-
-    generators = {}
-    for i, row in enumerate(rows):
-        if not is_greedy[i] and row.sampling_params.seed is not None:
-            g = torch.Generator(device=device)
-            g.manual_seed(token_seed(row.sampling_params.seed, row.num_output_tokens))
-            generators[i] = g
     asked = [p.logprobs for p in sampling_params if p.logprobs is not None]
-    top_k = [int(p.knob("top_k")) or vocab_size for p in sampling_params]  # 0: every token
+    filtered = [
+        k
+        for k, i in enumerate(sampled)
+        if knobs["top_k"][i] != vocab_size or knobs["top_p"][i] != 1.0
+    ]
     return SamplingBatch(
         is_greedy=torch.tensor(is_greedy, dtype=torch.bool, device=device),
-        is_all_greedy=all(is_greedy),
-        temperature=knob("temperature", torch.float32),
-        top_k=column("top_k", torch.long, vocab_size, top_k),
-        top_p=knob("top_p", torch.float32),
-        min_p=knob("min_p", torch.float32),
-        penalties=_prepare_penalties(rows, vocab_size, device),
+        is_all_greedy=not sampled,
+        temperature=column("temperature", torch.float32),
+        top_k=column("top_k", torch.long),
+        top_p=column("top_p", torch.float32),
+        min_p=column("min_p", torch.float32),
+        penalties=_prepare_penalties(rows, device),
         min_tokens_mask=_prepare_min_tokens_mask(rows, device),
         constraints=prepare_token_constraints(rows, device=device),
         grammar=grammar,
-        generators=generators,
+        generators=_generators(rows, sampled, device),
         max_num_logprobs=max(asked) if asked else None,
         num_logprobs=[p.logprobs for p in sampling_params],
+        sampled_rows=_index(sampled, device) if sampled else None,
+        filtered_rows=_index(filtered, device) if filtered else None,
     )
 
 
-def _prepare_penalties(
-    rows: list[SamplingRow], vocab_size: int, device: torch.device
-) -> _Penalties | None:
-    def active(p: SamplingParams) -> bool:
-        return (
-            p.knob("repetition_penalty") != 1.0
-            or p.presence_penalty != 0.0
-            or p.frequency_penalty != 0.0
-        )
+def _sampling_knobs(params: list[SamplingParams], vocab_size: int) -> dict[str, list[float]]:
+    """Every row's temperature, top_k (the vocabulary size where off), top_p and min_p."""
+    knobs = {
+        name: [neutral if (value := getattr(p, name)) is None else value for p in params]
+        for name, neutral in NEUTRAL_KNOBS.items()
+        if name != "repetition_penalty"  # (the penalties' own)
+    }
+    knobs["top_k"] = [int(k) or vocab_size for k in knobs["top_k"]]  # 0: every token
+    return knobs
 
-    if not any(active(r.sampling_params) for r in rows):
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _generators(
+    rows: list[SamplingRow], sampled: list[int], device: torch.device
+) -> dict[int, torch.Generator]:
+    """A generator for each seeded sampled row, seeded for the row's next token."""
+    generators = {}
+    for i in sampled:
+        seed = rows[i].sampling_params.seed
+        if seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(token_seed(seed, rows[i].num_output_tokens))
+            generators[i] = g
+    return generators
+
+
+def _prepare_penalties(rows: list[SamplingRow], device: torch.device) -> _Penalties | None:
+    """The penalised rows' seen tokens, as entries."""
+    entry_rows, token_ids, counts = array("q"), array("q"), array("f")
+    knobs: tuple[array, array, array] = (array("f"), array("f"), array("f"))
+    for i, row in enumerate(rows):
+        p = row.sampling_params
+        values = (p.knob("repetition_penalty"), p.presence_penalty, p.frequency_penalty)
+        if values == (1.0, 0.0, 0.0):
+            continue
+        output = Counter(row.token_ids[row.num_prompt_tokens :])
+        seen = set(row.token_ids[: row.num_prompt_tokens]).union(output)
+        token_ids.extend(seen)
+        counts.extend([output.get(t, 0) for t in seen])
+        entry_rows.extend(array("q", [i]) * len(seen))
+        for column, value in zip(knobs, values):
+            column.extend(array("f", [value]) * len(seen))
+    if not entry_rows:
         return None
-    prompts = [
-        r.token_ids[: r.num_prompt_tokens] if active(r.sampling_params) else [] for r in rows
-    ]
-    outputs = [
-        r.token_ids[r.num_prompt_tokens :] if active(r.sampling_params) else [] for r in rows
-    ]
-
-    def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
-
-    return _Penalties(
-        repetition=column([r.sampling_params.knob("repetition_penalty") for r in rows]),
-        presence=column([r.sampling_params.presence_penalty for r in rows]),
-        frequency=column([r.sampling_params.frequency_penalty for r in rows]),
-        prompt_ids=_pad(prompts, vocab_size, device),
-        output_ids=_pad(outputs, vocab_size, device),
-    )
-
-
-def _pad(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(s) for s in seqs))
-    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    tensors = [_tensor(a, device) for a in (entry_rows, token_ids, counts, *knobs)]
+    return _Penalties(*tensors)
 
 
 def _prepare_min_tokens_mask(
@@ -207,41 +235,54 @@ class Sampler:
             logits = apply_penalties(logits, batch.penalties)
         tokens = logits.argmax(dim=-1)
         if not batch.is_all_greedy:
-            sampled = self._sample_random(logits, batch)
-            tokens = torch.where(batch.is_greedy, tokens, sampled)
+            assert batch.sampled_rows is not None
+            tokens[batch.sampled_rows] = self._sample_random(logits, batch)
         token_ids: list[int] = tokens.tolist()
         if raw_logprobs is None:
             return token_ids, None
         return token_ids, _gather_logprobs(raw_logprobs, tokens, batch)
 
     def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """A draw for every row; the caller keeps the argmax for greedy rows."""
+        """A draw for each sampled row: [num_sampled], parallel to `batch.sampled_rows`.
+
+        NOTE: every filter works row by row, so a row's draw is the same whether or not the
+        batch's other rows are computed beside it; only the sampled rows are.
+        """
+        assert batch.sampled_rows is not None
+        rows = batch.sampled_rows
+        logits = logits[rows]  # [num_sampled, vocab]
         if batch.temperature is not None:
-            # NOTE: a greedy row's temperature may be 0; its draw is discarded, so divide it by 1.
-            logits = logits / batch.temperature.masked_fill(batch.is_greedy, 1.0)[:, None]
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            logits.div_(batch.temperature[rows][:, None])  # (a copy: the rows were gathered)
+        if batch.filtered_rows is not None:
+            f = batch.filtered_rows
+            top_k = None if batch.top_k is None else batch.top_k[rows[f]]
+            top_p = None if batch.top_p is None else batch.top_p[rows[f]]
+            logits[f] = apply_top_k_top_p(logits[f], top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         if batch.min_p is not None:
-            probs = apply_min_p(probs, batch.min_p)
-        noise = torch.empty_like(probs).exponential_()
+            probs = apply_min_p(probs, batch.min_p[rows])
+        # NOTE: the unseeded rows' noise is a draw for the whole batch from the global
+        # generator, as before rows were selected: the same numbers, step after step.
+        noise = torch.empty(
+            batch.is_greedy.shape[0], probs.shape[-1], dtype=probs.dtype, device=probs.device
+        ).exponential_()
         for row, generator in batch.generators.items():
             noise[row].exponential_(generator=generator)
-        return (probs / noise).argmax(dim=-1)
+        return (probs / noise[rows]).argmax(dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
-    """Repetition (prompt + output), presence and frequency (output only) penalties."""
-    batch, vocab = logits.shape
-    counts = torch.zeros(batch, vocab + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=logits.dtype))
-    counts = counts[:, :vocab]
-    seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
-    seen.scatter_(1, p.prompt_ids, True)
-    seen = seen[:, :vocab] | (counts > 0)
-    penalised = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
-    logits = torch.where(seen, penalised, logits)
-    return logits - p.frequency * counts - p.presence * (counts > 0).to(logits.dtype)
+    """Repetition (prompt + output), presence and frequency (output only) penalties, in place
+    on the logits of the tokens each row has seen (the others are left as they are).
+
+    NOTE: each entry takes the arithmetic a dense [batch, vocab] pass would, in its order.
+    """
+    seen = logits[p.rows, p.token_ids]  # [num_entries]
+    penalised = torch.where(seen > 0, seen / p.repetition, seen * p.repetition)
+    logits[p.rows, p.token_ids] = (
+        penalised - p.frequency * p.counts - p.presence * (p.counts > 0).to(logits.dtype)
+    )
+    return logits
 
 
 def apply_top_k_top_p(
@@ -257,8 +298,11 @@ def apply_top_k_top_p(
     if top_p is not None:
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        # NOTE: the first token always stays (mass before it is 0 < top_p).
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        # NOTE: the first token always stays (mass before it is 0 < top_p). A row at 1.0 keeps
+        # every token: a float32 sum of many probabilities can round past 1, which would cut
+        # its tail (and make its draws depend on whether another row filters).
+        cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
 

@@ -28,6 +28,7 @@ from kvray.workers.models.parallel import (
     init_process_group,
 )
 from kvray.workers.models.pipeline import StageLinks, make_stage
+from kvray.workers.quantization import GROUP_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def load_rank_model(
     device: torch.device,
 ) -> CausalLM:
     """This rank's shard of its stage of kvray's own model of the checkpoint at `model_path`
-    (a folder or a hub id), in plain torch (no fused, packed or quantized layers).
+    (a folder or a hub id), as saved: `execution_plan.prepare_model` then quantizes or packs
+    its layers where the plan says.
 
     Raises:
         ValueError: an architecture kvray has no model of, sizes the group cannot split, or
@@ -138,7 +140,7 @@ def load_rank_model(
     )
     start = time.perf_counter()
     folder = checkpoint_folder(model_path, revision=config.revision)
-    placement = Placement(groups.tensor, dtype, device)
+    placement = Placement(groups.tensor, dtype, device, split_unit(config))
     model = load_model(hf_config, checkpoint_weights(folder), placement, stage)
     logger.info(
         "stage %d of %d (layers %d-%d), tensor-parallel rank %d: loaded its shard of %s in %.1fs",
@@ -172,10 +174,18 @@ def check_splits(model_path: str, config: WorkerConfig) -> None:
     )
     if cls is None:
         return
-    placement = Placement(_ShapesOnly(size), torch.float32, torch.device("meta"))
+    placement = Placement(
+        _ShapesOnly(size), torch.float32, torch.device("meta"), split_unit(config)
+    )
     for index in range(stages):
         stage = make_stage(hf_config.num_hidden_layers, index=index, num_stages=stages)
         cls(hf_config, placement, stage)
+
+
+def split_unit(config: WorkerConfig) -> int:
+    """`Placement.split_unit` for these settings: int8's group size with `quantization` int8 or
+    w8a8 (a rank's part of the down projection then quantizes to the one-rank layer's values)."""
+    return GROUP_SIZE if config.quantization in ("int8", "w8a8") else 1
 
 
 class _ShapesOnly:

@@ -6,6 +6,7 @@ call it in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -23,15 +24,13 @@ from kvray.workers.attention import register as register_attention
 from kvray.workers.checkpoints import BUILTIN_SAMPLING_DEFAULTS, resolve_model
 from kvray.workers.config import EngineConfig
 from kvray.workers.decode_graphs import batch_sizes
-from kvray.workers.fused_projections import fuse_projections
+from kvray.workers.execution_plan import decide_plan, prepare_model
 from kvray.workers.generation_config import sampling_defaults
+from kvray.workers.host_memory import release_free_memory
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
-from kvray.workers.llama_family import FamilyForward
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.models.parallel import SINGLE_RANK
-from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.protocol import RankInfo, StepInput, StepOutput, WorkerInfo
-from kvray.workers.quantization import quantize_linears
 from kvray.workers.rank_group import output_rank
 from kvray.workers.sampler import (
     Sampler,
@@ -50,7 +49,6 @@ from kvray.workers.tensor_parallel import (
     smallest_over_ranks,
 )
 from kvray.workers.token_bitmask import prepare_grammar_masks
-from kvray.workers.w8a8 import quantize_linears_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +79,8 @@ class ModelWorker:
         # NOTE: resolved (a built-in model built) before joining a group: transformers saves a
         # model's weights only on rank 0 of an initialised torch.distributed group.
         self.model_path = resolve_model(self.config.model, cache_dir=engine_config.cache_dir)
-        self.is_own_model = self.config.world_size > 1  # kvray's model, not HF's
         self.groups = RankGroups(SINGLE_RANK, SINGLE_RANK, 0, 1, None)
-        if self.is_own_model:
+        if self.config.world_size > 1:
             self.device = devices.rank_device(self.device, rank)
             self.groups = join_group(
                 rank=rank,
@@ -103,6 +100,21 @@ class ModelWorker:
         self.dtype = devices.resolve_dtype(self.config.dtype, self.device, checkpoint_dtype=saved)
         torch.manual_seed(self.config.seed)
         self.model = self._load_model()
+        self.plan = decide_plan(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            settings=self.config,
+            groups=self.groups,
+        )
+        start = time.perf_counter()
+        prepare_model(self.model, self.plan)
+        logger.info(
+            "execution plan on %s (prepared in %.1fs): %s",
+            self.device,
+            time.perf_counter() - start,
+            ", ".join(f"{key} {value}" for key, value in self.plan.as_dict().items()),
+        )
         text_config = self.model.config.get_text_config()
         self.vocab_size = int(text_config.vocab_size)
         self.max_model_len = self._max_model_len(text_config)
@@ -110,7 +122,7 @@ class ModelWorker:
         self.sampling_defaults = self._sampling_defaults()
         self.kv_spec = (
             self.model.kv_cache_spec(self.dtype)  # this rank's KV heads
-            if self.is_own_model
+            if self.plan.is_own_model
             else KVCacheSpec.from_model_config(self.model.config, self.dtype)
         )
         self.sampler = Sampler()
@@ -134,9 +146,10 @@ class ModelWorker:
         return dtype if isinstance(dtype, torch.dtype) else None
 
     def _load_model(self) -> Any:
-        """transformers' model (fused, packed or quantized as the settings ask), or at
-        tensor_parallel_size > 1 this rank's shard of kvray's own model in plain torch."""
-        if self.is_own_model:
+        """transformers' model, or with several ranks this rank's shard of its stage of kvray's
+        own model, as saved (`execution_plan.prepare_model` then converts its layers)."""
+        # NOTE: the one choice made before the plan: it needs the model the plan is made for.
+        if self.config.world_size > 1:
             return load_rank_model(
                 self.model_path,
                 self.config,
@@ -160,19 +173,6 @@ class ModelWorker:
         )
         # NOTE: through nn.Module's signature: transformers' `to` is typed as a bare wrapper.
         cast(torch.nn.Module, model).to(self.device).eval()
-        # NOTE: not fp32, which stays HF's exactly.
-        if self.dtype != torch.float32:
-            logger.info("fused %d sets of sibling projections", fuse_projections(model))
-        if self.config.quantization == "int8":  # on CPU: checked before loading
-            logger.info("quantized %d linear layers to int8", quantize_linears(model))
-        elif self.config.quantization == "w8a8":  # on CPU: checked before loading
-            logger.info("quantized %d linear layers to w8a8", quantize_linears_w8a8(model))
-        elif can_pack(self.device, self.dtype):
-            counts = pack_linears(model)
-            logger.info(
-                "packed bf16 linear layers: %s",
-                ", ".join(f"{n} for {kernel}" for kernel, n in sorted(counts.items())),
-            )
         logger.info("loaded in %.1fs", time.perf_counter() - start)
         return model
 
@@ -222,6 +222,7 @@ class ModelWorker:
         if self.info is not None:
             return self.info
         cpu_kernels.set_enabled(self.config.cpu_kernels)  # again: the runner asks for its ops
+        release_free_memory()  # what loading freed: the originals of fused and packed layers
         block_bytes = self.kv_spec.bytes_per_block(self.config.block_size)
         min_blocks = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or self._budget_bytes() // block_bytes
@@ -240,7 +241,8 @@ class ModelWorker:
             block_size=self.config.block_size,
             device=self.device,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.plan)
+        self.plan = self.runner.plan
         self._run_dummy_forward(min(self.limits.max_num_batched_tokens, self.max_model_len))
         self._build_decode_graphs()
         if self.config.world_size > 1:
@@ -252,6 +254,7 @@ class ModelWorker:
             for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )
         grammars = self._load_grammars()
+        release_free_memory()  # the dummy forward's activations
         self.info = WorkerInfo(
             model=self.model_path,
             device=devices.device_name(self.device),
@@ -267,7 +270,8 @@ class ModelWorker:
             decode_graph_batch_sizes=tuple(self.runner.graphs.sizes) if self.runner.graphs else (),
             sampling_defaults=self.sampling_defaults,
             can_constrain_output=grammars is not None,
-            implementation=self._implementation(),
+            implementation=self.plan.description,
+            execution_plan=self.plan.as_dict(),
             tensor_parallel_size=self.config.tensor_parallel_size,
             pipeline_parallel_size=self.config.pipeline_parallel_size,
             ranks=(
@@ -279,18 +283,6 @@ class ModelWorker:
                     kv_cache_bytes=self.kv_cache.num_bytes,
                 ),
             ),
-        )
-        logger.info(
-            "execution plan: %s, %s on %s, tensor_parallel_size %d (rank %d), "
-            "pipeline_parallel_size %d (stage %d), decode steps %s",
-            self.info.implementation,
-            self.dtype,
-            self.device,
-            self.config.tensor_parallel_size,
-            self.groups.tensor.rank,
-            self.config.pipeline_parallel_size,
-            self.groups.stage_index,
-            "replayed" if self.runner.graphs else "eager",
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB)",
@@ -317,32 +309,17 @@ class ModelWorker:
     def _build_decode_graphs(self) -> None:
         """Decode steps as replays (workers/decode_graphs.py), where `decode_graphs` asks."""
         assert self.runner is not None
-        if not self._wants_decode_graphs():
-            return
-        if self.runner.decode_kernel is None:
-            logger.info(
-                "decode steps run eagerly: no paged decode kernel for %s on %s",
-                self.dtype,
-                self.device,
-            )
+        if not self.plan.decode_graphs:
+            if self.config.decode_graphs == "on":
+                logger.info(
+                    "decode steps run eagerly: no paged decode kernel for %s on %s",
+                    self.dtype,
+                    self.device,
+                )
             return
         self.runner.build_decode_graphs(self._max_graph_batch(), self.max_model_len)
-
-    def _implementation(self) -> str:
-        """Which code computes the forward (`WorkerInfo.implementation`)."""
-        if self.is_own_model:
-            return f"kvray {type(self.model).__name__}"
-        name = f"transformers {type(self.model).__name__}"
-        assert self.runner is not None
-        if isinstance(self.runner.forward, FamilyForward):
-            return f"{name}, kvray's forward"
-        return name
-
-    def _wants_decode_graphs(self) -> bool:
-        if self.is_own_model:
-            return False  # NOTE: graphs trace transformers' forward (decode_graphs.py)
-        mode = self.config.decode_graphs
-        return mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        if self.runner.graphs is None:  # the build failed and said why: steps stay eager
+            self.plan = self.runner.plan = dataclasses.replace(self.plan, decode_graphs=False)
 
     def _max_graph_batch(self) -> int:
         if self.config.max_graph_batch:
@@ -362,7 +339,7 @@ class ModelWorker:
         self.kv_cache = KVCache(
             self.kv_spec, num_blocks=blocks, block_size=self.config.block_size, device=self.device
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.plan)
         devices.reset_peak_memory(self.device)
         self._run_dummy_forward(num_tokens)
         peak = devices.peak_memory_bytes(self.device)
@@ -372,7 +349,7 @@ class ModelWorker:
         # NOTE: decode graphs are captured after the cache is allocated, and each keeps its
         # logits (4 bytes each: some models return fp32); their activations share one pool,
         # smaller than the profiled prefill's peak.
-        graphs = self._wants_decode_graphs()
+        graphs = self.plan.decode_graphs
         sizes = batch_sizes(self._max_graph_batch(), self.device)
         graph_logits = sum(sizes) * self.vocab_size * 4 * graphs
         budget = int(total * self.config.gpu_memory_utilization) - peak - graph_logits

@@ -1,6 +1,7 @@
 """The benchmark scripts import and parse their arguments (they are not run in CI),
 engine_throughput's pieces that decide what a run prints and how big its baselines are, and
-the routing benchmark's workloads: seeded, shaped as described, and their ideal cache hits."""
+the routing benchmark's workloads: seeded, shaped as described, and their ideal cache hits; the
+structured-answers run's schemas and its reassembly of streamed tool calls."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
             "grammar_workloads.py",
             "load.py",
             "routing_workloads.py",
+            "structured_workloads.py",
         )
     ),
 )
@@ -186,3 +188,135 @@ def test_chat_turns_carry_their_history_as_messages(workloads):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"] == workloads.words(conv.system)
     assert messages[2]["content"] == "an answer" and len(messages[3]["content"].split()) == 1
+
+
+@pytest.fixture(scope="module")
+def answers():
+    return bench_module("structured_answers")
+
+
+@pytest.fixture(scope="module")
+def structured():
+    return bench_module("structured_workloads")
+
+
+def test_structured_answers_cover_every_schema_with_valid_schemas(structured):
+    import jsonschema
+
+    assert len(structured.PROMPTS) == 50 and len(structured.SCHEMAS) == 20
+    assert {name for name, _ in structured.PROMPTS} == set(structured.SCHEMAS)
+    for schema in [*structured.SCHEMAS.values(), *(p for _, p in structured.TOOLS.values())]:
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def fake_stream(chunks: list[dict]):
+    """An `openai` client whose chat.completions.create streams `chunks` (choice dicts)."""
+    from types import SimpleNamespace as NS
+
+    def to_chunk(choice: dict) -> NS:
+        calls = [
+            NS(index=c["index"], function=NS(name=c.get("name"), arguments=c.get("arguments")))
+            for c in choice.get("tool_calls", [])
+        ]
+        delta = NS(content=None, tool_calls=calls or None)
+        return NS(choices=[NS(delta=delta, finish_reason=choice.get("finish_reason"))])
+
+    async def events():
+        for choice in chunks:
+            yield to_chunk(choice)
+
+    async def create(**kwargs):
+        assert kwargs["stream"] is True
+        return events()
+
+    return NS(chat=NS(completions=NS(create=create)))
+
+
+def test_streamed_tool_calls_are_reassembled_by_index(answers):
+    import asyncio
+
+    client = fake_stream([
+        {"tool_calls": [{"index": 0, "name": "get_weather", "arguments": ""}]},
+        {"tool_calls": [{"index": 1, "name": "get_weather", "arguments": '{"city":'}]},
+        {"tool_calls": [{"index": 0, "arguments": '{"city":"Paris",'}]},
+        {"tool_calls": [{"index": 0, "arguments": '"unit":"celsius"}'}]},
+        {"tool_calls": [{"index": 1, "arguments": '"Rome","unit":"kelvin"}'}]},
+        {"finish_reason": "tool_calls"},
+    ])  # fmt: skip
+    mode = answers.Mode(sampled=False, streamed=True)
+    calls, finish = asyncio.run(answers.ask_tools(client, "m", "hi", mode, 0))
+    assert finish == "tool_calls"
+    assert calls == [
+        ("get_weather", '{"city":"Paris","unit":"celsius"}'),
+        ("get_weather", '{"city":"Rome","unit":"kelvin"}'),
+    ]
+    assert answers.tool_call_error(calls[0], "get_weather") == ""
+    assert "kelvin" in answers.tool_call_error(calls[1], None)  # not in the unit's enum
+    assert "not the named" in answers.tool_call_error(calls[0], "book_flight")
+
+
+def test_structured_answers_check_multiple_of_in_decimal(answers):
+    schema = {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.01}
+    assert answers.schema_error("0.07", schema) == ""  # 0.07 / 0.01 is 7.000000000000001
+    assert "multiple of 0.01" in answers.schema_error("0.071", schema)
+    assert "maximum" in answers.schema_error("10.5", schema)
+
+
+def test_host_step_counts_a_nested_phase_only_once():
+    host_step = bench_module("host_step")
+    clock = iter([0.0, 1.0, 3.0, 4.0])  # outer starts, inner starts, inner ends, outer ends
+    phases = host_step.Phases(lambda: next(clock))
+    inner = phases.timed("inner", lambda: None)
+    phases.timed("outer", inner)()
+    assert phases.take() == {"inner": 2.0, "outer": 2.0}
+    assert phases.take() == {}
+
+
+def test_host_step_sampled_mix_covers_every_knob():
+    host_step = bench_module("host_step")
+    mix = [host_step.sampling_params("sampled", i, 8) for i in range(5)]
+    assert {p.is_greedy for p in mix} == {True, False}
+    assert any(p.top_p < 1 for p in mix) and any(p.top_k for p in mix)
+    assert any(p.seed is not None for p in mix) and any(p.repetition_penalty for p in mix)
+    assert all(p.is_greedy for p in (host_step.sampling_params("greedy", i, 8) for i in range(5)))
+
+
+def test_memory_counts_only_the_pages_a_tensor_has_written():
+    import torch
+
+    from kvray.workers.host_memory import lazy_zeros
+
+    memory = bench_module("memory")
+    t = lazy_zeros((4 * 2**20,), torch.uint8)
+    assert not t.any() and memory.resident_bytes(t) == 0  # read: the shared zero page
+    t[: 2**20] = 1
+    assert memory.resident_bytes(t) == 2**20
+    assert memory.resident_bytes(torch.ones(2**20, dtype=torch.uint8)) == 2**20
+
+
+def test_memory_breakdown_leaves_the_rest_of_the_resident_bytes(capsys):
+    memory = bench_module("memory")
+    mib = 2**20
+    run = {"phases": [{"phase": "end", "rss": 1000 * mib, "peak": 1200 * mib}],
+           "imports": 400 * mib, "weights": 250 * mib, "kv_resident": 90 * mib,
+           "kv_cache": 2048 * mib, "malloc_free": 60 * mib, "num_kv_blocks": 5825,
+           "dtype": "torch.bfloat16", "ready_s": 1.0, "requests_s": 2.0}  # fmt: skip
+    memory.print_breakdown({"bf16": run})
+    rows = {line[:28].strip(): line[28:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["resident"] == ["1000"] and rows["rest"] == ["200"]
+    assert rows["KV cache, allocated"] == ["2048"]
+
+
+def test_peers_table_shows_each_systems_memory(capsys):
+    peers = bench_module("peers")
+    gib = 2**30
+    results = {
+        "kvray bf16": {"tokens": 100, "seconds": 1.0, "imported": gib // 4, "peak": gib, "rss": gib},
+        "llama.cpp q4_1": {"tokens": 200, "seconds": 1.0, "imported": gib // 4,
+                           "peak": gib // 2, "rss": gib // 2},
+    }  # fmt: skip
+    peers.print_table("W1 uniform", results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "peak GiB" in lines[2] and "end GiB" in lines[2]
+    assert lines[3].split()[-2:] == ["1.00", "1.00"]
+    assert lines[4].split()[-4:] == ["0.50x", "-", "0.50", "0.50"]

@@ -12,6 +12,7 @@ from kvray.workers.sampler import (
     Sampler,
     SamplingRow,
     apply_min_p,
+    apply_penalties,
     apply_top_k_top_p,
     prepare_sampling_batch,
 )
@@ -39,6 +40,13 @@ def kept(logits: torch.Tensor) -> set[int]:
 def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
     out = apply_top_k_top_p(PROBS.log(), None, torch.tensor([top_p]))
     assert kept(out) == expected
+
+
+def test_top_p_1_keeps_every_token_of_a_wide_vocabulary():
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * 3
+    out = apply_top_k_top_p(logits, None, torch.tensor([1.0, 1.0, 1.0, 0.9]))
+    assert torch.isfinite(out[:3]).all()  # float32 mass past 1 cuts no tail
+    assert not torch.isfinite(out[3]).all()
 
 
 @pytest.mark.parametrize(("top_k", "expected"), [(1, {0}), (2, {0, 1}), (4, {0, 1, 2, 3})])
@@ -134,6 +142,22 @@ def test_frequency_and_presence_penalties_count_output_tokens():
     # The same count in the prompt is not penalised by frequency/presence.
     tokens, _ = sample(logits, [params], token_ids=[[0]])
     assert tokens == [0]
+
+
+def test_penalties_change_only_the_seen_logits_of_penalised_rows():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -0.5], [2.0, -2.0, 1.0, -0.5]])
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0),
+    ]
+    # row 0: prompt [0], output [1, 1]
+    rows = [SamplingRow(params[0], [0, 1, 1], 1), SamplingRow(params[1], [0, 1, 1], 1)]
+    batch = prepare_sampling_batch(rows, vocab_size=4, device=CPU)
+    assert batch.penalties is not None
+    out = apply_penalties(logits.clone(), batch.penalties)
+    # token 0 seen in the prompt: 2 / 2; token 1 twice in the output: -2 * 2 - 0.5 * 2
+    assert out[0].tolist() == [1.0, -5.0, 1.0, -0.5]
+    assert torch.equal(out[1], logits[1])
 
 
 def test_min_tokens_masks_eos_and_stop_ids():

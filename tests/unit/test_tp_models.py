@@ -231,7 +231,9 @@ def test_one_rank_logits_equal_hf_over_the_paged_cache(arch, one_rank, hf_refere
     model = one_rank[arch]
     generated = kvray_greedy(model, prompts(model.config.vocab_size))
     for got, ref in zip(generated, hf_reference[arch]):
-        assert_follows(got, ref)
+        # NOTE: kvray's layers fuse q/k/v and gate/up, so the BLAS sums other shapes: within
+        # 1e-4 (the issue's tolerance); fp32's default (1e-5) failed by 1.8e-5 on an AMX Xeon
+        assert_follows(got, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))

@@ -169,12 +169,7 @@ def test_metrics_show_each_ranks_device_and_bytes():
     [
         ({"pipeline_parallel_size": 0}, "pipeline_parallel_size must be >= 1"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1"),
-        (
-            {"pipeline_parallel_size": 2, "quantization": "int8"},
-            "quantization int8 does not run at tensor_parallel_size 1 x pipeline_parallel_size 2",
-        ),
         ({"pipeline_parallel_size": 2, "model": "fake"}, "pipeline_parallel_size 1 only"),
-        ({"tensor_parallel_size": 2, "quantization": "int8"}, "quantization int8 does not run"),
         ({"tensor_parallel_size": 2, "decode_graphs": "on"}, "decode_graphs on does not run"),
         ({"tensor_parallel_size": 2, "model": "fake"}, "model fake (scripted tokens) runs at"),
     ],
@@ -183,6 +178,11 @@ def test_settings_tensor_parallelism_cannot_run_are_refused_by_name(flags, messa
     with pytest.raises(ValueError) as error:
         load(flags, environ={})
     assert message in str(error.value)
+
+
+def test_int8_is_accepted_with_several_ranks():
+    config = load({"tensor_parallel_size": 2, "quantization": "int8"}, environ={})
+    assert config.engine.worker.quantization == "int8"
 
 
 def test_the_parallel_sizes_come_from_the_environment_too():

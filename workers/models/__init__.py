@@ -43,6 +43,11 @@ class CausalLM(Protocol):
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec: ...
 
+    def use_cpu_ops(self) -> None:
+        """Run norms and rotary embeddings as kvray's C++ ops (bf16 on CPU: bitwise the
+        same); the execution plan decides."""
+        ...
+
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None: ...
 
 

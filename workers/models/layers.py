@@ -13,6 +13,7 @@ transformers' does, op for op.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,16 @@ Shard = str | int | None
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a layer's weights live: its rank in the tensor-parallel group, dtype, device."""
+    """Where a layer's weights live: its rank in the tensor-parallel group, dtype, device.
+
+    `split_unit`: the MLP's intermediate features split over ranks in whole multiples of it
+    where they divide into them (int8's group size: a rank's part of the down projection then
+    holds whole groups of the one-rank layer, quantized to the same values)."""
 
     parallel: ParallelContext
     dtype: torch.dtype
     device: torch.device
+    split_unit: int = 1
 
     def empty(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(
@@ -58,8 +64,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = placement.empty(dim)
         self.eps = eps
+        self.op: Callable[..., torch.Tensor] | None = None  # kvray's C++ op (`use_cpu_ops`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if self.op is not None and x.is_contiguous():  # NOTE: q/k norms get views
+            return self.op(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
@@ -139,14 +148,39 @@ def apply_rotary(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+# An `nn.Linear` -> a module computing the same product from its own copy of the weights
+# (`quantization.Int8Linear`, `packed_linear.PackedLinear`)
+MakeKernel = Callable[[nn.Linear], nn.Module]
+
+
 class _Linear(nn.Module):
-    """`weight` [out_features, in_features] of this rank, `bias` [out_features] or None."""
+    """`weight` [out_features, in_features] of this rank, `bias` [out_features] or None; or,
+    once `use_kernel` moved them, `kernel`, which holds them in its own layout."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, placement: Placement):
         super().__init__()
         self.parallel = placement.parallel
+        self.in_features, self.out_features = in_features, out_features
         self.weight = placement.empty(out_features, in_features)
         self.bias = placement.empty(out_features) if bias else None
+        self.kernel: nn.Module | None = None
+
+    def use_kernel(self, make: MakeKernel, *, with_bias: bool = True) -> None:
+        """Move this rank's weights (and the bias, `with_bias`) into `make`'s module, which
+        computes `matmul` from then on; the plain copies are freed. After loading only."""
+        bias = self.bias if with_bias else None
+        self.kernel = make(_as_linear(self.weight, bias))
+        del self.weight
+        if with_bias:
+            del self.bias
+            self.bias = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features] -> [..., out]
+        """`x @ weight.T + bias`, by the kernel where `use_kernel` chose one (which holds the
+        bias where it was given one)."""
+        if self.kernel is not None:
+            return self.kernel.forward(x)
+        return F.linear(x, self.weight, self.bias)
 
     def param(self, name: str) -> torch.Tensor:
         param = self.weight if name.endswith("weight") else self.bias
@@ -171,13 +205,13 @@ class ColumnParallelLinear(_Linear):
         what: str,
     ) -> None:
         size, rank = placement.parallel.world_size, placement.parallel.rank
-        splits = [split_sizes(n, size, what) for n in output_sizes]
+        splits = [split_sizes(n, size, what, unit=placement.split_unit) for n in output_sizes]
         self.local_sizes = [split[rank] for split in splits]
         self.starts = [sum(split[:rank]) for split in splits]  # in each part of the checkpoint
         super().__init__(in_features, sum(self.local_sizes), bias, placement)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out of this rank]
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x)
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
         part = shard if isinstance(shard, int) else 0
@@ -261,7 +295,7 @@ class QKVParallelLinear(_Linear):
     def forward(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [..., hidden] -> q, k, v [..., width]
-        qkv = F.linear(x, self.weight, self.bias)
+        qkv = self.matmul(x)
         _, k_start, v_start = (start for start, _ in self.bounds.values())
         return qkv[..., :k_start], qkv[..., k_start:v_start], qkv[..., v_start:]
 
@@ -289,16 +323,21 @@ class RowParallelLinear(_Linear):
         input_sizes: list[int] | None = None,
     ) -> None:
         size, rank = placement.parallel.world_size, placement.parallel.rank
-        parts = input_sizes or split_sizes(in_features, size, what)
+        parts = input_sizes or split_sizes(in_features, size, what, unit=placement.split_unit)
         assert len(parts) == size and sum(parts) == in_features, (parts, in_features)
         self.start = sum(parts[:rank])  # this rank's first input feature
         super().__init__(parts[rank], out_features, bias, placement)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in of this rank] -> [..., out]
         if self.parallel.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+            return self.matmul(x)
+        # NOTE: the bias is added once, after the sum (`use_kernel` leaves it out of a kernel)
+        partial = F.linear(x, self.weight) if self.kernel is None else self.kernel.forward(x)
+        y = self.parallel.all_reduce(partial)
         return y if self.bias is None else y + self.bias
+
+    def use_kernel(self, make: MakeKernel, *, with_bias: bool = True) -> None:
+        super().use_kernel(make, with_bias=with_bias and self.parallel.world_size == 1)
 
     def load_weight(self, name: str, weight: Weight, shard: Shard = None) -> None:
         if self.bias is not None and name.endswith("bias"):
@@ -348,8 +387,41 @@ class ParallelLMHead(_VocabParallel):
     computes its part of the vocabulary's logits; one all-gather gives every rank all of them,
     so any rank can sample."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, placement: Placement) -> None:
+        super().__init__(vocab_size, hidden_size, placement)
+        self.kernel: nn.Module | None = None
+
+    def use_kernel(self, make: MakeKernel) -> None:
+        """As `_Linear.use_kernel`. A tied weight stays the embedding's: the kernel's is a copy
+        in its own layout (as `quantize_linears` and `pack_linears` do at one rank)."""
+        self.kernel = make(_as_linear(self.weight, None))
+        del self.weight
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [1, k, hidden] -> [1, k, vocab]
-        logits = F.linear(h, self.weight)
+        logits = F.linear(h, self.weight) if self.kernel is None else self.kernel(h)
         if self.parallel.world_size == 1:
             return logits
         return self.parallel.all_gather(logits, dim=-1)[..., : self.vocab_size]
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An `nn.Linear` holding `weight` [out, in] and `bias` (no copy), for a kernel's maker."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+def use_kernels(model: nn.Module, make: MakeKernel, *, can_use: Callable[[int], bool]) -> int:
+    """Move the weights of every linear layer of `model` (this rank's shards, the output
+    layer's included) whose input width `can_use` accepts into `make`'s modules; returns how
+    many. The embedding keeps its plain weights (a lookup, not a product)."""
+    layers = [m for m in model.modules() if isinstance(m, _Linear | ParallelLMHead)]
+    count = 0
+    for layer in layers:
+        if can_use(layer.weight.shape[1]):
+            layer.use_kernel(make)
+            count += 1
+    return count

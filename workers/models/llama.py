@@ -10,12 +10,13 @@ Qwen3: the layers `layer_types` names). Attention is the worker's paged attentio
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from kvray.workers import cpu_kernels
 from kvray.workers.attention import paged_attention_forward
 from kvray.workers.kv_cache import KVCacheSpec
 from kvray.workers.models.layers import (
@@ -87,21 +88,24 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, placement)
         self.scaling = self.head_dim**-0.5
         self.sliding_window = _sliding_window(config, layer_idx)
+        self.rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_rotary
 
+    # NOTE: submodules are called by their `forward` here and below, not `nn.Module.__call__`
+    # (no hooks on kvray's own modules): a decode step's Python time is most of its time on CPU.
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:  # h [1, n, hidden], cos/sin [1, n, head_dim] -> [1, n, hidden]
         shape = h.shape[:-1]
         heads = (*shape, -1, self.head_dim)
-        q, k, v = (x.view(heads) for x in self.qkv_proj(h))  # [1, n, this rank's heads, dim]
+        q, k, v = (x.view(heads) for x in self.qkv_proj.forward(h))  # [1, n, rank's heads, dim]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         out, _ = paged_attention_forward(
             self, q, k, v.transpose(1, 2), None,
             scaling=self.scaling, sliding_window=self.sliding_window,
         )  # fmt: skip
-        return self.o_proj(out.reshape(*shape, -1))
+        return self.o_proj.forward(out.reshape(*shape, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -120,8 +124,8 @@ class LlamaMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [1, n, hidden] -> [1, n, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
+        return self.down_proj.forward(self.act.forward(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -134,8 +138,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, placement)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.self_attn.forward(self.input_layernorm.forward(h), cos, sin)
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
 
 
 class LlamaModel(nn.Module):
@@ -175,8 +179,8 @@ class LlamaModel(nn.Module):
             h = self.stage.links.receive_hidden((*input_ids.shape, self.hidden_size), self.dtype)
         cos, sin = self.rotary_emb(positions, h.dtype)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        return h if self.norm is None else self.norm(h)
+            h = layer.forward(h, cos, sin)
+        return h if self.norm is None else self.norm.forward(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -223,6 +227,17 @@ class LlamaForCausalLM(nn.Module):
         elif keep:
             h = h[:, -keep:, :]
         return self.lm_head(h)
+
+    def use_cpu_ops(self) -> None:
+        """Norms and rotary embeddings as kvray's C++ ops (bf16 on CPU, bitwise the torch
+        functions: `llama_family.can_use_cpu_ops`); the execution plan decides."""
+        rotate, norm = cpu_kernels.rotary_embedding(), cpu_kernels.rms_norm()
+        assert rotate is not None and norm is not None, "the plan chose ops that are not built"
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.op = norm
+            elif isinstance(module, LlamaAttention):
+                module.rotate = rotate
 
     def kv_cache_spec(self, dtype: torch.dtype) -> KVCacheSpec:
         """This rank's KV cache: its stage's layers, its own key/value heads (one where they

@@ -94,11 +94,14 @@ def shard_size(total: int, world_size: int, what: str) -> int:
     return total // world_size
 
 
-def split_sizes(total: int, world_size: int, what: str) -> list[int]:
+def split_sizes(total: int, world_size: int, what: str, *, unit: int = 1) -> list[int]:
     """`total` in `world_size` contiguous parts, rank order, as even as possible: the first
     `total % world_size` ranks take one more (1536 over 2: 768 and 768; 3 over 2: 2 and 1). Where
-    they divide, every part is `shard_size`'s. A ValueError, naming `what` and
-    tensor_parallel_size, where a rank would get nothing."""
+    they divide, every part is `shard_size`'s. With a `unit` that divides `total` into at least
+    `world_size` parts, whole units are split instead (96 in units of 32 over 2: 64 and 32).
+    A ValueError, naming `what` and tensor_parallel_size, where a rank would get nothing."""
+    if unit > 1 and total % unit == 0 and total // unit >= world_size:
+        return [n * unit for n in split_sizes(total // unit, world_size, what)]
     if total < world_size:
         raise ValueError(
             f"{what} ({total}) is smaller than tensor_parallel_size ({world_size}): a rank would "

@@ -217,7 +217,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "has_tokenizer", "dtype", "has_chat_template", "quantization", "decode_graph_batch_sizes", "sampling_defaults", "implementation", "tensor_parallel_size", "pipeline_parallel_size", "ranks")
+    __slots__ = ("model", "max_model_len", "vocab_size", "eos_token_ids", "has_tokenizer", "dtype", "has_chat_template", "quantization", "decode_graph_batch_sizes", "sampling_defaults", "implementation", "tensor_parallel_size", "pipeline_parallel_size", "ranks", "execution_plan")
     class SamplingDefaultsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,13 @@ class ModelInfo(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ExecutionPlanEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +246,7 @@ class ModelInfo(_message.Message):
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PLAN_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     vocab_size: int
@@ -253,7 +261,8 @@ class ModelInfo(_message.Message):
     tensor_parallel_size: int
     pipeline_parallel_size: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., quantization: _Optional[str] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., implementation: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ...) -> None: ...
+    execution_plan: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., quantization: _Optional[str] = ..., decode_graph_batch_sizes: _Optional[_Iterable[int]] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., implementation: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., execution_plan: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RankInfo(_message.Message):
     __slots__ = ("rank", "device", "node", "weights_bytes", "kv_cache_bytes")

@@ -1,0 +1,177 @@
+"""int8 weight-only layers on tensor-parallel shards (workers/models/ with `quantization: int8`):
+two ranks (two processes, gloo, fp32) follow one rank's int8 model, each rank holds half of
+its int8 bytes, and a rank's part of a row-parallel layer quantizes to the one-rank layer's
+values. One spawn of two ranks serves the whole module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from kvray.workers import execution_plan as plans
+from kvray.workers.config import WorkerConfig
+from kvray.workers.models import load_model
+from kvray.workers.models.layers import Placement
+from kvray.workers.models.loader import checkpoint_weights
+from kvray.workers.models.parallel import SINGLE_RANK, init_process_group, split_sizes
+from kvray.workers.quantization import GROUP_SIZE, Int8Linear, quantize_linears
+from kvray.workers.tensor_parallel import split_unit
+from tests.unit.test_tp_models import assert_follows, hf_greedy, kvray_greedy, prompts
+
+CPU = torch.device("cpu")
+INT8 = WorkerConfig(quantization="int8", tensor_parallel_size=2)
+# Every split on whole groups of 32 input features: head_dim 32 (o_proj: 2 heads a rank),
+# intermediate 160 (5 groups: 96 and 64 columns a rank), hidden 64 (2 groups). Biases on every
+# layer: a row-parallel layer's is added once, after the all-reduce, not in each rank's kernel.
+SHAPE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+    initializer_range=0.2,  # top logits well apart: greedy tokens do not hinge on rounding
+)  # fmt: skip
+# The layers whose weights the ranks split, as named in kvray's model
+SPLIT = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+def build_hf() -> Any:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SHAPE, attention_bias=True, mlp_bias=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms start at ones and biases at zeros, which would hide them
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def int8_model(config: Any, weights: Any, parallel: Any) -> Any:
+    """kvray's model of one rank, int8 as the worker prepares it (`execution_plan`)."""
+    placement = Placement(parallel, torch.float32, CPU, split_unit(INT8))
+    model = load_model(config, weights, placement)
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.float32, settings=INT8)
+    plans.prepare_model(model, plan)
+    return model
+
+
+def int8_layers(model: Any) -> dict[str, tuple[int, torch.Tensor]]:
+    """Each int8 layer's weight bytes (int8 values and scales; not its bias, which a
+    row-parallel layer keeps whole) and dequantized weight [out, in], by its module's name."""
+    layers = {}
+    for name, module in model.named_modules():
+        if type(module) is Int8Linear:
+            size = sum(b.numel() * b.element_size() for b in (module.weight_int8, module.scale))
+            layers[name.removesuffix(".kernel")] = (size, module.weight)
+    return layers
+
+
+def _rank_main(rank: int, init_file: str, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    parallel = init_process_group(
+        rank=rank, world_size=2, init_method=f"file://{init_file}", device=CPU
+    )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        model = int8_model(config, checkpoint_weights(folder), parallel)
+        result = {"generated": kvray_greedy(model, prompts(config.vocab_size)),
+                  "layers": int8_layers(model)}  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf() -> Any:
+    return build_hf()
+
+
+@pytest.fixture(scope="module")
+def one_rank(hf: Any) -> Any:
+    return int8_model(hf.config, hf.state_dict().items(), SINGLE_RANK)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(hf: Any, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    root = tmp_path_factory.mktemp("tp-int8")
+    hf.save_pretrained(root / "model")
+    mp.spawn(_rank_main, args=(str(root / "init"), str(root / "model"), str(root)), nprocs=2)
+    return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_one_rank_int8_follows_transformers_int8(hf, one_rank):
+    """The same int8 weights as `quantize_linears` gives transformers' model (per output row,
+    so fusing q/k/v and gate/up changes none)."""
+    quantized = build_hf()
+    quantize_linears(quantized)
+    for got, ref in zip(kvray_greedy(one_rank, prompts(128)),
+                        (hf_greedy(quantized, p) for p in prompts(128))):  # fmt: skip
+        assert_follows(got, ref, atol=1e-5)
+
+
+def test_two_int8_ranks_follow_one_int8_rank(one_rank, two_ranks):
+    """Each rank's int8 values are the one-rank model's (see the next test): what differs is
+    only where the partial sums are added (fp32, all-reduced), so 1e-4 on log-probabilities,
+    the fp32 tensor-parallel tests' tolerance."""
+    first, second = (rank["generated"] for rank in two_ranks)
+    single = kvray_greedy(one_rank, prompts(128))
+    for got, other, alone in zip(first, second, single):
+        assert got[0] == other[0]
+        assert_follows(got, alone, atol=1e-4)
+
+
+def test_each_rank_quantizes_its_shard_to_the_one_rank_layers_values(one_rank, two_ranks):
+    """Column-parallel layers keep whole output rows; row-parallel ones split their inputs at
+    group boundaries (`Placement.split_unit`), so every group, and its scale, is the same."""
+    whole = int8_layers(one_rank)
+    assert {name.rpartition(".")[2] for name in whole} == set(SPLIT)
+    for name, (_, weight) in whole.items():
+        parts = [rank["layers"][name][1] for rank in two_ranks]
+        if name.endswith(("o_proj", "down_proj")):  # inputs split
+            expected = list(weight.tensor_split([parts[0].shape[1]], dim=1))
+        else:  # outputs split, each part of a fused layer on its own
+            expected = [torch.cat(rows) for rows in zip(*(
+                section.split(sizes) for section, sizes in _column_parts(name, weight)
+            ))]  # fmt: skip
+        for part, want in zip(parts, expected):
+            assert torch.equal(part, want), name
+
+
+def _column_parts(name: str, weight: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
+    """The parts of a column-parallel layer's one-rank weight, each with its rank split."""
+    if name.endswith("qkv_proj"):  # 2 query heads and 1 key/value head a rank
+        return list(zip(weight.split([128, 64, 64]), [[64, 64], [32, 32], [32, 32]]))
+    if name.endswith("gate_up_proj"):
+        return [(part, [96, 64]) for part in weight.chunk(2)]
+    return [(weight, [64, 64])]  # the vocabulary
+
+
+def test_each_rank_holds_half_of_the_int8_bytes_of_the_split_layers(one_rank, two_ranks):
+    whole = int8_layers(one_rank)
+    for name, (size, _) in whole.items():
+        if ".mlp." in name:  # 160 intermediate features: 96 and 64, whole groups each
+            assert [rank["layers"][name][0] for rank in two_ranks] != [size // 2] * 2
+            assert sum(rank["layers"][name][0] for rank in two_ranks) == size
+            continue
+        for rank in two_ranks:
+            assert rank["layers"][name][0] * 2 == size, name
+
+
+def test_int8_splits_intermediate_features_in_whole_groups():
+    assert split_sizes(160, 2, "intermediate_size", unit=GROUP_SIZE) == [96, 64]
+    assert split_sizes(1536, 2, "intermediate_size", unit=GROUP_SIZE) == [768, 768]  # SmolLM2
+    assert split_sizes(95, 2, "intermediate_size", unit=GROUP_SIZE) == [48, 47]  # no groups
