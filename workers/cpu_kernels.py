@@ -3,12 +3,12 @@
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
 `rotary_embedding()`, `rms_norm()`, `decode_layers()`, `int8_panel()` and `w8a8()` return the
 compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler, for
-`bf16_linear` a CPU without AVX512-BF16, for `w8a8` one without AVX2) or are turned off (the worker's `cpu_kernels` setting,
-passed to `set_enabled`); callers then keep their torch path, which gives the same results
-(or, for bf16, oneDNN's) more slowly. The build goes through `torch.utils.cpp_extension`: it
-takes ~40 s (2 cores) once per machine and source version, then loads from
-`TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) in well under a second. Workers
-build it while loading or warming up, so no step waits for a compiler.
+`bf16_linear` a CPU without AVX512-BF16, for `w8a8` one without AVX2) or are turned off (the
+worker's `cpu_kernels` setting, passed to `set_enabled`); callers then keep their torch path,
+which gives the same results (or, for bf16, oneDNN's) more slowly. The build goes through
+`torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine and source version, then
+loads from `TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) in well under a second.
+Workers build it while loading or warming up, so no step waits for a compiler.
 """
 
 from __future__ import annotations
@@ -118,17 +118,20 @@ def int8_panel() -> Int8Panel | None:
 class W8a8(NamedTuple):
     """csrc/w8a8_linear.cpp, int8 weights times activations quantized to int8 on the fly:
     `linear(x, packed, scales, out_features, bias)` (weights in its panels, see
-    workers/w8a8.py `to_panels`) and `quantize(x)` (the activations as it quantizes them)."""
+    workers/w8a8.py `to_panels`), `quantize(x)` (the activations as it quantizes them) and
+    `isa`, the path this build runs ("avx512-vnni" or "avx2")."""
 
     linear: Callable[..., torch.Tensor]
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    isa: str
 
 
 def w8a8() -> W8a8 | None:
     """The ops, or None where they were not built or the build does not target AVX2 + FMA."""
     if not _ready() or not hasattr(torch.ops.kvray, "w8a8_linear"):
         return None
-    return W8a8(torch.ops.kvray.w8a8_linear, torch.ops.kvray.w8a8_quantize)
+    ops = torch.ops.kvray
+    return W8a8(ops.w8a8_linear, ops.w8a8_quantize, ops.w8a8_isa())
 
 
 class Bf16Linear(NamedTuple):
@@ -219,7 +222,7 @@ def _register_fakes() -> None:
             for x in (q, k)
         )
     )
-    if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 ops
+    if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 (or AVX512-VNNI) ops
         fake("kvray::w8a8_linear")(
             lambda x, packed, scales, out_features, bias: x.new_empty((x.shape[0], out_features))
         )

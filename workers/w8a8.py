@@ -3,7 +3,7 @@
 The weights are `quantize_int8`'s (int8, one bf16 scale per group of 32 inputs of an output
 feature); each call quantizes its activations the same way, per row and group of 32, with an
 fp32 scale (llama.cpp's Q8_0 x Q8_0), and multiplies 8-bit integers: csrc/w8a8_linear.cpp where
-it is built (AVX2), else `reference_linear`, the same math in torch ops. Weight-only int8
+it is built (AVX512-VNNI, or AVX2), else `reference_linear`, the same math in torch ops. Weight-only int8
 (workers/quantization.py) keeps the activations exact and widens the weights instead.
 """
 
@@ -25,8 +25,8 @@ class Int8ActLinear(nn.Module):
     quantized to int8 at every call. CPU only: the constructor refuses other devices. Where the
     kernel is built, the weights are kept in its panels (`to_panels`), else in rows."""
 
-    weight_int8: torch.Tensor  # rows: [out, in]; panels: [ceil(out / 8), in / 4, 8, 4]
-    scale: torch.Tensor  # rows: bf16 [out, in / GROUP_SIZE]; panels: fp32 [panels, in / 32, 8]
+    weight_int8: torch.Tensor  # rows: [out, in]; panels: [ceil(out / 16), in / 4, 16, 4]
+    scale: torch.Tensor  # rows: bf16 [out, in / GROUP_SIZE]; panels: fp32 [panels, in / 32, 16]
     bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -69,14 +69,14 @@ class Int8ActLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-PANEL = 8  # output features per panel of csrc/w8a8_linear.cpp: one 32-bit lane each
+PANEL = 16  # output features per panel of csrc/w8a8_linear.cpp: one 32-bit lane each
 QUAD = 4  # inputs per lane
 
 
 def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_int8`'s rows as the kernel's panels: int8 [panels, in / 4, 8, 4] (quad row q
-    of a panel holds its 8 features' weights for inputs 4q .. 4q + 3) and fp32 scales
-    [panels, in / GROUP_SIZE, 8]; out_features padded to whole panels with zero weights."""
+    """`quantize_int8`'s rows as the kernel's panels: int8 [panels, in / 4, 16, 4] (quad row q
+    of a panel holds its 16 features' weights for inputs 4q .. 4q + 3) and fp32 scales
+    [panels, in / GROUP_SIZE, 16]; out_features padded to whole panels with zero weights."""
     pad = -weight.shape[0] % PANEL
     weight = F.pad(weight, (0, 0, 0, pad))
     scale = F.pad(scale.float(), (0, 0, 0, pad))

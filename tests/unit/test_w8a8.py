@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvray.workers import cpu_kernels
+from kvray.workers.device import cpu_flags
 from kvray.workers.quantization import quantize_int8
 from kvray.workers.w8a8 import (
     Int8ActLinear,
@@ -23,6 +24,11 @@ def kernel() -> cpu_kernels.W8a8:
     if ops is None:
         pytest.skip("needs kvray's CPU kernels built for AVX2 (csrc/w8a8_linear.cpp)")
     return ops
+
+
+def test_the_build_takes_the_vnni_path_where_the_cpu_has_it():
+    expected = "avx512-vnni" if "avx512_vnni" in cpu_flags() else "avx2"
+    assert kernel().isa == expected
 
 
 def test_activations_round_to_the_nearest_step_of_their_group():
@@ -58,8 +64,9 @@ SHAPES = [(960, 576), (576, 576), (192, 576), (3072, 576), (576, 1536), (577, 64
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_the_kernel_equals_the_torch_reference(shape, dtype):
     """Each group's int32 dot is exact on both paths; the kernel then sums the groups' scaled
-    dots in fp32 in another order (8 lanes, reduced last) than torch's: fp32 outputs agree to
-    a few ulps of the sum's magnitude, bf16 ones to one bf16 rounding."""
+    dots in fp32 in another order (with FMAs) than torch's: fp32 outputs agree to a few ulps of
+    the sum's magnitude, bf16 ones to one bf16 rounding. The rows cover whole tiles and every
+    remainder (AVX512-VNNI: 4 rows, AVX2: 2), the shapes an odd last panel and a padded one."""
     ops = kernel()
     torch.manual_seed(shape[0] + shape[1])
     out_features, in_features = shape
@@ -73,6 +80,24 @@ def test_the_kernel_equals_the_torch_reference(shape, dtype):
             assert got.dtype == dtype and got.shape == (rows, out_features)
             tol = 1e-5 if dtype == torch.float32 else 8e-3
             torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def test_the_largest_products_neither_saturate_nor_overflow():
+    """Weights and activations at +-127 (the AVX2 path's s16 pairs at their bound, the VNNI
+    path's unsigned operand at 255), and one row and feature where every product is +127^2:
+    the kernel still equals the reference."""
+    ops = kernel()
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randint(0, 2, (48, 256), generator=g).to(torch.int8) * 2 - 1
+    weight *= 127
+    weight[0] = 127
+    scale = torch.full((48, 8), 0.01, dtype=torch.bfloat16)
+    x = torch.randint(0, 2, (5, 256), generator=g).float() * 2 - 1
+    x[0] = 1.0  # quantized to 127 throughout, with a scale of 1 / 127
+    got = ops.linear(x, *to_panels(weight, scale), 48, None)
+    torch.testing.assert_close(got, reference_linear(x, weight, scale, None), atol=1e-5, rtol=1e-5)
+    expected = 8 * 32 * 127 * 127 * (1 / 127) * scale[0, 0].item()  # 8 groups of 32
+    assert got[0, 0].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_reference_is_the_float_product_to_within_the_rounding_of_both():
@@ -115,9 +140,10 @@ def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
 def test_panels_hold_the_same_weights_as_rows():
     weight, scale = quantize_int8(torch.randn(577, 64))  # 577 features: a padded last panel
     packed, packed_scale = to_panels(weight, scale)
-    assert packed.shape == (73, 16, 8, 4) and packed_scale.shape == (73, 2, 8)
-    assert torch.equal(packed[1, 2, 3], weight[8 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
-    assert torch.all(packed[72, :, 1:] == 0)  # the padding
+    assert packed.shape == (37, 16, 16, 4) and packed_scale.shape == (37, 2, 16)
+    assert torch.equal(packed[1, 2, 3], weight[16 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
+    assert torch.equal(packed_scale[1, 1, 3], scale[16 + 3, 1].float())
+    assert torch.all(packed[36, :, 1:] == 0)  # the padding
     got_weight, got_scale = from_panels(packed, packed_scale, 577)
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
 

@@ -11,36 +11,47 @@
 //   y[m, n] = bias[n] + sum_g  xs[m, g] * ws[n, g] * sum_{k in g} xq[m, k] * wq[n, k]
 //
 //   x       [rows, in_features]                   bf16 or fp32
-//   packed  [panels, in_features / 4, 8, 4]       int8 in [-127, 127]: quantize_int8's rows in
-//                                                 panels of 8 output features, each quad row
-//                                                 the 8 features' weights for 4 inputs
+//   packed  [panels, in_features / 4, 16, 4]      int8 in [-127, 127]: quantize_int8's rows in
+//                                                 panels of 16 output features, each quad row
+//                                                 the 16 features' weights for 4 inputs
 //                                                 (out_features padded with zeros; see
 //                                                 `to_panels` in workers/w8a8.py)
-//   scales  [panels, in_features / 32, 8]         fp32, the weights' bf16 group scales
+//   scales  [panels, in_features / 32, 16]        fp32, the weights' bf16 group scales
 //   bias    [out_features] or None                any float dtype, added in fp32
 // in_features a multiple of 32. Returns [rows, out_features] in x's dtype.
 //
-// AVX2 (what this kernel is built for): a row's 4 inputs of a quad are broadcast against a
-// panel's quad row (32 bytes: 8 features x 4 inputs), `vpmaddubsw` (u8 x s8 -> s16 pairs) and
-// `vpmaddwd` with ones (-> s32 quads) give each feature's 4 products in its own s32 lane; the
-// group's 8 quads are summed in those lanes, converted and multiplied by both scales into fp32
-// lanes once per group, and the lanes are the outputs: no reduction across lanes. Signs as in
-// llama.cpp: |x| as the unsigned operand and x's sign moved onto the weights (`vpsignb`), so
-// no s16 sum can saturate (at most 2 * 127 * 127). A tile is 2 rows x 2 panels (4 s32 and 4
-// fp32 accumulators of the 16 registers).
-// NOTE: the group sums are exact; the fp32 sum over the groups runs in the kernel's order (with
-// FMAs), the torch reference's in torch's: equal to fp32 rounding, not bit for bit.
+// Each feature's products land in its own 32-bit lane: a row's 4 inputs of a quad are broadcast
+// against a panel's quad row (64 bytes: 16 features x 4 inputs), the group's 8 quads are summed
+// in s32 lanes, converted and multiplied by both scales into fp32 lanes once per group, and the
+// lanes are the outputs: no reduction across lanes. One layout for both paths:
 //
-// Where AVX512-VNNI exists (not built here: the machines this was written and measured on lack
-// it), `_mm512_dpbusd_epi32` does vpmaddubsw + vpmaddwd + the s32 add in one instruction on
-// twice the width (16 features per panel, or two panels), and saturates nothing, so the sign
-// trick would stay only for the unsigned operand: 2 instructions per 64 products against 4
-// per 32 here. AMX-INT8 (`_tile_dpbssd`: signed x signed, no sign trick) multiplies a 16-row x
-// 64-input tile of activations by a 64 x 16-feature tile of weights (this quad layout, 16
-// features wide) per instruction into s32, for prompt chunks and big batches; the per-group
-// scales would then be applied after each 32-input half (two tile products per 64 inputs).
-// Both would be checked at start as AVX512-BF16 is (a compile-time `#if defined(__AVX512VNNI__)`
-// beside this path, as int8_panel.cpp does for AVX512-BF16).
+// AVX512-VNNI (`#if defined(__AVX512VNNI__)`; cpu_kernels.py builds with -march=native): one
+// `vpdpbusd` (u8 x s8, quads summed into s32, nothing saturates) per row and panel per quad.
+// Its first operand is unsigned, so the weights are read as w + 128 (one xor a panel's quad
+// row, shared by the tile's rows) against the signed activations, and each group's sum starts
+// at -128 * (the row's sum of that group's int8 activations), computed while quantizing: the
+// exact dot again. A tile is 4 rows x 2 panels (8 s32 and 8 fp32 accumulators of 32).
+//
+// AVX2 + FMA: a panel is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
+// `vpmaddwd` with ones (-> s32 quads), with llama.cpp's signs: |x| as the unsigned operand and
+// x's sign moved onto the weights (`vpsignb`), so no s16 sum can saturate (at most
+// 2 * 127 * 127). A tile is 2 rows x 1 panel (4 s32 and 4 fp32 accumulators of 16).
+//
+// NOTE: the group sums are exact on both paths; the fp32 sum over the groups runs in the
+// kernel's order (with FMAs), the torch reference's in torch's: equal to fp32 rounding, not bit
+// for bit.
+//
+// Not done: AMX-INT8 for prompt chunks and big batches. `_tile_dpbssd` (signed x signed: no
+// offset) multiplies a 16-row x 64-byte tile of activations by a 16 x 64-byte tile of weights
+// (this layout's quad rows, 16 features wide: 16 quad rows of a panel are one B tile) into a
+// 16 x 16 s32 tile. What it needs beyond this file: a group is 32 inputs, half a tile's depth,
+// so either K tiles of 32 bytes (8 quad rows: half the work per instruction) or the two groups'
+// products kept apart (two C tiles per 64 inputs, scaled after each); `_tile_stored` of the C
+// tiles to memory and the scaling there (no register lanes as above); the tile configuration
+// (`_tile_loadconfig`, 64-byte palette) per thread; on Linux the arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA) request before the first tile instruction, once per process; a row
+// threshold (AMX pays off only from ~16 rows) with this path below it; and tests for the
+// remainder rows of a tile. oneDNN's brgemm does all of this for bf16 already (BF16_ONEDNN).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -49,6 +60,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 
 #include "vec.h"
@@ -60,10 +72,18 @@ namespace {
 
 using kvray::with_rows;
 
-constexpr int64_t kGroup = 32;    // inputs per scale, weights' and activations' alike
-constexpr int kTileRows = 2;      // rows per tile: kTileRows x 2 panels, s32 and fp32 sums
-constexpr int64_t kPanel = 8;     // output features per panel: one s32 or fp32 lane each
-constexpr int64_t kChunk = 64;    // output features whose weights stay in L2 across row tiles
+#if defined(__AVX512VNNI__)
+constexpr bool kVnni = true;
+constexpr int kTileRows = 4;    // rows per tile
+constexpr int kTilePanels = 2;  // panels per tile
+#else
+constexpr bool kVnni = false;
+constexpr int kTileRows = 2;
+constexpr int kTilePanels = 1;
+#endif
+constexpr int64_t kGroup = 32;  // inputs per scale, weights' and activations' alike
+constexpr int64_t kPanel = 16;  // output features per panel: one s32 or fp32 lane each
+constexpr int64_t kChunk = 64;  // output features whose weights stay in L2 across row tiles
 
 // 8 bf16 values widened to fp32 (exact).
 inline __m256 load_bf16x8(const c10::BFloat16* p) {
@@ -87,23 +107,27 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
-// The activations, quantized: int8 values, their magnitudes (the unsigned operand) and one fp32
-// scale per group, each [rows, ...] row-major.
+// The activations, quantized, each [rows, ...] row-major: int8 values and one fp32 scale per
+// group, and what the path multiplies by: AVX2 the magnitudes (its unsigned operand), VNNI
+// each group's offset, -128 x its values' sum (its sums start there).
 struct QuantizedRows {
-  at::Tensor q, magnitude, scale;  // int8 [rows, in]; uint8 [rows, in]; fp32 [rows, in / 32]
+  at::Tensor q, scale;  // int8 [rows, in]; fp32 [rows, in / 32]
+  at::Tensor magnitude;  // AVX2: uint8 [rows, in]
+  at::Tensor offset;     // VNNI: int32 [rows, in / 32]
 };
 
 // One group of 32 inputs: amax / 127 as its scale, round(x * (127 / amax)) as its values.
 // NOTE: the same fp32 operations as the torch reference, in the same order, so bit for bit.
 template <typename T>
-inline void quantize_group(const T* x, int8_t* q, uint8_t* magnitude, float* scale) {
+inline void quantize_group(const T* x, int8_t* q, float* scale, uint8_t* magnitude,
+                           int32_t* offset) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -122,23 +146,35 @@ inline void quantize_group(const T* x, int8_t* q, uint8_t* magnitude, float* sca
   const __m256i ordered =
       _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(magnitude), _mm256_sign_epi8(ordered, ordered));
+  if constexpr (kVnni) {
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+    *offset = -128 * hsum_epi32(sum);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(magnitude), _mm256_sign_epi8(ordered, ordered));
+  }
 }
 
 template <typename T>
 QuantizedRows quantize_rows(const at::Tensor& x) {
   const int64_t rows = x.size(0), in = x.size(1), groups = in / kGroup;
   const at::Tensor xc = x.contiguous();
-  QuantizedRows out{at::empty({rows, in}, x.options().dtype(at::kChar)),
-                    at::empty({rows, in}, x.options().dtype(at::kByte)),
-                    at::empty({rows, groups}, x.options().dtype(at::kFloat))};
+  QuantizedRows out;
+  out.q = at::empty({rows, in}, x.options().dtype(at::kChar));
+  out.scale = at::empty({rows, groups}, x.options().dtype(at::kFloat));
+  if constexpr (kVnni) {
+    out.offset = at::empty({rows, groups}, x.options().dtype(at::kInt));
+  } else {
+    out.magnitude = at::empty({rows, in}, x.options().dtype(at::kByte));
+  }
   const T* xp = xc.data_ptr<T>();
   int8_t* q = out.q.data_ptr<int8_t>();
-  uint8_t* mag = out.magnitude.data_ptr<uint8_t>();
   float* s = out.scale.data_ptr<float>();
+  uint8_t* mag = kVnni ? nullptr : out.magnitude.data_ptr<uint8_t>();
+  int32_t* off = kVnni ? out.offset.data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      quantize_group(xp + g * kGroup, q + g * kGroup, mag + g * kGroup, s + g);
+      quantize_group(xp + g * kGroup, q + g * kGroup, s + g, kVnni ? nullptr : mag + g * kGroup,
+                     kVnni ? off + g : nullptr);
     }
   });
   return out;
@@ -146,64 +182,116 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
 
 struct Layer {
   int64_t rows, in, out, groups;
-  const int8_t* xq;
-  const uint8_t* xmag;
-  const float* xs;      // [rows, groups]
-  const int8_t* w;      // [panels, in / 4, 8, 4]
-  const float* ws;      // [panels, groups, 8]
-  const float* bias;    // fp32 or nullptr
+  const int8_t* xq;        // [rows, in]
+  const uint8_t* xmag;     // AVX2: [rows, in]
+  const int32_t* xoffset;  // VNNI: [rows, groups]
+  const float* xs;         // [rows, groups]
+  const int8_t* w;         // [panels, in / 4, 16, 4]
+  const float* ws;         // [panels, groups, 16]
+  const float* bias;       // fp32 or nullptr
 
   const int8_t* panel(int64_t p) const { return w + p * in * kPanel; }
+  const float* panel_scales(int64_t p, int64_t g) const { return ws + (p * groups + g) * kPanel; }
+  int32_t quad(const int8_t* values, int64_t m, int64_t k) const {  // 4 inputs from k
+    int32_t v;
+    std::memcpy(&v, values + m * in + k, 4);
+    return v;
+  }
 };
 
-// kRows rows (from m0) x kPanels panels (from p0): per group, each quad of inputs (4 bytes,
-// broadcast) times the panel's 8 features' quads, summed in s32 lanes (one per feature) over
-// the group's 8 quads, then converted and scaled into fp32 lanes once per group.
-template <int kRows, int kPanels>
-inline void tile(const Layer& L, int64_t m0, int64_t p0, __m256 (&acc)[kRows][kPanels]) {
-  const __m256i ones = _mm256_set1_epi16(1);
+// Row m's 16 sums of panel p (fp32 lanes, in order) into `out`, plus the bias; the padding of
+// the last panel is dropped.
+template <typename T>
+inline void store(const Layer& L, int64_t m, int64_t p, const float* sums, T* out) {
+  const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
+  for (int64_t f = 0; f < count; ++f) {
+    out[m * L.out + n0 + f] = static_cast<T>(sums[f] + (L.bias ? L.bias[n0 + f] : 0.0f));
+  }
+}
+
+#if defined(__AVX512VNNI__)
+// kRows rows (from m0) x kPanels panels (from p0), one zmm of 16 features a row and panel.
+template <int kRows, int kPanels, typename T>
+inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 == u8(w + 128)
+  __m512 acc[kRows][kPanels];
   for (int m = 0; m < kRows; ++m)
-    for (int j = 0; j < kPanels; ++j) acc[m][j] = _mm256_setzero_ps();
-  const int8_t* panels[kPanels];
-  for (int j = 0; j < kPanels; ++j) panels[j] = L.panel(p0 + j);
+    for (int j = 0; j < kPanels; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < L.groups; ++g) {
-    __m256i dots[kRows][kPanels];
-    for (int m = 0; m < kRows; ++m)
-      for (int j = 0; j < kPanels; ++j) dots[m][j] = _mm256_setzero_si256();
+    __m512i dots[kRows][kPanels];
+    for (int m = 0; m < kRows; ++m) {
+      const __m512i offset = _mm512_set1_epi32(L.xoffset[(m0 + m) * L.groups + g]);
+      for (int j = 0; j < kPanels; ++j) dots[m][j] = offset;
+    }
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4) {
-      __m256i w[kPanels];
+      __m512i w[kPanels];
       for (int j = 0; j < kPanels; ++j)
-        w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panels[j] + k * kPanel));
+        w[j] = _mm512_xor_si512(_mm512_loadu_si512(L.panel(p0 + j) + k * kPanel), flip);
       for (int m = 0; m < kRows; ++m) {
-        int32_t a4, mag4;
-        std::memcpy(&a4, L.xq + (m0 + m) * L.in + k, 4);
-        std::memcpy(&mag4, L.xmag + (m0 + m) * L.in + k, 4);
-        const __m256i a = _mm256_set1_epi32(a4), mag = _mm256_set1_epi32(mag4);
-        for (int j = 0; j < kPanels; ++j) {
-          const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w[j], a));
-          dots[m][j] = _mm256_add_epi32(dots[m][j], _mm256_madd_epi16(pairs, ones));
-        }
+        const __m512i a = _mm512_set1_epi32(L.quad(L.xq, m0 + m, k));
+        for (int j = 0; j < kPanels; ++j) dots[m][j] = _mm512_dpbusd_epi32(dots[m][j], w[j], a);
       }
     }
     for (int j = 0; j < kPanels; ++j) {
-      const __m256 ws = _mm256_loadu_ps(L.ws + ((p0 + j) * L.groups + g) * kPanel);
+      const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j, g));
       for (int m = 0; m < kRows; ++m) {
-        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(L.xs[(m0 + m) * L.groups + g]), ws);
-        acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m][j]), scale, acc[m][j]);
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[(m0 + m) * L.groups + g]), ws);
+        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m][j]), scale, acc[m][j]);
       }
     }
   }
+  float sums[kPanel];
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kPanels; ++j) {
+      _mm512_storeu_ps(sums, acc[m][j]);
+      store(L, m0 + m, p0 + j, sums, out);
+    }
 }
-
-template <typename T>
-inline void store(const Layer& L, int64_t m, int64_t p, __m256 sums, T* out) {
-  float v[kPanel];
-  _mm256_storeu_ps(v, sums);
-  const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
-  for (int64_t f = 0; f < count; ++f) {
-    out[m * L.out + n0 + f] = static_cast<T>(v[f] + (L.bias ? L.bias[n0 + f] : 0.0f));
+#else
+// kRows rows (from m0) x kPanels panels (from p0), two ymm halves of 8 features a row and panel.
+template <int kRows, int kPanels, typename T>
+inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
+  constexpr int kHalves = 2 * kPanels;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kRows][kHalves];
+  for (int m = 0; m < kRows; ++m)
+    for (int h = 0; h < kHalves; ++h) acc[m][h] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < L.groups; ++g) {
+    __m256i dots[kRows][kHalves];
+    for (int m = 0; m < kRows; ++m)
+      for (int h = 0; h < kHalves; ++h) dots[m][h] = _mm256_setzero_si256();
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4) {
+      __m256i w[kHalves];
+      for (int h = 0; h < kHalves; ++h)
+        w[h] = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(L.panel(p0 + h / 2) + k * kPanel + 32 * (h % 2)));
+      for (int m = 0; m < kRows; ++m) {
+        const __m256i a = _mm256_set1_epi32(L.quad(L.xq, m0 + m, k));
+        const __m256i mag = _mm256_set1_epi32(
+            L.quad(reinterpret_cast<const int8_t*>(L.xmag), m0 + m, k));
+        for (int h = 0; h < kHalves; ++h) {
+          const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w[h], a));
+          dots[m][h] = _mm256_add_epi32(dots[m][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int h = 0; h < kHalves; ++h) {
+      const __m256 ws = _mm256_loadu_ps(L.panel_scales(p0 + h / 2, g) + 8 * (h % 2));
+      for (int m = 0; m < kRows; ++m) {
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(L.xs[(m0 + m) * L.groups + g]), ws);
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m][h]), scale, acc[m][h]);
+      }
+    }
   }
+  float sums[kPanel];
+  for (int m = 0; m < kRows; ++m)
+    for (int j = 0; j < kPanels; ++j) {
+      _mm256_storeu_ps(sums, acc[m][2 * j]);
+      _mm256_storeu_ps(sums + 8, acc[m][2 * j + 1]);
+      store(L, m0 + m, p0 + j, sums, out);
+    }
 }
+#endif
 
 // Panels [p0, p0 + kPanels) for rows [m_begin, m_end), a tile of rows at a time.
 template <int kPanels, typename T>
@@ -211,34 +299,29 @@ void panels(const Layer& L, int64_t p0, int64_t m_begin, int64_t m_end, T* out) 
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileRows) {
     const int64_t count = std::min<int64_t>(kTileRows, m_end - m0);
     with_rows<kTileRows>(count, [&](auto rows) {
-      constexpr int kRows = decltype(rows)::value;
-      __m256 acc[kRows][kPanels];
-      tile<kRows, kPanels>(L, m0, p0, acc);
-      for (int m = 0; m < kRows; ++m)
-        for (int j = 0; j < kPanels; ++j) store(L, m0 + m, p0 + j, acc[m][j], out);
+      tile<decltype(rows)::value, kPanels>(L, m0, p0, out);
     });
   }
 }
 
-// NOTE: loop order: each thread takes a range of panel pairs, kChunk features at a time;
+// NOTE: loop order: each thread takes a range of tiles' panels, kChunk features at a time;
 // within a chunk, a tile of rows meets every panel before the next tile starts, so a chunk's
 // weights come from memory once and from L2 for the other tiles, and a tile's activations
-// (kTileRows x in x 2 bytes) stay in L1.
+// (kTileRows x in bytes) stay in L1.
 template <typename T>
 void linear(const Layer& L, T* out) {
-  constexpr int kPanels = 2;
-  const int64_t num_panels = (L.out + kPanel - 1) / kPanel, pairs = num_panels / kPanels;
-  constexpr int64_t kChunkPairs = kChunk / (kPanel * kPanels);
-  at::parallel_for(0, pairs, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = begin; c0 < end; c0 += kChunkPairs) {
-      const int64_t c1 = std::min(end, c0 + kChunkPairs);
+  const int64_t num_panels = (L.out + kPanel - 1) / kPanel, steps = num_panels / kTilePanels;
+  constexpr int64_t kChunkSteps = std::max<int64_t>(1, kChunk / (kPanel * kTilePanels));
+  at::parallel_for(0, steps, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = begin; c0 < end; c0 += kChunkSteps) {
+      const int64_t c1 = std::min(end, c0 + kChunkSteps);
       for (int64_t m0 = 0; m0 < L.rows; m0 += kTileRows) {
         const int64_t m1 = std::min(L.rows, m0 + kTileRows);
-        for (int64_t c = c0; c < c1; ++c) panels<kPanels>(L, c * kPanels, m0, m1, out);
+        for (int64_t c = c0; c < c1; ++c) panels<kTilePanels>(L, c * kTilePanels, m0, m1, out);
       }
     }
   });
-  if (num_panels % kPanels) panels<1>(L, num_panels - 1, 0, L.rows, out);  // an odd last one
+  if (num_panels % kTilePanels) panels<1>(L, num_panels - 1, 0, L.rows, out);  // an odd last one
 }
 
 void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t in, int64_t out) {
@@ -246,12 +329,12 @@ void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t i
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
                   packed.size(0) == num_panels && packed.size(1) == in / 4 &&
                   packed.size(2) == kPanel && packed.size(3) == 4,
-              "packed must be contiguous int8 [", num_panels, ", ", in / 4, ", 8, 4], got ",
+              "packed must be contiguous int8 [", num_panels, ", ", in / 4, ", 16, 4], got ",
               packed.sizes());
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
                   scales.dim() == 3 && scales.size(0) == num_panels &&
                   scales.size(1) == in / kGroup && scales.size(2) == kPanel,
-              "scales must be contiguous fp32 [panels, in_features / 32, 8]");
+              "scales must be contiguous fp32 [panels, in_features / 32, 16]");
 }
 
 QuantizedRows quantize(const at::Tensor& x) {
@@ -282,7 +365,8 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
                 out_features,
                 x.size(1) / kGroup,
                 q.q.data_ptr<int8_t>(),
-                q.magnitude.data_ptr<uint8_t>(),
+                kVnni ? nullptr : q.magnitude.data_ptr<uint8_t>(),
+                kVnni ? q.offset.data_ptr<int32_t>() : nullptr,
                 q.scale.data_ptr<float>(),
                 packed.data_ptr<int8_t>(),
                 scales.data_ptr<float>(),
@@ -295,12 +379,16 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
   }
   return out;
 }
+
+// Which path this build runs: "avx512-vnni" or "avx2".
+std::string w8a8_isa() { return kVnni ? "avx512-vnni" : "avx2"; }
 #endif
 
 TORCH_LIBRARY_FRAGMENT(kvray, m) {
 #if defined(__AVX2__) && defined(__FMA__)
   m.def("w8a8_linear(Tensor x, Tensor packed, Tensor scales, int out_features, Tensor? bias) -> Tensor");
   m.def("w8a8_quantize(Tensor x) -> (Tensor, Tensor)");
+  m.def("w8a8_isa() -> str", &w8a8_isa);  // no tensor to dispatch on: one kernel for all
 #endif
 }
 
