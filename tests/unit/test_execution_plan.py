@@ -21,6 +21,7 @@ from kvray.workers.models import load_model
 from kvray.workers.models.layers import Placement
 from kvray.workers.models.parallel import SINGLE_RANK
 from kvray.workers.quantization import Int8Linear
+from kvray.workers.w8a8 import Int8ActLinear, quantize_linears_w8a8
 
 CPU = torch.device("cpu")
 SHAPE = dict(
@@ -68,6 +69,42 @@ def test_int8_settings_plan_int8_layers_and_prepare_model_quantizes_them():
     assert plan.decode == (plans.ONE_CALL if stack else plans.PER_LAYER)
 
 
+def test_w8a8_settings_plan_w8a8_layers_and_prepare_model_quantizes_them():
+    model = llama(torch.bfloat16)
+    settings = WorkerConfig(quantization="w8a8")
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.bfloat16, settings=settings)
+    assert plan.linear == plans.W8A8 and plan.fuses_projections
+    assert plan.decode == plans.PER_LAYER  # the one-call stack takes kvray's panels only
+    plans.prepare_model(model, plan)
+    assert type(model.model.layers[0].self_attn.fused_q_k_v.fused) is Int8ActLinear
+    assert type(model.lm_head) is Int8ActLinear
+    assert plans.decide_plan(model, device=CPU, dtype=torch.bfloat16).linear == plans.W8A8
+
+
+def test_own_model_with_w8a8_quantizes_its_shards_as_transformers_layers_are():
+    """kvray's own model at one rank (fused q/k/v and gate/up: per-row weights and the same
+    activations) gives the logits of transformers' model with `quantize_linears_w8a8`."""
+    hf = llama()
+    placement = Placement(SINGLE_RANK, torch.float32, CPU)
+    own = load_model(hf.config, hf.state_dict().items(), placement)
+    settings = WorkerConfig(quantization="w8a8")
+    plan = plans.decide_plan(own, device=CPU, dtype=torch.float32, settings=settings)
+    assert plan.is_own_model and plan.linear == plans.W8A8
+    plans.prepare_model(own, plan)
+    kernels = [m.kernel for m in own.modules() if getattr(m, "kernel", None) is not None]
+    assert len(kernels) == 2 * 4 + 1 and all(type(k) is Int8ActLinear for k in kernels)
+    reference = AutoModelForCausalLM.from_config(hf.config, attn_implementation="sdpa").eval()
+    reference.load_state_dict(hf.state_dict())
+    quantize_linears_w8a8(reference)
+    ids = list(range(3, 20))
+    cache = KVCache(own.kv_cache_spec(torch.float32), num_blocks=8, block_size=4, device=CPU)
+    runner = ModelRunner(own, cache, CPU)
+    got = runner.execute(runner.prepare([ScheduledSeq(ids, list(range(5)), 0, len(ids))]))
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1:]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_other_architectures_plan_transformers_forward():
     gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
     plan = plans.decide_plan(gpt2, device=CPU, dtype=torch.float32, settings=WorkerConfig())
@@ -94,7 +131,7 @@ def test_the_runner_follows_the_plan_not_the_model():
     assert not isinstance(runner.forward, FamilyForward)
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "w8a8"])
 def test_the_worker_reports_its_plan(quantization, model_cache_dir):
     from kvray.workers.worker import ModelWorker
 
@@ -106,7 +143,7 @@ def test_the_worker_reports_its_plan(quantization, model_cache_dir):
     info = worker.warmup()
     assert info.execution_plan == worker.plan.as_dict()
     assert info.implementation == worker.plan.description
-    assert info.execution_plan["linear"].startswith("int8" if quantization else "")
+    assert info.execution_plan["linear"].startswith(quantization or "")
     assert info.execution_plan["dtype"] == "torch.bfloat16"
     assert worker.runner is not None and worker.runner.plan is worker.plan
 

@@ -1,7 +1,7 @@
 """int8 weight-only layers on tensor-parallel shards (workers/models/ with `quantization: int8`):
 two ranks (two processes, gloo, fp32) follow one rank's int8 model, each rank holds half of
 its int8 bytes, and a rank's part of a row-parallel layer quantizes to the one-rank layer's
-values. One spawn of two ranks serves the whole module."""
+values. One spawn of two ranks serves those tests; `quantization: w8a8` has one more."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.unit.test_tp_models import assert_follows, hf_greedy, kvray_greedy, p
 
 CPU = torch.device("cpu")
 INT8 = WorkerConfig(quantization="int8", tensor_parallel_size=2)
+W8A8 = WorkerConfig(quantization="w8a8", tensor_parallel_size=2)
 # Every split on whole groups of 32 input features: head_dim 32 (o_proj: 2 heads a rank),
 # intermediate 160 (5 groups: 96 and 64 columns a rank), hidden 64 (2 groups). Biases on every
 # layer: a row-parallel layer's is added once, after the all-reduce, not in each rank's kernel.
@@ -52,11 +53,11 @@ def build_hf() -> Any:
     return model.eval()
 
 
-def int8_model(config: Any, weights: Any, parallel: Any) -> Any:
-    """kvray's model of one rank, int8 as the worker prepares it (`execution_plan`)."""
-    placement = Placement(parallel, torch.float32, CPU, split_unit(INT8))
+def int8_model(config: Any, weights: Any, parallel: Any, settings: WorkerConfig = INT8) -> Any:
+    """kvray's model of one rank, int8 (or w8a8) as the worker prepares it (`execution_plan`)."""
+    placement = Placement(parallel, torch.float32, CPU, split_unit(settings))
     model = load_model(config, weights, placement)
-    plan = plans.decide_plan(model, device=CPU, dtype=torch.float32, settings=INT8)
+    plan = plans.decide_plan(model, device=CPU, dtype=torch.float32, settings=settings)
     plans.prepare_model(model, plan)
     return model
 
@@ -72,14 +73,15 @@ def int8_layers(model: Any) -> dict[str, tuple[int, torch.Tensor]]:
     return layers
 
 
-def _rank_main(rank: int, init_file: str, folder: str, out: str) -> None:
+def _rank_main(rank: int, init_file: str, folder: str, out: str, quantization: str) -> None:
     torch.set_num_threads(1)
     parallel = init_process_group(
         rank=rank, world_size=2, init_method=f"file://{init_file}", device=CPU
     )
     try:
         config = AutoConfig.from_pretrained(folder)
-        model = int8_model(config, checkpoint_weights(folder), parallel)
+        settings = W8A8 if quantization == "w8a8" else INT8
+        model = int8_model(config, checkpoint_weights(folder), parallel, settings)
         result = {"generated": kvray_greedy(model, prompts(config.vocab_size)),
                   "layers": int8_layers(model)}  # fmt: skip
     finally:
@@ -107,9 +109,13 @@ def one_rank(hf: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def two_ranks(hf: Any, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    root = tmp_path_factory.mktemp("tp-int8")
+    return spawn_two_ranks(hf, tmp_path_factory.mktemp("tp-int8"), "int8")
+
+
+def spawn_two_ranks(hf: Any, root: Path, quantization: str) -> list[dict]:
     hf.save_pretrained(root / "model")
-    mp.spawn(_rank_main, args=(str(root / "init"), str(root / "model"), str(root)), nprocs=2)
+    args = (str(root / "init"), str(root / "model"), str(root), quantization)
+    mp.spawn(_rank_main, args=args, nprocs=2)
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -130,6 +136,16 @@ def test_two_int8_ranks_follow_one_int8_rank(one_rank, two_ranks):
     first, second = (rank["generated"] for rank in two_ranks)
     single = kvray_greedy(one_rank, prompts(128))
     for got, other, alone in zip(first, second, single):
+        assert got[0] == other[0]
+        assert_follows(got, alone, atol=1e-4)
+
+
+def test_two_w8a8_ranks_follow_one_w8a8_rank(hf, tmp_path):
+    """w8a8's shards split as int8's do, so a row-parallel layer's rank quantizes whole groups
+    of the one-rank layer's activations: only the fp32 partial sums' order differs."""
+    one = int8_model(hf.config, hf.state_dict().items(), SINGLE_RANK, W8A8)
+    first, second = (rank["generated"] for rank in spawn_two_ranks(hf, tmp_path, "w8a8"))
+    for got, other, alone in zip(first, second, kvray_greedy(one, prompts(128))):
         assert got[0] == other[0]
         assert_follows(got, alone, atol=1e-4)
 
