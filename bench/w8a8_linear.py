@@ -8,7 +8,9 @@ from memory as in a real step; past that, the first two layers' worth and the ou
 per round, so a load change on a shared machine hits them all alike; each line is the median
 pass, its GFLOP/s and its speed against fp32 and weight-only int8, by the wall clock and by CPU
 time (on a shared, loaded machine: the time the threads ran). Activations are fp32 for
-fp32, int8 and w8a8, bf16 for bf16 (and `w8a8-bf16`: w8a8 with bf16 activations in and out).
+fp32, int8 and w8a8, bf16 for bf16, `int8-bf16` (weight-only int8 of a bf16 model: what
+`quantization: int8` runs with `dtype: bfloat16`, in int8_panel.cpp's panels where built) and
+`w8a8-bf16` (w8a8 with bf16 activations in and out). The first line names the w8a8 path built.
 
     python bench/w8a8_linear.py
     python bench/w8a8_linear.py --rows 1,32 --rounds 5 --threads 1   # on a loaded machine
@@ -34,7 +36,8 @@ Layers = list[nn.Module]
 def make_layers(shapes: list[tuple[int, int]]) -> dict[str, Layers]:
     """Each variant's copy of the same random weights."""
     torch.manual_seed(0)
-    variants: dict[str, Layers] = {"fp32": [], "bf16": [], "int8": [], "w8a8": []}
+    names = ("fp32", "bf16", "int8", "int8-bf16", "w8a8")
+    variants: dict[str, Layers] = {name: [] for name in names}
     for n, k in shapes:
         linear = nn.Linear(k, n, bias=False)
         nn.init.normal_(linear.weight, std=0.05)
@@ -42,6 +45,7 @@ def make_layers(shapes: list[tuple[int, int]]) -> dict[str, Layers]:
         variants["w8a8"].append(Int8ActLinear(linear))
         variants["bf16"].append(nn.Linear(k, n, bias=False).to(torch.bfloat16))
         variants["bf16"][-1].weight.data.copy_(linear.weight.data)
+        variants["int8-bf16"].append(Int8Linear(variants["bf16"][-1]))
         variants["fp32"].append(linear)
     variants["w8a8-bf16"] = variants["w8a8"]
     return variants
@@ -65,19 +69,21 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--rows", default="1,8,32,128")
+    parser.add_argument("--rows", default="1,32,512")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if cpu_kernels.w8a8() is None:
+    ops = cpu_kernels.w8a8()
+    if ops is None:
         raise SystemExit("kvray's w8a8 kernel is not built here (it needs AVX2 and a compiler)")
     h, i = args.hidden, args.intermediate
     per_layer = [(h + 2 * args.kv_width, h), (h, h), (2 * i, h), (h, i)]
     shapes = per_layer * args.layers + [(args.vocab, h)]
     variants = make_layers(shapes)
-    print(f"{len(shapes)} layers of {h}/{i}/{args.vocab}; {torch.get_num_threads()} threads; "
+    print(f"w8a8 path: {ops.isa}; {len(shapes)} layers of {h}/{i}/{args.vocab}; "
+          f"{torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
     for rows in map(int, args.rows.split(",")):
         picked = list(range(len(shapes))) if rows <= 8 else [*range(8), len(shapes) - 1]
@@ -99,7 +105,8 @@ def main() -> None:
             print(
                 f"                w8a8 speed: {median['fp32'] / median['w8a8']:.2f}x fp32, "
                 f"{median['int8'] / median['w8a8']:.2f}x int8, "
-                f"{median['bf16'] / median['w8a8-bf16']:.2f}x bf16 (bf16 activations)"
+                f"{median['bf16'] / median['w8a8-bf16']:.2f}x bf16, "
+                f"{median['int8-bf16'] / median['w8a8-bf16']:.2f}x int8-bf16 (bf16 activations)"
             )
         print(f"                load average {os.getloadavg()[0]:.1f}")
 
