@@ -123,6 +123,14 @@ class Phases:
         setattr(owner, name, marked)
 
 
+def storage(t: Any) -> tuple[int, int]:
+    """(an id of `t`'s storage, its bytes). NOTE: oneDNN's packed weights (AMX CPUs) are opaque
+    tensors without a storage to read: counted by their own size."""
+    if t.is_mkldnn:
+        return id(t), t.numel() * t.element_size()
+    return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+
 def child(options: dict[str, Any], num_requests: int) -> dict[str, Any]:
     """One engine's phases (run in a fresh process)."""
     phases = Phases()
@@ -159,8 +167,7 @@ def child(options: dict[str, Any], num_requests: int) -> dict[str, Any]:
     phases.mark(f"{num_requests} requests x 128+128")
     requests_s = time.perf_counter() - start
     model = llm.worker.model
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
+    tensors = dict(map(storage, [*model.parameters(), *model.buffers()]))
     kv_cache = llm.worker.kv_cache
     return {
         "phases": phases.rows,

@@ -57,11 +57,14 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """
     logger.info("converting %s (once, in a child process)", gguf.name)
     # NOTE: the child imports kvray from where this process does (a Ray job's working_dir,
-    # a checkout on PYTHONPATH).
+    # a checkout on PYTHONPATH): this process's sys.path, passed as its first argument.
+    child = (
+        "import os, runpy, sys; sys.path[:0] = sys.argv.pop(1).split(os.pathsep); "
+        "runpy.run_module('kvray.workers.gguf', run_name='__main__')"
+    )
     path = os.pathsep.join(p for p in sys.path if p)
     result = subprocess.run(
-        [sys.executable, "-m", "kvray.workers.gguf", str(gguf), str(out)],
-        env={**os.environ, "PYTHONPATH": path},
+        [sys.executable, "-c", child, path, str(gguf), str(out)],
         capture_output=True,
         text=True,
     )

@@ -5,8 +5,10 @@ token constraints (allowed_token_ids, bad_words, logit_bias: `token_constraints.
 structured output's grammar masks (`token_bitmask.py`), penalties, greedy argmax; for sampled
 rows temperature, top-k, top-p, min-p, then one draw.
 Logprobs are the model's own log-softmax, taken before all of these (vLLM's raw logprobs).
-Draws use the exponential-race trick (argmax of probs / Exp(1) noise), so a seeded row only
-needs its own noise vector: its tokens never depend on what else is in the batch.
+A draw is an inverse transform: one uniform number a row, located in the row's cumulative
+probabilities; a seeded row's number comes from its own generator, so its tokens never depend on
+what else is in the batch. (The exponential race, argmax of probs / Exp(1) noise, draws one
+number per token of the vocabulary: on CPU 51 ms of a 32-row step, against under 1 ms here.)
 """
 
 from __future__ import annotations
@@ -261,14 +263,14 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if batch.min_p is not None:
             probs = apply_min_p(probs, batch.min_p[rows])
-        # NOTE: the unseeded rows' noise is a draw for the whole batch from the global
-        # generator, as before rows were selected: the same numbers, step after step.
-        noise = torch.empty(
-            batch.is_greedy.shape[0], probs.shape[-1], dtype=probs.dtype, device=probs.device
-        ).exponential_()
+        # NOTE: the unseeded rows' numbers are a draw for the whole batch from the global
+        # generator, whichever rows sample: the same numbers, step after step.
+        uniform = torch.rand(batch.is_greedy.shape[0], dtype=torch.float64, device=probs.device)
         for row, generator in batch.generators.items():
-            noise[row].exponential_(generator=generator)
-        return (probs / noise[rows]).argmax(dim=-1)
+            uniform[row] = torch.rand(
+                (), dtype=torch.float64, generator=generator, device=probs.device
+            )
+        return draw(probs, uniform[rows])
 
 
 def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
@@ -283,6 +285,18 @@ def apply_penalties(logits: torch.Tensor, p: _Penalties) -> torch.Tensor:
         penalised - p.frequency * p.counts - p.presence * (p.counts > 0).to(logits.dtype)
     )
     return logits
+
+
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token a row of `probs` ([rows, vocab], each row's weights, not necessarily summing
+    to 1) for `uniform` ([rows] in [0, 1)): the first token whose cumulative weight passes
+    `uniform` times the row's total. Exact up to fp32's rounding of the running sums."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    # NOTE: only rounding at a row's end can land on a token of weight 0 (masked): its likeliest
+    unlikely = probs.gather(1, tokens[:, None]).squeeze(1) == 0
+    return torch.where(unlikely, probs.argmax(dim=-1), tokens)
 
 
 def apply_top_k_top_p(

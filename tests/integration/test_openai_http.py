@@ -260,7 +260,9 @@ def test_a_developer_message_is_a_system_message(client):
     assert developer.usage.prompt_tokens == system.usage.prompt_tokens
     assert developer.choices[0].message.content == system.choices[0].message.content
     logprobs = [[t.logprob for t in r.choices[0].logprobs.content] for r in (developer, system)]
-    assert logprobs[0] == logprobs[1]  # the same prompt, to the last bit
+    # NOTE: the same prompt; not to the last bit: the second request's prefill reuses the
+    # first's cached blocks, so it multiplies other shapes (7e-7 apart on an AMX Xeon)
+    assert logprobs[0] == pytest.approx(logprobs[1], rel=1e-5, abs=1e-5)
 
 
 def test_response_format_text_is_no_constraint(client):
