@@ -9,7 +9,9 @@ dequantized weights, `dtype(weight * scale)`:
 - bf16 models, where csrc/int8_panel.cpp is built (AVX512-BF16): the weights in bf16_linear's
   panels, widened in registers, for any number of rows. On SmolLM2-135M's shapes (2 cores): a
   decode step 1.48x bf16's at one stream, 1.05x at 8, 0.85x at 32 (compute-bound: widening
-  costs more than the bytes saved); a 128-row prompt chunk 1.0-1.2x bf16's time.
+  costs more than the bytes saved); a 128-row prompt chunk 1.0-1.2x bf16's time. On CPUs
+  with AMX, past `AMX_MIN_ROWS` rows the panels are widened to bf16 for one oneDNN matmul on
+  the tile unit instead (the panels' AVX512-BF16 arithmetic runs at a fraction of it).
 - fp32 models, and CPUs without AVX512-BF16: the weights in rows, csrc/int8_linear.cpp up to
   `KERNEL_MAX_ROWS` rows; past that (prompt chunks) the layer is widened to the activations'
   dtype for one oneDNN matmul.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvray.workers import cpu_kernels
+from kvray.workers.device import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,10 @@ GROUP_SIZE = 32  # weights per scale; the kernel needs a multiple of 32 dividing
 # Rows up to which the row-layout kernel beats widening the weights for oneDNN (bench: 30 layers
 # of SmolLM2-135M's shapes, bf16, 2 cores: 32 rows 64 against 149 ms, 64 rows 146 against 155).
 KERNEL_MAX_ROWS = 64
+# Rows from which a bf16 layer's panels are widened for oneDNN where the CPU has AMX (2-core
+# Xeon, SmolLM2-135M's shapes: at 64 rows 1.3-1.5x the panels' speed, at 128 2.2-2.4x, at 512
+# 4.7-5.4x; at 32 rows the widening costs about what the tile unit saves).
+AMX_MIN_ROWS = 64
 
 
 class Int8Linear(nn.Module):
@@ -60,6 +67,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._kernel = cpu_kernels.int8_linear() if on_cpu else None
         self._dequantize = cpu_kernels.int8_dequantize() if on_cpu else None
+        self._widen_from = AMX_MIN_ROWS if "amx_bf16" in cpu_flags() else None
 
     @property
     def layout(self) -> str:
@@ -92,8 +100,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features]
         rows = x.reshape(-1, self.in_features)
         few = rows.shape[0] <= KERNEL_MAX_ROWS
-        if self._panel is not None and x.dtype == torch.bfloat16:  # any number of rows
-            out = self._panel.linear(
+        panel = self._panel if x.dtype == torch.bfloat16 else None
+        if panel is not None and (self._widen_from is None or rows.shape[0] < self._widen_from):
+            out = panel.linear(
                 rows, self.weight_int8, self.scale, GROUP_SIZE, self.out_features, self.bias
             )
         elif self._panel is None and self._kernel is not None and few:
@@ -120,8 +129,17 @@ def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def from_panels(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """`[panels, in / 2, 32, 2]` back to `[out_features, in]` (a view where it can be)."""
-    return packed.permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * 2)[:out_features]
+    """`[panels, in / 2, 32, 2]` back to `[out_features, in]` (a copy).
+
+    NOTE: each pair of inputs moves as one element twice as wide: torch's strided copy of
+    2-element runs took 6x as long (0.88 against 0.14 ms for a 1536 x 576 bf16 layer)."""
+    num_panels, half, panel, two = packed.shape
+    pairs = packed.reshape(num_panels, half, panel * two).view(_PAIRS[packed.element_size()])
+    rows = pairs.transpose(1, 2).contiguous().view(num_panels * panel, half)
+    return rows.view(packed.dtype)[:out_features]
+
+
+_PAIRS = {1: torch.int16, 2: torch.int32, 4: torch.int64}  # a pair's bytes as one element
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,3 +94,32 @@ def test_panels_hold_the_same_weights_as_rows():
     assert torch.equal(layer.dequantized(torch.bfloat16), expected_weight)
     for x, e in zip(xs, expected):  # both sum bf16(weight * scale) * x in fp32, in two orders
         torch.testing.assert_close(layer(x).float(), e.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_panels_widen_for_onednn_from_amx_min_rows_where_there_is_amx():
+    """On AMX CPUs a panel layer's prompt-sized inputs take one oneDNN matmul of the widened
+    weights; fewer rows, and every input elsewhere, stay on the panel kernel."""
+    if cpu_kernels.int8_panel() is None:
+        pytest.skip("needs kvray's CPU kernels built for AVX512-BF16 (csrc/int8_panel.cpp)")
+    torch.manual_seed(2)
+    layer = Int8Linear(torch.nn.Linear(96, 40).to(torch.bfloat16))
+    has_amx = "amx_bf16" in quantization.cpu_flags()
+    assert layer._widen_from == (quantization.AMX_MIN_ROWS if has_amx else None)
+    layer._widen_from = quantization.AMX_MIN_ROWS  # the AMX rule, on any CPU
+    weight = layer.dequantized(torch.bfloat16)
+    many = torch.randn(quantization.AMX_MIN_ROWS, 96).to(torch.bfloat16)
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, weight, layer.bias))
+    few = many[: quantization.AMX_MIN_ROWS - 1]
+    assert torch.equal(
+        layer(few),
+        layer._panel.linear(few, layer.weight_int8, layer.scale, 32, 40, layer.bias),
+    )
+
+
+@pytest.mark.parametrize("out_features", [20, 40])  # one panel, or two with padding
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32])
+def test_from_panels_inverts_to_panels(dtype, out_features):
+    weight = torch.randint(-127, 128, (out_features, 96), dtype=torch.int8).to(dtype)
+    scale = torch.ones(out_features, 3, dtype=torch.bfloat16)
+    packed, _ = quantization.to_panels(weight, scale)
+    assert torch.equal(quantization.from_panels(packed, out_features), weight)
