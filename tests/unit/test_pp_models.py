@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from kvray.workers.models import load_model, model_class
 from kvray.workers.models.layers import Placement
@@ -27,6 +27,7 @@ from tests.unit.test_tp_models import (
     CPU,
     SHAPE,
     assert_follows,
+    hf_model,
     kvray_greedy,
     one_thread,  # noqa: F401  (an autouse fixture: this module's tests run on one thread too)
     placement,
@@ -55,17 +56,7 @@ RUNS = ((2, 2), (1, 2))
 
 
 def build_hf(arch: str) -> torch.nn.Module:
-    """As test_tp_models' (norms and biases away from ones and zeros), of this module's
-    configs."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.2)
-    return model.eval()
+    return hf_model(CONFIGS[arch]())
 
 
 def _rank_main(rank: int, folders: dict[str, str], out: str) -> None:

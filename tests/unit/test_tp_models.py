@@ -67,16 +67,22 @@ NEAR_TIE = 1e-3  # a reference step whose top two logits are closer than this ma
 CPU = torch.device("cpu")
 
 
-def build_hf(arch: str) -> torch.nn.Module:
+def hf_model(config: Any) -> torch.nn.Module:
+    """transformers' fp32 model of `config` (seed 0), its norms and biases moved away from ones
+    and zeros, where they start and would hide their arithmetic."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(MODELS[arch](), dtype=torch.float32)
-    with torch.no_grad():  # norms start at ones and biases at zeros, which would hide them
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.2)
     return model.eval()
+
+
+def build_hf(arch: str) -> torch.nn.Module:
+    return hf_model(MODELS[arch]())
 
 
 def prompts(vocab_size: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from kvray.workers import execution_plan as plans
 from kvray.workers.config import WorkerConfig
@@ -23,7 +23,14 @@ from kvray.workers.models.loader import checkpoint_weights
 from kvray.workers.models.parallel import SINGLE_RANK, init_process_group, split_sizes
 from kvray.workers.quantization import GROUP_SIZE, Int8Linear, quantize_linears
 from kvray.workers.tensor_parallel import split_unit
-from tests.unit.test_tp_models import assert_follows, hf_greedy, kvray_greedy, prompts
+from tests.unit.test_tp_models import (
+    assert_follows,
+    hf_greedy,
+    hf_model,
+    kvray_greedy,
+    one_thread,  # noqa: F401  (an autouse fixture: this module's tests run on one thread too)
+    prompts,
+)
 
 CPU = torch.device("cpu")
 INT8 = WorkerConfig(quantization="int8", tensor_parallel_size=2)
@@ -41,16 +48,7 @@ SPLIT = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
 def build_hf() -> Any:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SHAPE, attention_bias=True, mlp_bias=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # norms start at ones and biases at zeros, which would hide them
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.2)
-    return model.eval()
+    return hf_model(transformers.LlamaConfig(**SHAPE, attention_bias=True, mlp_bias=True))
 
 
 def int8_model(config: Any, weights: Any, parallel: Any, settings: WorkerConfig = INT8) -> Any:
@@ -87,14 +85,6 @@ def _rank_main(rank: int, init_file: str, folder: str, out: str, quantization: s
     finally:
         dist.destroy_process_group()
     torch.save(result, Path(out) / f"rank{rank}.pt")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
