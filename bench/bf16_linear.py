@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median_seconds
+from common import median_seconds, read_bandwidth
 
 from kvray.workers import cpu_kernels
 
@@ -50,9 +50,7 @@ def main() -> None:
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
     del weights
     nbytes = sum(n * k * 2 for n, k in shapes)
-    data = torch.ones(nbytes // 2, dtype=torch.bfloat16)
-    bandwidth = nbytes / median_seconds(data.sum, reps=5)
-    del data
+    bandwidth = read_bandwidth(nbytes)
     print(f"{len(shapes)} layers, {nbytes / 1e6:.0f} MB of bf16 weights; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     for rows in map(int, args.rows.split(",")):

@@ -164,7 +164,7 @@ class HardwareLimits:
     """What this machine can do, measured in the benchmark's own run (these machines are noisy)."""
 
     matmul_flops: float  # FLOP/s of one large matmul in the benchmark's dtype, all cores
-    read_bytes: float  # bytes/s of one pass over a 1 GiB tensor
+    read_bytes: float  # bytes/s of one pass over a 1 GiB fp32 tensor
 
 
 def measure_limits(dtype: str, device: str) -> HardwareLimits:
@@ -175,8 +175,14 @@ def measure_limits(dtype: str, device: str) -> HardwareLimits:
     dev = devices.resolve_device(device)
     dt = devices.resolve_dtype(dtype, dev, checkpoint_dtype=torch.bfloat16)
 
-    def best_of(fn, reps: int = 5) -> float:
-        fn()
+    def best_of(fn, reps: int = 10) -> float:
+        # NOTE: half a second of warm-up, not one call, and the best of 10: on an AMX Xeon VM
+        # one 2048^3 bf16 matmul's rate moved between 450 and 2,400 GFLOP/s from call to call
+        # and from second to second (a busy neighbour on the same core's tile unit, it seems)
+        warm = time.perf_counter() + 0.5
+        while time.perf_counter() < warm:
+            fn()
+        devices.synchronize(dev)
         times = []
         for _ in range(reps):
             devices.synchronize(dev)
@@ -189,9 +195,20 @@ def measure_limits(dtype: str, device: str) -> HardwareLimits:
     n = 4096 if dev.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
     flops = 2 * n**3 / best_of(lambda: torch.mm(a, b))
-    data = torch.ones(2**29, dtype=torch.bfloat16, device=dev)
+    data = torch.ones(2**28, dtype=torch.float32, device=dev)  # fp32: see read_bandwidth
     read = data.numel() * data.element_size() / best_of(data.sum)
     return HardwareLimits(matmul_flops=flops, read_bytes=read)
+
+
+def read_bandwidth(nbytes: int = 2**30) -> float:
+    """Bytes per second one pass over `nbytes` of fp32 on CPU reads (all cores, median of 5).
+
+    fp32, not bf16: a bf16 sum widens every element and is compute-bound on some CPUs (an AMX
+    Xeon VM: 13.9 GB/s in bf16, 19.9 in fp32, over the same 1 GiB)."""
+    import torch
+
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / median_seconds(data.sum, reps=5)
 
 
 def linear_weight_count(model_dir: Path) -> int:

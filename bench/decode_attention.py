@@ -20,18 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median_seconds
+from common import median_seconds, read_bandwidth
 
 from kvray.workers import cpu_kernels
 from kvray.workers.attention import AttentionMetadata, _decode_attention
 
 BLOCK = 16
-
-
-def read_bandwidth() -> float:
-    """Bytes per second that one pass over a 1 GiB tensor reads (all cores)."""
-    data = torch.ones(2**29, dtype=torch.bfloat16)
-    return data.numel() * data.element_size() / median_seconds(data.sum, reps=5)
 
 
 def main() -> None:
