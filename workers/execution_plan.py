@@ -181,13 +181,18 @@ def _linear_in(model: nn.Module) -> str:
 
 def _can_stack(config: Any, linear: str) -> bool:
     """Whether `llama_family.DecodeStack` can run this model's decode steps: kvray's panels
-    for every layer (their input widths suit the kernel), a SiLU MLP and the one-call op."""
-    if linear not in (BF16_KVRAY, INT8_PANELS) or getattr(config, "hidden_act", None) != "silu":
+    (bf16, int8 or w8a8) for every layer (their input widths suit the kernel), a SiLU MLP and
+    the one-call op."""
+    stackable = (BF16_KVRAY, INT8_PANELS, W8A8)
+    if linear not in stackable or getattr(config, "hidden_act", None) != "silu":
         return False
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * head_dim)
-    unit = GROUP_SIZE if linear == INT8_PANELS else 2  # NOTE: what each kernel needs of in_features
-    ops = (cpu_kernels.decode_layers(), cpu_kernels.rotary_embedding(), cpu_kernels.rms_norm())
+    unit = 2 if linear == BF16_KVRAY else GROUP_SIZE  # NOTE: what each kernel needs of in_features
+    ops: list[object] = [cpu_kernels.decode_layers(), cpu_kernels.rotary_embedding()]
+    ops.append(cpu_kernels.rms_norm())
+    if linear == W8A8:
+        ops.append(cpu_kernels.w8a8())  # its panels: without the kernel the layers keep rows
     return all(width % unit == 0 for width in widths) and all(op is not None for op in ops)
 
 

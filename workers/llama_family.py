@@ -24,6 +24,7 @@ from kvray.workers import attention, cpu_kernels
 from kvray.workers.attention import ATTN_IMPLEMENTATION, paged_attention_forward
 from kvray.workers.packed_linear import PackedLinear
 from kvray.workers.quantization import GROUP_SIZE, Int8Linear
+from kvray.workers.w8a8 import Int8ActLinear
 
 # model_type -> the class-name prefix of its transformers modules
 PREFIXES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -262,8 +263,9 @@ class DecodeStack:
     """Every layer of a decode-only step in one C++ call (csrc/decode_layers.cpp): the same
     operations as `_Layer` and the paged attention, so bitwise the same logits, without ~100
     Python-level calls a layer. For bf16 models on CPU whose every layer has fused projections
-    in kvray's panels (bf16 `PackedLinear`s or int8 `Int8Linear`s), kvray's norm and rotary ops
-    and a SiLU MLP; `build` returns None for anything else, which keeps `_Layer`."""
+    in kvray's panels (bf16 `PackedLinear`s, int8 `Int8Linear`s or w8a8 `Int8ActLinear`s),
+    kvray's norm and rotary ops and a SiLU MLP; `build` returns None for anything else, which
+    keeps `_Layer`."""
 
     def __init__(self, op: Callable, config: Any, layers: list[_Layer]) -> None:
         self.op = op
@@ -337,9 +339,11 @@ class DecodeStack:
 
 
 def _in_panels(linear: Any) -> bool:
-    """A linear layer whose weights are in kvray's panels, bf16 or int8."""
+    """A linear layer whose weights are in kvray's panels: bf16, int8 or w8a8."""
     if type(linear) is PackedLinear:
         return linear.kernel == "kvray"
+    if type(linear) is Int8ActLinear:
+        return linear.in_panels
     return type(linear) is Int8Linear and linear.layout == "panels"
 
 
@@ -347,6 +351,6 @@ def _packed(linear: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A linear layer as the op takes it: weight, scales, bias (an empty tensor for none)."""
     none = torch.empty(0)
     bias = none if linear.bias is None else linear.bias
-    if type(linear) is Int8Linear:
+    if type(linear) in (Int8Linear, Int8ActLinear):
         return linear.weight_int8, linear.scale, bias
     return linear.packed_weight, none, bias

@@ -47,6 +47,11 @@ class Int8ActLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
 
+    @property
+    def in_panels(self) -> bool:
+        """Whether the weights are in the kernel's panels (else in rows: no kernel built)."""
+        return self._ops is not None
+
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 [out, in], bf16 scales [out, in / GROUP_SIZE]), from either layout."""
         if self._ops is None:

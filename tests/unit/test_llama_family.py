@@ -1,5 +1,5 @@
 """kvray's own Llama-family forward gives bitwise the logits of transformers' forward, for each
-architecture it covers, in fp32 and in bf16 with the worker's fused, packed or int8 layers."""
+architecture it covers, in fp32 and in bf16 with the worker's fused, packed, int8 or w8a8 layers."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kvray.workers.llama_family import FamilyForward, family_forward, transforme
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.quantization import quantize_linears
+from kvray.workers.w8a8 import quantize_linears_w8a8
 
 SHAPE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -51,13 +52,15 @@ def build(arch: str, dtype: str, device: str = "cpu") -> torch.nn.Module:
     fuse_projections(model)  # as the worker prepares each (workers/worker.py)
     if dtype == "bfloat16-int8":
         quantize_linears(model)
+    elif dtype == "bfloat16-w8a8":
+        quantize_linears_w8a8(model)
     elif can_pack(torch.device(device), torch.bfloat16):  # as the worker decides
         pack_linears(model)
     return model
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8", "bfloat16-w8a8"])
 def test_logits_equal_transformers_bitwise(arch, dtype):
     check_logits_equal_transformers(arch, dtype, "cpu")
 
@@ -77,8 +80,12 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
     else:
         assert runner.forward.norm.__name__ == "_norm"
     # decode steps of layers in kvray's panels run as one C++ call where the kernels are built:
-    # int8 panels, or bf16 ones where there is no AMX (there oneDNN's layout runs, a layer a call)
-    panels = dtype == "bfloat16-int8" or "amx_bf16" not in cpu_flags()
+    # int8 or w8a8 panels, or bf16 ones where there is no AMX (there oneDNN's layout runs, a
+    # layer a call)
+    if dtype == "bfloat16-w8a8":
+        panels = cpu_kernels.w8a8() is not None
+    else:
+        panels = dtype == "bfloat16-int8" or "amx_bf16" not in cpu_flags()
     stacked = ops and panels and cpu_kernels.decode_layers() is not None
     assert (runner.forward.stack is not None) == stacked
     stack_calls = 0

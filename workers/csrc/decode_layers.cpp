@@ -1,5 +1,5 @@
 // A decode step's decoder layers in one call, for kvray's Llama-family forward (bf16 or int8
-// weights, bf16 activations, CPU).
+// weights, bf16 activations, CPU; or int8 weights times activations quantized per layer, w8a8).
 //
 // With every layer's arithmetic already in kvray's kernels (packed linears, RMSNorm, rotary
 // embedding, paged decode attention), what a one-stream decode step of SmolLM2-135M still spent
@@ -30,6 +30,8 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
 at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
                              int64_t group_size, int64_t out_features,
                              c10::optional<at::Tensor> bias);
+at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64_t out_features,
+                       c10::optional<at::Tensor> bias);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k,
                                                     at::Tensor cos, at::Tensor sin);
@@ -42,8 +44,9 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
 namespace {
 
 // A layer's tensors, in this order: each linear layer as its weight, scales and bias, as
-// PackedLinear (bf16 panels, no scales, an fp32 bias) or Int8Linear (int8 panels, bf16 scales,
-// the model's bias) keeps them; an empty tensor for an absent scale, bias or norm.
+// PackedLinear (bf16 panels, no scales, an fp32 bias), Int8Linear (int8 panels, bf16 scales,
+// the model's bias) or Int8ActLinear (w8a8's int8 panels, fp32 scales, the model's bias) keeps
+// them; an empty tensor for an absent scale, bias or norm.
 enum Weight {
   kNorm1, kQkv, kQkvScale, kQkvBias, kQNorm, kKNorm, kO, kOScale, kOBias, kNorm2,
   kGateUp, kGateUpScale, kGateUpBias, kDown, kDownScale, kDownBias, kPerLayer
@@ -60,17 +63,23 @@ struct Linear {
   const at::Tensor *weight, *scale, *bias;
 };
 
-// A linear layer as PackedLinear.forward or Int8Linear.forward computes it: rows in, [..., out]
-// back.
+// A linear layer as PackedLinear.forward, Int8Linear.forward (its panels) or
+// Int8ActLinear.forward computes it: rows in, [..., out] back. The weights' dtype tells bf16
+// from int8, the scales' dtype weight-only int8 (bf16) from w8a8 (fp32).
 at::Tensor linear(const at::Tensor& x, const Linear& l, int64_t out_features,
                   const int64_t* head) {
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   const auto rows = x.reshape({-1, x.size(-1)});
-  const auto out = l.weight->scalar_type() == at::kBFloat16
-                       ? bf16_linear(rows, *l.weight, out_features, maybe(*l.bias))
-                       : int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize],
-                                           out_features, maybe(*l.bias));
+  at::Tensor out;
+  if (l.weight->scalar_type() == at::kBFloat16) {
+    out = bf16_linear(rows, *l.weight, out_features, maybe(*l.bias));
+  } else if (l.scale->scalar_type() == at::kFloat) {
+    out = w8a8_linear(rows, *l.weight, *l.scale, out_features, maybe(*l.bias));
+  } else {
+    out = int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize], out_features,
+                            maybe(*l.bias));
+  }
   return out.view(shape);
 }
 
