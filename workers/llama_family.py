@@ -276,12 +276,15 @@ class DecodeStack:
         self.weights: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.floats: list[float] = []
+        # NOTE: batches from which a layer widens its weights for oneDNN (int8 and w8a8 on AMX
+        # CPUs) run a layer a call, as the layers decide: the op calls the panels' kernels only
+        widths = [getattr(m, "widen_from", None) for layer in layers for m in _linears(layer)]
+        self.max_rows = min((w for w in widths if w is not None), default=None)
         none = torch.empty(0)
         for layer in layers:
             q_norm, k_norm = layer.q_norm, layer.k_norm
             assert layer.qkv_bounds is not None and layer.gate_up_bounds is not None
-            linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
-            qkv, o, gate_up, down = (_packed(m) for m in linears)
+            qkv, o, gate_up, down = (_packed(m) for m in _linears(layer))
             self.weights += [
                 layer.norm1.weight, *qkv,
                 none if q_norm is None else q_norm.weight,
@@ -303,8 +306,7 @@ class DecodeStack:
         if getattr(config, "hidden_act", None) != "silu":
             return None
         for layer in layers:
-            linears = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
-            if not all(_in_panels(m) for m in linears):
+            if not all(_in_panels(m) for m in _linears(layer)):
                 return None
             assert layer.gate_up_bounds is not None
             gate, up = itertools.pairwise(layer.gate_up_bounds)
@@ -318,8 +320,12 @@ class DecodeStack:
 
     def takes(self, meta: attention.AttentionMetadata) -> bool:
         """Whether this step is one the stack runs: every sequence decodes one token, with
-        kvray's CPU decode kernel."""
-        return not meta.prefills and meta.num_decodes > 0 and meta.decode_kernel is self.kernel
+        kvray's CPU decode kernel, fewer sequences than any layer widens its weights for."""
+        fits = self.max_rows is None or meta.num_decodes < self.max_rows
+        return (
+            fits and not meta.prefills and meta.num_decodes > 0
+            and meta.decode_kernel is self.kernel
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -336,6 +342,10 @@ class DecodeStack:
             [*self.head_sizes, meta.block_size, GROUP_SIZE, *self.sizes],
             self.floats,
         )  # fmt: skip
+
+
+def _linears(layer: _Layer) -> tuple[Any, ...]:
+    return (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
 
 
 def _in_panels(linear: Any) -> bool:

@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._kernel = cpu_kernels.int8_linear() if on_cpu else None
         self._dequantize = cpu_kernels.int8_dequantize() if on_cpu else None
-        self._widen_from = AMX_MIN_ROWS if "amx_bf16" in cpu_flags() else None
+        self.widen_from: int | None = AMX_MIN_ROWS if "amx_bf16" in cpu_flags() else None
 
     @property
     def layout(self) -> str:
@@ -101,7 +101,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         few = rows.shape[0] <= KERNEL_MAX_ROWS
         panel = self._panel if x.dtype == torch.bfloat16 else None
-        if panel is not None and (self._widen_from is None or rows.shape[0] < self._widen_from):
+        if panel is not None and (self.widen_from is None or rows.shape[0] < self.widen_from):
             out = panel.linear(
                 rows, self.weight_int8, self.scale, GROUP_SIZE, self.out_features, self.bias
             )

@@ -5,6 +5,12 @@ feature); each call quantizes its activations the same way, per row and group of
 fp32 scale (llama.cpp's Q8_0 x Q8_0), and multiplies 8-bit integers: csrc/w8a8_linear.cpp where
 it is built (AVX512-VNNI, or AVX2), else `reference_linear`, the same math in torch ops. Weight-only int8
 (workers/quantization.py) keeps the activations exact and widens the weights instead.
+
+On CPUs with AMX, inputs of `AMX_WIDEN_ROWS` rows or more (prompt chunks, big decode batches)
+are not quantized: the layer's weights are widened to bf16 (`dequantize`, the same values
+weight-only int8 multiplies by) for one oneDNN matmul on the tile unit, which beats the
+`vpdpbusd` kernel from there (SmolLM2-135M's layer shapes, 2 cores: 1.28x at 128 rows, 1.9x at
+256, 2.9x at 512; 0.85x at 64). Such a step's products are then weight-only int8's.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvray.workers import cpu_kernels
+from kvray.workers.device import cpu_flags
 from kvray.workers.quantization import GROUP_SIZE, can_quantize, quantize_int8
+
+AMX_WIDEN_ROWS = 128  # rows from which an AMX CPU widens the weights to bf16 (see above)
 
 # Output features per torch-reference chunk: bounds its [groups, rows, chunk] fp32 products.
 _REFERENCE_CHUNK = 4096
@@ -46,6 +55,8 @@ class Int8ActLinear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
+        amx = self._ops is not None and "amx_bf16" in cpu_flags()
+        self.widen_from: int | None = AMX_WIDEN_ROWS if amx else None
 
     @property
     def in_panels(self) -> bool:
@@ -67,7 +78,12 @@ class Int8ActLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features], bf16 or fp32
         rows = x.reshape(-1, self.in_features)
-        if self._ops is not None:
+        widen = self.widen_from is not None and rows.shape[0] >= self.widen_from
+        if self._ops is not None and widen and rows.dtype == torch.bfloat16:
+            weight = self._ops.dequantize(self.weight_int8, self.scale, self.out_features)
+            bias = None if self.bias is None else self.bias.to(rows.dtype)
+            out = F.linear(rows, weight, bias)
+        elif self._ops is not None:
             out = self._ops.linear(rows, self.weight_int8, self.scale, self.out_features, self.bias)
         else:
             out = reference_linear(rows, self.weight_int8, self.scale, self.bias)

@@ -307,16 +307,29 @@ def test_memory_breakdown_leaves_the_rest_of_the_resident_bytes(capsys):
     assert rows["KV cache, allocated"] == ["2048"]
 
 
-def test_peers_table_shows_each_systems_memory(capsys):
+def test_peers_table_shows_shares_of_the_limits_memory_and_first_tokens(capsys):
     peers = bench_module("peers")
+    common = bench_module("common")
     gib = 2**30
     results = {
-        "kvray bf16": {"tokens": 100, "seconds": 1.0, "imported": gib // 4, "peak": gib, "rss": gib},
-        "llama.cpp q4_1": {"tokens": 200, "seconds": 1.0, "imported": gib // 4,
-                           "peak": gib // 2, "rss": gib // 2},
+        "kvray bf16": {"tokens": 100, "seconds": 1.0, "imported": gib // 4, "peak": gib,
+                       "rss": gib, "ttft_ms": 51.2},
+        "llama.cpp q4_1": {"tokens": 160, "seconds": 1.0, "imported": gib // 4,
+                           "peak": gib // 2, "rss": gib // 2, "ttft_ms": 102.4},
     }  # fmt: skip
-    peers.print_table("W1 uniform", results)
+    limits = common.HardwareLimits(matmul_flops=1e12, read_bytes=1e10)
+    peers.print_table("W2 single", results, limits, 10**7, seed=0)
     lines = capsys.readouterr().out.splitlines()
-    assert "peak GiB" in lines[2] and "end GiB" in lines[2]
-    assert lines[3].split()[-2:] == ["1.00", "1.00"]
-    assert lines[4].split()[-4:] == ["0.50x", "-", "0.50", "0.50"]
+    assert lines[2].split() == ["system", "tok/s", "kvray", "best/x", "of", "read", "BW",
+                                "peak", "GiB", "end", "GiB", "TTFT", "ms", "of", "matmul"]  # fmt: skip
+    # one stream reads every weight a token: 100 tok/s x 1e7 weights x 2 bytes of 1e10 B/s;
+    # a first token is 2 FLOPs a weight for each of the prompt's 128 tokens
+    assert lines[3].split()[2:] == ["100.0", "1.00x", "20%", "1.00", "1.00", "51.2", "5%"]
+    assert lines[4].split()[2:] == ["160.0", "0.62x", "10%", "0.50", "0.50", "102.4", "2%"]
+    peers.verdicts([{"W2 single": results}])
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "kvray bf16 100.0 / llama.cpp q4_1 160.0 tok/s = 0.62x (target >= 1.2x: MISSES)"
+        in (lines[2])
+    )
+    assert "kvray bf16 51.2 ms / llama.cpp q4_1 102.4 ms (target: no slower: meets)" in lines[3]

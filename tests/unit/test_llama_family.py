@@ -3,6 +3,8 @@ architecture it covers, in fp32 and in bf16 with the worker's fused, packed, int
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -126,6 +128,24 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
                 row = step.order.index(i)
                 tokens[i].append(int(got[0, row].argmax()))
     assert stack_calls == (3 if stacked else 0)  # the three decode steps, not the prompts
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16-int8", "bfloat16-w8a8"])
+def test_the_stack_leaves_batches_its_layers_widen_for_to_them(dtype):
+    """int8 and w8a8 layers on AMX CPUs widen their weights for oneDNN from some number of
+    rows; the one-call op runs the panels' kernels only, so those batches run a layer a call."""
+    model = build("llama", dtype)
+    spec = KVCacheSpec.from_model_config(model.config, torch.bfloat16)
+    cache = KVCache(spec, num_blocks=8, block_size=BLOCK, device=torch.device("cpu"))
+    stack = ModelRunner(model, cache, torch.device("cpu")).forward.stack
+    if stack is None:
+        pytest.skip("needs kvray's CPU kernels (the one-call decode op)")
+    widen = model.model.layers[0].mlp.down_proj.widen_from
+    assert stack.max_rows == widen  # None where there is no AMX
+    stack.max_rows = 4  # the AMX rule, on any CPU
+    step = SimpleNamespace(prefills=0, decode_kernel=stack.kernel)
+    assert stack.takes(SimpleNamespace(**vars(step), num_decodes=3))
+    assert not stack.takes(SimpleNamespace(**vars(step), num_decodes=4))
 
 
 def test_other_architectures_keep_transformers_forward():

@@ -104,8 +104,8 @@ def test_panels_widen_for_onednn_from_amx_min_rows_where_there_is_amx():
     torch.manual_seed(2)
     layer = Int8Linear(torch.nn.Linear(96, 40).to(torch.bfloat16))
     has_amx = "amx_bf16" in quantization.cpu_flags()
-    assert layer._widen_from == (quantization.AMX_MIN_ROWS if has_amx else None)
-    layer._widen_from = quantization.AMX_MIN_ROWS  # the AMX rule, on any CPU
+    assert layer.widen_from == (quantization.AMX_MIN_ROWS if has_amx else None)
+    layer.widen_from = quantization.AMX_MIN_ROWS  # the AMX rule, on any CPU
     weight = layer.dequantized(torch.bfloat16)
     many = torch.randn(quantization.AMX_MIN_ROWS, 96).to(torch.bfloat16)
     assert torch.equal(layer(many), torch.nn.functional.linear(many, weight, layer.bias))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvray.workers import cpu_kernels
+from kvray.workers import cpu_kernels, w8a8
 from kvray.workers.device import cpu_flags
 from kvray.workers.quantization import quantize_int8
 from kvray.workers.w8a8 import (
@@ -146,6 +146,34 @@ def test_panels_hold_the_same_weights_as_rows():
     assert torch.all(packed[36, :, 1:] == 0)  # the padding
     got_weight, got_scale = from_panels(packed, packed_scale, 577)
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (577, 64), (16, 1536)])  # padded panels, one panel
+def test_dequantize_gives_the_rows_weights_in_bf16_bit_for_bit(shape):
+    ops = kernel()
+    torch.manual_seed(5)
+    weight, scale = quantize_int8(torch.randn(*shape).to(torch.bfloat16))
+    packed, packed_scale = to_panels(weight, scale)
+    groups = weight.view(shape[0], -1, 32).float() * scale.float()[:, :, None]  # exact in fp32
+    expected = groups.view(shape).to(torch.bfloat16)
+    assert torch.equal(ops.dequantize(packed, packed_scale, shape[0]), expected)
+
+
+def test_many_rows_widen_for_onednn_from_amx_widen_rows_where_there_is_amx():
+    """On AMX CPUs prompt-sized inputs take one oneDNN matmul of the widened weights (bf16
+    activations, not quantized); fewer rows, and every input elsewhere, take the kernel."""
+    ops = kernel()
+    torch.manual_seed(6)
+    layer = Int8ActLinear(torch.nn.Linear(96, 40).to(torch.bfloat16))
+    has_amx = "amx_bf16" in cpu_flags()
+    assert layer.widen_from == (w8a8.AMX_WIDEN_ROWS if has_amx else None)
+    layer.widen_from = 8  # the AMX rule, on any CPU, at a size a test affords
+    weight = ops.dequantize(layer.weight_int8, layer.scale, 40)
+    many = torch.randn(8, 96).to(torch.bfloat16)
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, weight, layer.bias))
+    few = many[:7]
+    assert torch.equal(layer(few), ops.linear(few, layer.weight_int8, layer.scale, 40, layer.bias))
+    assert not torch.equal(layer(few), layer(many)[:7])  # the few rows were quantized
 
 
 def test_the_layer_falls_back_to_the_reference_without_the_kernel(monkeypatch):

@@ -380,6 +380,49 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
   return out;
 }
 
+// bf16(weight * scale) in rows, [out_features, in_features]: the weights the layer's products
+// stand for, for inputs of many rows on CPUs with AMX, where one oneDNN matmul over them in bf16
+// (the tile unit) beats this file's kernel. The fp32 product of an int8 and a bf16 scale is
+// exact, so this is Int8Linear's `dequantized(bf16)` of the same quantized weights.
+at::Tensor w8a8_dequantize(at::Tensor packed, at::Tensor scales, int64_t out_features) {
+  const int64_t in = packed.size(1) * 4;
+  check_weights(packed, scales, in, out_features);
+  auto out = at::empty({out_features, in}, packed.options().dtype(at::kBFloat16));
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
+  const int64_t quads = in / 4, groups = in / kGroup;
+  at::parallel_for(0, out_features, kPanel, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t panel = n / kPanel, lane = n % kPanel;
+      const int8_t* w_row = w + panel * quads * kPanel * 4 + lane * 4;  // quad q at q * 64
+      const float* s_row = s + panel * groups * kPanel + lane;         // group g at g * 16
+      c10::BFloat16* y_row = y + n * in;
+#if defined(__AVX512BF16__)
+      // a group's 8 quads of this lane (one 32-bit gather), widened, scaled, rounded as
+      // c10::BFloat16 rounds (nearest even)
+      const __m256i offsets = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m256i q = _mm256_i32gather_epi32(
+            reinterpret_cast<const int*>(w_row + g * 8 * kPanel * 4), offsets, 1);
+        const __m512 scale = _mm512_set1_ps(s_row[g * kPanel]);
+        const __m512 lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), scale);
+        const __m512 hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), scale);
+        _mm512_storeu_si512(y_row + g * kGroup, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+#else
+      for (int64_t k = 0; k < in; ++k) {
+        const float weight = w_row[(k / 4) * kPanel * 4 + k % 4];
+        y_row[k] = c10::BFloat16(weight * s_row[(k / kGroup) * kPanel]);
+      }
+#endif
+    }
+  });
+  return out;
+}
+
 // Which path this build runs: "avx512-vnni" or "avx2".
 std::string w8a8_isa() { return kVnni ? "avx512-vnni" : "avx2"; }
 #endif
@@ -388,6 +431,7 @@ TORCH_LIBRARY_FRAGMENT(kvray, m) {
 #if defined(__AVX2__) && defined(__FMA__)
   m.def("w8a8_linear(Tensor x, Tensor packed, Tensor scales, int out_features, Tensor? bias) -> Tensor");
   m.def("w8a8_quantize(Tensor x) -> (Tensor, Tensor)");
+  m.def("w8a8_dequantize(Tensor packed, Tensor scales, int out_features) -> Tensor");
   m.def("w8a8_isa() -> str", &w8a8_isa);  // no tensor to dispatch on: one kernel for all
 #endif
 }
@@ -396,5 +440,6 @@ TORCH_LIBRARY_IMPL(kvray, CPU, m) {
 #if defined(__AVX2__) && defined(__FMA__)
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("w8a8_quantize", &w8a8_quantize);
+  m.impl("w8a8_dequantize", &w8a8_dequantize);
 #endif
 }
