@@ -330,10 +330,6 @@ def run_in_child(workload: str, system: str, seed: int) -> dict[str, float] | No
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def share(fraction: float) -> str:
-    return f"{fraction:.0%}"
-
-
 def print_table(
     workload: str, results: dict[str, dict], limits: HardwareLimits, weights: int, seed: int
 ) -> None:
@@ -362,12 +358,14 @@ def print_table(
         else:
             used = 2 * weights * (prompt_tokens + r["tokens"]) / r["seconds"]
             of_limit = used / limits.matmul_flops
-        line = f"{system:<20} {rate:>8.1f} {ratio} {share(of_limit):>10}"
+        line = f"{system:<20} {rate:>8.1f} {ratio} {engine_throughput.share(of_limit):>10}"
         line += f" {r['peak'] / GIB:>9.2f} {r['rss'] / GIB:>8.2f}"
         if "ttft_ms" in r:
             prompt = len(reqs[0].prompt_token_ids)
             flops = 2 * weights * prompt / (r["ttft_ms"] / 1e3)
-            line += f" {r['ttft_ms']:>8.1f} {share(flops / limits.matmul_flops):>10}"
+            line += (
+                f" {r['ttft_ms']:>8.1f} {engine_throughput.share(flops / limits.matmul_flops):>10}"
+            )
         print(line)
     imported = min(r["imported"] for r in results.values())
     print(f"(each in its own process, whose imports, torch's included, take {imported / GIB:.2f} "
