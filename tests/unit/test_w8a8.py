@@ -26,8 +26,11 @@ def kernel() -> cpu_kernels.W8a8:
     return ops
 
 
-def test_the_build_takes_the_vnni_path_where_the_cpu_has_it():
-    expected = "avx512-vnni" if "avx512_vnni" in cpu_flags() else "avx2"
+def test_the_build_takes_the_vnni_and_amx_paths_where_the_cpu_has_them():
+    flags = cpu_flags()
+    expected = "avx512-vnni" if "avx512_vnni" in flags else "avx2"
+    if "amx_int8" in flags and "avx512f" in flags:  # Linux grants the tile state by default
+        expected += "+amx-int8"
     assert kernel().isa == expected
 
 
@@ -66,13 +69,14 @@ def test_the_kernel_equals_the_torch_reference(shape, dtype):
     """Each group's int32 dot is exact on both paths; the kernel then sums the groups' scaled
     dots in fp32 in another order (with FMAs) than torch's: fp32 outputs agree to a few ulps of
     the sum's magnitude, bf16 ones to one bf16 rounding. The rows cover whole tiles and every
-    remainder (AVX512-VNNI: 4 rows, AVX2: 2), the shapes an odd last panel and a padded one."""
+    remainder (AVX512-VNNI: 4 rows, AVX2: 2; AMX, from 16 rows: 16), the shapes an odd last
+    panel and a padded one."""
     ops = kernel()
     torch.manual_seed(shape[0] + shape[1])
     out_features, in_features = shape
     weight, scale = quantize_int8(torch.randn(out_features, in_features) * 0.05)
     bias = torch.randn(out_features)
-    for rows in (1, 2, 3, 7, 33, 128):
+    for rows in (1, 2, 3, 7, 16, 17, 33, 128):
         x = torch.randn(rows, in_features).to(dtype)
         for b in (None, bias):
             got = ops.linear(x, *to_panels(weight, scale), out_features, b)
@@ -112,11 +116,14 @@ def test_the_reference_is_the_float_product_to_within_the_rounding_of_both():
     assert not torch.equal(got, exact)  # the activations were quantized
 
 
-def test_a_row_gives_the_same_output_alone_and_in_a_batch():
-    layer = Int8ActLinear(torch.nn.Linear(576, 1536))
-    x = torch.randn(9, 576)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gives_the_same_output_alone_and_in_a_batch(dtype):
+    """Bit for bit, whichever path each size takes (on AMX CPUs 40 rows take the tile unit and
+    one row the VNNI path: the same operations on the same exact sums)."""
+    layer = Int8ActLinear(torch.nn.Linear(576, 1539).to(dtype))  # an odd, padded last panel
+    x = torch.randn(40, 576).to(dtype)
     batch = layer(x)
-    assert all(torch.equal(layer(x[i : i + 1])[0], batch[i]) for i in range(9))
+    assert all(torch.equal(layer(x[i : i + 1])[0], batch[i]) for i in range(40))
 
 
 def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():

@@ -41,17 +41,16 @@
 // kernel's order (with FMAs), the torch reference's in torch's: equal to fp32 rounding, not bit
 // for bit.
 //
-// Not done: AMX-INT8 for prompt chunks and big batches. `_tile_dpbssd` (signed x signed: no
-// offset) multiplies a 16-row x 64-byte tile of activations by a 16 x 64-byte tile of weights
-// (this layout's quad rows, 16 features wide: 16 quad rows of a panel are one B tile) into a
-// 16 x 16 s32 tile. What it needs beyond this file: a group is 32 inputs, half a tile's depth,
-// so either K tiles of 32 bytes (8 quad rows: half the work per instruction) or the two groups'
-// products kept apart (two C tiles per 64 inputs, scaled after each); `_tile_stored` of the C
-// tiles to memory and the scaling there (no register lanes as above); the tile configuration
-// (`_tile_loadconfig`, 64-byte palette) per thread; on Linux the arch_prctl(ARCH_REQ_XCOMP_PERM,
-// XFEATURE_XTILEDATA) request before the first tile instruction, once per process; a row
-// threshold (AMX pays off only from ~16 rows) with this path below it; and tests for the
-// remainder rows of a tile. oneDNN's brgemm does all of this for bf16 already (BF16_ONEDNN).
+// AMX-INT8 (`#if defined(__AMX_INT8__)`; inputs of kAmxRows rows or more, where Linux grants
+// the tile state, else the VNNI path): `_tile_dpbssd` (signed x signed, no offset) multiplies
+// 16 rows x one group of activations (a 16 x 32-byte tile, loaded straight from the quantized
+// rows, padded with zero rows to whole tiles) by the group's 8 quad rows of a panel (an 8 x
+// 64-byte tile, straight from the panels above) into 16 x 16 exact s32 sums. A block is 16
+// rows x 2 panels; even and odd groups take separate tiles, so one group's products overlap
+// the store of the last one's sums. A group's scales differ per row and feature, so its sum
+// tiles go to memory (`_tile_stored`) and AVX512 scales them into the block's fp32 sums with
+// the VNNI path's operations in its order: both paths give the same bits, so a row's output
+// does not depend on the size of the batch it came in.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -64,6 +63,12 @@
 #include <tuple>
 
 #include "vec.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
+#define KVRAY_AMX_INT8 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -154,13 +159,18 @@ inline void quantize_group(const T* x, int8_t* q, float* scale, uint8_t* magnitu
   }
 }
 
+// x's rows quantized into `padded` rows (>= x's; the extra ones zeros, with zero scales).
 template <typename T>
-QuantizedRows quantize_rows(const at::Tensor& x) {
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t padded) {
   const int64_t rows = x.size(0), in = x.size(1), groups = in / kGroup;
   const at::Tensor xc = x.contiguous();
   QuantizedRows out;
-  out.q = at::empty({rows, in}, x.options().dtype(at::kChar));
-  out.scale = at::empty({rows, groups}, x.options().dtype(at::kFloat));
+  out.q = at::empty({padded, in}, x.options().dtype(at::kChar));
+  out.scale = at::empty({padded, groups}, x.options().dtype(at::kFloat));
+  if (padded > rows) {
+    out.q.narrow(0, rows, padded - rows).zero_();
+    out.scale.narrow(0, rows, padded - rows).zero_();
+  }
   if constexpr (kVnni) {
     out.offset = at::empty({rows, groups}, x.options().dtype(at::kInt));
   } else {
@@ -324,6 +334,136 @@ void linear(const Layer& L, T* out) {
   if (num_panels % kTilePanels) panels<1>(L, num_panels - 1, 0, L.rows, out);  // an odd last one
 }
 
+constexpr int64_t kAmxRows = 16;      // inputs of this many rows or more take the tile unit
+constexpr int64_t kAmxTileRows = 16;  // rows of an activation tile (and of a sum tile)
+
+#if defined(KVRAY_AMX_INT8)
+// Whether this process may use the tile registers: Linux hands out their 8 KiB of state only
+// on request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), once per process, for all
+// of its threads. Refused (an old kernel, a hypervisor without AMX state): the VNNI path.
+bool amx_granted() {
+  static const bool granted = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+// The tiles' shapes, loaded by each thread before its first tile instruction (the configuration
+// is per thread): 0, 1: activations, 16 rows x one group (32 bytes); 2, 3: weights, a group's
+// 8 quad rows of a panel (8 x 64 bytes); 4..7: sums, 16 rows x 16 features of s32.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TileConfig tile_shapes() {
+  TileConfig c;
+  for (int t = 0; t < 2; ++t) c.rows[t] = kAmxTileRows, c.colsb[t] = kGroup;
+  for (int t = 2; t < 4; ++t) c.rows[t] = kGroup / 4, c.colsb[t] = 4 * kPanel;
+  for (int t = 4; t < 8; ++t) c.rows[t] = kAmxTileRows, c.colsb[t] = 4 * kPanel;
+  return c;
+}
+
+// NOTE: a global, not a local: GCC 12 drops the stores into a local configuration before
+// `ldtilecfg` (it does not see the instruction read all 64 bytes), and the tiles then fault.
+alignas(64) const TileConfig kTileShapes = tile_shapes();
+
+void configure_tiles() { _tile_loadconfig(&kTileShapes); }
+
+// Row m's 16 fp32 sums of panel p plus the bias into `out`, 16 lanes at once (bf16: rounded to
+// nearest even, as c10::BFloat16); the padding of the last panel is masked off.
+template <typename T>
+inline void store16(const Layer& L, int64_t m, int64_t p, const float* sums, T* out) {
+  const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  __m512 y = _mm512_load_ps(sums);
+  if (L.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, L.bias + n0));
+  T* dst = out + m * L.out + n0;
+  if constexpr (std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(dst, mask, y);
+  } else {
+    const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(kvray::round_bf16(y)), 16);
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(top));
+  }
+}
+
+// Group g's exact dots of 16 rows (from m0) x kPanels panels (from p0) into `dots`: the
+// activations into tile A, the weights into tiles 2 (and 3), the sums into tiles C0 (and C1).
+// NOTE: a macro: GCC's tile intrinsics paste their tile numbers into the assembly, so they
+// must be literals, not template arguments.
+#define KVRAY_GROUP_DOTS(A, C0, C1)                                        \
+  do {                                                                     \
+    const int8_t* b = L.panel(p0) + g * kGroup * kPanel;                   \
+    _tile_loadd(A, L.xq + m0 * L.in + g * kGroup, L.in);                   \
+    _tile_loadd(2, b, 4 * kPanel);                                         \
+    if constexpr (kPanels == 2) _tile_loadd(3, b + L.in * kPanel, 4 * kPanel); \
+    _tile_zero(C0);                                                        \
+    _tile_dpbssd(C0, A, 2);                                                \
+    _tile_stored(C0, dots[g % 2][0], 4 * kPanel);                          \
+    if constexpr (kPanels == 2) {                                          \
+      _tile_zero(C1);                                                      \
+      _tile_dpbssd(C1, A, 3);                                              \
+      _tile_stored(C1, dots[g % 2][1], 4 * kPanel);                        \
+    }                                                                      \
+  } while (0)
+
+// One block: 16 rows (from m0; L.xq and L.xs padded to whole tiles) x kPanels panels (from p0).
+// Even groups run on tiles 0 and 4, 5, odd ones on 1 and 6, 7, so a group's products start
+// while the group before still stores its sums; each group's sums, times their rows' and
+// features' scales, are added to the block's fp32 sums a group later (a vector load right after
+// the tile store it reads would wait for that store to reach L1).
+template <int kPanels, typename T>
+void amx_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
+  alignas(64) int32_t dots[2][2][kAmxTileRows][kPanel];  // [group % 2][panel]
+  alignas(64) float acc[2][kAmxTileRows][kPanel];
+  std::memset(acc, 0, sizeof(acc));
+  const float* xs = L.xs + m0 * L.groups;
+  const auto scale_group = [&](int64_t g) {
+    for (int j = 0; j < kPanels; ++j) {
+      const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j, g));
+      for (int r = 0; r < kAmxTileRows; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots[g % 2][j][r]));
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r * L.groups + g]), ws);
+        _mm512_store_ps(acc[j][r], _mm512_fmadd_ps(dot, scale, _mm512_load_ps(acc[j][r])));
+      }
+    }
+  };
+  for (int64_t g = 0; g < L.groups; ++g) {
+    if (g % 2 == 0) {
+      KVRAY_GROUP_DOTS(0, 4, 5);
+    } else {
+      KVRAY_GROUP_DOTS(1, 6, 7);
+    }
+    if (g > 0) scale_group(g - 1);
+  }
+  scale_group(L.groups - 1);
+  const int64_t count = std::min<int64_t>(kAmxTileRows, L.rows - m0);
+  for (int r = 0; r < count; ++r)
+    for (int j = 0; j < kPanels; ++j) store16(L, m0 + r, p0 + j, acc[j][r], out);
+}
+
+// NOTE: loop order as `linear`'s: each thread takes a range of panel pairs; a pair's weights
+// (2 x in x 16 bytes) stay in L1/L2 while every block of rows meets them.
+template <typename T>
+void linear_amx(const Layer& L, T* out) {
+  const int64_t num_panels = (L.out + kPanel - 1) / kPanel, pairs = (num_panels + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t p0 = 2 * pair;
+      const bool two_panels = p0 + 1 < num_panels;
+      for (int64_t m0 = 0; m0 < L.rows; m0 += kAmxTileRows) {
+        if (two_panels) amx_block<2>(L, m0, p0, out);
+        else amx_block<1>(L, m0, p0, out);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t in, int64_t out) {
   const int64_t num_panels = (out + kPanel - 1) / kPanel;
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
@@ -337,12 +477,23 @@ void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t i
               "scales must be contiguous fp32 [panels, in_features / 32, 16]");
 }
 
-QuantizedRows quantize(const at::Tensor& x) {
+// Whether a layer call with `rows` rows takes the tile unit.
+bool use_amx(int64_t rows) {
+#if defined(KVRAY_AMX_INT8)
+  return rows >= kAmxRows && amx_granted();
+#else
+  (void)rows;
+  return false;
+#endif
+}
+
+// x quantized into `padded` rows (see quantize_rows).
+QuantizedRows quantize(const at::Tensor& x, int64_t padded) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-d [rows, in_features]");
   TORCH_CHECK(x.size(1) % kGroup == 0, "in_features must be a multiple of 32, got ", x.size(1));
-  if (x.scalar_type() == at::kBFloat16) return quantize_rows<c10::BFloat16>(x);
+  if (x.scalar_type() == at::kBFloat16) return quantize_rows<c10::BFloat16>(x, padded);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be bf16 or fp32, got ", x.scalar_type());
-  return quantize_rows<float>(x);
+  return quantize_rows<float>(x, padded);
 }
 
 }  // namespace
@@ -350,13 +501,16 @@ QuantizedRows quantize(const at::Tensor& x) {
 // x's Q8_0 quantization, as the linear layer computes it: (int8 [rows, in], fp32 scales
 // [rows, in / 32]).
 std::tuple<at::Tensor, at::Tensor> w8a8_quantize(at::Tensor x) {
-  QuantizedRows q = quantize(x);
+  QuantizedRows q = quantize(x, x.size(0));
   return {q.q, q.scale};
 }
 
 at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64_t out_features,
                        c10::optional<at::Tensor> bias) {
-  const QuantizedRows q = quantize(x);
+  const int64_t rows = x.dim() == 2 ? x.size(0) : 0;
+  const bool amx = use_amx(rows);
+  const int64_t tiles = (rows + kAmxTileRows - 1) / kAmxTileRows;
+  const QuantizedRows q = quantize(x, amx ? tiles * kAmxTileRows : rows);
   check_weights(packed, scales, x.size(1), out_features);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
@@ -372,7 +526,15 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
                 scales.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr};
   auto out = at::empty({x.size(0), out_features}, x.options());
-  if (x.scalar_type() == at::kBFloat16) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+#if defined(KVRAY_AMX_INT8)
+  if (amx && bf16) {
+    linear_amx<c10::BFloat16>(L, out.data_ptr<c10::BFloat16>());
+  } else if (amx) {
+    linear_amx<float>(L, out.data_ptr<float>());
+  } else
+#endif
+  if (bf16) {
     linear<c10::BFloat16>(L, out.data_ptr<c10::BFloat16>());
   } else {
     linear<float>(L, out.data_ptr<float>());
@@ -423,8 +585,11 @@ at::Tensor w8a8_dequantize(at::Tensor packed, at::Tensor scales, int64_t out_fea
   return out;
 }
 
-// Which path this build runs: "avx512-vnni" or "avx2".
-std::string w8a8_isa() { return kVnni ? "avx512-vnni" : "avx2"; }
+// Which paths this build runs: "avx512-vnni" or "avx2", with "+amx-int8" where inputs of
+// kAmxRows rows or more take the tile unit.
+std::string w8a8_isa() {
+  return std::string(kVnni ? "avx512-vnni" : "avx2") + (use_amx(kAmxRows) ? "+amx-int8" : "");
+}
 #endif
 
 TORCH_LIBRARY_FRAGMENT(kvray, m) {
