@@ -1,8 +1,9 @@
 """kvray's C++ kernels for CPU, compiled on first use and cached on disk.
 
 `paged_decode_attention()`, `int8_linear()`, `int8_dequantize()`, `bf16_linear()`,
-`rotary_embedding()`, `rms_norm()`, `decode_layers()`, `int8_panel()` and `w8a8()` return the
-compiled ops (`torch.ops.kvray.*`), or None where they cannot be built (no C++ compiler, for
+`rotary_embedding()`, `rms_norm()`, `decode_layers()`, `int8_panel()`, `w8a8()` and
+`argmax_rows()` return the compiled ops (`torch.ops.kvray.*`), or None where they cannot be
+built (no C++ compiler, for
 `bf16_linear` a CPU without AVX512-BF16, for `w8a8` one without AVX2) or are turned off (the
 worker's `cpu_kernels` setting, passed to `set_enabled`); callers then keep their torch path,
 which gives the same results (or, for bf16, oneDNN's) more slowly. The build goes through
@@ -41,6 +42,7 @@ _SOURCES = [
         "decode_layers.cpp",
         "int8_panel.cpp",
         "w8a8_linear.cpp",
+        "argmax.cpp",
     )
 ]
 
@@ -88,6 +90,12 @@ def rms_norm() -> Callable[..., torch.Tensor] | None:
     """`rms_norm(x, weight, eps)`, bf16, bitwise transformers' `LlamaRMSNorm.forward`; see
     csrc/rms_norm.cpp; or None."""
     return torch.ops.kvray.rms_norm if _ready() else None
+
+
+def argmax_rows() -> Callable[..., torch.Tensor] | None:
+    """`argmax_rows(x)`: torch.argmax(x, dim=-1) of a contiguous fp32 [rows, n] (first index of
+    the maximum, or of the first NaN), see csrc/argmax.cpp; or None."""
+    return torch.ops.kvray.argmax_rows if _ready() else None
 
 
 def decode_layers() -> Callable[..., torch.Tensor] | None:

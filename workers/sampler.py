@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -208,7 +209,17 @@ def _prepare_min_tokens_mask(
 
 
 class Sampler:
-    """Stateless: `sample(logits, batch)` -> (token ids, logprobs per row or None)."""
+    """Stateless: `sample(logits, batch)` -> (token ids, logprobs per row or None). `argmax`:
+    an op that gives torch.argmax(x, dim=-1) of contiguous fp32 CPU rows faster than ATen's
+    (`cpu_kernels.argmax_rows`, ~10x on a batch of logits), or None for torch's."""
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self._argmax = argmax
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:  # [batch, vocab] fp32 -> [batch]
+        if self._argmax is not None and logits.device.type == "cpu" and logits.is_contiguous():
+            return self._argmax(logits)
+        return logits.argmax(dim=-1)
 
     def sample(
         self,
@@ -235,7 +246,7 @@ class Sampler:
             apply_grammar_masks(logits, batch.grammar, unmasked=unmasked if masked_before else None)
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
-        tokens = logits.argmax(dim=-1)
+        tokens = self._greedy(logits)
         if not batch.is_all_greedy:
             assert batch.sampled_rows is not None
             tokens[batch.sampled_rows] = self._sample_random(logits, batch)

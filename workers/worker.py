@@ -125,7 +125,7 @@ class ModelWorker:
             if self.plan.is_own_model
             else KVCacheSpec.from_model_config(self.model.config, self.dtype)
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(cpu_kernels.argmax_rows() if self.device.type == "cpu" else None)
         self.kv_cache: KVCache | None = None
         self.runner: ModelRunner | None = None
         self.table = SequenceTable()

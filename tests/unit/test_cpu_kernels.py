@@ -220,3 +220,56 @@ def test_the_int8_kernel_refuses_mismatched_shapes(int8_kernel):
         int8_kernel(x, weight, scale, 48, None)
     with pytest.raises(RuntimeError, match="scale must be bf16"):
         int8_kernel(x, weight, scale.float(), 32, None)
+
+
+@pytest.fixture(scope="module")
+def argmax_rows():
+    op = cpu_kernels.argmax_rows()
+    if op is None:
+        pytest.fail("kvray's CPU kernels did not build (see the warning above)")
+    return op
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 49152, 49155])  # under, at and past 16 lanes
+def test_argmax_rows_is_torch_argmax(argmax_rows, n):
+    """First index of the maximum, ties in every lane and across lanes, -inf rows (masked
+    logits), and NaN where torch counts it the largest (the first NaN wins)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(12, n, generator=g)
+    x[1] = 0.0  # all tied: index 0
+    x[2] = float("-inf")  # everything masked: index 0
+    x[3, n // 2 :] = 9.0  # a tie from the middle: its first index
+    x[4, -1] = 9.0  # the maximum in the tail past the last whole 16
+    x[5, n // 3] = float("nan")
+    x[6, -1] = float("nan")  # a NaN in the tail only
+    x[7, :] = float("nan")
+    x[8, n // 2] = float("inf")
+    x[9, 0] = 9.0
+    x[10] = torch.randint(0, 3, (n,), generator=g).float()  # many ties at the top value
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:1]), x[:1].argmax(dim=-1))  # one row
+
+
+def test_argmax_rows_refuses_what_it_does_not_read(argmax_rows):
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        argmax_rows(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        argmax_rows(torch.randn(8, 2).t())
+
+
+def test_the_sampler_takes_the_kernels_argmax_on_cpu(argmax_rows):
+    """A greedy batch's tokens through the op equal torch's; a non-contiguous batch (which the
+    op refuses) falls back to torch."""
+    from kvray.workers.sampler import Sampler
+
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape)
+        return argmax_rows(x)
+
+    sampler = Sampler(counted)
+    logits = torch.randn(5, 300)
+    assert torch.equal(sampler._greedy(logits), logits.argmax(-1)) and calls == [(5, 300)]
+    wide = torch.randn(300, 5).t()
+    assert torch.equal(sampler._greedy(wide), wide.argmax(-1)) and len(calls) == 1
