@@ -232,6 +232,7 @@ def _register_fakes() -> None:
             for x in (q, k)
         )
     )
+    fake("kvray::argmax_rows")(lambda x: x.new_empty(x.shape[:1], dtype=torch.long))
     if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 (or AVX512-VNNI) ops
         fake("kvray::w8a8_linear")(
             lambda x, packed, scales, out_features, bias: x.new_empty((x.shape[0], out_features))
