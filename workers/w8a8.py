@@ -12,8 +12,8 @@ are not quantized: the layer's weights are widened to bf16 (`dequantize`, the sa
 weight-only int8 multiplies by) for one oneDNN matmul on the tile unit. The kernel's AMX-INT8
 path works a group of 32 inputs per tile product and scales every group's sums with AVX512, so
 on big inputs oneDNN's bf16 tiles pass it: SmolLM2-135M's layer shapes, 2 cores, widened
-against the kernel 0.97-0.98x at 128 rows, 1.3-1.5x at 512, 1.8-2.2x at 2048 (the kernel: 2.1-2.3x
-the widened layers at 32 rows). Such a step's products are then weight-only int8's.
+against the kernel 0.97-0.98x at 128 rows, 1.3-1.5x at 512, 1.8-2.2x at 2048 (the kernel:
+2.1-2.3x the widened layers at 32 rows). Such a step's products are then weight-only int8's.
 """
 
 from __future__ import annotations

@@ -11,12 +11,17 @@ from kvray.workers.attention import AttentionMetadata, _decode_attention, decode
 BLOCK = 16
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    op = cpu_kernels.paged_decode_attention()
-    if op is None:  # the suite's machines have a compiler; say so loudly where one does not
+def built(op):
+    """The op, or a failure: the suite's machines have a compiler; say so loudly where one
+    does not."""
+    if op is None:
         pytest.fail("kvray's CPU kernels did not build (see the warning above)")
     return op
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return built(cpu_kernels.paged_decode_attention())
 
 
 def paged_case(num_seqs, heads, kv_heads, dim, lengths, dtype, seed=0):
@@ -173,10 +178,7 @@ def test_the_worker_passes_its_cpu_kernels_setting(on, model_cache_dir):
 
 @pytest.fixture(scope="module")
 def int8_kernel():
-    op = cpu_kernels.int8_linear()
-    if op is None:
-        pytest.fail("kvray's CPU kernels did not build (see the warning above)")
-    return op
+    return built(cpu_kernels.int8_linear())
 
 
 def int8_case(rows, in_features, out_features, group, dtype, seed):
@@ -224,10 +226,7 @@ def test_the_int8_kernel_refuses_mismatched_shapes(int8_kernel):
 
 @pytest.fixture(scope="module")
 def argmax_rows():
-    op = cpu_kernels.argmax_rows()
-    if op is None:
-        pytest.fail("kvray's CPU kernels did not build (see the warning above)")
-    return op
+    return built(cpu_kernels.argmax_rows())
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 49152, 49155])  # under, at and past 16 lanes
