@@ -7,9 +7,9 @@ built (no C++ compiler, for `bf16_linear` a CPU without AVX512-BF16, for `w8a8` 
 AVX2) or are turned off (the worker's `cpu_kernels` setting, passed to `set_enabled`); callers
 then keep their torch path, which gives the same results (or, for bf16, oneDNN's) more slowly.
 The build goes through `torch.utils.cpp_extension`: it takes ~40 s (2 cores) once per machine
-and source version, then
-loads from `TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) in well under a second.
-Workers build it while loading or warming up, so no step waits for a compiler.
+and source version, then loads from `TORCH_EXTENSIONS_DIR` (default
+`~/.cache/torch_extensions`) in well under a second. Workers build it while loading or warming
+up, so no step waits for a compiler.
 """
 
 from __future__ import annotations
