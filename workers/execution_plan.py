@@ -189,8 +189,11 @@ def _can_stack(config: Any, linear: str) -> bool:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * head_dim)
     unit = 2 if linear == BF16_KVRAY else GROUP_SIZE  # NOTE: what each kernel needs of in_features
-    ops: list[object] = [cpu_kernels.decode_layers(), cpu_kernels.rotary_embedding()]
-    ops.append(cpu_kernels.rms_norm())
+    ops: list[object] = [
+        cpu_kernels.decode_layers(),
+        cpu_kernels.rotary_embedding(),
+        cpu_kernels.rms_norm(),
+    ]
     if linear == W8A8:
         ops.append(cpu_kernels.w8a8())  # its panels: without the kernel the layers keep rows
     return all(width % unit == 0 for width in widths) and all(op is not None for op in ops)

@@ -209,14 +209,28 @@ struct Layer {
   }
 };
 
-// Row m's 16 sums of panel p (fp32 lanes, in order) into `out`, plus the bias; the padding of
-// the last panel is dropped.
+// Row m's 16 sums of panel p (fp32 lanes, in order) into `out`, plus the bias where there is
+// one; bf16 rounded to nearest even, as c10::BFloat16 rounds; the padding of the last panel is
+// dropped. Every path stores through here, so they round alike.
 template <typename T>
 inline void store(const Layer& L, int64_t m, int64_t p, const float* sums, T* out) {
   const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
-  for (int64_t f = 0; f < count; ++f) {
-    out[m * L.out + n0 + f] = static_cast<T>(sums[f] + (L.bias ? L.bias[n0 + f] : 0.0f));
+  T* dst = out + m * L.out + n0;
+#if defined(__AVX512F__)
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  __m512 y = _mm512_loadu_ps(sums);
+  if (L.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, L.bias + n0));
+  if constexpr (std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(dst, mask, y);
+  } else {
+    const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(kvray::round_bf16(y)), 16);
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(top));
   }
+#else
+  for (int64_t f = 0; f < count; ++f) {
+    dst[f] = static_cast<T>(L.bias ? sums[f] + L.bias[n0 + f] : sums[f]);
+  }
+#endif
 }
 
 #if defined(__AVX512VNNI__)
@@ -372,23 +386,6 @@ alignas(64) const TileConfig kTileShapes = tile_shapes();
 
 void configure_tiles() { _tile_loadconfig(&kTileShapes); }
 
-// Row m's 16 fp32 sums of panel p plus the bias into `out`, 16 lanes at once (bf16: rounded to
-// nearest even, as c10::BFloat16); the padding of the last panel is masked off.
-template <typename T>
-inline void store16(const Layer& L, int64_t m, int64_t p, const float* sums, T* out) {
-  const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
-  __m512 y = _mm512_load_ps(sums);
-  if (L.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, L.bias + n0));
-  T* dst = out + m * L.out + n0;
-  if constexpr (std::is_same<T, float>::value) {
-    _mm512_mask_storeu_ps(dst, mask, y);
-  } else {
-    const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(kvray::round_bf16(y)), 16);
-    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(top));
-  }
-}
-
 // Group g's exact dots of 16 rows (from m0) x kPanels panels (from p0) into `dots`: the
 // activations into tile A, the weights into tiles 2 (and 3), the sums into tiles C0 (and C1).
 // NOTE: a macro: GCC's tile intrinsics paste their tile numbers into the assembly, so they
@@ -441,7 +438,7 @@ void amx_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
   scale_group(L.groups - 1);
   const int64_t count = std::min<int64_t>(kAmxTileRows, L.rows - m0);
   for (int r = 0; r < count; ++r)
-    for (int j = 0; j < kPanels; ++j) store16(L, m0 + r, p0 + j, acc[j][r], out);
+    for (int j = 0; j < kPanels; ++j) store(L, m0 + r, p0 + j, acc[j][r], out);
 }
 
 // NOTE: loop order as `linear`'s: each thread takes a range of panel pairs; a pair's weights
