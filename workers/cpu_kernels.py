@@ -124,15 +124,14 @@ def int8_panel() -> Int8Panel | None:
 
 
 class W8a8(NamedTuple):
-    """csrc/w8a8_linear.cpp, int8 weights times activations quantized to int8 on the fly:
-    `linear(x, packed, scales, out_features, bias)` (weights in its panels, see
-    workers/w8a8.py `to_panels`), `quantize(x)` (the activations as it quantizes them),
-    `dequantize(packed, scales, out_features)` (the weights in bf16 rows) and `isa`, the path
-    this build runs ("avx512-vnni" or "avx2")."""
+    """csrc/w8a8_linear.cpp, rotated int8 weights times activations rotated and quantized to
+    int8 on the fly, one scale a row: `linear(x, packed, scales, out_features, bias)` (weights
+    in its panels, see workers/w8a8.py `to_panels`), `quantize(x)` (the activations as it
+    quantizes them) and `isa`, the paths this build runs ("avx512-vnni" or "avx2", with
+    "+amx-int8" where the tile unit takes inputs of 16+ rows)."""
 
     linear: Callable[..., torch.Tensor]
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    dequantize: Callable[..., torch.Tensor]
     isa: str
 
 
@@ -141,7 +140,7 @@ def w8a8() -> W8a8 | None:
     if not _ready() or not hasattr(torch.ops.kvray, "w8a8_linear"):
         return None
     ops = torch.ops.kvray
-    return W8a8(ops.w8a8_linear, ops.w8a8_quantize, ops.w8a8_dequantize, ops.w8a8_isa())
+    return W8a8(ops.w8a8_linear, ops.w8a8_quantize, ops.w8a8_isa())
 
 
 class Bf16Linear(NamedTuple):
@@ -236,11 +235,6 @@ def _register_fakes() -> None:
     if hasattr(torch.ops.kvray, "w8a8_linear"):  # the AVX2 (or AVX512-VNNI) ops
         fake("kvray::w8a8_linear")(
             lambda x, packed, scales, out_features, bias: x.new_empty((x.shape[0], out_features))
-        )
-        fake("kvray::w8a8_dequantize")(
-            lambda packed, scales, out_features: packed.new_empty(
-                (out_features, packed.shape[1] * 4), dtype=torch.bfloat16
-            )
         )
     fake("kvray::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     fake("kvray::int8_dequantize")(

@@ -1,19 +1,19 @@
 """int8 weights times int8 activations for CPU linear layers (`quantization: w8a8`).
 
-The weights are `quantize_int8`'s (int8, one bf16 scale per group of 32 inputs of an output
-feature); each call quantizes its activations the same way, per row and group of 32, with an
-fp32 scale (llama.cpp's Q8_0 x Q8_0), and multiplies 8-bit integers: csrc/w8a8_linear.cpp where
-it is built (AVX512-VNNI, or AVX2; AMX-INT8 tiles from 16 rows where the CPU has them), else
-`reference_linear`, the same math in torch ops. Weight-only int8 (workers/quantization.py)
-keeps the activations exact and widens the weights instead.
-
-On CPUs with AMX, inputs of `AMX_WIDEN_ROWS` rows or more (prompt chunks, big decode batches)
-are not quantized: the layer's weights are widened to bf16 (`dequantize`, the same values
-weight-only int8 multiplies by) for one oneDNN matmul on the tile unit. The kernel's AMX-INT8
-path works a group of 32 inputs per tile product and scales every group's sums with AVX512, so
-on big inputs oneDNN's bf16 tiles pass it: SmolLM2-135M's layer shapes, 2 cores, widened
-against the kernel 0.97-0.98x at 128 rows, 1.3-1.5x at 512, 1.8-2.2x at 2048 (the kernel:
-2.1-2.3x the widened layers at 32 rows). Such a step's products are then weight-only int8's.
+Every call quantizes its activations with one scale per row (per token), and the weights carry
+one scale per output feature, so a row's whole dot is summed in integers before anything is
+scaled: on AMX CPUs in the tile unit's registers, the full depth of the layer. One scale for a
+whole row would be set by its few large inputs (outlier channels) and leave the rest of the row
+few levels, so each row is first rotated, a block of 32 inputs at a time, by the 32 x 32
+Hadamard matrix H (+-1 entries, H H = 32 I), which spreads an outlier over its block; the
+weights are rotated alike once, at load (W H / 32), so the product is the layer's. On
+SmolLM2-135M, quantizing per token without the rotation multiplies the KL to fp32 by ~8 (0.125
+against 0.016 with it); the rotated scheme's KL is ~1.2x that of a scale per group of 32 inputs
+on both operands (llama.cpp's Q8_0 x Q8_0), whose per-group scaling halves the tile unit's
+rate (ADR 0009). The arithmetic: csrc/w8a8_linear.cpp where it is built (AVX512-VNNI, or AVX2;
+AMX-INT8 tiles from 16 rows where the CPU has them), else `reference_linear`, the same math in
+torch ops. Weight-only int8 (workers/quantization.py) keeps the activations exact and widens
+the weights instead.
 """
 
 from __future__ import annotations
@@ -23,22 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvray.workers import cpu_kernels
-from kvray.workers.device import cpu_flags
-from kvray.workers.quantization import GROUP_SIZE, can_quantize, quantize_int8
+from kvray.workers.quantization import GROUP_SIZE, can_quantize
 
-AMX_WIDEN_ROWS = 128  # rows from which an AMX CPU widens the weights to bf16 (see above)
-
-# Output features per torch-reference chunk: bounds its [groups, rows, chunk] fp32 products.
-_REFERENCE_CHUNK = 4096
+BLOCK = 32  # inputs per rotated block (GROUP_SIZE: a layer's inputs must be whole blocks)
+DEPTH = 64  # inputs are padded to a multiple of this (one AMX tile product's)
 
 
 class Int8ActLinear(nn.Module):
-    """`nn.Linear` with int8 weights (a bf16 scale per group of GROUP_SIZE) whose inputs are
-    quantized to int8 at every call. CPU only: the constructor refuses other devices. Where the
-    kernel is built, the weights are kept in its panels (`to_panels`), else in rows."""
+    """`nn.Linear` with rotated int8 weights (an fp32 scale per output feature) whose inputs are
+    rotated and quantized to int8 at every call. CPU only: the constructor refuses other
+    devices. Where the kernel is built, the weights are kept in its panels (`to_panels`), else
+    in rows."""
 
-    weight_int8: torch.Tensor  # rows: [out, in]; panels: [ceil(out / 16), in / 4, 16, 4]
-    scale: torch.Tensor  # rows: bf16 [out, in / GROUP_SIZE]; panels: fp32 [panels, in / 32, 16]
+    weight_int8: torch.Tensor  # rows: [out, padded]; panels: [ceil(out / 16), padded / 4, 16, 4]
+    scale: torch.Tensor  # fp32; rows: [out]; panels: [panels, 1, 16]
     bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -50,7 +48,7 @@ class Int8ActLinear(nn.Module):
                 f"w8a8 needs in_features divisible by {GROUP_SIZE}, got {linear.in_features}"
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_int8(linear.weight.detach())
+        weight, scale = quantize_rows(linear.weight.detach(), weights=True)
         self._ops = cpu_kernels.w8a8()
         if self._ops is not None:
             weight, scale = to_panels(weight, scale)
@@ -58,8 +56,6 @@ class Int8ActLinear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
-        amx = self._ops is not None and "amx_bf16" in cpu_flags()
-        self.widen_from: int | None = AMX_WIDEN_ROWS if amx else None
 
     @property
     def in_panels(self) -> bool:
@@ -67,26 +63,22 @@ class Int8ActLinear(nn.Module):
         return self._ops is not None
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 [out, in], bf16 scales [out, in / GROUP_SIZE]), from either layout."""
+        """(int8 [out, padded], fp32 scales [out]): the rotated weights, from either layout."""
         if self._ops is None:
             return self.weight_int8, self.scale
         return from_panels(self.weight_int8, self.scale, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:  # [out_features, in_features], fp32
-        """The dequantized weight (a copy): for model code that reads a linear layer's weight."""
+        """The dequantized weight (a copy), rotated back: for model code that reads a linear
+        layer's weight. (W H / 32) H = W."""
         weight, scale = self.rows()
-        groups = weight.view(self.out_features, -1, GROUP_SIZE).float()
-        return (groups * scale.float()[:, :, None]).view(self.out_features, -1)
+        rotated = weight[:, : self.in_features].float() * scale[:, None]
+        return hadamard32(rotated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_features], bf16 or fp32
         rows = x.reshape(-1, self.in_features)
-        widen = self.widen_from is not None and rows.shape[0] >= self.widen_from
-        if self._ops is not None and widen and rows.dtype == torch.bfloat16:
-            weight = self._ops.dequantize(self.weight_int8, self.scale, self.out_features)
-            bias = None if self.bias is None else self.bias.to(rows.dtype)
-            out = F.linear(rows, weight, bias)
-        elif self._ops is not None:
+        if self._ops is not None:
             out = self._ops.linear(rows, self.weight_int8, self.scale, self.out_features, self.bias)
         else:
             out = reference_linear(rows, self.weight_int8, self.scale, self.bias)
@@ -98,62 +90,66 @@ QUAD = 4  # inputs per lane
 
 
 def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_int8`'s rows as the kernel's panels: int8 [panels, in / 4, 16, 4] (quad row q
-    of a panel holds its 16 features' weights for inputs 4q .. 4q + 3) and fp32 scales
-    [panels, in / GROUP_SIZE, 16]; out_features padded to whole panels with zero weights."""
+    """`quantize_rows`' rows as the kernel's panels: int8 [panels, padded / 4, 16, 4] (quad row
+    q of a panel holds its 16 features' weights for inputs 4q .. 4q + 3) and fp32 scales
+    [panels, 1, 16]; out_features padded to whole panels with zero weights."""
     pad = -weight.shape[0] % PANEL
     weight = F.pad(weight, (0, 0, 0, pad))
-    scale = F.pad(scale.float(), (0, 0, 0, pad))
+    scale = F.pad(scale.float(), (0, pad))
     panels = weight.shape[0] // PANEL
     packed = weight.view(panels, PANEL, -1, QUAD).permute(0, 2, 1, 3).contiguous()
-    return packed, scale.view(panels, PANEL, -1).permute(0, 2, 1).contiguous()
+    return packed, scale.view(panels, 1, PANEL)
 
 
 def from_panels(
     packed: torch.Tensor, scale: torch.Tensor, out_features: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`to_panels` inverted: (int8 [out, in], bf16 [out, in / GROUP_SIZE]); the scales were
-    bf16 values, so the round trip is exact."""
+    """`to_panels` inverted: (int8 [out, padded], fp32 [out])."""
     weight = packed.permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * QUAD)[:out_features]
-    rows_scale = scale.permute(0, 2, 1).reshape(-1, scale.shape[1])[:out_features]
-    return weight.contiguous(), rows_scale.to(torch.bfloat16)
+    return weight.contiguous(), scale.reshape(-1)[:out_features]
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 of each row's groups of GROUP_SIZE: (int8 [rows, in], fp32 scales [rows, in / 32]),
-    `round(x * (127 / amax))` (nearest even) and `amax / 127`; an all-zero group gives zeros.
-    NOTE: the kernel's fp32 operations in its order, so the two agree bit for bit."""
-    rows, in_features = x.shape
-    groups = x.float().view(rows, in_features // GROUP_SIZE, GROUP_SIZE)
-    amax = groups.abs().amax(dim=2)  # [rows, groups]
+def hadamard32(x: torch.Tensor) -> torch.Tensor:  # [rows, in], in a multiple of 32 -> fp32
+    """Each block of 32 of each row times the 32 x 32 Hadamard matrix (+-1, unnormalized: H H
+    = 32 I): butterflies (a + b, a - b) on pairs i, i + h for h = 1, 2, 4, 8, 16, in fp32.
+    NOTE: the kernel's additions in its order, so the two agree bit for bit."""
+    z = x.float().reshape(-1, BLOCK)
+    for h in (1, 2, 4, 8, 16):
+        pairs = z.view(-1, BLOCK // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        z = torch.stack((a + b, a - b), dim=2).view(-1, BLOCK)
+    return z.view(x.shape)
+
+
+def quantize_rows(
+    x: torch.Tensor, weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:  # int8 [rows, padded], fp32 [rows]
+    """Each row rotated (`hadamard32`) and quantized with one scale: `round(z * (127 / amax))`
+    (nearest even) and `amax / 127` (an all-zero row: zeros and a zero scale), padded with zeros
+    to a multiple of DEPTH inputs. Activations as the kernel quantizes them; `weights`: a
+    layer's rows (one per output feature), rotated by H / 32, so that (W H / 32)(H x) = W x."""
+    z = hadamard32(x)
+    if weights:
+        z = z / BLOCK  # exact: a power of two
+    amax = z.abs().amax(dim=1)
     # NOTE: a true division: `127.0 / amax` is torch's `amax.reciprocal() * 127`, rounded twice.
     inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    q = torch.round(groups * inverse[:, :, None]).to(torch.int8)
-    return q.view(rows, in_features), amax / 127.0
+    q = torch.round(z * inverse[:, None]).to(torch.int8)
+    return F.pad(q, (0, -x.shape[1] % DEPTH)), amax / 127.0
 
 
 def reference_linear(
     x: torch.Tensor,  # [rows, in_features], bf16 or fp32
-    weight: torch.Tensor,  # [out_features, in_features] int8
-    scale: torch.Tensor,  # [out_features, in_features / GROUP_SIZE] bf16
+    weight: torch.Tensor,  # [out_features, padded] int8, `quantize_rows(..., weights=True)`
+    scale: torch.Tensor,  # [out_features] fp32
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # [rows, out_features], x's dtype
-    """The kernel's math in torch ops: each group's int8 dot (exact: in fp32, every partial sum
-    is an integer below 2^24) times both scales, summed over the groups in fp32."""
-    q, x_scale = quantize_activations(x)
-    num_groups = x.shape[1] // GROUP_SIZE
-    qx = q.float().view(x.shape[0], num_groups, GROUP_SIZE).transpose(0, 1)  # [groups, rows, 32]
-    chunks = []
-    for start in range(0, weight.shape[0], _REFERENCE_CHUNK):
-        w = weight[start : start + _REFERENCE_CHUNK]
-        qw = w.float().view(w.shape[0], num_groups, GROUP_SIZE).permute(1, 2, 0)  # [g, 32, n]
-        dots = torch.bmm(qx, qw)  # [groups, rows, n]
-        scales = (
-            x_scale.t()[:, :, None]
-            * scale[start : start + _REFERENCE_CHUNK].float().t()[:, None, :]
-        )
-        chunks.append((dots * scales).sum(dim=0))
-    out = torch.cat(chunks, dim=1)
+    """The kernel's math in torch ops: the exact integer dots (in float64: every sum is an
+    integer below 2^53), rounded to fp32, times both scales (their fp32 product), plus the bias
+    in fp32: the kernel's operations, so the two agree bit for bit."""
+    q, x_scale = quantize_rows(x)
+    dots = (q.double() @ weight.double().t()).float()
+    out = dots * (x_scale[:, None] * scale[None, :])
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvray.workers import cpu_kernels, w8a8
+from kvray.workers import cpu_kernels
 from kvray.workers.device import cpu_flags
-from kvray.workers.quantization import quantize_int8
 from kvray.workers.w8a8 import (
     Int8ActLinear,
     from_panels,
-    quantize_activations,
+    hadamard32,
     quantize_linears_w8a8,
+    quantize_rows,
     reference_linear,
     to_panels,
 )
@@ -34,15 +34,28 @@ def test_the_build_takes_the_vnni_and_amx_paths_where_the_cpu_has_them():
     assert kernel().isa == expected
 
 
-def test_activations_round_to_the_nearest_step_of_their_group():
-    x = torch.randn(3, 96) * torch.linspace(0.01, 10, 96)  # groups of very different sizes
-    x[1, 32:64] = 0  # an all-zero group: zeros and a zero scale, no division by zero
-    q, scale = quantize_activations(x)
-    assert q.dtype == torch.int8 and q.abs().max() == 127
-    assert scale.dtype == torch.float32 and scale.shape == (3, 3)
-    step = scale.repeat_interleave(32, dim=1)
-    assert torch.all((q.float() * step - x).abs() <= step / 2 * 1.0001 + 1e-12)
-    assert torch.all(q[1, 32:64] == 0) and scale[1, 1] == 0
+def test_the_rotation_is_the_symmetric_hadamard_matrix_and_its_own_inverse_over_32():
+    """hadamard32 multiplies each block of 32 by H[i, j] = (-1)^popcount(i & j) (Sylvester's,
+    symmetric), so H H = 32 I: the layer's rotated weights W H / 32 times rotated inputs H x
+    give W x."""
+    i = torch.arange(32)
+    bits = (i[:, None] & i[None, :]).tolist()
+    expected = torch.tensor([[(-1.0) ** bin(b).count("1") for b in row] for row in bits])
+    assert torch.equal(hadamard32(torch.eye(32)), expected)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(hadamard32(hadamard32(x)) / 32, x)
+
+
+def test_activations_round_to_the_nearest_step_of_their_rotated_row():
+    x = torch.randn(3, 96) * torch.linspace(0.01, 10, 96)  # inputs of very different sizes
+    x[1] = 0  # an all-zero row: zeros and a zero scale, no division by zero
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and q.shape == (3, 128) and q.abs().max() == 127
+    assert torch.all(q[:, 96:] == 0)  # padded to whole tile products (64)
+    assert scale.dtype == torch.float32 and scale.shape == (3,)
+    z = hadamard32(x)
+    assert torch.all((q[:, :96].float() * scale[:, None] - z).abs() <= scale[:, None] / 2 * 1.0001)
+    assert torch.all(q[1] == 0) and scale[1] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,56 +64,55 @@ def test_the_kernel_quantizes_activations_bit_for_bit_as_torch(dtype):
     torch.manual_seed(0)
     for rows in (1, 5, 33):
         x = (torch.randn(rows, 576) * torch.rand(rows, 1) * 10).to(dtype)
-        x[0, :32] = 0
-        x[-1, 32:64] = 0.5  # equal values: every one exactly at amax
+        x[0] = 0
+        x[-1, :] = 0
+        x[-1, ::32] = 0.5  # rotated: every value of the row exactly at amax
         q, scale = ops.quantize(x)
-        expected_q, expected_scale = quantize_activations(x)
+        expected_q, expected_scale = quantize_rows(x)
         assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
 
 
 # SmolLM2-135M's shapes (out, in): fused q/k/v, o, k or v alone, fused gate/up, down; an odd
-# and a small width.
+# and a small width (inputs padded to 64).
 SHAPES = [(960, 576), (576, 576), (192, 576), (3072, 576), (576, 1536), (577, 64), (64, 32)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_the_kernel_equals_the_torch_reference(shape, dtype):
-    """Each group's int32 dot is exact on both paths; the kernel then sums the groups' scaled
-    dots in fp32 in another order (with FMAs) than torch's: fp32 outputs agree to a few ulps of
-    the sum's magnitude, bf16 ones to one bf16 rounding. The rows cover whole tiles and every
-    remainder (AVX512-VNNI: 4 rows, AVX2: 2; AMX, from 16 rows: 16), the shapes an odd last
+def test_the_kernel_equals_the_torch_reference_bit_for_bit(shape, dtype):
+    """The int32 dots are exact on every path and the scaling is the same fp32 operations, so
+    the kernel gives the reference's bits. The rows cover whole tiles and every remainder
+    (AVX512-VNNI: 4 rows, AVX2: 2; AMX, from 16 rows: blocks of 32), the shapes an odd last
     panel and a padded one."""
     ops = kernel()
     torch.manual_seed(shape[0] + shape[1])
     out_features, in_features = shape
-    weight, scale = quantize_int8(torch.randn(out_features, in_features) * 0.05)
+    weight, scale = quantize_rows(torch.randn(out_features, in_features) * 0.05, weights=True)
     bias = torch.randn(out_features)
-    for rows in (1, 2, 3, 7, 16, 17, 33, 128):
+    for rows in (1, 2, 3, 7, 16, 17, 33, 48, 128):
         x = torch.randn(rows, in_features).to(dtype)
         for b in (None, bias):
             got = ops.linear(x, *to_panels(weight, scale), out_features, b)
-            expected = reference_linear(x, weight, scale, b)
             assert got.dtype == dtype and got.shape == (rows, out_features)
-            tol = 1e-5 if dtype == torch.float32 else 8e-3
-            torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+            assert torch.equal(got, reference_linear(x, weight, scale, b)), f"{rows} rows"
 
 
-def test_the_largest_products_neither_saturate_nor_overflow():
-    """Weights and activations at +-127 (the AVX2 path's s16 pairs at their bound, the VNNI
-    path's unsigned operand at 255), and one row and feature where every product is +127^2:
-    the kernel still equals the reference."""
+@pytest.mark.parametrize("rows", [5, 40])  # the VNNI (or AVX2) path and the tile unit's
+def test_the_largest_products_neither_saturate_nor_overflow(rows):
+    """Weights at +-127 (the AVX2 path's s16 pairs at their bound, the VNNI path's unsigned
+    operand at 255), and one row and feature where every product is +127^2: an input of 1 at
+    the start of each block rotates to a block of ones, quantized to 127 throughout."""
     ops = kernel()
     g = torch.Generator().manual_seed(4)
-    weight = torch.randint(0, 2, (48, 256), generator=g).to(torch.int8) * 2 - 1
-    weight *= 127
+    weight = (torch.randint(0, 2, (48, 1536), generator=g).to(torch.int8) * 2 - 1) * 127
     weight[0] = 127
-    scale = torch.full((48, 8), 0.01, dtype=torch.bfloat16)
-    x = torch.randint(0, 2, (5, 256), generator=g).float() * 2 - 1
-    x[0] = 1.0  # quantized to 127 throughout, with a scale of 1 / 127
+    scale = torch.full((48,), 0.01)
+    x = torch.randn(rows, 1536, generator=g)
+    x[0] = 0
+    x[0, ::32] = 1.0
     got = ops.linear(x, *to_panels(weight, scale), 48, None)
-    torch.testing.assert_close(got, reference_linear(x, weight, scale, None), atol=1e-5, rtol=1e-5)
-    expected = 8 * 32 * 127 * 127 * (1 / 127) * scale[0, 0].item()  # 8 groups of 32
+    assert torch.equal(got, reference_linear(x, weight, scale, None))
+    expected = 1536 * 127 * 127 * (1 / 127) * 0.01  # scale 1 / 127 (amax 1)
     assert got[0, 0].item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -108,8 +120,7 @@ def test_the_reference_is_the_float_product_to_within_the_rounding_of_both():
     torch.manual_seed(2)
     w = torch.randn(64, 128) * 0.05
     x, bias = torch.randn(5, 128), torch.randn(64)
-    weight, scale = quantize_int8(w)
-    got = reference_linear(x, weight, scale, bias)
+    got = reference_linear(x, *quantize_rows(w, weights=True), bias)
     exact = x @ w.T + bias
     # Two 8-bit roundings per product: ~1% of a typical output's size here.
     assert (got - exact).abs().max() < 0.02 * exact.abs().max()
@@ -135,54 +146,39 @@ def test_plain_linears_are_swapped_and_a_tied_layer_is_quantized_once():
             "a": shared,
             "b": torch.nn.Sequential(shared, torch.nn.ReLU()),
             "c": torch.nn.Linear(32, 4, bias=False),
-            "odd": torch.nn.Linear(40, 4),  # 40 inputs are no whole groups: left as it is
+            "odd": torch.nn.Linear(40, 4),  # 40 inputs are no whole blocks: left as it is
         }
     )
     assert quantize_linears_w8a8(model) == 2
     assert isinstance(model["a"], Int8ActLinear) and model["a"] is model["b"][0]
     assert isinstance(model["c"], Int8ActLinear) and type(model["odd"]) is torch.nn.Linear
-    assert model["c"].weight.shape == (4, 32)  # the dequantized weight, for code that reads it
     y = model["c"](torch.randn(2, 3, 32))
     assert y.shape == (2, 3, 4)
 
 
+def test_the_weight_property_rotates_the_weights_back():
+    """For model code that reads a linear layer's weight: the dequantized rotated rows times H
+    (`(W H / 32) H = W`), within the rotated rows' rounding (half a step each, 32 per input)."""
+    torch.manual_seed(7)
+    linear = torch.nn.Linear(96, 40)
+    layer = Int8ActLinear(linear)
+    weight = layer.weight
+    assert weight.shape == (40, 96) and weight.dtype == torch.float32
+    _, scale = layer.rows()
+    bound = 32 * scale[:, None] / 2
+    assert torch.all((weight - linear.weight.detach()).abs() <= bound)
+    assert (weight - linear.weight.detach()).abs().max() < 0.1 * linear.weight.abs().max()
+
+
 def test_panels_hold_the_same_weights_as_rows():
-    weight, scale = quantize_int8(torch.randn(577, 64))  # 577 features: a padded last panel
+    weight, scale = quantize_rows(torch.randn(577, 64), weights=True)  # a padded last panel
     packed, packed_scale = to_panels(weight, scale)
-    assert packed.shape == (37, 16, 16, 4) and packed_scale.shape == (37, 2, 16)
+    assert packed.shape == (37, 16, 16, 4) and packed_scale.shape == (37, 1, 16)
     assert torch.equal(packed[1, 2, 3], weight[16 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
-    assert torch.equal(packed_scale[1, 1, 3], scale[16 + 3, 1].float())
+    assert torch.equal(packed_scale[1, 0, 3], scale[16 + 3])
     assert torch.all(packed[36, :, 1:] == 0)  # the padding
     got_weight, got_scale = from_panels(packed, packed_scale, 577)
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
-
-
-@pytest.mark.parametrize("shape", [(40, 96), (577, 64), (16, 1536)])  # padded panels, one panel
-def test_dequantize_gives_the_rows_weights_in_bf16_bit_for_bit(shape):
-    ops = kernel()
-    torch.manual_seed(5)
-    weight, scale = quantize_int8(torch.randn(*shape).to(torch.bfloat16))
-    packed, packed_scale = to_panels(weight, scale)
-    groups = weight.view(shape[0], -1, 32).float() * scale.float()[:, :, None]  # exact in fp32
-    expected = groups.view(shape).to(torch.bfloat16)
-    assert torch.equal(ops.dequantize(packed, packed_scale, shape[0]), expected)
-
-
-def test_many_rows_widen_for_onednn_from_amx_widen_rows_where_there_is_amx():
-    """On AMX CPUs prompt-sized inputs take one oneDNN matmul of the widened weights (bf16
-    activations, not quantized); fewer rows, and every input elsewhere, take the kernel."""
-    ops = kernel()
-    torch.manual_seed(6)
-    layer = Int8ActLinear(torch.nn.Linear(96, 40).to(torch.bfloat16))
-    has_amx = "amx_bf16" in cpu_flags()
-    assert layer.widen_from == (w8a8.AMX_WIDEN_ROWS if has_amx else None)
-    layer.widen_from = 8  # the AMX rule, on any CPU, at a size a test affords
-    weight = ops.dequantize(layer.weight_int8, layer.scale, 40)
-    many = torch.randn(8, 96).to(torch.bfloat16)
-    assert torch.equal(layer(many), torch.nn.functional.linear(many, weight, layer.bias))
-    few = many[:7]
-    assert torch.equal(layer(few), ops.linear(few, layer.weight_int8, layer.scale, 40, layer.bias))
-    assert not torch.equal(layer(few), layer(many)[:7])  # the few rows were quantized
 
 
 def test_the_layer_falls_back_to_the_reference_without_the_kernel(monkeypatch):
@@ -192,10 +188,11 @@ def test_the_layer_falls_back_to_the_reference_without_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "w8a8", lambda: None)
     layer = Int8ActLinear(linear)
     x = torch.randn(2, 5, 96)
-    expected = reference_linear(x.view(10, 96), *quantize_int8(linear.weight.detach()), linear.bias)
+    weight, scale = quantize_rows(linear.weight.detach(), weights=True)
+    expected = reference_linear(x.view(10, 96), weight, scale, linear.bias)
     assert torch.equal(layer(x), expected.view(2, 5, 40))
     assert torch.equal(layer.weight, with_kernel.weight)
-    torch.testing.assert_close(with_kernel(x), layer(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(with_kernel(x), layer(x))
 
 
 def test_widths_not_divisible_by_32_are_refused_by_name():

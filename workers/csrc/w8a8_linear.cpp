@@ -1,56 +1,54 @@
 // int8 x int8 linear layer on CPU (`quantization: w8a8`): y = x @ W^T + bias, with the
-// activations quantized on the fly, per row, in groups of 32 (llama.cpp's Q8_0 x Q8_0).
+// activations quantized on the fly, one scale per row (per token).
 //
 // Weight-only int8 (int8_linear.cpp, int8_panel.cpp) widens every weight to fp32 or bf16 before
 // multiplying, which costs more than it saves once a batch makes the layer compute-bound. Here
-// both operands stay int8: each group of 32 inputs of a row is scaled to [-127, 127] and rounded
-// (nearest even, as torch.round), one fp32 scale per group, and multiplied with the weights'
-// groups as 8-bit integers. Per group, the int32 dot is exact; it is then multiplied by both
-// scales and summed over the groups in fp32:
+// both operands stay int8. One scale per row and per output feature leaves nothing to scale
+// until a row's whole dot is summed, so the integer sums run the full depth of the layer (on
+// AMX, in the tile unit's registers). A row's few large inputs (outlier channels) would set its
+// one scale and leave the rest with few levels, so each row is first rotated, one block of 32
+// inputs at a time, by the 32 x 32 Hadamard matrix H (entries +-1, H H = 32 I), which spreads
+// an outlier over its block; the weights were rotated alike at load (W H / 32, see
+// workers/w8a8.py), so the product is the layer's: (W H / 32)(H x) = W x. Then:
 //
-//   y[m, n] = bias[n] + sum_g  xs[m, g] * ws[n, g] * sum_{k in g} xq[m, k] * wq[n, k]
+//   z = H x (per block of 32)   xs[m] = max |z[m]| / 127   xq[m] = round(z[m] / xs[m])
+//   y[m, n] = bias[n] + float(sum_k xq[m, k] * wq[n, k]) * (xs[m] * ws[n])
 //
-//   x       [rows, in_features]                   bf16 or fp32
-//   packed  [panels, in_features / 4, 16, 4]      int8 in [-127, 127]: quantize_int8's rows in
-//                                                 panels of 16 output features, each quad row
-//                                                 the 16 features' weights for 4 inputs
-//                                                 (out_features padded with zeros; see
-//                                                 `to_panels` in workers/w8a8.py)
-//   scales  [panels, in_features / 32, 16]        fp32, the weights' bf16 group scales
-//   bias    [out_features] or None                any float dtype, added in fp32
-// in_features a multiple of 32. Returns [rows, out_features] in x's dtype.
+//   x       [rows, in_features]              bf16 or fp32, in_features a multiple of 32
+//   packed  [panels, padded / 4, 16, 4]      int8 in [-127, 127]: the rotated weights in panels
+//                                            of 16 output features, each quad row the 16
+//                                            features' weights for 4 inputs (out_features
+//                                            padded with zero features, inputs with zero
+//                                            inputs to `padded`, a multiple of 64; see
+//                                            `to_panels` in workers/w8a8.py)
+//   scales  [panels, 1, 16]                  fp32, one a feature
+//   bias    [out_features] or None           any float dtype, added in fp32
+// Returns [rows, out_features] in x's dtype. The int32 sum is exact on every path (at most
+// 127 * 127 * padded), and each path then does the same fp32 operations, so a row's output is
+// the same bits whichever path its batch takes: it does not depend on the batch's size.
 //
 // Each feature's products land in its own 32-bit lane: a row's 4 inputs of a quad are broadcast
-// against a panel's quad row (64 bytes: 16 features x 4 inputs), the group's 8 quads are summed
-// in s32 lanes, converted and multiplied by both scales into fp32 lanes once per group, and the
-// lanes are the outputs: no reduction across lanes. One layout for both paths:
+// against a panel's quad row (64 bytes: 16 features x 4 inputs), summed in s32 lanes; the lanes
+// are the outputs, no reduction across lanes. Paths, one layout:
 //
 // AVX512-VNNI (`#if defined(__AVX512VNNI__)`; cpu_kernels.py builds with -march=native): one
 // `vpdpbusd` (u8 x s8, quads summed into s32, nothing saturates) per row and panel per quad.
 // Its first operand is unsigned, so the weights are read as w + 128 (one xor a panel's quad
-// row, shared by the tile's rows) against the signed activations, and each group's sum starts
-// at -128 * (the row's sum of that group's int8 activations), computed while quantizing: the
-// exact dot again. A tile is 4 rows x 2 panels (8 s32 and 8 fp32 accumulators of 32).
+// row, shared by the tile's rows) against the signed activations, and each row's sum starts
+// at -128 * (its int8 values' sum, computed while quantizing): the exact dot again. A tile is
+// 4 rows x 2 panels (8 s32 accumulators of 32).
 //
 // AVX2 + FMA: a panel is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
 // `vpmaddwd` with ones (-> s32 quads), with llama.cpp's signs: |x| as the unsigned operand and
 // x's sign moved onto the weights (`vpsignb`), so no s16 sum can saturate (at most
-// 2 * 127 * 127). A tile is 2 rows x 1 panel (4 s32 and 4 fp32 accumulators of 16).
-//
-// NOTE: the group sums are exact on both paths; the fp32 sum over the groups runs in the
-// kernel's order (with FMAs), the torch reference's in torch's: equal to fp32 rounding, not bit
-// for bit.
+// 2 * 127 * 127). A tile is 2 rows x 1 panel (4 s32 accumulators of 16).
 //
 // AMX-INT8 (`#if defined(__AMX_INT8__)`; inputs of kAmxRows rows or more, where Linux grants
 // the tile state, else the VNNI path): `_tile_dpbssd` (signed x signed, no offset) multiplies
-// 16 rows x one group of activations (a 16 x 32-byte tile, loaded straight from the quantized
-// rows, padded with zero rows to whole tiles) by the group's 8 quad rows of a panel (an 8 x
-// 64-byte tile, straight from the panels above) into 16 x 16 exact s32 sums. A block is 16
-// rows x 2 panels; even and odd groups take separate tiles, so one group's products overlap
-// the store of the last one's sums. A group's scales differ per row and feature, so its sum
-// tiles go to memory (`_tile_stored`) and AVX512 scales them into the block's fp32 sums with
-// the VNNI path's operations in its order: both paths give the same bits, so a row's output
-// does not depend on the size of the batch it came in.
+// 16 rows x 64 inputs (a tile loaded straight from the quantized rows, padded with zero rows to
+// whole tiles) by 64 inputs of a panel (16 quad rows, straight from the panels above) into
+// 16 x 16 s32 sums; a block is 32 rows x 2 panels (4 sum tiles), every input of the layer
+// summed in the tiles, then stored once and scaled with AVX512.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -61,6 +59,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "vec.h"
 
@@ -86,7 +85,8 @@ constexpr bool kVnni = false;
 constexpr int kTileRows = 2;
 constexpr int kTilePanels = 1;
 #endif
-constexpr int64_t kGroup = 32;  // inputs per scale, weights' and activations' alike
+constexpr int64_t kBlock = 32;  // inputs per rotated block
+constexpr int64_t kDepth = 64;  // inputs are padded to a multiple of this: one tile product's
 constexpr int64_t kPanel = 16;  // output features per panel: one s32 or fp32 lane each
 constexpr int64_t kChunk = 64;  // output features whose weights stay in L2 across row tiles
 
@@ -119,89 +119,129 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// The activations, quantized, each [rows, ...] row-major: int8 values and one fp32 scale per
-// group, and what the path multiplies by: AVX2 the magnitudes (its unsigned operand), VNNI
-// each group's offset, -128 x its values' sum (its sums start there).
+// The Hadamard transform of 32 values (v[0]: 0..7, ... v[3]: 24..31), unnormalized:
+// butterflies (a + b, a - b) on pairs i, i + h for h = 1, 2, 4, 8, 16 in that order, in fp32.
+// NOTE: w8a8.py's `hadamard32` does the same additions in the same order: the same bits.
+inline void hadamard32(__m256 v[4]) {
+  // h = 1, 2, 4: partners within a register; a lane whose bit h is set takes partner - self
+  for (int i = 0; i < 4; ++i) {
+    __m256 p = _mm256_permute_ps(v[i], 0xB1);  // partners i ^ 1
+    v[i] = _mm256_blend_ps(_mm256_add_ps(v[i], p), _mm256_sub_ps(p, v[i]), 0xAA);
+    p = _mm256_permute_ps(v[i], 0x4E);  // i ^ 2
+    v[i] = _mm256_blend_ps(_mm256_add_ps(v[i], p), _mm256_sub_ps(p, v[i]), 0xCC);
+    p = _mm256_permute2f128_ps(v[i], v[i], 0x01);  // i ^ 4: the 128-bit halves swapped
+    v[i] = _mm256_blend_ps(_mm256_add_ps(v[i], p), _mm256_sub_ps(p, v[i]), 0xF0);
+  }
+  for (int h = 1; h <= 2; h *= 2) {  // h = 8, 16: partners a register (or two) apart
+    for (int i = 0; i < 4; ++i) {
+      if (i & h) continue;
+      const __m256 a = v[i], b = v[i + h];
+      v[i] = _mm256_add_ps(a, b);
+      v[i + h] = _mm256_sub_ps(a, b);
+    }
+  }
+}
+
+// The activations, quantized, each [rows, padded] row-major: int8 values and one fp32 scale a
+// row, and what the path multiplies by: AVX2 the magnitudes (its unsigned operand), VNNI each
+// row's offset, -128 x its values' sum (its sums start there).
 struct QuantizedRows {
-  at::Tensor q, scale;  // int8 [rows, in]; fp32 [rows, in / 32]
-  at::Tensor magnitude;  // AVX2: uint8 [rows, in]
-  at::Tensor offset;     // VNNI: int32 [rows, in / 32]
+  at::Tensor q, scale;   // int8 [padded rows, padded]; fp32 [padded rows]
+  at::Tensor magnitude;  // AVX2: uint8 [rows, padded]
+  at::Tensor offset;     // VNNI: int32 [rows]
 };
 
-// One group of 32 inputs: amax / 127 as its scale, round(x * (127 / amax)) as its values.
+// Row x (in values) rotated into z, then quantized into q and magnitude (zeros from in to
+// padded): amax / 127 as its scale, round(z * (127 / amax)) (nearest even) as its values.
 // NOTE: the same fp32 operations as the torch reference, in the same order, so bit for bit.
 template <typename T>
-inline void quantize_group(const T* x, int8_t* q, float* scale, uint8_t* magnitude,
-                           int32_t* offset) {
+void quantize_row(const T* x, int64_t in, int64_t padded, float* z, int8_t* q,
+                  uint8_t* magnitude, float* scale, int32_t* offset) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = load8(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+  for (int64_t k = 0; k < in; k += kBlock) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = load8(x + k + 8 * i);
+    hadamard32(v);
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(z + k + 8 * i, v[i]);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+    }
   }
   const float a = hmax(amax);
   *scale = a / 127.0f;
   const __m256 inv = _mm256_set1_ps(a > 0.0f ? 127.0f / a : 0.0f);
-  __m256i n[4];
-  for (int i = 0; i < 4; ++i) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // even
-  // packs interleave 128-bit lanes: the permute puts the 32 bytes back in input order.
-  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
-                                            _mm256_packs_epi32(n[2], n[3]));
-  const __m256i ordered =
-      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), ordered);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t k = 0; k < in; k += kBlock) {
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(z + k + 8 * i), inv));  // even
+    // packs interleave 128-bit lanes: the permute puts the 32 bytes back in input order.
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
+                                              _mm256_packs_epi32(n[2], n[3]));
+    const __m256i ordered =
+        _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), ordered);
+    if constexpr (kVnni) {
+      sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]),
+                                                   _mm256_add_epi32(n[2], n[3])));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(magnitude + k),
+                          _mm256_sign_epi8(ordered, ordered));
+    }
+  }
+  std::memset(q + in, 0, padded - in);
   if constexpr (kVnni) {
-    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
     *offset = -128 * hsum_epi32(sum);
   } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(magnitude), _mm256_sign_epi8(ordered, ordered));
+    std::memset(magnitude + in, 0, padded - in);
   }
 }
 
-// x's rows quantized into `padded` rows (>= x's; the extra ones zeros, with zero scales).
+// Inputs padded to whole tile products, as the weights are.
+int64_t padded_inputs(int64_t in) { return (in + kDepth - 1) / kDepth * kDepth; }
+
+// x's rows quantized into `padded_rows` rows (>= x's; the extra ones zeros, with zero scales).
 template <typename T>
-QuantizedRows quantize_rows(const at::Tensor& x, int64_t padded) {
-  const int64_t rows = x.size(0), in = x.size(1), groups = in / kGroup;
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t padded_rows) {
+  const int64_t rows = x.size(0), in = x.size(1), padded = padded_inputs(in);
   const at::Tensor xc = x.contiguous();
   QuantizedRows out;
-  out.q = at::empty({padded, in}, x.options().dtype(at::kChar));
-  out.scale = at::empty({padded, groups}, x.options().dtype(at::kFloat));
-  if (padded > rows) {
-    out.q.narrow(0, rows, padded - rows).zero_();
-    out.scale.narrow(0, rows, padded - rows).zero_();
-  }
+  out.q = at::empty({padded_rows, padded}, x.options().dtype(at::kChar));
+  out.scale = at::zeros({padded_rows}, x.options().dtype(at::kFloat));
+  if (padded_rows > rows) out.q.narrow(0, rows, padded_rows - rows).zero_();
   if constexpr (kVnni) {
-    out.offset = at::empty({rows, groups}, x.options().dtype(at::kInt));
+    out.offset = at::empty({rows}, x.options().dtype(at::kInt));
   } else {
-    out.magnitude = at::empty({rows, in}, x.options().dtype(at::kByte));
+    out.magnitude = at::empty({rows, padded}, x.options().dtype(at::kByte));
   }
   const T* xp = xc.data_ptr<T>();
   int8_t* q = out.q.data_ptr<int8_t>();
   float* s = out.scale.data_ptr<float>();
   uint8_t* mag = kVnni ? nullptr : out.magnitude.data_ptr<uint8_t>();
   int32_t* off = kVnni ? out.offset.data_ptr<int32_t>() : nullptr;
-  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      quantize_group(xp + g * kGroup, q + g * kGroup, s + g, kVnni ? nullptr : mag + g * kGroup,
-                     kVnni ? off + g : nullptr);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(in);
+    for (int64_t m = begin; m < end; ++m) {
+      quantize_row(xp + m * in, in, padded, z.data(), q + m * padded,
+                   kVnni ? nullptr : mag + m * padded, s + m, kVnni ? off + m : nullptr);
     }
   });
   return out;
 }
 
 struct Layer {
-  int64_t rows, in, out, groups;
+  int64_t rows, in, out;   // in: the padded inputs, a row's stride
   const int8_t* xq;        // [rows, in]
   const uint8_t* xmag;     // AVX2: [rows, in]
-  const int32_t* xoffset;  // VNNI: [rows, groups]
-  const float* xs;         // [rows, groups]
+  const int32_t* xoffset;  // VNNI: [rows]
+  const float* xs;         // [rows]
   const int8_t* w;         // [panels, in / 4, 16, 4]
-  const float* ws;         // [panels, groups, 16]
+  const float* ws;         // [panels, 16]
   const float* bias;       // fp32 or nullptr
 
   const int8_t* panel(int64_t p) const { return w + p * in * kPanel; }
-  const float* panel_scales(int64_t p, int64_t g) const { return ws + (p * groups + g) * kPanel; }
+  const float* panel_scales(int64_t p) const { return ws + p * kPanel; }
   int32_t quad(const int8_t* values, int64_t m, int64_t k) const {  // 4 inputs from k
     int32_t v;
     std::memcpy(&v, values + m * in + k, 4);
@@ -238,38 +278,29 @@ inline void store(const Layer& L, int64_t m, int64_t p, const float* sums, T* ou
 template <int kRows, int kPanels, typename T>
 inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 == u8(w + 128)
-  __m512 acc[kRows][kPanels];
-  for (int m = 0; m < kRows; ++m)
-    for (int j = 0; j < kPanels; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < L.groups; ++g) {
-    __m512i dots[kRows][kPanels];
+  __m512i dots[kRows][kPanels];
+  for (int m = 0; m < kRows; ++m) {
+    const __m512i offset = _mm512_set1_epi32(L.xoffset[m0 + m]);
+    for (int j = 0; j < kPanels; ++j) dots[m][j] = offset;
+  }
+  for (int64_t k = 0; k < L.in; k += 4) {
+    __m512i w[kPanels];
+    for (int j = 0; j < kPanels; ++j)
+      w[j] = _mm512_xor_si512(_mm512_loadu_si512(L.panel(p0 + j) + k * kPanel), flip);
     for (int m = 0; m < kRows; ++m) {
-      const __m512i offset = _mm512_set1_epi32(L.xoffset[(m0 + m) * L.groups + g]);
-      for (int j = 0; j < kPanels; ++j) dots[m][j] = offset;
-    }
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4) {
-      __m512i w[kPanels];
-      for (int j = 0; j < kPanels; ++j)
-        w[j] = _mm512_xor_si512(_mm512_loadu_si512(L.panel(p0 + j) + k * kPanel), flip);
-      for (int m = 0; m < kRows; ++m) {
-        const __m512i a = _mm512_set1_epi32(L.quad(L.xq, m0 + m, k));
-        for (int j = 0; j < kPanels; ++j) dots[m][j] = _mm512_dpbusd_epi32(dots[m][j], w[j], a);
-      }
-    }
-    for (int j = 0; j < kPanels; ++j) {
-      const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j, g));
-      for (int m = 0; m < kRows; ++m) {
-        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[(m0 + m) * L.groups + g]), ws);
-        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m][j]), scale, acc[m][j]);
-      }
+      const __m512i a = _mm512_set1_epi32(L.quad(L.xq, m0 + m, k));
+      for (int j = 0; j < kPanels; ++j) dots[m][j] = _mm512_dpbusd_epi32(dots[m][j], w[j], a);
     }
   }
-  float sums[kPanel];
-  for (int m = 0; m < kRows; ++m)
-    for (int j = 0; j < kPanels; ++j) {
-      _mm512_storeu_ps(sums, acc[m][j]);
+  alignas(64) float sums[kPanel];
+  for (int j = 0; j < kPanels; ++j) {
+    const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j));
+    for (int m = 0; m < kRows; ++m) {
+      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[m0 + m]), ws);
+      _mm512_store_ps(sums, _mm512_mul_ps(_mm512_cvtepi32_ps(dots[m][j]), scale));
       store(L, m0 + m, p0 + j, sums, out);
     }
+  }
 }
 #else
 // kRows rows (from m0) x kPanels panels (from p0), two ymm halves of 8 features a row and panel.
@@ -277,41 +308,33 @@ template <int kRows, int kPanels, typename T>
 inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
   constexpr int kHalves = 2 * kPanels;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[kRows][kHalves];
+  __m256i dots[kRows][kHalves];
   for (int m = 0; m < kRows; ++m)
-    for (int h = 0; h < kHalves; ++h) acc[m][h] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < L.groups; ++g) {
-    __m256i dots[kRows][kHalves];
-    for (int m = 0; m < kRows; ++m)
-      for (int h = 0; h < kHalves; ++h) dots[m][h] = _mm256_setzero_si256();
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4) {
-      __m256i w[kHalves];
-      for (int h = 0; h < kHalves; ++h)
-        w[h] = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(L.panel(p0 + h / 2) + k * kPanel + 32 * (h % 2)));
-      for (int m = 0; m < kRows; ++m) {
-        const __m256i a = _mm256_set1_epi32(L.quad(L.xq, m0 + m, k));
-        const __m256i mag = _mm256_set1_epi32(
-            L.quad(reinterpret_cast<const int8_t*>(L.xmag), m0 + m, k));
-        for (int h = 0; h < kHalves; ++h) {
-          const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w[h], a));
-          dots[m][h] = _mm256_add_epi32(dots[m][h], _mm256_madd_epi16(pairs, ones));
-        }
-      }
-    }
-    for (int h = 0; h < kHalves; ++h) {
-      const __m256 ws = _mm256_loadu_ps(L.panel_scales(p0 + h / 2, g) + 8 * (h % 2));
-      for (int m = 0; m < kRows; ++m) {
-        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(L.xs[(m0 + m) * L.groups + g]), ws);
-        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m][h]), scale, acc[m][h]);
+    for (int h = 0; h < kHalves; ++h) dots[m][h] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < L.in; k += 4) {
+    __m256i w[kHalves];
+    for (int h = 0; h < kHalves; ++h)
+      w[h] = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(L.panel(p0 + h / 2) + k * kPanel + 32 * (h % 2)));
+    for (int m = 0; m < kRows; ++m) {
+      const __m256i a = _mm256_set1_epi32(L.quad(L.xq, m0 + m, k));
+      const __m256i mag =
+          _mm256_set1_epi32(L.quad(reinterpret_cast<const int8_t*>(L.xmag), m0 + m, k));
+      for (int h = 0; h < kHalves; ++h) {
+        const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w[h], a));
+        dots[m][h] = _mm256_add_epi32(dots[m][h], _mm256_madd_epi16(pairs, ones));
       }
     }
   }
-  float sums[kPanel];
+  alignas(32) float sums[kPanel];
   for (int m = 0; m < kRows; ++m)
     for (int j = 0; j < kPanels; ++j) {
-      _mm256_storeu_ps(sums, acc[m][2 * j]);
-      _mm256_storeu_ps(sums + 8, acc[m][2 * j + 1]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(L.xs[m0 + m]),
+                                           _mm256_loadu_ps(L.panel_scales(p0 + j) + 8 * h));
+        _mm256_store_ps(sums + 8 * h,
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(dots[m][2 * j + h]), scale));
+      }
       store(L, m0 + m, p0 + j, sums, out);
     }
 }
@@ -364,8 +387,8 @@ bool amx_granted() {
 }
 
 // The tiles' shapes, loaded by each thread before its first tile instruction (the configuration
-// is per thread): 0, 1: activations, 16 rows x one group (32 bytes); 2, 3: weights, a group's
-// 8 quad rows of a panel (8 x 64 bytes); 4..7: sums, 16 rows x 16 features of s32.
+// is per thread): 0, 1: activations, 16 rows x 64 inputs; 2, 3: weights, 16 quad rows (64
+// inputs) of a panel; 4..7: sums, 16 rows x 16 features of s32. All 16 x 64 bytes.
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -374,9 +397,7 @@ struct TileConfig {
 
 TileConfig tile_shapes() {
   TileConfig c;
-  for (int t = 0; t < 2; ++t) c.rows[t] = kAmxTileRows, c.colsb[t] = kGroup;
-  for (int t = 2; t < 4; ++t) c.rows[t] = kGroup / 4, c.colsb[t] = 4 * kPanel;
-  for (int t = 4; t < 8; ++t) c.rows[t] = kAmxTileRows, c.colsb[t] = 4 * kPanel;
+  for (int t = 0; t < 8; ++t) c.rows[t] = kAmxTileRows, c.colsb[t] = kDepth;
   return c;
 }
 
@@ -384,76 +405,70 @@ TileConfig tile_shapes() {
 // `ldtilecfg` (it does not see the instruction read all 64 bytes), and the tiles then fault.
 alignas(64) const TileConfig kTileShapes = tile_shapes();
 
-void configure_tiles() { _tile_loadconfig(&kTileShapes); }
-
-// Group g's exact dots of 16 rows (from m0) x kPanels panels (from p0) into `dots`: the
-// activations into tile A, the weights into tiles 2 (and 3), the sums into tiles C0 (and C1).
-// NOTE: a macro: GCC's tile intrinsics paste their tile numbers into the assembly, so they
-// must be literals, not template arguments.
-#define KVRAY_GROUP_DOTS(A, C0, C1)                                        \
-  do {                                                                     \
-    const int8_t* b = L.panel(p0) + g * kGroup * kPanel;                   \
-    _tile_loadd(A, L.xq + m0 * L.in + g * kGroup, L.in);                   \
-    _tile_loadd(2, b, 4 * kPanel);                                         \
-    if constexpr (kPanels == 2) _tile_loadd(3, b + L.in * kPanel, 4 * kPanel); \
-    _tile_zero(C0);                                                        \
-    _tile_dpbssd(C0, A, 2);                                                \
-    _tile_stored(C0, dots[g % 2][0], 4 * kPanel);                          \
-    if constexpr (kPanels == 2) {                                          \
-      _tile_zero(C1);                                                      \
-      _tile_dpbssd(C1, A, 3);                                              \
-      _tile_stored(C1, dots[g % 2][1], 4 * kPanel);                        \
-    }                                                                      \
-  } while (0)
-
-// One block: 16 rows (from m0; L.xq and L.xs padded to whole tiles) x kPanels panels (from p0).
-// Even groups run on tiles 0 and 4, 5, odd ones on 1 and 6, 7, so a group's products start
-// while the group before still stores its sums; each group's sums, times their rows' and
-// features' scales, are added to the block's fp32 sums a group later (a vector load right after
-// the tile store it reads would wait for that store to reach L1).
-template <int kPanels, typename T>
-void amx_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
-  alignas(64) int32_t dots[2][2][kAmxTileRows][kPanel];  // [group % 2][panel]
-  alignas(64) float acc[2][kAmxTileRows][kPanel];
-  std::memset(acc, 0, sizeof(acc));
-  const float* xs = L.xs + m0 * L.groups;
-  const auto scale_group = [&](int64_t g) {
-    for (int j = 0; j < kPanels; ++j) {
-      const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j, g));
-      for (int r = 0; r < kAmxTileRows; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots[g % 2][j][r]));
-        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r * L.groups + g]), ws);
-        _mm512_store_ps(acc[j][r], _mm512_fmadd_ps(dot, scale, _mm512_load_ps(acc[j][r])));
+// One block: kRowTiles x 16 rows (from m0; L.xq padded to whole tiles) x kPanels panels (from
+// p0), every input into the same sum tiles, then the sums times both scales, one row at a
+// time, with the VNNI path's operations (so the two give the same bits).
+// NOTE: literal tile numbers in each branch: GCC's tile intrinsics paste their tile numbers
+// into the assembly, so they must be literals, not template arguments.
+template <int kRowTiles, int kPanels, typename T>
+void amx_token_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
+  _tile_zero(4);
+  if constexpr (kPanels == 2) _tile_zero(5);
+  if constexpr (kRowTiles == 2) _tile_zero(6);
+  if constexpr (kRowTiles == 2 && kPanels == 2) _tile_zero(7);
+  const int8_t* a = L.xq + m0 * L.in;
+  const int8_t* b = L.panel(p0);
+  for (int64_t k = 0; k < L.in; k += kDepth) {
+    _tile_loadd(0, a + k, L.in);
+    _tile_loadd(2, b + k * kPanel, 4 * kPanel);
+    if constexpr (kPanels == 2) _tile_loadd(3, b + L.in * kPanel + k * kPanel, 4 * kPanel);
+    _tile_dpbssd(4, 0, 2);
+    if constexpr (kPanels == 2) _tile_dpbssd(5, 0, 3);
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(1, a + kAmxTileRows * L.in + k, L.in);
+      _tile_dpbssd(6, 1, 2);
+      if constexpr (kPanels == 2) _tile_dpbssd(7, 1, 3);
+    }
+  }
+  alignas(64) int32_t dots[2][2][kAmxTileRows][kPanel];  // [row tile][panel]
+  _tile_stored(4, dots[0][0], 4 * kPanel);
+  if constexpr (kPanels == 2) _tile_stored(5, dots[0][1], 4 * kPanel);
+  if constexpr (kRowTiles == 2) _tile_stored(6, dots[1][0], 4 * kPanel);
+  if constexpr (kRowTiles == 2 && kPanels == 2) _tile_stored(7, dots[1][1], 4 * kPanel);
+  alignas(64) float sums[kPanel];
+  for (int t = 0; t < kRowTiles; ++t) {
+    const int64_t count = std::min<int64_t>(kAmxTileRows, L.rows - m0 - t * kAmxTileRows);
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t m = m0 + t * kAmxTileRows + r;
+      for (int j = 0; j < kPanels; ++j) {
+        const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[m]),
+                                           _mm512_loadu_ps(L.panel_scales(p0 + j)));
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][j][r]));
+        _mm512_store_ps(sums, _mm512_mul_ps(dot, scale));
+        store(L, m, p0 + j, sums, out);
       }
     }
-  };
-  for (int64_t g = 0; g < L.groups; ++g) {
-    if (g % 2 == 0) {
-      KVRAY_GROUP_DOTS(0, 4, 5);
-    } else {
-      KVRAY_GROUP_DOTS(1, 6, 7);
-    }
-    if (g > 0) scale_group(g - 1);
   }
-  scale_group(L.groups - 1);
-  const int64_t count = std::min<int64_t>(kAmxTileRows, L.rows - m0);
-  for (int r = 0; r < count; ++r)
-    for (int j = 0; j < kPanels; ++j) store(L, m0 + r, p0 + j, acc[j][r], out);
 }
 
-// NOTE: loop order as `linear`'s: each thread takes a range of panel pairs; a pair's weights
-// (2 x in x 16 bytes) stay in L1/L2 while every block of rows meets them.
+// NOTE: loop order: each thread takes a range of panel pairs; a pair's weights (2 x in x 16
+// bytes: 18 KiB at 576 inputs) stay in L1 while every block of 32 rows meets them, the rows
+// (padded x in bytes) in L2.
 template <typename T>
 void linear_amx(const Layer& L, T* out) {
   const int64_t num_panels = (L.out + kPanel - 1) / kPanel, pairs = (num_panels + 1) / 2;
+  const int64_t padded = (L.rows + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+    _tile_loadconfig(&kTileShapes);
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t p0 = 2 * pair;
       const bool two_panels = p0 + 1 < num_panels;
-      for (int64_t m0 = 0; m0 < L.rows; m0 += kAmxTileRows) {
-        if (two_panels) amx_block<2>(L, m0, p0, out);
-        else amx_block<1>(L, m0, p0, out);
+      for (int64_t m0 = 0; m0 < padded; m0 += 2 * kAmxTileRows) {
+        const bool two_tiles = m0 + kAmxTileRows < padded;
+        if (two_tiles && two_panels) amx_token_block<2, 2>(L, m0, p0, out);
+        else if (two_tiles) amx_token_block<2, 1>(L, m0, p0, out);
+        else if (two_panels) amx_token_block<1, 2>(L, m0, p0, out);
+        else amx_token_block<1, 1>(L, m0, p0, out);
       }
     }
     _tile_release();
@@ -461,17 +476,18 @@ void linear_amx(const Layer& L, T* out) {
 }
 #endif
 
-void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t in, int64_t out) {
+void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t padded,
+                   int64_t out) {
   const int64_t num_panels = (out + kPanel - 1) / kPanel;
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
-                  packed.size(0) == num_panels && packed.size(1) == in / 4 &&
+                  packed.size(0) == num_panels && packed.size(1) == padded / 4 &&
                   packed.size(2) == kPanel && packed.size(3) == 4,
-              "packed must be contiguous int8 [", num_panels, ", ", in / 4, ", 16, 4], got ",
+              "packed must be contiguous int8 [", num_panels, ", ", padded / 4, ", 16, 4], got ",
               packed.sizes());
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  scales.dim() == 3 && scales.size(0) == num_panels &&
-                  scales.size(1) == in / kGroup && scales.size(2) == kPanel,
-              "scales must be contiguous fp32 [panels, in_features / 32, 16]");
+                  scales.dim() == 3 && scales.size(0) == num_panels && scales.size(1) == 1 &&
+                  scales.size(2) == kPanel,
+              "scales must be contiguous fp32 [", num_panels, ", 1, 16], got ", scales.sizes());
 }
 
 // Whether a layer call with `rows` rows takes the tile unit.
@@ -484,19 +500,19 @@ bool use_amx(int64_t rows) {
 #endif
 }
 
-// x quantized into `padded` rows (see quantize_rows).
-QuantizedRows quantize(const at::Tensor& x, int64_t padded) {
+// x quantized into `padded_rows` rows (see quantize_rows).
+QuantizedRows quantize(const at::Tensor& x, int64_t padded_rows) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-d [rows, in_features]");
-  TORCH_CHECK(x.size(1) % kGroup == 0, "in_features must be a multiple of 32, got ", x.size(1));
-  if (x.scalar_type() == at::kBFloat16) return quantize_rows<c10::BFloat16>(x, padded);
+  TORCH_CHECK(x.size(1) % kBlock == 0, "in_features must be a multiple of 32, got ", x.size(1));
+  if (x.scalar_type() == at::kBFloat16) return quantize_rows<c10::BFloat16>(x, padded_rows);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be bf16 or fp32, got ", x.scalar_type());
-  return quantize_rows<float>(x, padded);
+  return quantize_rows<float>(x, padded_rows);
 }
 
 }  // namespace
 
-// x's Q8_0 quantization, as the linear layer computes it: (int8 [rows, in], fp32 scales
-// [rows, in / 32]).
+// x rotated and quantized as the linear layer does it: (int8 [rows, padded], fp32 scales
+// [rows]), padded with zeros to a multiple of 64 inputs.
 std::tuple<at::Tensor, at::Tensor> w8a8_quantize(at::Tensor x) {
   QuantizedRows q = quantize(x, x.size(0));
   return {q.q, q.scale};
@@ -508,13 +524,13 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
   const bool amx = use_amx(rows);
   const int64_t tiles = (rows + kAmxTileRows - 1) / kAmxTileRows;
   const QuantizedRows q = quantize(x, amx ? tiles * kAmxTileRows : rows);
-  check_weights(packed, scales, x.size(1), out_features);
+  const int64_t padded = padded_inputs(x.size(1));
+  check_weights(packed, scales, padded, out_features);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
-  const Layer L{x.size(0),
-                x.size(1),
+  const Layer L{rows,
+                padded,
                 out_features,
-                x.size(1) / kGroup,
                 q.q.data_ptr<int8_t>(),
                 kVnni ? nullptr : q.magnitude.data_ptr<uint8_t>(),
                 kVnni ? q.offset.data_ptr<int32_t>() : nullptr,
@@ -522,7 +538,7 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
                 packed.data_ptr<int8_t>(),
                 scales.data_ptr<float>(),
                 bias_f.defined() ? bias_f.data_ptr<float>() : nullptr};
-  auto out = at::empty({x.size(0), out_features}, x.options());
+  auto out = at::empty({rows, out_features}, x.options());
   const bool bf16 = x.scalar_type() == at::kBFloat16;
 #if defined(KVRAY_AMX_INT8)
   if (amx && bf16) {
@@ -539,49 +555,6 @@ at::Tensor w8a8_linear(at::Tensor x, at::Tensor packed, at::Tensor scales, int64
   return out;
 }
 
-// bf16(weight * scale) in rows, [out_features, in_features]: the weights the layer's products
-// stand for, for inputs of many rows on CPUs with AMX, where one oneDNN matmul over them in bf16
-// (the tile unit) beats this file's kernel. The fp32 product of an int8 and a bf16 scale is
-// exact, so this is Int8Linear's `dequantized(bf16)` of the same quantized weights.
-at::Tensor w8a8_dequantize(at::Tensor packed, at::Tensor scales, int64_t out_features) {
-  const int64_t in = packed.size(1) * 4;
-  check_weights(packed, scales, in, out_features);
-  auto out = at::empty({out_features, in}, packed.options().dtype(at::kBFloat16));
-  const int8_t* w = packed.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
-  c10::BFloat16* y = out.data_ptr<c10::BFloat16>();
-  const int64_t quads = in / 4, groups = in / kGroup;
-  at::parallel_for(0, out_features, kPanel, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t panel = n / kPanel, lane = n % kPanel;
-      const int8_t* w_row = w + panel * quads * kPanel * 4 + lane * 4;  // quad q at q * 64
-      const float* s_row = s + panel * groups * kPanel + lane;         // group g at g * 16
-      c10::BFloat16* y_row = y + n * in;
-#if defined(__AVX512BF16__)
-      // a group's 8 quads of this lane (one 32-bit gather), widened, scaled, rounded as
-      // c10::BFloat16 rounds (nearest even)
-      const __m256i offsets = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m256i q = _mm256_i32gather_epi32(
-            reinterpret_cast<const int*>(w_row + g * 8 * kPanel * 4), offsets, 1);
-        const __m512 scale = _mm512_set1_ps(s_row[g * kPanel]);
-        const __m512 lo = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), scale);
-        const __m512 hi = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), scale);
-        _mm512_storeu_si512(y_row + g * kGroup, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-#else
-      for (int64_t k = 0; k < in; ++k) {
-        const float weight = w_row[(k / 4) * kPanel * 4 + k % 4];
-        y_row[k] = c10::BFloat16(weight * s_row[(k / kGroup) * kPanel]);
-      }
-#endif
-    }
-  });
-  return out;
-}
-
 // Which paths this build runs: "avx512-vnni" or "avx2", with "+amx-int8" where inputs of
 // kAmxRows rows or more take the tile unit.
 std::string w8a8_isa() {
@@ -593,7 +566,6 @@ TORCH_LIBRARY_FRAGMENT(kvray, m) {
 #if defined(__AVX2__) && defined(__FMA__)
   m.def("w8a8_linear(Tensor x, Tensor packed, Tensor scales, int out_features, Tensor? bias) -> Tensor");
   m.def("w8a8_quantize(Tensor x) -> (Tensor, Tensor)");
-  m.def("w8a8_dequantize(Tensor packed, Tensor scales, int out_features) -> Tensor");
   m.def("w8a8_isa() -> str", &w8a8_isa);  // no tensor to dispatch on: one kernel for all
 #endif
 }
@@ -602,6 +574,5 @@ TORCH_LIBRARY_IMPL(kvray, CPU, m) {
 #if defined(__AVX2__) && defined(__FMA__)
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("w8a8_quantize", &w8a8_quantize);
-  m.impl("w8a8_dequantize", &w8a8_dequantize);
 #endif
 }
