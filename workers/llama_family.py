@@ -276,8 +276,8 @@ class DecodeStack:
         self.weights: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.floats: list[float] = []
-        # NOTE: batches from which a layer widens its weights for oneDNN (int8 and w8a8 on AMX
-        # CPUs) run a layer a call, as the layers decide: the op calls the panels' kernels only
+        # NOTE: batches from which a layer widens its weights for oneDNN (int8 on AMX CPUs) run
+        # a layer a call, as the layers decide: the op calls the panels' kernels only
         widths = [getattr(m, "widen_from", None) for layer in layers for m in _linears(layer)]
         self.max_rows = min((w for w in widths if w is not None), default=None)
         none = torch.empty(0)
