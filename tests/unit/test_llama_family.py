@@ -211,7 +211,11 @@ def test_the_rotary_kernel_equals_transformers_bitwise(head_dim, tokens):
     torch.library.opcheck(op, (q, k, cos, sin), test_utils=("test_faketensor",))
 
 
-@pytest.mark.parametrize("rows,dim", [(1, 576), (37, 576), (5, 72), (3, 8)])  # vectors, tails
+# whole vectors, tails, fewer than 4 vectors, and widths whose sums pass through ATen's cascade
+# levels (the kernel repeats ATen's order of additions there, see csrc/rms_norm.cpp)
+@pytest.mark.parametrize(
+    "rows,dim", [(1, 576), (37, 576), (5, 72), (3, 8), (2, 48), (4, 1600), (2, 4160), (1, 8192)]
+)
 def test_the_rms_norm_kernel_equals_transformers_bitwise(rows, dim):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
