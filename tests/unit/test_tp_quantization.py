@@ -1,7 +1,8 @@
 """int8 weight-only layers on tensor-parallel shards (workers/models/ with `quantization: int8`):
 two ranks (two processes, gloo, fp32) follow one rank's int8 model, each rank holds half of
 its int8 bytes, and a rank's part of a row-parallel layer quantizes to the one-rank layer's
-values. One spawn of two ranks serves those tests; `quantization: w8a8` has one more."""
+values. One spawn of two ranks serves those tests; `quantization: w8a8` has one more (its
+row-parallel layers scale each rank's part of a row on its own)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from kvray.workers.models.loader import checkpoint_weights
 from kvray.workers.models.parallel import SINGLE_RANK, init_process_group, split_sizes
 from kvray.workers.quantization import GROUP_SIZE, Int8Linear, quantize_linears
 from kvray.workers.tensor_parallel import split_unit
+from kvray.workers.w8a8 import Int8ActLinear
 from tests.unit.test_tp_models import (
     assert_follows,
     hf_greedy,
@@ -130,10 +132,53 @@ def test_two_int8_ranks_follow_one_int8_rank(one_rank, two_ranks):
         assert_follows(got, alone, atol=1e-4)
 
 
-def test_two_w8a8_ranks_follow_one_w8a8_rank(hf, tmp_path):
-    """w8a8's shards split as int8's do, so a row-parallel layer's rank quantizes whole groups
-    of the one-rank layer's activations: only the fp32 partial sums' order differs."""
+class _RanksParts(torch.nn.Module):
+    """A row-parallel layer's two ranks in one process: each part of the inputs times its
+    rank's w8a8 layer (quantized from that rank's columns; each row of inputs scaled on its
+    own), the partial sums added (what the all-reduce does), then the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: list[int]):
+        super().__init__()
+        columns = weight.split(parts, dim=1)
+        self.parts = parts
+        self.ranks = torch.nn.ModuleList(
+            Int8ActLinear(_linear(w.contiguous(), None)) for w in columns
+        )
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (rank(p) for rank, p in zip(self.ranks, x.split(self.parts, dim=-1)))
+        y = first + second
+        return y if self.bias is None else y + self.bias
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def test_two_w8a8_ranks_follow_one_rank_that_quantizes_each_ranks_inputs_apart(hf, tmp_path):
+    """w8a8 scales each row of a layer's inputs as a whole, so a row-parallel layer's rank
+    scales its own part of each row: two ranks are one rank whose output projections and down
+    projections run each rank's part on its own (`_RanksParts`), up to where the partial sums
+    are added (fp32, all-reduced)."""
     one = int8_model(hf.config, hf.state_dict().items(), SINGLE_RANK, W8A8)
+    state = hf.state_dict()
+    parts = {  # SHAPE's splits over two ranks: query heads for o_proj, groups of 32 for down_proj
+        "o_proj": [n * SHAPE["head_dim"] for n in split_sizes(SHAPE["num_attention_heads"], 2, "")],
+        "down_proj": split_sizes(SHAPE["intermediate_size"], 2, "", unit=GROUP_SIZE),
+    }
+    assert parts == {"o_proj": [64, 64], "down_proj": [96, 64]}
+    replaced = 0
+    for name, module in one.named_modules():
+        kind = name.rpartition(".")[2]
+        if kind in parts:
+            assert type(module.kernel) is Int8ActLinear  # the one-rank layer, replaced
+            module.kernel = _RanksParts(state[f"{name}.weight"], state[f"{name}.bias"], parts[kind])
+            replaced += 1
+    assert replaced == 2 * SHAPE["num_hidden_layers"]
     first, second = (rank["generated"] for rank in spawn_two_ranks(hf, tmp_path, "w8a8"))
     for got, other, alone in zip(first, second, kvray_greedy(one, prompts(128))):
         assert got[0] == other[0]
