@@ -27,6 +27,7 @@ from kvray.workers.quantization import GROUP_SIZE, can_quantize
 
 BLOCK = 32  # inputs per rotated block (GROUP_SIZE: a layer's inputs must be whole blocks)
 DEPTH = 64  # inputs are padded to a multiple of this (one AMX tile product's)
+_REFERENCE_CHUNK = 4096  # output features per float64 product of the torch reference
 
 
 class Int8ActLinear(nn.Module):
@@ -148,7 +149,10 @@ def reference_linear(
     integer below 2^53), rounded to fp32, times both scales (their fp32 product), plus the bias
     in fp32: the kernel's operations, so the two agree bit for bit."""
     q, x_scale = quantize_rows(x)
-    dots = (q.double() @ weight.double().t()).float()
+    qx = q.double()
+    dots = torch.cat(
+        [qx @ w.double().t() for w in weight.split(_REFERENCE_CHUNK)], dim=1
+    ).float()  # chunks of output features bound the float64 copies of the weights
     out = dots * (x_scale[:, None] * scale[None, :])
     if bias is not None:
         out = out + bias.float()
