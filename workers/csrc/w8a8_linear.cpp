@@ -411,7 +411,7 @@ alignas(64) const TileConfig kTileShapes = tile_shapes();
 // NOTE: literal tile numbers in each branch: GCC's tile intrinsics paste their tile numbers
 // into the assembly, so they must be literals, not template arguments.
 template <int kRowTiles, int kPanels, typename T>
-void amx_token_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
+void amx_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
   _tile_zero(4);
   if constexpr (kPanels == 2) _tile_zero(5);
   if constexpr (kRowTiles == 2) _tile_zero(6);
@@ -465,10 +465,10 @@ void linear_amx(const Layer& L, T* out) {
       const bool two_panels = p0 + 1 < num_panels;
       for (int64_t m0 = 0; m0 < padded; m0 += 2 * kAmxTileRows) {
         const bool two_tiles = m0 + kAmxTileRows < padded;
-        if (two_tiles && two_panels) amx_token_block<2, 2>(L, m0, p0, out);
-        else if (two_tiles) amx_token_block<2, 1>(L, m0, p0, out);
-        else if (two_panels) amx_token_block<1, 2>(L, m0, p0, out);
-        else amx_token_block<1, 1>(L, m0, p0, out);
+        if (two_tiles && two_panels) amx_block<2, 2>(L, m0, p0, out);
+        else if (two_tiles) amx_block<2, 1>(L, m0, p0, out);
+        else if (two_panels) amx_block<1, 2>(L, m0, p0, out);
+        else amx_block<1, 1>(L, m0, p0, out);
       }
     }
     _tile_release();
