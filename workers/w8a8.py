@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvray.workers import cpu_kernels
-from kvray.workers.quantization import GROUP_SIZE, can_quantize
+from kvray.workers.quantization import can_quantize
 
-BLOCK = 32  # inputs per rotated block (GROUP_SIZE: a layer's inputs must be whole blocks)
+BLOCK = 32  # inputs per rotated block: a layer's inputs must be whole blocks
 DEPTH = 64  # inputs are padded to a multiple of this (one AMX tile product's)
 _REFERENCE_CHUNK = 4096  # output features per float64 product of the torch reference
 
@@ -44,9 +44,9 @@ class Int8ActLinear(nn.Module):
         super().__init__()
         if linear.weight.device.type != "cpu":
             raise ValueError(f"w8a8 layers run on CPU only, got a layer on {linear.weight.device}")
-        if linear.in_features % GROUP_SIZE:
+        if linear.in_features % BLOCK:
             raise ValueError(
-                f"w8a8 needs in_features divisible by {GROUP_SIZE}, got {linear.in_features}"
+                f"w8a8 needs in_features divisible by {BLOCK}, got {linear.in_features}"
             )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scale = quantize_rows(linear.weight.detach(), weights=True)

@@ -4,6 +4,7 @@ architecture it covers, in fp32 and in bf16 with the worker's fused, packed, int
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,12 @@ from kvray.workers.attention import register as register_attention
 from kvray.workers.device import cpu_flags
 from kvray.workers.fused_projections import fuse_projections
 from kvray.workers.kv_cache import KVCache, KVCacheSpec
-from kvray.workers.llama_family import FamilyForward, family_forward, transformers_forward
+from kvray.workers.llama_family import (
+    DecodeStack,
+    FamilyForward,
+    family_forward,
+    transformers_forward,
+)
 from kvray.workers.model_runner import ModelRunner, ScheduledSeq
 from kvray.workers.packed_linear import can_pack, pack_linears
 from kvray.workers.quantization import quantize_linears
@@ -130,23 +136,33 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
     assert stack_calls == (3 if stacked else 0)  # the three decode steps, not the prompts
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16-int8", "bfloat16-w8a8"])
-def test_the_stack_leaves_batches_its_layers_widen_for_to_them(dtype):
-    """int8 layers on AMX CPUs widen their weights for oneDNN from some number of rows; the
-    one-call op runs the panels' kernels only, so those batches run a layer a call. w8a8 layers
-    run their kernel at every size: the op takes every batch."""
+def _decode_stack(dtype: str) -> tuple[Any, DecodeStack]:
     model = build("llama", dtype)
     spec = KVCacheSpec.from_model_config(model.config, torch.bfloat16)
     cache = KVCache(spec, num_blocks=8, block_size=BLOCK, device=torch.device("cpu"))
     stack = ModelRunner(model, cache, torch.device("cpu")).forward.stack
     if stack is None:
         pytest.skip("needs kvray's CPU kernels (the one-call decode op)")
-    widen = getattr(model.model.layers[0].mlp.down_proj, "widen_from", None)
-    assert stack.max_rows == widen  # None where there is no AMX
+    return model, stack
+
+
+def test_the_stack_leaves_batches_int8_layers_widen_for_to_them():
+    """int8 layers on AMX CPUs widen their weights for oneDNN from some number of rows; the
+    one-call op runs the panels' kernels only, so those batches run a layer a call."""
+    model, stack = _decode_stack("bfloat16-int8")
+    assert stack.max_rows == model.model.layers[0].mlp.down_proj.widen_from  # None: no AMX
     stack.max_rows = 4  # the AMX rule, on any CPU
     step = SimpleNamespace(prefills=0, decode_kernel=stack.kernel)
     assert stack.takes(SimpleNamespace(**vars(step), num_decodes=3))
     assert not stack.takes(SimpleNamespace(**vars(step), num_decodes=4))
+
+
+def test_the_stack_takes_every_batch_of_w8a8_layers():
+    """w8a8 layers run their kernel at every size (no widening), so the op takes any batch."""
+    _, stack = _decode_stack("bfloat16-w8a8")
+    assert stack.max_rows is None
+    step = SimpleNamespace(prefills=0, decode_kernel=stack.kernel)
+    assert stack.takes(SimpleNamespace(**vars(step), num_decodes=4096))
 
 
 def test_other_architectures_keep_transformers_forward():

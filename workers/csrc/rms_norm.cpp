@@ -4,11 +4,12 @@
 //   out = weight * y   (bf16 times bf16, rounded to bf16)
 //
 // The squares are a widened bf16 times itself (what `to` then `pow(2)` give). Their mean must add
-// them in ATen's order: `sum_squares` repeats ATen's inner-dimension sum (SumKernel.cpp's
+// them in ATen's order: `mean_squares` repeats ATen's inner-dimension sum (SumKernel.cpp's
 // vectorized_inner_sum, 16-lane vectors) and divides as `mean` does, and is used for a width
 // only once it has matched ATen's own `mean` bit for bit on test rows of that width in this
 // process (another ATen build or CPU capability may sum in another order: then ATen's reduction
-// runs, on a tensor of the squares). The rest is one pass computing what the remaining five
+// runs, on a tensor of the squares), and only for rows shorter than ATen's grain (32768 values:
+// from there ATen may split one row's sum across threads). The rest is one pass computing what the remaining five
 // operations compute (1 / sqrt in fp32, as ATen's rsqrt; round to nearest even). Eight
 // Python-level tensor operations become one, with no ATen call inside where the order matched
 // (a decode step's norms: ~25 us of ATen's reduction each, 61 a step for SmolLM2).
@@ -110,8 +111,7 @@ bool same_order_as_aten(int64_t dim) {
   c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   for (int64_t i = 0; i < kRows * dim; ++i)
     xp[i] = c10::BFloat16(std::sin(0.37f * i + 1.0f) * std::ldexp(1.0f, int(i * 7 % 23) - 11));
-  const auto h = x.to(at::kFloat);
-  const auto expected = h.mul(h).mean(-1).contiguous();
+  const auto expected = x.to(at::kFloat).pow(2).mean(-1).contiguous();  // transformers' ops
   bool same = true;
   for (int64_t r = 0; r < kRows; ++r) {
     const float got = mean_squares(xp + r * dim, dim);
@@ -138,7 +138,7 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   auto out = at::empty_like(x);
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
 #if defined(__AVX512F__)
-  if (dim > 0 && same_order_as_aten(dim)) {
+  if (dim > 0 && dim < at::internal::GRAIN_SIZE && same_order_as_aten(dim)) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         normalize_row(xp + r * dim, wp, mean_squares(xp + r * dim, dim), epsilon, dim,
