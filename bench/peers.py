@@ -7,8 +7,9 @@ The real SmolLM2-135M-Instruct (kvray's built-in `smollm2`), the workloads of
   W1 uniform  32 requests x (128 + 128)
   W3 mixed    32 requests, prompts 16-512, outputs 16-256
 Systems, each measured in this run:
-  kvray       bf16, `quantization: int8` (int8 weights, bf16 activations) and `quantization:
-              w8a8` (int8 weights and activations); `--systems kvray-graphs` adds each with
+  kvray       bf16, fp32, `quantization: int8` (int8 weights, activations in the CPU's float:
+              bf16 where it multiplies bf16 in hardware, else fp32) and `quantization: w8a8`
+              (int8 weights and activations); `--systems kvray-graphs` adds each with
               `decode_graphs: on` (the offline engine, continuous batching)
   ct2         CTranslate2 (`pip install ctranslate2`), fp32 and int8 weights, converted once from
               the same checkpoint into ~/.cache/kvray/bench. CTranslate2's `generate_batch` takes
@@ -43,9 +44,10 @@ A peer whose package is absent is skipped with a line saying how to install it.
 
 Rounds (`--rounds`, default 2) run every workload on every system again, the systems in reverse
 order on odd rounds, so the machine's drift (±15% within a session on these VMs) falls on both
-sides; each round first measures this machine's limits (one large bf16 matmul's FLOP/s, one read
+sides; each round first measures this machine's limits (one large matmul's FLOP/s in the CPU's
+float, bf16 where it multiplies bf16 in hardware and fp32 elsewhere, one read
 pass's bytes/s). Each column is also given as a share of a limit: batches (W1, W3) and the first
-token as FLOP/s in linear layers (2 per weight per prompt or output token) over the bf16 matmul
+token as FLOP/s in linear layers (2 per weight per prompt or output token) over that matmul
 rate, one stream (W2) as the bytes of weights read per second (each decode step reads every
 weight once, at the system's bytes per weight) over the read bandwidth. The verdict lines compare
 kvray's best system with the best peer on each workload in each round.
@@ -86,6 +88,8 @@ from common import (
 )
 from memory import proc_status
 
+from kvray.workers.device import cpu_has_native_bf16
+
 GIB = 2**30
 WORKLOADS = {"W2 single": ("single", 1), "W1 uniform": ("uniform", 32), "W3 mixed": ("mixed", 32)}
 TARGETS = {"W2 single": 1.2, "W1 uniform": 1.3, "W3 mixed": 1.3}  # kvray's best / the best peer
@@ -93,23 +97,27 @@ TARGETS = {"W2 single": 1.2, "W1 uniform": 1.3, "W3 mixed": 1.3}  # kvray's best
 # kvray's int8 keep a 16-bit scale per 32 weights, Q4_1 a 16-bit scale and minimum per 32,
 # OpenVINO's int8 (optimum-intel's default for it) one scale and zero point per output row.
 WEIGHT_BYTES = {
-    "kvray bf16": 2.0, "kvray int8": 34 / 32, "kvray w8a8": 34 / 32,
+    "kvray bf16": 2.0, "kvray fp32": 4.0, "kvray int8": 34 / 32, "kvray w8a8": 34 / 32,
     "ct2 fp32": 4.0, "ct2 int8": 1.0,
     "llama.cpp q4_1": 20 / 32, "llama.cpp q8_0": 34 / 32,
     "openvino fp16": 2.0, "openvino int8": 1.0,
 }  # fmt: skip
+# The CPU's own float: bf16 where it multiplies bf16 in hardware (AMX, AVX512-BF16), else fp32
+# (bf16 arithmetic is emulated there, at a fraction of fp32's rate).
+NATIVE_FLOAT = "bfloat16" if cpu_has_native_bf16() else "float32"
 KVRAY_OPTIONS = {
-    "kvray bf16": {},
-    "kvray int8": {"quantization": "int8"},
-    "kvray w8a8": {"quantization": "w8a8"},
+    "kvray bf16": {"dtype": "bfloat16"},
+    "kvray fp32": {"dtype": "float32"},
+    "kvray int8": {"dtype": NATIVE_FLOAT, "quantization": "int8"},
+    "kvray w8a8": {"dtype": NATIVE_FLOAT, "quantization": "w8a8"},
 }
 
 Generate = Callable[[list[BenchRequest]], int]  # runs the requests to their lengths; tokens made
 
 
-def kvray(model_dir: str, reqs: list[BenchRequest], **options: object) -> Generate:
+def kvray(model_dir: str, reqs: list[BenchRequest], dtype: str, **options: object) -> Generate:
     """engine_throughput.py's kvray engine: the same settings (a KV cache for every request)."""
-    llm = engine_throughput.load_kvray(Path(model_dir), reqs, "cpu", "bfloat16", **options)
+    llm = engine_throughput.load_kvray(Path(model_dir), reqs, "cpu", dtype, **options)
     return lambda batch: engine_throughput.run_kvray(llm, batch)
 
 
@@ -432,9 +440,10 @@ def main() -> None:
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; systems: {systems}")
     rounds = []
     for number in range(args.rounds):
-        limits = measure_limits("bfloat16", "cpu")
-        print(f"\n# round {number + 1}: one bf16 matmul {limits.matmul_flops / 1e9:.0f} GFLOP/s, "
-              f"read {limits.read_bytes / 1e9:.1f} GB/s")  # fmt: skip
+        limits = measure_limits(NATIVE_FLOAT, "cpu")
+        float_name = NATIVE_FLOAT.replace("bfloat", "bf").replace("float", "fp")
+        print(f"\n# round {number + 1}: one {float_name} matmul {limits.matmul_flops / 1e9:.0f} "
+              f"GFLOP/s, read {limits.read_bytes / 1e9:.1f} GB/s")  # fmt: skip
         order = systems if number % 2 == 0 else systems[::-1]
         results: dict[str, dict[str, dict]] = {}
         for workload in args.workloads.split(","):

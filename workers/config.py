@@ -43,7 +43,7 @@ class WorkerConfig:
         None,
         "int8: weight-only int8 linear layers (CPU): half bf16's bytes per decode step, "
         "faster for one or a few running sequences, slower for big batches; w8a8: int8 "
-        "weights times activations quantized to int8 per group of 32 (CPU; AVX512-VNNI or "
+        "weights times activations rotated and quantized to int8 per token (CPU; AVX512-VNNI or "
         "AVX2): faster than int8, at a higher quality cost; default: none",
     )
     decode_graphs: str = setting(

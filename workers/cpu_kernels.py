@@ -14,6 +14,8 @@ up, so no step waits for a compiler.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -21,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -175,17 +177,22 @@ def _build() -> bool:
         return False
     _put_ninja_on_path()
     started = time.perf_counter()
+    name = f"kvray_cpu_kernels_{_machine_tag()}"
     try:
-        load(
-            name=f"kvray_cpu_kernels_{_machine_tag()}",
-            sources=[str(p) for p in _SOURCES],
-            # NOTE: -march=native is safe: every machine compiles for itself, under a name that
-            # includes its CPU's flags, so a shared cache never hands one CPU another's build.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,  # the library registers torch.ops.kvray.*
-            verbose=False,
-        )
+        directory = _build_directory(name)
+        with _build_lock(directory):
+            load(
+                name=name,
+                sources=[str(p) for p in _SOURCES],
+                # NOTE: -march=native is safe: every machine compiles for itself, under a name
+                # that includes its CPU's flags, so a shared cache never hands one CPU another's
+                # build.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                is_python_module=False,  # the library registers torch.ops.kvray.*
+                verbose=False,
+            )
     except Exception as e:  # a missing compiler or ninja, a full disk: slower, never broken
         logger.warning(
             "kvray's CPU kernels did not build (%s: %s); decode attention and bf16 and int8 "
@@ -198,6 +205,41 @@ def _build() -> bool:
     _register_fakes()
     logger.info("kvray CPU kernels ready in %.1f s", time.perf_counter() - started)
     return True
+
+
+def _build_directory(name: str) -> Path:
+    """Where the build of `name` lives: under $TORCH_EXTENSIONS_DIR, else torch's default
+    root (~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    directory = Path(root) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+# torch's own lock: a file that the building process creates and deletes when it is done.
+_TORCH_LOCK = "lock"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold the build of `directory` against every other kvray process on this machine.
+
+    torch's `load` waits, without end, while its lock file exists; a build that was killed (a
+    Ctrl-C during the first start, an OOM kill) leaves that file behind, and every later start
+    would hang there. An flock goes away with its process: whoever holds it is the only process
+    that can be building here, so a torch lock file found then was left by a dead one."""
+    with open(directory / "kvray.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = directory / _TORCH_LOCK
+            if stale.exists():
+                logger.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _register_fakes() -> None:
@@ -256,7 +298,8 @@ def _put_ninja_on_path() -> None:
 
 
 def _machine_tag() -> str:
-    """A short digest of the CPU's feature flags, the compiler target and the torch build."""
+    """A short digest of the CPU's feature flags, the compiler target, the Python and the torch
+    build."""
     flags = " ".join(sorted(cpu_flags()))
-    key = f"{platform.machine()}|{flags}|{torch.__version__}"
+    key = f"{platform.machine()}|{flags}|{platform.python_version()}|{torch.__version__}"
     return hashlib.sha256(key.encode()).hexdigest()[:10]

@@ -47,6 +47,7 @@ CODE = sorted(
 # listed in docs/architecture.md ("Config"). A new read, or one that went away, fails below.
 OTHER_PROGRAMS_VARIABLES = {
     ("workers/cpu_kernels.py", "PATH"),  # to put pip's `ninja` where torch looks for it
+    ("workers/cpu_kernels.py", "TORCH_EXTENSIONS_DIR"),  # where torch builds the kernels
     ("workers/triton_attention.py", "TRITON_INTERPRET"),  # Triton's CPU interpreter
     ("cluster/launcher.py", "RAY_AUTH_MODE"),  # named in the warning when Ray's auth is off
 }

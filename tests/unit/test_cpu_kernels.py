@@ -272,3 +272,25 @@ def test_the_sampler_takes_the_kernels_argmax_on_cpu(argmax_rows):
     assert torch.equal(sampler._greedy(logits), logits.argmax(-1)) and calls == [(5, 300)]
     wide = torch.randn(300, 5).t()
     assert torch.equal(sampler._greedy(wide), wide.argmax(-1)) and len(calls) == 1
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    """torch's `load` waits for as long as its lock file exists; a build killed mid-way leaves
+    one behind. Holding kvray's flock proves no other process is building, so the file goes."""
+    (tmp_path / "lock").write_text("")
+    with cpu_kernels._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_the_build_lock_is_held_while_building(tmp_path):
+    """Another process's flock stays until it lets go; the lock file it may have is its own."""
+    import fcntl
+
+    with (
+        cpu_kernels._build_lock(tmp_path),
+        open(tmp_path / "kvray.lock", "a") as other,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "kvray.lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving
