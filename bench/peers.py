@@ -108,8 +108,8 @@ NATIVE_FLOAT = "bfloat16" if cpu_has_native_bf16() else "float32"
 KVRAY_OPTIONS = {
     "kvray bf16": {"dtype": "bfloat16"},
     "kvray fp32": {"dtype": "float32"},
-    "kvray int8": {"dtype": NATIVE_FLOAT, "quantization": "int8"},
-    "kvray w8a8": {"dtype": NATIVE_FLOAT, "quantization": "w8a8"},
+    "kvray int8": {"dtype": "bfloat16", "quantization": "int8"},
+    "kvray w8a8": {"dtype": "bfloat16", "quantization": "w8a8"},
 }
 
 Generate = Callable[[list[BenchRequest]], int]  # runs the requests to their lengths; tokens made

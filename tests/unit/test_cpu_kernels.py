@@ -65,8 +65,10 @@ def reference(q, k, v, table, lengths, scale, window):
         (7, 9, 3, 64, 0),  # enough sequences: all kv heads per item
         (5, 8, 8, 128, 0),  # no GQA
         (6, 4, 1, 32, 20),  # MQA with a sliding window
-        (3, 14, 2, 64, 0),  # groups of 7 (Qwen2-0.5B's): past the 4 output rows in registers
-        (4, 8, 2, 128, 0),  # groups of 4 at head_dim 128 (Llama-3-8B's): 2 rows at a time
+        # groups of 7 (Qwen2-0.5B's): past the 4 output rows in registers (AVX2: 3 + 3 + 1 heads)
+        (3, 14, 2, 64, 0),
+        # groups of 4 at head_dim 128 (Llama-3-8B's): 2 rows at a time (AVX2: 3 + 1 heads)
+        (4, 8, 2, 128, 0),
         (5, 9, 3, 64, 30),  # a sliding window on the vdpbf16ps path
     ],
 )

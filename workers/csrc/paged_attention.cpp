@@ -6,6 +6,8 @@
 // once, where it lies, and keeps scores, softmax and the weighted sum in fp32. bf16 with
 // head_dim 64 or 128 on a CPU with AVX512-BF16 takes a path with far fewer instructions per row
 // (`attend_bf16`: 2.7-2.9x the generic one at SmolLM2-135M's shape, 160-256 tokens; 1.9x at 600).
+// A CPU with AVX2 + FMA and no AVX-512 takes `attend_avx2` for head_dim a multiple of 32, bf16
+// or fp32, built the same way with 8-lane registers.
 //
 // Layouts (those of kvray.workers.kv_cache and attention):
 //   query        [num_seqs, num_heads, head_dim]            bf16 or fp32
@@ -28,7 +30,7 @@
 
 #include "vec.h"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -329,6 +331,177 @@ void attend_bf16(const at::Tensor& query, const at::Tensor& key_cache,
   });
 }
 #endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// ---------------------------------------------------------------- AVX2 + FMA, no AVX-512
+// The generic path's f32x16 is two ymm registers, and it reduces each score on its own and
+// adds each value row to memory. Here, as in `attend_bf16`: one work item is a sequence and one
+// kv head; up to kMaxHeads query heads of its group at a time share each widened key and value
+// chunk (so every cached element is widened once a pass), 4 keys' sums are reduced together,
+// and the output rows of a pass are kept in registers (16 ymm: 12 sums, 3 weights, 1 row).
+
+constexpr int kMaxHeads = 3;  // query heads a pass: 3 x 4 sums + 3 + 1 = 16 ymm registers
+constexpr int kSpan = 32;     // output dims a pass of the weighted sum keeps in registers
+
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const c10::BFloat16* p) {  // exact: a bf16 is the top half of an fp32
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline __m128 reduce4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {  // [sum a, .., sum d]
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+inline float reduce8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// scores[h][t - first] = q_h . k_t for kHeads query heads (q scaled, fp32), 4 keys at a time.
+template <int kDim, int kHeads, typename T>
+inline void score_rows_avx2(const float* q, const T* k_ptr, int64_t row, const int64_t* blocks,
+                            int64_t block_size, int64_t first, int64_t len, float* scores,
+                            int64_t span, float* top) {
+  auto key = [&](int64_t t) {
+    return k_ptr + (blocks[t / block_size] * block_size + t % block_size) * row;
+  };
+  int64_t t = first;
+  for (; t + 4 <= len; t += 4) {
+    const T* k[4] = {key(t), key(t + 1), key(t + 2), key(t + 3)};
+    __m256 acc[kHeads][4];
+    for (int h = 0; h < kHeads; ++h)
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    for (int d = 0; d < kDim; d += 8) {
+      __m256 qd[kHeads];
+      for (int h = 0; h < kHeads; ++h) qd[h] = _mm256_loadu_ps(q + h * kDim + d);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kd = widen8(k[j] + d);
+        for (int h = 0; h < kHeads; ++h) acc[h][j] = _mm256_fmadd_ps(qd[h], kd, acc[h][j]);
+      }
+    }
+    for (int h = 0; h < kHeads; ++h) {
+      const __m128 s = reduce4_avx2(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+      _mm_storeu_ps(scores + h * span + (t - first), s);
+      const __m128 m = _mm_max_ps(s, _mm_movehl_ps(s, s));
+      top[h] = std::max(top[h], std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_movehdup_ps(m))));
+    }
+  }
+  for (; t < len; ++t) {
+    const T* k_row = key(t);
+    for (int h = 0; h < kHeads; ++h) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int d = 0; d < kDim; d += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * kDim + d), widen8(k_row + d), acc);
+      }
+      const float s = reduce8(acc);
+      scores[h * span + (t - first)] = s;
+      top[h] = std::max(top[h], s);
+    }
+  }
+}
+
+// out[h] = sum_t p[h][t] * v_t / total[h] for kHeads query heads, kSpan dims a pass.
+template <int kDim, int kHeads, typename T>
+inline void weigh_values_avx2(const float* p, int64_t span, const T* v_ptr, int64_t row,
+                              const int64_t* blocks, int64_t block_size, int64_t first,
+                              const float* total, T* out) {
+  constexpr int kVecs = kSpan / 8;
+  for (int d0 = 0; d0 < kDim; d0 += kSpan) {
+    __m256 acc[kHeads][kVecs];
+    for (int h = 0; h < kHeads; ++h)
+      for (int d = 0; d < kVecs; ++d) acc[h][d] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < span; ++i) {
+      const int64_t t = first + i;
+      const T* v_row = v_ptr + (blocks[t / block_size] * block_size + t % block_size) * row + d0;
+      __m256 w[kHeads];
+      for (int h = 0; h < kHeads; ++h) w[h] = _mm256_broadcast_ss(p + h * span + i);
+      for (int d = 0; d < kVecs; ++d) {
+        const __m256 v = widen8(v_row + 8 * d);
+        for (int h = 0; h < kHeads; ++h) acc[h][d] = _mm256_fmadd_ps(w[h], v, acc[h][d]);
+      }
+    }
+    for (int h = 0; h < kHeads; ++h) {
+      const __m256 inv = _mm256_set1_ps(1.f / total[h]);
+      alignas(32) float row_out[kSpan];
+      for (int d = 0; d < kVecs; ++d) _mm256_store_ps(row_out + 8 * d, _mm256_mul_ps(acc[h][d], inv));
+      for (int d = 0; d < kSpan; ++d) out[h * kDim + d0 + d] = static_cast<T>(row_out[d]);
+    }
+  }
+}
+
+template <int kDim, typename T>
+void attend_avx2(const at::Tensor& query, const at::Tensor& key_cache,
+                 const at::Tensor& value_cache, const at::Tensor& block_table,
+                 const at::Tensor& context_lens, int64_t block_size, double scale,
+                 int64_t window, at::Tensor& out) {
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1);
+  const int64_t num_kv_heads = key_cache.size(1), group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_table.size(1), row = num_kv_heads * kDim;
+  const T* q_ptr = query.data_ptr<T>();
+  const T* k_ptr = key_cache.data_ptr<T>();
+  const T* v_ptr = value_cache.data_ptr<T>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* out_ptr = out.data_ptr<T>();
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * kDim), scores, top(group), total(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kv = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t span = len - first;
+      const int64_t* blocks = table + seq * max_blocks;
+      const int64_t head0 = kv * group;
+      const T* q_group = q_ptr + (seq * num_heads + head0) * kDim;
+      for (int64_t i = 0; i < group * kDim; ++i) q[i] = static_cast<float>(q_group[i]) * float(scale);
+      scores.resize(group * span);
+      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t h = 0; h < group; h += kMaxHeads) {
+        const int64_t count = std::min<int64_t>(kMaxHeads, group - h);
+        kvray::with_rows<kMaxHeads>(count, [&](auto heads) {
+          score_rows_avx2<kDim, decltype(heads)::value>(
+              q.data() + h * kDim, k_ptr + kv * kDim, row, blocks, block_size, first, len,
+              scores.data() + h * span, span, top.data() + h);
+        });
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        total[h] = softmax_numerators(scores.data() + h * span, span, top[h]);
+      }
+      for (int64_t h = 0; h < group; h += kMaxHeads) {
+        const int64_t count = std::min<int64_t>(kMaxHeads, group - h);
+        kvray::with_rows<kMaxHeads>(count, [&](auto heads) {
+          weigh_values_avx2<kDim, decltype(heads)::value>(
+              scores.data() + h * span, span, v_ptr + kv * kDim, row, blocks, block_size, first,
+              total.data() + h, out_ptr + (seq * num_heads + head0 + h) * kDim);
+        });
+      }
+    }
+  });
+}
+
+// The head_dims with a path of their own (the common ones); others take the generic path.
+template <typename T>
+bool attend_avx2_dispatch(const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_table,
+                          const at::Tensor& context_lens, int64_t block_size, double scale,
+                          int64_t window, at::Tensor& out) {
+  switch (query.size(2)) {
+    case 64:
+      attend_avx2<64, T>(query, key_cache, value_cache, block_table, context_lens, block_size,
+                         scale, window, out);
+      return true;
+    case 128:
+      attend_avx2<128, T>(query, key_cache, value_cache, block_table, context_lens, block_size,
+                          scale, window, out);
+      return true;
+    default:
+      return false;
+  }
+}
+#endif
 }  // namespace
 
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
@@ -361,10 +534,22 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
       return out;
     }
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if (attend_avx2_dispatch<c10::BFloat16>(query, key_cache, value_cache, block_table,
+                                            context_lens, block_size, scale, window, out)) {
+      return out;
+    }
+#endif
     attend<c10::BFloat16>(query, key_cache, value_cache, block_table, context_lens, block_size,
                           scale, window, out);
   } else {
     TORCH_CHECK(query.scalar_type() == at::kFloat, "query must be bf16 or fp32");
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if (attend_avx2_dispatch<float>(query, key_cache, value_cache, block_table, context_lens,
+                                    block_size, scale, window, out)) {
+      return out;
+    }
+#endif
     attend<float>(query, key_cache, value_cache, block_table, context_lens, block_size, scale,
                   window, out);
   }
