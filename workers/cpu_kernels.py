@@ -103,7 +103,8 @@ def argmax_rows() -> Callable[..., torch.Tensor] | None:
 def decode_layers() -> Callable[..., torch.Tensor] | None:
     """`decode_layers(h, cos, sin, slot_mapping, block_table, context_lens, weights, caches,
     sizes, floats)`: a decode step's Llama-family layers in one call, see
-    csrc/decode_layers.cpp; or None (also where the build lacks AVX512-BF16)."""
+    csrc/decode_layers.cpp; or None (also where the build has neither AVX512-BF16, for bf16 and
+    int8 panels, nor AVX2 + FMA, for w8a8's)."""
     if not _ready() or not hasattr(torch.ops.kvray, "decode_layers"):
         return None
     return torch.ops.kvray.decode_layers
@@ -266,7 +267,6 @@ def _register_fakes() -> None:
         fake("kvray::int8_panel_dequantize")(
             lambda packed, scales, group: packed.new_empty(packed.shape, dtype=torch.bfloat16)
         )
-        fake("kvray::decode_layers")(lambda h, *_: torch.empty_like(h))
     fake("kvray::rotary_embedding")(
         lambda q, k, cos, sin: tuple(
             x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2)
@@ -278,6 +278,8 @@ def _register_fakes() -> None:
         fake("kvray::w8a8_linear")(
             lambda x, packed, scales, out_features, bias: x.new_empty((x.shape[0], out_features))
         )
+    if hasattr(torch.ops.kvray, "decode_layers"):  # AVX512-BF16 or AVX2 builds
+        fake("kvray::decode_layers")(lambda h, *_: torch.empty_like(h))
     fake("kvray::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     fake("kvray::int8_dequantize")(
         lambda weight, scale, group_size, dtype: weight.new_empty(weight.shape, dtype=dtype)

@@ -89,11 +89,13 @@ def check_logits_equal_transformers(arch: str, dtype: str, device: str) -> None:
         assert runner.forward.norm.__name__ == "_norm"
     # decode steps of layers in kvray's panels run as one C++ call where the kernels are built:
     # int8 or w8a8 panels, or bf16 ones where there is no AMX (there oneDNN's layout runs, a
-    # layer a call)
+    # layer a call); bf16 and int8 panels need AVX512-BF16, w8a8's AVX2
     if dtype == "bfloat16-w8a8":
         panels = cpu_kernels.w8a8() is not None
+    elif dtype == "bfloat16-int8":
+        panels = cpu_kernels.int8_panel() is not None
     else:
-        panels = dtype == "bfloat16-int8" or "amx_bf16" not in cpu_flags()
+        panels = cpu_kernels.bf16_linear() is not None and "amx_bf16" not in cpu_flags()
     stacked = ops and panels and cpu_kernels.decode_layers() is not None
     assert (runner.forward.stack is not None) == stacked
     stack_calls = 0

@@ -25,6 +25,12 @@
 #include <tuple>
 #include <vector>
 
+// Built where kvray's panels are: bf16 and weight-only int8 with AVX512-BF16, w8a8 with AVX2 +
+// FMA (w8a8_linear.cpp's paths), so a CPU with AVX2 alone runs w8a8 decode steps in one call.
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+#define KVRAY_DECODE_LAYERS 1
+#endif
+
 at::Tensor bf16_linear(at::Tensor x, at::Tensor packed, int64_t out_features,
                        c10::optional<at::Tensor> bias);
 at::Tensor int8_panel_linear(at::Tensor x, at::Tensor packed, at::Tensor scales,
@@ -40,7 +46,7 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor key_cache,
                                   at::Tensor context_lens, int64_t block_size, double scale,
                                   int64_t window);
 
-#if defined(__AVX512BF16__)
+#if defined(KVRAY_DECODE_LAYERS)
 namespace {
 
 // A layer's tensors, in this order: each linear layer as its weight, scales and bias, as
@@ -72,13 +78,17 @@ at::Tensor linear(const at::Tensor& x, const Linear& l, int64_t out_features,
   shape.back() = out_features;
   const auto rows = x.reshape({-1, x.size(-1)});
   at::Tensor out;
-  if (l.weight->scalar_type() == at::kBFloat16) {
-    out = bf16_linear(rows, *l.weight, out_features, maybe(*l.bias));
-  } else if (l.scale->scalar_type() == at::kFloat) {
+  if (l.weight->scalar_type() != at::kBFloat16 && l.scale->scalar_type() == at::kFloat) {
     out = w8a8_linear(rows, *l.weight, *l.scale, out_features, maybe(*l.bias));
   } else {
-    out = int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize], out_features,
-                            maybe(*l.bias));
+#if defined(__AVX512BF16__)
+    out = l.weight->scalar_type() == at::kBFloat16
+              ? bf16_linear(rows, *l.weight, out_features, maybe(*l.bias))
+              : int8_panel_linear(rows, *l.weight, *l.scale, head[kGroupSize], out_features,
+                                  maybe(*l.bias));
+#else
+    TORCH_CHECK(false, "decode_layers: this build (no AVX512-BF16) runs w8a8 layers only");
+#endif
   }
   return out.view(shape);
 }
@@ -150,8 +160,8 @@ at::Tensor decode_layers(at::Tensor h, at::Tensor cos, at::Tensor sin,
 #endif
 
 TORCH_LIBRARY_FRAGMENT(kvray, m) {
-#if defined(__AVX512BF16__)
-  // NOTE: where bf16_linear exists (AVX512-BF16 builds); elsewhere the Python layers run.
+#if defined(KVRAY_DECODE_LAYERS)
+  // NOTE: where kvray's panels exist (see above); elsewhere the Python layers run.
   m.def(
       "decode_layers(Tensor h, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_table, "
       "Tensor context_lens, Tensor[] weights, Tensor(a!)[] caches, int[] sizes, float[] floats) "
@@ -160,7 +170,7 @@ TORCH_LIBRARY_FRAGMENT(kvray, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvray, CPU, m) {
-#if defined(__AVX512BF16__)
+#if defined(KVRAY_DECODE_LAYERS)
   m.impl("decode_layers", &decode_layers);
 #endif
 }
