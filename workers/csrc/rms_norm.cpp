@@ -5,7 +5,7 @@
 //
 // The squares are a widened bf16 times itself (what `to` then `pow(2)` give). Their mean must add
 // them in ATen's order: `mean_squares` repeats ATen's inner-dimension sum (SumKernel.cpp's
-// vectorized_inner_sum, 16-lane vectors) and divides as `mean` does, and is used for a width
+// vectorized_inner_sum, in vectors of ATen's width: 16 lanes with AVX-512, 8 with AVX2) and divides as `mean` does, and is used for a width
 // only once it has matched ATen's own `mean` bit for bit on test rows of that width in this
 // process (another ATen build or CPU capability may sum in another order: then ATen's reduction
 // runs, on a tensor of the squares), and only for rows shorter than ATen's grain (32768 values:
@@ -31,18 +31,63 @@
 
 #include "vec.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// The vector width ATen's CPU reductions use on this build's target, and the few operations
+// the sums below need: 16 fp32 lanes with AVX-512, 8 with AVX2.
+#if defined(__AVX512F__)
+#define KVRAY_RMS_VECTORS 1
+constexpr int64_t kLanes = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vset(float v) { return _mm512_set1_ps(v); }
+inline Vec vload(const c10::BFloat16* p) { return kvray::load_bf16x16(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vround(Vec v) { return kvray::round_bf16(v); }
+inline void vstore(c10::BFloat16* p, Vec v) { kvray::store_bf16x16(p, v); }
+#elif defined(__AVX2__)
+#define KVRAY_RMS_VECTORS 1
+constexpr int64_t kLanes = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vset(float v) { return _mm256_set1_ps(v); }
+inline Vec vload(const c10::BFloat16* p) {  // 8 bf16 widened to fp32, exact
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vround(Vec v) {  // c10's round to nearest even (see kvray::round_bf16)
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(0xffff0000)));
+}
+inline void vstore(c10::BFloat16* p, Vec v) {  // lanes that already hold bf16 values
+  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(top),
+                                          _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
 
 // 1 / sqrt(variance + eps) times each value, then times the weight, both rounded to bf16.
 inline void normalize_row(const c10::BFloat16* row, const c10::BFloat16* wp, float variance,
                           float epsilon, int64_t dim, c10::BFloat16* dst) {
   const float scale = 1.0f / std::sqrt(variance + epsilon);
   int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512 scales = _mm512_set1_ps(scale);
-  for (; i + 16 <= dim; i += 16) {
-    const __m512 y = kvray::round_bf16(_mm512_mul_ps(kvray::load_bf16x16(row + i), scales));
-    kvray::store_bf16x16(dst + i, kvray::round_bf16(_mm512_mul_ps(kvray::load_bf16x16(wp + i), y)));
+#if defined(KVRAY_RMS_VECTORS)
+  const Vec scales = vset(scale);
+  for (; i + kLanes <= dim; i += kLanes) {
+    const Vec y = vround(vmul(vload(row + i), scales));
+    vstore(dst + i, vround(vmul(vload(wp + i), y)));
   }
 #endif
   for (; i < dim; ++i) {
@@ -51,49 +96,49 @@ inline void normalize_row(const c10::BFloat16* row, const c10::BFloat16* wp, flo
   }
 }
 
-#if defined(__AVX512F__)
-// The mean of a bf16 row's squares, summed as ATen sums a contiguous fp32 row: its 16-lane
+#if defined(KVRAY_RMS_VECTORS)
+// The mean of a bf16 row's squares, summed as ATen sums a contiguous fp32 row: its kLanes-lane
 // vectors in 4 interleaved accumulators (row_sum's ilp), each a cascade of 4 levels that
 // passes its sum up every 16 vectors (multi_row_sum), the 4 accumulators added in order, then
-// the values past the last whole vector, then the 16 lanes in order; then divided by the width.
+// the values past the last whole vector, then the lanes in order; then divided by the width.
 float mean_squares(const c10::BFloat16* x, int64_t n) {
-  const int64_t vecs = n / 16, size = vecs / 4;
+  const int64_t vecs = n / kLanes, size = vecs / 4;
   const auto square = [&](int64_t v) {
-    const __m512 value = kvray::load_bf16x16(x + 16 * v);
-    return _mm512_mul_ps(value, value);
+    const Vec value = vload(x + kLanes * v);
+    return vmul(value, value);
   };
   const int64_t ceil_log2 = size <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(size - 1));
   const int64_t power = std::max<int64_t>(4, ceil_log2 / 4), step = int64_t(1) << power;
   const int64_t mask = step - 1;
-  __m512 acc[4][4];
+  Vec acc[4][4];
   for (auto& level : acc)
-    for (auto& a : level) a = _mm512_setzero_ps();
+    for (auto& a : level) a = vzero();
   int64_t i = 0;
   while (i + step <= size) {
     for (int64_t j = 0; j < step; ++j, ++i)
-      for (int k = 0; k < 4; ++k) acc[0][k] = _mm512_add_ps(acc[0][k], square(4 * i + k));
+      for (int k = 0; k < 4; ++k) acc[0][k] = vadd(acc[0][k], square(4 * i + k));
     for (int j = 1; j < 4; ++j) {
       for (int k = 0; k < 4; ++k) {
-        acc[j][k] = _mm512_add_ps(acc[j][k], acc[j - 1][k]);
-        acc[j - 1][k] = _mm512_setzero_ps();
+        acc[j][k] = vadd(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = vzero();
       }
       if (i & (mask << (j * power))) break;
     }
   }
   for (; i < size; ++i)
-    for (int k = 0; k < 4; ++k) acc[0][k] = _mm512_add_ps(acc[0][k], square(4 * i + k));
+    for (int k = 0; k < 4; ++k) acc[0][k] = vadd(acc[0][k], square(4 * i + k));
   for (int j = 1; j < 4; ++j)
-    for (int k = 0; k < 4; ++k) acc[0][k] = _mm512_add_ps(acc[0][k], acc[j][k]);
-  for (int64_t v = 4 * size; v < vecs; ++v) acc[0][0] = _mm512_add_ps(acc[0][0], square(v));
-  for (int k = 1; k < 4; ++k) acc[0][0] = _mm512_add_ps(acc[0][0], acc[0][k]);
+    for (int k = 0; k < 4; ++k) acc[0][k] = vadd(acc[0][k], acc[j][k]);
+  for (int64_t v = 4 * size; v < vecs; ++v) acc[0][0] = vadd(acc[0][0], square(v));
+  for (int k = 1; k < 4; ++k) acc[0][0] = vadd(acc[0][0], acc[0][k]);
   float total = 0.0f;
-  for (int64_t k = 16 * vecs; k < n; ++k) {
+  for (int64_t k = kLanes * vecs; k < n; ++k) {
     const float v = static_cast<float>(x[k]);
     const float sq = v * v;
     total += sq;
   }
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, acc[0][0]);
+  float lanes[kLanes];
+  vstore(lanes, acc[0][0]);
   for (float lane : lanes) total += lane;
   return total / static_cast<float>(n);
 }
@@ -137,7 +182,7 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   const float epsilon = static_cast<float>(eps);  // a Python float added to fp32: fp32
   auto out = at::empty_like(x);
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-#if defined(__AVX512F__)
+#if defined(KVRAY_RMS_VECTORS)
   if (dim > 0 && dim < at::internal::GRAIN_SIZE && same_order_as_aten(dim)) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -153,10 +198,10 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   float* sp = squares.data_ptr<float>();
   at::parallel_for(0, rows * dim, 4096, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
-#if defined(__AVX512F__)
-    for (; i + 16 <= end; i += 16) {
-      const __m512 v = kvray::load_bf16x16(xp + i);
-      _mm512_storeu_ps(sp + i, _mm512_mul_ps(v, v));
+#if defined(KVRAY_RMS_VECTORS)
+    for (; i + kLanes <= end; i += kLanes) {
+      const Vec v = vload(xp + i);
+      vstore(sp + i, vmul(v, v));
     }
 #endif
     for (; i < end; ++i) {
