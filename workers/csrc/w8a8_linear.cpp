@@ -41,7 +41,8 @@
 // AVX2 + FMA: a panel is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
 // `vpmaddwd` with ones (-> s32 quads), with llama.cpp's signs: |x| as the unsigned operand and
 // x's sign moved onto the weights (`vpsignb`), so no s16 sum can saturate (at most
-// 2 * 127 * 127). A tile is 2 rows x 1 panel (4 s32 accumulators of 16).
+// 2 * 127 * 127). A tile is 4 rows x 1 panel (8 s32 accumulators of 16), so a panel's quad
+// row, read from L2 when the rows are many, serves 4 rows.
 //
 // AMX-INT8 (`#if defined(__AMX_INT8__)`; inputs of kAmxRows rows or more, where Linux grants
 // the tile state, else the VNNI path): `_tile_dpbssd` (signed x signed, no offset) multiplies
@@ -82,7 +83,7 @@ constexpr int kTileRows = 4;    // rows per tile
 constexpr int kTilePanels = 2;  // panels per tile
 #else
 constexpr bool kVnni = false;
-constexpr int kTileRows = 2;
+constexpr int kTileRows = 4;  // 8 accumulators, 2 weight halves, 2 broadcasts, ones: 13 ymm
 constexpr int kTilePanels = 1;
 #endif
 constexpr int64_t kBlock = 32;  // inputs per rotated block
