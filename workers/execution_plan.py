@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# NOTE: measured (bench/step_ab.py, SmolLM2-135M's shape, 2-core Zen 3 with AVX2 and no
+# AVX-512): int8 in bf16 87 ms a step at one stream against bf16's 38, w8a8's 22
+INT8_WITHOUT_AVX512 = (
+    "quantization int8 on a CPU without AVX-512 runs kvray's row kernel, which is slower here "
+    "than the unquantized model (it widens the weights with AVX2); quantization w8a8 has an "
+    "AVX2 kernel and is the fast int8 choice on this CPU"
+)
+
 # implementation: which code computes the forward
 OWN_MODEL = "kvray"  # kvray's own model (workers/models), any number of ranks
 FAMILY_FORWARD = "transformers+kvray-forward"  # transformers' modules, llama_family's forward
@@ -212,6 +220,8 @@ def prepare_model(model: nn.Module, plan: ExecutionPlan) -> None:
         logger.info("fused %d sets of sibling projections", fuse_projections(model))
     if plan.linear in (INT8_PANELS, INT8_ROWS):
         logger.info("quantized %d linear layers to int8", quantize_linears(model))
+        if plan.linear == INT8_ROWS and "avx512f" not in cpu_flags():
+            logger.warning(INT8_WITHOUT_AVX512)
     elif plan.linear == W8A8:
         logger.info("quantized %d linear layers to w8a8", quantize_linears_w8a8(model))
     elif plan.linear in (BF16_KVRAY, BF16_ONEDNN):

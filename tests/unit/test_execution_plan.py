@@ -69,6 +69,20 @@ def test_int8_settings_plan_int8_layers_and_prepare_model_quantizes_them():
     assert plan.decode == (plans.ONE_CALL if stack else plans.PER_LAYER)
 
 
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "fma", "avx512f"}])
+def test_int8_rows_without_avx512_warn_that_w8a8_is_the_fast_choice(monkeypatch, caplog, flags):
+    monkeypatch.setattr(plans, "cpu_flags", lambda: frozenset(flags))
+    model = llama(torch.float32)  # fp32: the row layout on every CPU
+    plan = plans.decide_plan(
+        model, device=CPU, dtype=torch.float32, settings=WorkerConfig(quantization="int8")
+    )
+    assert plan.linear == plans.INT8_ROWS
+    with caplog.at_level("WARNING", logger=plans.__name__):
+        plans.prepare_model(model, plan)
+    warned = plans.INT8_WITHOUT_AVX512 in caplog.text
+    assert warned == ("avx512f" not in flags)
+
+
 def test_w8a8_settings_plan_w8a8_layers_and_prepare_model_quantizes_them():
     model = llama(torch.bfloat16)
     settings = WorkerConfig(quantization="w8a8")
