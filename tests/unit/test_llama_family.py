@@ -252,3 +252,20 @@ def test_the_rms_norm_kernel_equals_transformers_bitwise(rows, dim):
     got = op(x, norm.weight, norm.variance_epsilon)
     assert got.shape == expected.shape and torch.equal(got, expected)
     torch.library.opcheck(op, (x, norm.weight.detach(), 1e-5), test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("dim", [576, 2048, 4096])
+def test_the_rms_norm_kernel_sums_in_its_own_loop_not_atens(dim):
+    """x86 ATen sums fp32 rows in 16-lane or 8-lane vectors (which one depends on its dispatch,
+    not only on the CPU: a Zen 4 EPYC with AVX-512 sums in 8); the kernel repeats either order,
+    so real models' widths take no ATen reduction (the fallback costs ~25 us a norm)."""
+    op = cpu_kernels.rms_norm()
+    if op is None or "avx2" not in cpu_kernels.cpu_flags():
+        pytest.skip("needs kvray's CPU kernels built for x86 with AVX2")
+    x = torch.randn(3, dim).to(torch.bfloat16)
+    weight = torch.rand(dim).to(torch.bfloat16)
+    op(x, weight, 1e-5)  # the first call at a width checks the order against ATen's
+    with torch.profiler.profile() as prof:
+        op(x, weight, 1e-5)
+    reductions = [e.name for e in prof.events() if e.name in ("aten::mean", "aten::sum")]
+    assert reductions == []
