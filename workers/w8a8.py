@@ -36,7 +36,7 @@ class Int8ActLinear(nn.Module):
     devices. Where the kernel is built, the weights are kept in its panels (`to_panels`), else
     in rows."""
 
-    weight_int8: torch.Tensor  # rows: [out, padded]; panels: [ceil(out / 16), padded / 4, 16, 4]
+    weight_int8: torch.Tensor  # rows: [out, padded]; panels: [ceil(out / 32), padded / 4, 32, 4]
     scale: torch.Tensor  # fp32; rows: [out]; panels: [panels, 1, 16]
     bias: torch.Tensor | None
 
@@ -86,14 +86,16 @@ class Int8ActLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-PANEL = 16  # output features per panel of csrc/w8a8_linear.cpp: one 32-bit lane each
+# Output features per panel of csrc/w8a8_linear.cpp: two slices of 16 (one 32-bit lane each) side
+# by side, so a tile reads its weights as one stream of 128-byte quad rows.
+PANEL = 32
 QUAD = 4  # inputs per lane
 
 
 def to_panels(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows`' rows as the kernel's panels: int8 [panels, padded / 4, 16, 4] (quad row
-    q of a panel holds its 16 features' weights for inputs 4q .. 4q + 3) and fp32 scales
-    [panels, 1, 16]; out_features padded to whole panels with zero weights."""
+    """`quantize_rows`' rows as the kernel's panels: int8 [panels, padded / 4, 32, 4] (quad row
+    q of a panel holds its 32 features' weights for inputs 4q .. 4q + 3) and fp32 scales
+    [panels, 1, 32]; out_features padded to whole panels with zero weights."""
     pad = -weight.shape[0] % PANEL
     weight = F.pad(weight, (0, 0, 0, pad))
     scale = F.pad(scale.float(), (0, pad))

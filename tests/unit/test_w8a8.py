@@ -72,9 +72,19 @@ def test_the_kernel_quantizes_activations_bit_for_bit_as_torch(dtype):
         assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale)
 
 
-# SmolLM2-135M's shapes (out, in): fused q/k/v, o, k or v alone, fused gate/up, down; an odd
-# and a small width (inputs padded to 64).
-SHAPES = [(960, 576), (576, 576), (192, 576), (3072, 576), (576, 1536), (577, 64), (64, 32)]
+# SmolLM2-135M's shapes (out, in): fused q/k/v, o, k or v alone, fused gate/up, down; widths
+# whose last panel (32 features) holds 1 (its second slice all padding) and 24; a small width
+# (inputs padded to 64).
+SHAPES = [
+    (960, 576),
+    (576, 576),
+    (192, 576),
+    (3072, 576),
+    (576, 1536),
+    (577, 64),
+    (600, 64),
+    (64, 32),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -82,8 +92,8 @@ SHAPES = [(960, 576), (576, 576), (192, 576), (3072, 576), (576, 1536), (577, 64
 def test_the_kernel_equals_the_torch_reference_bit_for_bit(shape, dtype):
     """The int32 dots are exact on every path and the scaling is the same fp32 operations, so
     the kernel gives the reference's bits. The rows cover whole tiles and every remainder
-    (AVX512-VNNI: 4 rows, AVX2: 2; AMX, from 16 rows: blocks of 32), the shapes an odd last
-    panel and a padded one."""
+    (AVX512-VNNI and AVX2: 4 rows; AMX, from 16 rows: blocks of 32), the shapes whole panels
+    and padded ones."""
     ops = kernel()
     torch.manual_seed(shape[0] + shape[1])
     out_features, in_features = shape
@@ -173,10 +183,11 @@ def test_the_weight_property_rotates_the_weights_back():
 def test_panels_hold_the_same_weights_as_rows():
     weight, scale = quantize_rows(torch.randn(577, 64), weights=True)  # a padded last panel
     packed, packed_scale = to_panels(weight, scale)
-    assert packed.shape == (37, 16, 16, 4) and packed_scale.shape == (37, 1, 16)
-    assert torch.equal(packed[1, 2, 3], weight[16 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
-    assert torch.equal(packed_scale[1, 0, 3], scale[16 + 3])
-    assert torch.all(packed[36, :, 1:] == 0)  # the padding
+    assert packed.shape == (19, 16, 32, 4) and packed_scale.shape == (19, 1, 32)
+    assert torch.equal(packed[1, 2, 3], weight[32 + 3, 8:12])  # panel 1, inputs 8-11, feature 3
+    assert torch.equal(packed[1, 2, 19], weight[32 + 19, 8:12])  # its second slice
+    assert torch.equal(packed_scale[1, 0, 19], scale[32 + 19])
+    assert torch.all(packed[18, :, 1:] == 0)  # the padding
     got_weight, got_scale = from_panels(packed, packed_scale, 577)
     assert torch.equal(got_weight, weight) and torch.equal(got_scale, scale)
 

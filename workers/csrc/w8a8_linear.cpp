@@ -15,41 +15,45 @@
 //   y[m, n] = bias[n] + float(sum_k xq[m, k] * wq[n, k]) * (xs[m] * ws[n])
 //
 //   x       [rows, in_features]              bf16 or fp32, in_features a multiple of 32
-//   packed  [panels, padded / 4, 16, 4]      int8 in [-127, 127]: the rotated weights in panels
-//                                            of 16 output features, each quad row the 16
+//   packed  [panels, padded / 4, 32, 4]      int8 in [-127, 127]: the rotated weights in panels
+//                                            of 32 output features, each quad row the 32
 //                                            features' weights for 4 inputs (out_features
 //                                            padded with zero features, inputs with zero
 //                                            inputs to `padded`, a multiple of 64; see
 //                                            `to_panels` in workers/w8a8.py)
-//   scales  [panels, 1, 16]                  fp32, one a feature
+//   scales  [panels, 1, 32]                  fp32, one a feature
 //   bias    [out_features] or None           any float dtype, added in fp32
 // Returns [rows, out_features] in x's dtype. The int32 sum is exact on every path (at most
 // 127 * 127 * padded), and each path then does the same fp32 operations, so a row's output is
 // the same bits whichever path its batch takes: it does not depend on the batch's size.
 //
 // Each feature's products land in its own 32-bit lane: a row's 4 inputs of a quad are broadcast
-// against a panel's quad row (64 bytes: 16 features x 4 inputs), summed in s32 lanes; the lanes
-// are the outputs, no reduction across lanes. Paths, one layout:
+// against a slice of a panel's quad row (64 bytes: 16 features x 4 inputs, one 512-bit
+// register), summed in s32 lanes; the lanes are the outputs, no reduction across lanes. A panel
+// is two slices side by side, so a tile that takes both reads its weights as one stream of
+// 128-byte quad rows: one row's decode step, which reads every weight once, pulls them at the
+// read bandwidth (2 cores of a Zen 4 EPYC: 27 GB/s from panels of 16 features, two streams a
+// tile; 55 GB/s from one stream). Paths, one layout:
 //
 // AVX512-VNNI (`#if defined(__AVX512VNNI__)`; cpu_kernels.py builds with -march=native): one
 // `vpdpbusd` (u8 x s8, quads summed into s32, nothing saturates) per row and panel per quad.
 // Its first operand is unsigned, so the weights are read as w + 128 (one xor a panel's quad
 // row, shared by the tile's rows) against the signed activations, and each row's sum starts
 // at -128 * (its int8 values' sum, computed while quantizing): the exact dot again. A tile is
-// 4 rows x 2 panels (8 s32 accumulators of 32).
+// 4 rows x 1 panel (8 s32 accumulators of 32).
 //
 // AVX2 + FMA: a panel is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
 // `vpmaddwd` with ones (-> s32 quads), with llama.cpp's signs: |x| as the unsigned operand and
 // x's sign moved onto the weights (`vpsignb`), so no s16 sum can saturate (at most
-// 2 * 127 * 127). A tile is 4 rows x 1 panel (8 s32 accumulators of 16), so a panel's quad
+// 2 * 127 * 127). A tile is 4 rows x 1 slice (8 s32 accumulators of 16), so a slice's quad
 // row, read from L2 when the rows are many, serves 4 rows.
 //
 // AMX-INT8 (`#if defined(__AMX_INT8__)`; inputs of kAmxRows rows or more, where Linux grants
 // the tile state, else the VNNI path): `_tile_dpbssd` (signed x signed, no offset) multiplies
 // 16 rows x 64 inputs (a tile loaded straight from the quantized rows, padded with zero rows to
-// whole tiles) by 64 inputs of a panel (16 quad rows, straight from the panels above) into
-// 16 x 16 s32 sums; a block is 32 rows x 2 panels (4 sum tiles), every input of the layer
-// summed in the tiles, then stored once and scaled with AVX512.
+// whole tiles) by 64 inputs of a slice (16 quad rows, straight from the panels above, 128 bytes
+// apart) into 16 x 16 s32 sums; a block is 32 rows x 1 panel (4 sum tiles), every input of the
+// layer summed in the tiles, then stored once and scaled with AVX512.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -80,15 +84,16 @@ using kvray::with_rows;
 #if defined(__AVX512VNNI__)
 constexpr bool kVnni = true;
 constexpr int kTileRows = 4;    // rows per tile
-constexpr int kTilePanels = 2;  // panels per tile
+constexpr int kTileSlices = 2;  // slices per tile: a whole panel
 #else
 constexpr bool kVnni = false;
 constexpr int kTileRows = 4;  // 8 accumulators, 2 weight halves, 2 broadcasts, ones: 13 ymm
-constexpr int kTilePanels = 1;
+constexpr int kTileSlices = 1;
 #endif
 constexpr int64_t kBlock = 32;  // inputs per rotated block
 constexpr int64_t kDepth = 64;  // inputs are padded to a multiple of this: one tile product's
-constexpr int64_t kPanel = 16;  // output features per panel: one s32 or fp32 lane each
+constexpr int64_t kSlice = 16;  // output features per slice: one s32 or fp32 lane each
+constexpr int64_t kPanel = 2 * kSlice;  // output features per panel, two slices side by side
 constexpr int64_t kChunk = 64;  // output features whose weights stay in L2 across row tiles
 
 // 8 bf16 values widened to fp32 (exact).
@@ -241,8 +246,10 @@ struct Layer {
   const float* ws;         // [panels, 16]
   const float* bias;       // fp32 or nullptr
 
-  const int8_t* panel(int64_t p) const { return w + p * in * kPanel; }
-  const float* panel_scales(int64_t p) const { return ws + p * kPanel; }
+  // Slice u's quad row at input k (a multiple of 4) is slice(u) + k * kPanel: 64 bytes of the
+  // panel's 128-byte quad row.
+  const int8_t* slice(int64_t u) const { return w + (u / 2) * in * kPanel + (u % 2) * 4 * kSlice; }
+  const float* slice_scales(int64_t u) const { return ws + u * kSlice; }
   int32_t quad(const int8_t* values, int64_t m, int64_t k) const {  // 4 inputs from k
     int32_t v;
     std::memcpy(&v, values + m * in + k, 4);
@@ -250,12 +257,13 @@ struct Layer {
   }
 };
 
-// Row m's 16 sums of panel p (fp32 lanes, in order) into `out`, plus the bias where there is
+// Row m's 16 sums of slice u (fp32 lanes, in order) into `out`, plus the bias where there is
 // one; bf16 rounded to nearest even, as c10::BFloat16 rounds; the padding of the last panel is
 // dropped. Every path stores through here, so they round alike.
 template <typename T>
-inline void store(const Layer& L, int64_t m, int64_t p, const float* sums, T* out) {
-  const int64_t n0 = p * kPanel, count = std::min<int64_t>(kPanel, L.out - n0);
+inline void store(const Layer& L, int64_t m, int64_t u, const float* sums, T* out) {
+  const int64_t n0 = u * kSlice, count = std::min<int64_t>(kSlice, L.out - n0);
+  if (count <= 0) return;  // the last panel's second slice, all padding
   T* dst = out + m * L.out + n0;
 #if defined(__AVX512F__)
   const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
@@ -275,39 +283,39 @@ inline void store(const Layer& L, int64_t m, int64_t p, const float* sums, T* ou
 }
 
 #if defined(__AVX512VNNI__)
-// kRows rows (from m0) x kPanels panels (from p0), one zmm of 16 features a row and panel.
-template <int kRows, int kPanels, typename T>
-inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
+// kRows rows (from m0) x kSlices slices (from u0), one zmm of 16 features a row and slice.
+template <int kRows, int kSlices, typename T>
+inline void tile(const Layer& L, int64_t m0, int64_t u0, T* out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 == u8(w + 128)
-  __m512i dots[kRows][kPanels];
+  __m512i dots[kRows][kSlices];
   for (int m = 0; m < kRows; ++m) {
     const __m512i offset = _mm512_set1_epi32(L.xoffset[m0 + m]);
-    for (int j = 0; j < kPanels; ++j) dots[m][j] = offset;
+    for (int j = 0; j < kSlices; ++j) dots[m][j] = offset;
   }
   for (int64_t k = 0; k < L.in; k += 4) {
-    __m512i w[kPanels];
-    for (int j = 0; j < kPanels; ++j)
-      w[j] = _mm512_xor_si512(_mm512_loadu_si512(L.panel(p0 + j) + k * kPanel), flip);
+    __m512i w[kSlices];
+    for (int j = 0; j < kSlices; ++j)
+      w[j] = _mm512_xor_si512(_mm512_loadu_si512(L.slice(u0 + j) + k * kPanel), flip);
     for (int m = 0; m < kRows; ++m) {
       const __m512i a = _mm512_set1_epi32(L.quad(L.xq, m0 + m, k));
-      for (int j = 0; j < kPanels; ++j) dots[m][j] = _mm512_dpbusd_epi32(dots[m][j], w[j], a);
+      for (int j = 0; j < kSlices; ++j) dots[m][j] = _mm512_dpbusd_epi32(dots[m][j], w[j], a);
     }
   }
-  alignas(64) float sums[kPanel];
-  for (int j = 0; j < kPanels; ++j) {
-    const __m512 ws = _mm512_loadu_ps(L.panel_scales(p0 + j));
+  alignas(64) float sums[kSlice];
+  for (int j = 0; j < kSlices; ++j) {
+    const __m512 ws = _mm512_loadu_ps(L.slice_scales(u0 + j));
     for (int m = 0; m < kRows; ++m) {
       const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[m0 + m]), ws);
       _mm512_store_ps(sums, _mm512_mul_ps(_mm512_cvtepi32_ps(dots[m][j]), scale));
-      store(L, m0 + m, p0 + j, sums, out);
+      store(L, m0 + m, u0 + j, sums, out);
     }
   }
 }
 #else
-// kRows rows (from m0) x kPanels panels (from p0), two ymm halves of 8 features a row and panel.
-template <int kRows, int kPanels, typename T>
-inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
-  constexpr int kHalves = 2 * kPanels;
+// kRows rows (from m0) x kSlices slices (from u0), two ymm halves of 8 features a row and slice.
+template <int kRows, int kSlices, typename T>
+inline void tile(const Layer& L, int64_t m0, int64_t u0, T* out) {
+  constexpr int kHalves = 2 * kSlices;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i dots[kRows][kHalves];
   for (int m = 0; m < kRows; ++m)
@@ -316,7 +324,7 @@ inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
     __m256i w[kHalves];
     for (int h = 0; h < kHalves; ++h)
       w[h] = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(L.panel(p0 + h / 2) + k * kPanel + 32 * (h % 2)));
+          reinterpret_cast<const __m256i*>(L.slice(u0 + h / 2) + k * kPanel + 32 * (h % 2)));
     for (int m = 0; m < kRows; ++m) {
       const __m256i a = _mm256_set1_epi32(L.quad(L.xq, m0 + m, k));
       const __m256i mag =
@@ -327,49 +335,50 @@ inline void tile(const Layer& L, int64_t m0, int64_t p0, T* out) {
       }
     }
   }
-  alignas(32) float sums[kPanel];
+  alignas(32) float sums[kSlice];
   for (int m = 0; m < kRows; ++m)
-    for (int j = 0; j < kPanels; ++j) {
+    for (int j = 0; j < kSlices; ++j) {
       for (int h = 0; h < 2; ++h) {
         const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(L.xs[m0 + m]),
-                                           _mm256_loadu_ps(L.panel_scales(p0 + j) + 8 * h));
+                                           _mm256_loadu_ps(L.slice_scales(u0 + j) + 8 * h));
         _mm256_store_ps(sums + 8 * h,
                         _mm256_mul_ps(_mm256_cvtepi32_ps(dots[m][2 * j + h]), scale));
       }
-      store(L, m0 + m, p0 + j, sums, out);
+      store(L, m0 + m, u0 + j, sums, out);
     }
 }
 #endif
 
-// Panels [p0, p0 + kPanels) for rows [m_begin, m_end), a tile of rows at a time.
-template <int kPanels, typename T>
-void panels(const Layer& L, int64_t p0, int64_t m_begin, int64_t m_end, T* out) {
+// Slices [u0, u0 + kTileSlices) for rows [m_begin, m_end), a tile of rows at a time.
+template <typename T>
+void slices(const Layer& L, int64_t u0, int64_t m_begin, int64_t m_end, T* out) {
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kTileRows) {
     const int64_t count = std::min<int64_t>(kTileRows, m_end - m0);
     with_rows<kTileRows>(count, [&](auto rows) {
-      tile<decltype(rows)::value, kPanels>(L, m0, p0, out);
+      tile<decltype(rows)::value, kTileSlices>(L, m0, u0, out);
     });
   }
 }
 
-// NOTE: loop order: each thread takes a range of tiles' panels, kChunk features at a time;
-// within a chunk, a tile of rows meets every panel before the next tile starts, so a chunk's
+// NOTE: loop order: each thread takes a range of tiles' slices, kChunk features at a time;
+// within a chunk, a tile of rows meets every slice before the next tile starts, so a chunk's
 // weights come from memory once and from L2 for the other tiles, and a tile's activations
 // (kTileRows x in bytes) stay in L1.
 template <typename T>
 void linear(const Layer& L, T* out) {
-  const int64_t num_panels = (L.out + kPanel - 1) / kPanel, steps = num_panels / kTilePanels;
-  constexpr int64_t kChunkSteps = std::max<int64_t>(1, kChunk / (kPanel * kTilePanels));
+  static_assert(kPanel % (kSlice * kTileSlices) == 0, "a tile's slices lie in one panel");
+  const int64_t num_slices = (L.out + kPanel - 1) / kPanel * (kPanel / kSlice);
+  const int64_t steps = num_slices / kTileSlices;
+  constexpr int64_t kChunkSteps = std::max<int64_t>(1, kChunk / (kSlice * kTileSlices));
   at::parallel_for(0, steps, 4, [&](int64_t begin, int64_t end) {
     for (int64_t c0 = begin; c0 < end; c0 += kChunkSteps) {
       const int64_t c1 = std::min(end, c0 + kChunkSteps);
       for (int64_t m0 = 0; m0 < L.rows; m0 += kTileRows) {
         const int64_t m1 = std::min(L.rows, m0 + kTileRows);
-        for (int64_t c = c0; c < c1; ++c) panels<kTilePanels>(L, c * kTilePanels, m0, m1, out);
+        for (int64_t c = c0; c < c1; ++c) slices(L, c * kTileSlices, m0, m1, out);
       }
     }
   });
-  if (num_panels % kTilePanels) panels<1>(L, num_panels - 1, 0, L.rows, out);  // an odd last one
 }
 
 constexpr int64_t kAmxRows = 16;      // inputs of this many rows or more take the tile unit
@@ -406,70 +415,72 @@ TileConfig tile_shapes() {
 // `ldtilecfg` (it does not see the instruction read all 64 bytes), and the tiles then fault.
 alignas(64) const TileConfig kTileShapes = tile_shapes();
 
-// One block: kRowTiles x 16 rows (from m0; L.xq padded to whole tiles) x kPanels panels (from
-// p0), every input into the same sum tiles, then the sums times both scales, one row at a
-// time, with the VNNI path's operations (so the two give the same bits).
+// One block: kRowTiles x 16 rows (from m0; L.xq padded to whole tiles) x panel p's two slices,
+// every input into the same sum tiles, then the sums times both scales, one row at a time,
+// with the VNNI path's operations (so the two give the same bits).
 // NOTE: literal tile numbers in each branch: GCC's tile intrinsics paste their tile numbers
 // into the assembly, so they must be literals, not template arguments.
-template <int kRowTiles, int kPanels, typename T>
-void amx_block(const Layer& L, int64_t m0, int64_t p0, T* out) {
+template <int kRowTiles, typename T>
+void amx_block(const Layer& L, int64_t m0, int64_t p, T* out) {
   _tile_zero(4);
-  if constexpr (kPanels == 2) _tile_zero(5);
-  if constexpr (kRowTiles == 2) _tile_zero(6);
-  if constexpr (kRowTiles == 2 && kPanels == 2) _tile_zero(7);
+  _tile_zero(5);
+  if constexpr (kRowTiles == 2) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
   const int8_t* a = L.xq + m0 * L.in;
-  const int8_t* b = L.panel(p0);
+  const int8_t* b = L.slice(2 * p);  // the second slice's quad rows 4 * kSlice bytes on
   for (int64_t k = 0; k < L.in; k += kDepth) {
     _tile_loadd(0, a + k, L.in);
     _tile_loadd(2, b + k * kPanel, 4 * kPanel);
-    if constexpr (kPanels == 2) _tile_loadd(3, b + L.in * kPanel + k * kPanel, 4 * kPanel);
+    _tile_loadd(3, b + 4 * kSlice + k * kPanel, 4 * kPanel);
     _tile_dpbssd(4, 0, 2);
-    if constexpr (kPanels == 2) _tile_dpbssd(5, 0, 3);
+    _tile_dpbssd(5, 0, 3);
     if constexpr (kRowTiles == 2) {
       _tile_loadd(1, a + kAmxTileRows * L.in + k, L.in);
       _tile_dpbssd(6, 1, 2);
-      if constexpr (kPanels == 2) _tile_dpbssd(7, 1, 3);
+      _tile_dpbssd(7, 1, 3);
     }
   }
-  alignas(64) int32_t dots[2][2][kAmxTileRows][kPanel];  // [row tile][panel]
-  _tile_stored(4, dots[0][0], 4 * kPanel);
-  if constexpr (kPanels == 2) _tile_stored(5, dots[0][1], 4 * kPanel);
-  if constexpr (kRowTiles == 2) _tile_stored(6, dots[1][0], 4 * kPanel);
-  if constexpr (kRowTiles == 2 && kPanels == 2) _tile_stored(7, dots[1][1], 4 * kPanel);
-  alignas(64) float sums[kPanel];
+  alignas(64) int32_t dots[2][2][kAmxTileRows][kSlice];  // [row tile][slice]
+  _tile_stored(4, dots[0][0], 4 * kSlice);
+  _tile_stored(5, dots[0][1], 4 * kSlice);
+  if constexpr (kRowTiles == 2) {
+    _tile_stored(6, dots[1][0], 4 * kSlice);
+    _tile_stored(7, dots[1][1], 4 * kSlice);
+  }
+  alignas(64) float sums[kSlice];
   for (int t = 0; t < kRowTiles; ++t) {
     const int64_t count = std::min<int64_t>(kAmxTileRows, L.rows - m0 - t * kAmxTileRows);
     for (int64_t r = 0; r < count; ++r) {
       const int64_t m = m0 + t * kAmxTileRows + r;
-      for (int j = 0; j < kPanels; ++j) {
+      for (int j = 0; j < 2; ++j) {
         const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(L.xs[m]),
-                                           _mm512_loadu_ps(L.panel_scales(p0 + j)));
+                                           _mm512_loadu_ps(L.slice_scales(2 * p + j)));
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots[t][j][r]));
         _mm512_store_ps(sums, _mm512_mul_ps(dot, scale));
-        store(L, m, p0 + j, sums, out);
+        store(L, m, 2 * p + j, sums, out);
       }
     }
   }
 }
 
-// NOTE: loop order: each thread takes a range of panel pairs; a pair's weights (2 x in x 16
-// bytes: 18 KiB at 576 inputs) stay in L1 while every block of 32 rows meets them, the rows
-// (padded x in bytes) in L2.
+// NOTE: loop order: each thread takes a range of panels; a panel's weights (in x 32 bytes:
+// 18 KiB at 576 inputs) stay in L1 while every block of 32 rows meets them, the rows (padded x
+// in bytes) in L2.
 template <typename T>
 void linear_amx(const Layer& L, T* out) {
-  const int64_t num_panels = (L.out + kPanel - 1) / kPanel, pairs = (num_panels + 1) / 2;
+  const int64_t num_panels = (L.out + kPanel - 1) / kPanel;
   const int64_t padded = (L.rows + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
     _tile_loadconfig(&kTileShapes);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t p0 = 2 * pair;
-      const bool two_panels = p0 + 1 < num_panels;
+    for (int64_t p = begin; p < end; ++p) {
       for (int64_t m0 = 0; m0 < padded; m0 += 2 * kAmxTileRows) {
-        const bool two_tiles = m0 + kAmxTileRows < padded;
-        if (two_tiles && two_panels) amx_block<2, 2>(L, m0, p0, out);
-        else if (two_tiles) amx_block<2, 1>(L, m0, p0, out);
-        else if (two_panels) amx_block<1, 2>(L, m0, p0, out);
-        else amx_block<1, 1>(L, m0, p0, out);
+        if (m0 + kAmxTileRows < padded) {
+          amx_block<2>(L, m0, p, out);
+        } else {
+          amx_block<1>(L, m0, p, out);
+        }
       }
     }
     _tile_release();
@@ -483,12 +494,12 @@ void check_weights(const at::Tensor& packed, const at::Tensor& scales, int64_t p
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 4 &&
                   packed.size(0) == num_panels && packed.size(1) == padded / 4 &&
                   packed.size(2) == kPanel && packed.size(3) == 4,
-              "packed must be contiguous int8 [", num_panels, ", ", padded / 4, ", 16, 4], got ",
+              "packed must be contiguous int8 [", num_panels, ", ", padded / 4, ", 32, 4], got ",
               packed.sizes());
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
                   scales.dim() == 3 && scales.size(0) == num_panels && scales.size(1) == 1 &&
                   scales.size(2) == kPanel,
-              "scales must be contiguous fp32 [", num_panels, ", 1, 16], got ", scales.sizes());
+              "scales must be contiguous fp32 [", num_panels, ", 1, 32], got ", scales.sizes());
 }
 
 // Whether a layer call with `rows` rows takes the tile unit.
