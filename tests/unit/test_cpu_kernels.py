@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from kvray.workers import cpu_kernels
-from kvray.workers.attention import AttentionMetadata, _decode_attention, decode_kernel
+from kvray.workers.attention import (
+    AttentionMetadata,
+    PrefillSeq,
+    _decode_attention,
+    _paged_prompts_apply,
+    _prefill_each,
+    _prefill_paged,
+    decode_kernel,
+)
 
 BLOCK = 16
 
@@ -125,6 +133,49 @@ def test_the_decode_path_uses_the_kernel_for_bf16_on_cpu_only_and_both_paths_agr
     meta.decode_kernel, meta.decode_context_lens = kernel, lens  # as the model runner sets them
     kernel_path = _decode_attention(q, k, v, meta, None, None)
     torch.testing.assert_close(kernel_path.float(), torch_path.float(), atol=2e-2, rtol=2e-2)
+
+
+def slots_of(blocks, length):
+    return (torch.tensor(blocks)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:length]
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_prompt_rows_through_the_kernel_equal_one_sdpa_a_prompt(kernel, window):
+    """A whole prompt, a chunk over 30 cached tokens and a short prompt in one step: each
+    prompt row as a decode query over its chunk's blocks, up to its own position."""
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(12 * BLOCK, 3, 64, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(12 * BLOCK, 3, 64, generator=g).to(torch.bfloat16)
+    whole = slots_of([5, 2, 9], 37)
+    cached = slots_of([1, 7, 3, 11], 50)
+    short = slots_of([4], 5)
+    slot_mapping = torch.cat([whole, cached[30:], short])
+    prefills = [
+        PrefillSeq(start=0, num_tokens=37, num_computed=0, slots=None),
+        PrefillSeq(start=37, num_tokens=20, num_computed=30, slots=cached),
+        PrefillSeq(start=57, num_tokens=5, num_computed=0, slots=None),
+    ]
+    rows = slot_mapping.numel()
+    q = torch.randn(rows, 9, 64, generator=g).to(torch.bfloat16)
+    k, v = k_cache[slot_mapping], v_cache[slot_mapping]  # this step's keys, in the cache
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        block_size=BLOCK,
+        num_decodes=0,
+        decode_block_ids=None,
+        decode_positions=None,
+        prefills=prefills,
+        kv_caches=[(k_cache, v_cache)],
+        decode_kernel=kernel,
+    )
+    assert _paged_prompts_apply(q, meta) == ("avx512_bf16" in cpu_kernels.cpu_flags())
+    expected = _prefill_each(q, k, v, k_cache, v_cache, meta, None, window)
+    got = _prefill_paged(q, k, v, k_cache, v_cache, meta, None, window)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    table, lens = meta.prompt_tables()
+    assert lens.tolist() == [*range(1, 38), *range(31, 51), *range(1, 6)]
+    assert table[40, :4].tolist() == [1, 7, 3, 11] and table[0, :3].tolist() == [5, 2, 9]
 
 
 def test_kernels_can_be_turned_off():
