@@ -206,8 +206,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache,
       const int64_t seq = item / items_per_seq;
       const int64_t kv_first = (item % items_per_seq) * heads_per_item;
       const int64_t len = lens[seq];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t span = len - first;
+      const int64_t span = attended(len, window), first = len - span;
       const int64_t* blocks = table + seq * max_blocks;
       const T* q_seq = q_ptr + (seq * num_heads + kv_first * group) * dim;
       for (int64_t i = 0; i < heads * dim; ++i) q[i] = static_cast<float>(q_seq[i]) * float(scale);
@@ -365,8 +364,7 @@ void attend_bf16(const at::Tensor& query, const at::Tensor& key_cache,
     for (int64_t item; (item = pop()) >= 0;) {
       const int64_t seq = item / num_kv_heads, kv = item % num_kv_heads;
       const int64_t len = lens[seq];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t span = len - first;
+      const int64_t span = attended(len, window), first = len - span;
       const int64_t* blocks = table + seq * max_blocks;
       const int64_t head0 = kv * group;
       scores.resize(group * span);
@@ -525,8 +523,7 @@ void attend_avx2(const at::Tensor& query, const at::Tensor& key_cache,
     for (int64_t item; (item = pop()) >= 0;) {
       const int64_t seq = item / num_kv_heads, kv = item % num_kv_heads;
       const int64_t len = lens[seq];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t span = len - first;
+      const int64_t span = attended(len, window), first = len - span;
       const int64_t* blocks = table + seq * max_blocks;
       const int64_t head0 = kv * group;
       const T* q_group = q_ptr + (seq * num_heads + head0) * kDim;

@@ -36,13 +36,13 @@
 // tile; 55 GB/s from one stream). Paths, one layout:
 //
 // AVX512-VNNI (`#if defined(__AVX512VNNI__)`; cpu_kernels.py builds with -march=native): one
-// `vpdpbusd` (u8 x s8, quads summed into s32, nothing saturates) per row and panel per quad.
+// `vpdpbusd` (u8 x s8, quads summed into s32, nothing saturates) per row and slice per quad.
 // Its first operand is unsigned, so the weights are read as w + 128 (one xor a panel's quad
 // row, shared by the tile's rows) against the signed activations, and each row's sum starts
 // at -128 * (its int8 values' sum, computed while quantizing): the exact dot again. A tile is
 // 4 rows x 1 panel (8 s32 accumulators of 32).
 //
-// AVX2 + FMA: a panel is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
+// AVX2 + FMA: a slice is two 8-lane halves; `vpmaddubsw` (u8 x s8 -> s16 pairs) and
 // `vpmaddwd` with ones (-> s32 quads), with llama.cpp's signs: |x| as the unsigned operand and
 // x's sign moved onto the weights (`vpsignb`), so no s16 sum can saturate (at most
 // 2 * 127 * 127). A tile is 4 rows x 1 slice (8 s32 accumulators of 16), so a slice's quad
@@ -242,8 +242,8 @@ struct Layer {
   const uint8_t* xmag;     // AVX2: [rows, in]
   const int32_t* xoffset;  // VNNI: [rows]
   const float* xs;         // [rows]
-  const int8_t* w;         // [panels, in / 4, 16, 4]
-  const float* ws;         // [panels, 16]
+  const int8_t* w;         // [panels, in / 4, 32, 4]
+  const float* ws;         // [panels, 32]
   const float* bias;       // fp32 or nullptr
 
   // Slice u's quad row at input k (a multiple of 4) is slice(u) + k * kPanel: 64 bytes of the
